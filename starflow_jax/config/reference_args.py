@@ -1,0 +1,157 @@
+"""Configurations from the PyTorch reference: its ``Model(**kwargs)`` keyword arguments
+and its YAML files (``configs/*.yaml`` of apple/ml-starflow: an ``arguments:`` list of
+one-key mappings holding ``train.py`` command-line arguments)."""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Mapping
+
+import yaml
+
+from starflow_jax.config.model_config import ConfigError, ModelConfig
+
+# Reference constructor arguments that only steer torch-side execution (activation
+# checkpointing, compile-time options): accepted and dropped.
+IGNORED_KWARGS = {"use_checkpoint", "use_checkpoint_mlp", "use_mm_attn", "noise_embed_denoiser"}
+
+# ``Model`` keyword arguments that map one-to-one onto ModelConfig fields.
+MODEL_KWARGS = {
+    "in_channels", "img_size", "patch_size", "channels", "num_blocks", "layers_per_block", "head_dim",
+    "num_heads", "num_kv_heads", "rope", "pt_seq_len", "sos", "txt_size", "txt_dim", "cond_top_only",
+    "use_softplus", "use_swiglu", "use_bias", "use_qk_norm", "use_post_norm", "use_final_norm",
+    "hf_style_rope", "norm_type", "soft_clip", "seq_order", "learnable_self_denoiser",
+    "conditional_denoiser", "temporal_causal", "top_block_channels", "shallow_block_local",
+    "denoiser_window", "local_attn_window",
+}
+
+# Hidden sizes of the text encoders the reference names (``--text``).
+TEXT_ENCODER_DIMS = {
+    "google/flan-t5-small": 512, "google/flan-t5-base": 768, "google/flan-t5-large": 1024,
+    "google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096, "t5xl": 2048, "t5xxl": 4096,
+    "google/t5-v1_1-xl": 2048, "google/t5-v1_1-xxl": 4096,
+}
+
+# ``train.py`` defaults of the arguments that shape the model.
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "img_size": 32, "channel_size": 3, "txt_size": 0, "sos": 0, "seq_order": "R2L", "patch_size": 4,
+    "channels": 512, "top_block_channels": None, "blocks": 4, "layers_per_block": [8], "rope": 0,
+    "pt_seq_len": None, "use_softplus": 0, "cond_top_only": 0, "head_dim": 64, "num_heads": None,
+    "num_kv_heads": None, "use_swiglu": 0, "use_qk_norm": 0, "use_post_norm": 0, "use_final_norm": 0,
+    "use_bias": 1, "norm_type": "layer_norm", "use_pretrained_lm": None, "soft_clip": 0.0,
+    "learnable_self_denoiser": 0, "conditional_denoiser": 0, "temporal_causal": 0, "shallow_block_local": 0,
+    "denoiser_window": None, "local_attn_window": None, "vae": None, "text": None,
+    "noise_std": 0.3, "noise_type": "gaussian", "cond_noise_level": 0, "batch_size": 128, "lr": 1e-4,
+    "min_lr": 1e-6, "drop_label": 0.0, "drop_image": 0.0, "grad_clip": 0.0, "grad_skip": 0,
+    "latent_norm_regularization": 0.0, "cfg": 0.0, "acc": 1, "epochs": 1000, "warmup_steps": None,
+    "vid_size": None, "fps_cond": 0,
+}
+
+
+def from_model_kwargs(kwargs: Mapping[str, Any], **overrides) -> ModelConfig:
+    """A ModelConfig from the reference ``Model(...)`` keyword arguments (e.g. a case's
+    ``meta.model_kwargs``). Unknown keys are an error that lists them."""
+    kw = dict(kwargs)
+    kw.update(overrides)
+    if kw.get("use_pretrained_lm"):
+        raise ConfigError(f"use_pretrained_lm={kw['use_pretrained_lm']!r} (a pretrained LLM top block) is not supported")
+    kw.pop("use_pretrained_lm", None)
+    for k in IGNORED_KWARGS:
+        kw.pop(k, None)
+    unknown = sorted(set(kw) - MODEL_KWARGS - set(ModelConfig.field_names()))
+    if unknown:
+        raise ConfigError(f"unknown reference Model arguments: {unknown}")
+    for k in ("num_heads", "num_kv_heads", "pt_seq_len", "top_block_channels", "denoiser_window",
+              "local_attn_window"):
+        if kw.get(k) in (0,):
+            kw[k] = None if k != "local_attn_window" else None
+    return ModelConfig.from_dict(kw)
+
+
+def vae_downsample_factor(vae: str | None) -> int:
+    """Spatial downsampling of the autoencoder the reference names (``--vae``)."""
+    if not vae or vae == "none":
+        return 1
+    name = vae.split(":")[0]
+    if "Wan-AI/Wan2.2" in name:
+        return 16
+    if "Wan-AI/Wan2.1" in name:
+        return 8
+    return 8  # diffusers AutoencoderKL (SD-VAE, SDXL-VAE): four down blocks
+
+
+def read_yaml_arguments(path: str | pathlib.Path) -> dict[str, Any]:
+    """The ``arguments:`` list of a reference YAML file as one mapping."""
+    data = yaml.safe_load(pathlib.Path(path).read_text())
+    if not isinstance(data, dict) or "arguments" not in data:
+        raise ConfigError(f"{path}: not a reference configuration (no top-level 'arguments:' list)")
+    args: dict[str, Any] = {}
+    for item in data["arguments"] or []:
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ConfigError(f"{path}: every entry of 'arguments' must be one 'key: value', got {item!r}")
+        args.update(item)
+    return args
+
+
+def _int_list(v) -> list[int]:
+    if isinstance(v, (list, tuple)):
+        return [int(a) for a in v]
+    if isinstance(v, int):
+        return [v]
+    return [int(a) for a in str(v).replace(",", " ").split()]
+
+
+def train_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """Reference ``train.py`` arguments with its defaults filled in."""
+    out = dict(TRAIN_DEFAULTS)
+    out.update(args)
+    out["layers_per_block"] = _int_list(out["layers_per_block"])
+    return out
+
+
+def model_config_from_train_args(args: Mapping[str, Any], txt_dim: int | None = None) -> ModelConfig:
+    """What ``train.py`` builds from its arguments: ``img_size`` divided by the VAE's factor,
+    ``txt_dim`` the text encoder's hidden size (give ``txt_dim`` for encoders not in
+    ``TEXT_ENCODER_DIMS``)."""
+    a = train_args(args)
+    if a.get("use_pretrained_lm"):
+        raise ConfigError("use_pretrained_lm is not supported")
+    if txt_dim is None:
+        text = a.get("text")
+        if a["txt_size"] and text:
+            if text not in TEXT_ENCODER_DIMS:
+                raise ConfigError(f"unknown text encoder {text!r}: pass txt_dim explicitly "
+                                  f"(known: {sorted(TEXT_ENCODER_DIMS)})")
+            txt_dim = TEXT_ENCODER_DIMS[text]
+        else:
+            txt_dim = 0
+    lpb = a["layers_per_block"]
+    return ModelConfig(
+        in_channels=int(a["channel_size"]),
+        img_size=int(a["img_size"]) // vae_downsample_factor(a.get("vae")),
+        patch_size=int(a["patch_size"]),
+        channels=int(a["channels"]),
+        num_blocks=int(a["blocks"]) if len(lpb) == 1 else len(lpb),
+        layers_per_block=tuple(lpb),
+        head_dim=int(a["head_dim"]),
+        num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"],
+        rope=bool(a["rope"]), pt_seq_len=a["pt_seq_len"], sos=bool(a["sos"]),
+        txt_size=int(a["txt_size"]), txt_dim=int(txt_dim), cond_top_only=bool(a["cond_top_only"]),
+        use_softplus=bool(a["use_softplus"]), use_swiglu=bool(a["use_swiglu"]), use_bias=bool(a["use_bias"]),
+        use_qk_norm=bool(a["use_qk_norm"]), use_post_norm=bool(a["use_post_norm"]),
+        use_final_norm=bool(a["use_final_norm"]), norm_type=str(a["norm_type"]),
+        soft_clip=float(a["soft_clip"] or 0.0), seq_order=str(a["seq_order"]),
+        learnable_self_denoiser=bool(a["learnable_self_denoiser"]),
+        conditional_denoiser=bool(a["conditional_denoiser"]), temporal_causal=int(a["temporal_causal"]),
+        top_block_channels=a["top_block_channels"], shallow_block_local=bool(a["shallow_block_local"]),
+        denoiser_window=a["denoiser_window"], local_attn_window=a["local_attn_window"],
+    )
+
+
+def model_config_from_yaml(path: str | pathlib.Path, txt_dim: int | None = None) -> ModelConfig:
+    return model_config_from_train_args(read_yaml_arguments(path), txt_dim=txt_dim)
+
+
+def to_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """The reference ``Model(**kwargs)`` arguments for ``cfg`` (inverse of ``from_model_kwargs``)."""
+    d = cfg.to_dict()
+    return {k: d[k] for k in sorted(MODEL_KWARGS)}

@@ -1,0 +1,1 @@
+"""Interop with the PyTorch reference: configurations and state dicts."""

@@ -1,0 +1,194 @@
+"""Parameter names both ways between this model and the PyTorch reference's
+``transformer_flow.Model.state_dict()``.
+
+Our parameters are an ``nnx.State`` whose Transformer layers are stacked along a
+leading axis and whose dense kernels are ``(in, out)``; the reference has one
+entry per layer (``blocks.2.attn_blocks.5.attention.qkv.weight``) and torch's
+``(out, in)`` weights. The mapping is a pure renaming plus transposes.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from starflow_jax.config.model_config import ModelConfig
+
+# Our module names that differ from the reference's.
+_RENAME = {"fc1": "main.0", "fc2": "main.2", "kernel": "weight"}
+_RENAME_BACK = {"main.0": "fc1", "main.2": "fc2"}
+STACK = "attn_blocks"
+
+
+class StateDictMismatch(ValueError):
+    """A reference state dict that does not fit the configured architecture."""
+
+    def __init__(self, missing=(), unexpected=(), mismatched=(), nonfinite=()):
+        self.missing, self.unexpected = sorted(missing), sorted(unexpected)
+        self.mismatched, self.nonfinite = sorted(mismatched), sorted(nonfinite)
+        lines = ["the state dict does not match the model configuration:"]
+        if self.missing:
+            lines.append(f"  missing keys ({len(self.missing)}): {self.missing}")
+        if self.unexpected:
+            lines.append(f"  unexpected keys ({len(self.unexpected)}): {self.unexpected}")
+        if self.mismatched:
+            lines.append(f"  mis-shaped keys ({len(self.mismatched)}): "
+                         + ", ".join(f"{k}: got {g}, expected {e}" for k, g, e in self.mismatched))
+        if self.nonfinite:
+            lines.append(f"  keys with NaN or Inf ({len(self.nonfinite)}): {self.nonfinite}")
+        super().__init__("\n".join(lines))
+
+
+def is_deprecated_buffer(name: str) -> bool:
+    """Buffers the reference keeps for old checkpoints; they carry no information."""
+    return (name.endswith(".attn_mask") or name in ("var", "feat_rope.freqs_cos", "feat_rope.freqs_sin")
+            or name.startswith("feat_rope_gen."))
+
+
+def _path_str(path: Iterable[Any]) -> list[str]:
+    return [str(p) for p in path]
+
+
+def reference_names(path: tuple, shape: tuple[int, ...]) -> list[tuple[str, Any]]:
+    """Reference names for one of our leaves and, for each, how to slice it: a list of
+    ``(name, (layer_index or None, transpose))``."""
+    parts = _path_str(path)
+    transpose = parts[-1] == "kernel"
+    parts = [_RENAME.get(p, p) for p in parts]
+    if STACK in parts:
+        i = parts.index(STACK)
+        head, tail = parts[: i + 1], parts[i + 1:]
+        return [(".".join(head + [str(j)] + tail), (j, transpose)) for j in range(shape[0])]
+    return [(".".join(parts), (None, transpose))]
+
+
+def _flat_params(state: nnx.State) -> list[tuple[tuple, Any]]:
+    return [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
+
+
+def _value(v):
+    return v.get_value() if hasattr(v, "get_value") else v
+
+
+def to_reference(state: nnx.State) -> dict[str, np.ndarray]:
+    """Our parameter state to reference names and layouts (NumPy arrays, same dtype)."""
+    out = {}
+    for path, var in _flat_params(state):
+        arr = np.asarray(jax.device_get(_value(var)))
+        for name, (layer, transpose) in reference_names(path, arr.shape):
+            a = arr[layer] if layer is not None else arr
+            out[name] = np.ascontiguousarray(a.T) if transpose else a
+    return out
+
+
+def expected_reference_shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
+    """Reference name to the shape the reference has, from our (possibly abstract) state."""
+    shapes = {}
+    for path, var in _flat_params(state):
+        shape = tuple(_value(var).shape)
+        for name, (layer, transpose) in reference_names(path, shape):
+            s = shape[1:] if layer is not None else shape
+            shapes[name] = tuple(reversed(s)) if transpose else tuple(s)
+    return shapes
+
+
+def from_reference(state: nnx.State, state_dict: Mapping[str, Any], *, check_finite: bool = True,
+                   report: list | None = None) -> nnx.State:
+    """Fill ``state`` (concrete or abstract, e.g. from ``nnx.eval_shape``) with the
+    reference state dict's values; returns a new state.
+
+    Deprecated buffers are ignored (their names are appended to ``report`` when
+    given). Anything else that does not fit raises one ``StateDictMismatch``
+    listing missing, unexpected, mis-shaped and non-finite keys."""
+    sd = {}
+    ignored = []
+    for k, v in state_dict.items():
+        if is_deprecated_buffer(k):
+            ignored.append(k)
+        else:
+            sd[k] = v
+    if report is not None:
+        report.extend(sorted(ignored))
+    flat = _flat_params(state)
+    expected = set()
+    missing, mismatched, nonfinite = [], [], []
+    new_leaves = {}
+    for path, var in flat:
+        leaf = _value(var)
+        shape, dtype = tuple(leaf.shape), leaf.dtype
+        names = reference_names(path, shape)
+        pieces = []
+        for name, (layer, transpose) in names:
+            expected.add(name)
+            want = shape[1:] if layer is not None else shape
+            want_ref = tuple(reversed(want)) if transpose else tuple(want)
+            if name not in sd:
+                missing.append(name)
+                continue
+            a = np.asarray(_to_numpy(sd[name]))
+            if tuple(a.shape) != want_ref:
+                mismatched.append((name, tuple(a.shape), want_ref))
+                continue
+            if check_finite and not np.all(np.isfinite(a)):
+                nonfinite.append(name)
+            pieces.append(a.T if transpose else a)
+        if len(pieces) == len(names):
+            arr = np.stack(pieces) if names[0][1][0] is not None else pieces[0]
+            new_leaves[path] = arr.astype(dtype)
+    unexpected = sorted(set(sd) - expected)
+    if missing or unexpected or mismatched or nonfinite:
+        raise StateDictMismatch(missing, unexpected, mismatched, nonfinite)
+    leaves = []
+    for path, var in flat:
+        leaves.append((path, var.replace(jax.numpy.asarray(new_leaves[path])) if hasattr(var, "replace")
+                       else jax.numpy.asarray(new_leaves[path])))
+    return nnx.from_flat_state(leaves)
+
+
+def _to_numpy(v) -> np.ndarray:
+    if isinstance(v, np.ndarray):
+        return v
+    if hasattr(v, "detach"):  # a torch tensor
+        v = v.detach().cpu()
+        if str(v.dtype) == "torch.bfloat16":
+            v = v.float()
+        return v.numpy()
+    return np.asarray(v)
+
+
+def reference_buffers(cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The deprecated buffers of the reference ``Model`` with the values it gives them
+    (needed for a strict ``load_state_dict``)."""
+    out: dict[str, np.ndarray] = {}
+    pt = cfg.rope_seq_len
+    out["var"] = np.ones((pt * pt, cfg.patch_dim), np.float32)
+    n = pt * pt + cfg.txt_size
+    for i, layers in enumerate(cfg.layers_per_block):
+        if layers > 0:
+            out[f"blocks.{i}.attn_mask"] = np.tril(np.ones((n, n), np.float32))
+    if cfg.rope:
+        rows = pt * pt + cfg.txt_size
+        out["feat_rope.freqs_cos"] = np.zeros((rows, cfg.head_dim), np.float32)
+        out["feat_rope.freqs_sin"] = np.zeros((rows, cfg.head_dim), np.float32)
+    return out
+
+
+def load_torch_file(path: str) -> dict[str, np.ndarray]:
+    """Read a reference ``.pth`` state dict (torch needed) or a ``.safetensors`` file."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("reading .safetensors needs the 'safetensors' package") from e
+        return dict(load_file(path))
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs torch; install starflow-jax[torch]") from e
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    return {k: _to_numpy(v) for k, v in sd.items()}

@@ -1,0 +1,1 @@
+"""Network layers: norms, RoPE, attention, MLP and scanned Transformer stacks."""

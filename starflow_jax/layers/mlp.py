@@ -1,0 +1,34 @@
+"""The feed-forward sub-layer: GELU MLP or SwiGLU (gated, tanh-GELU)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from starflow_jax.layers.linear import dense
+from starflow_jax.layers.norms import RMSNorm, make_norm
+
+
+class MLP(nnx.Module):
+    def __init__(self, channels: int, expansion: float, *, use_swiglu: bool, norm_type: str,
+                 use_post_norm: bool, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        hidden = int(channels * expansion)
+        self.use_swiglu = use_swiglu
+        self.norm = make_norm(norm_type, channels, param_dtype)
+        self.post_norm = RMSNorm(channels, param_dtype=param_dtype) if use_post_norm else None
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if use_swiglu:
+            self.gate_proj = dense(channels, hidden, **kw)
+            self.up_proj = dense(channels, hidden, **kw)
+            self.down_proj = dense(hidden, channels, **kw)
+        else:
+            self.fc1 = dense(channels, hidden, **kw)
+            self.fc2 = dense(hidden, channels, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.norm(x) if self.norm is not None else x
+        if self.use_swiglu:
+            h = self.down_proj(jax.nn.gelu(self.gate_proj(h), approximate=True) * self.up_proj(h))
+        else:
+            h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=False))
+        return self.post_norm(h) if self.post_norm is not None else h

@@ -19,7 +19,7 @@ from flax import nnx
 
 from starflow_jax.config.reference_args import from_model_kwargs
 from starflow_jax.flow.loss import nll_loss
-from starflow_jax.interop.state_dict import from_reference, to_reference
+from starflow_jax.interop.state_dict import load_reference_model, to_reference
 from starflow_jax.model import StarFlow
 
 DEFAULT_CASES = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "reference"
@@ -78,11 +78,8 @@ def load_case(path: str | os.PathLike) -> Case:
 def build_model(case: Case, **overrides) -> tuple[StarFlow, list[str]]:
     """The case's model with the case's weights; also the deprecated buffers ignored."""
     cfg = from_model_kwargs(case.meta["model_kwargs"], **overrides)
-    abstract = nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
     ignored: list[str] = []
-    state = from_reference(state, case.params(), report=ignored)
-    return nnx.merge(graphdef, state), ignored
+    return load_reference_model(cfg, case.params(), report=ignored), ignored
 
 
 def _forward(case: Case, model: StarFlow) -> dict[str, np.ndarray]:

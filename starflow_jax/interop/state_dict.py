@@ -192,3 +192,18 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     return {k: _to_numpy(v) for k, v in sd.items()}
+
+
+def load_reference_model(cfg: ModelConfig, source, *, report: list | None = None):
+    """A ``StarFlow`` for ``cfg`` holding the weights of a reference state dict.
+
+    ``source`` is a mapping of reference names to arrays (NumPy, JAX or torch tensors)
+    or a path to a ``.pth`` / ``.safetensors`` file. No random initialisation happens:
+    the model is built abstractly and filled."""
+    from starflow_jax.model import StarFlow
+
+    if not isinstance(source, Mapping):
+        source = load_torch_file(source)
+    abstract = nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return nnx.merge(graphdef, from_reference(state, source, report=report))

@@ -1,0 +1,1 @@
+"""The starflow-jax command line: one entry point, one module per subcommand."""

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from starflow_jax.cli import info, parity
+from starflow_jax.cli import info, nll, parity
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info.add_parser(sub)
     parity.add_parser(sub)
+    nll.add_parser(sub)
     return parser
 
 

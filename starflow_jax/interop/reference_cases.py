@@ -28,10 +28,6 @@ MIN_TOL = 1e-4
 REF32_FACTOR = 20.0
 
 
-class UnsupportedOp(Exception):
-    """An op kind this implementation does not evaluate yet (the reason says where it lands)."""
-
-
 def cases_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get(ENV_VAR) or DEFAULT_CASES)
 
@@ -105,17 +101,35 @@ def _denoiser(case: Case, model: StarFlow) -> dict[str, np.ndarray]:
     return {"out": nnx.jit(lambda m, x, y: m.denoise(x, y))(model, x, y)}
 
 
-SAMPLING_REASON = ("sampling ops (reverse, jacobi) land with the sampling issue "
-                   "(#3: jitted autoregressive inversion, Jacobi iteration, guidance, denoising)")
+SAMPLING_KWARGS = {"guidance", "annealed_guidance", "attn_temp", "jacobi_block_size", "jacobi_th", "jacobi_max_iter"}
 
 
-def _sampling(case: Case, model: StarFlow) -> dict[str, np.ndarray]:
-    raise UnsupportedOp(SAMPLING_REASON)
+def _sampling(case: Case, model: StarFlow, op: dict) -> dict[str, np.ndarray]:
+    from starflow_jax.sampling import SamplingOptions, sample
+
+    kw = dict(op.get("kwargs", {}))
+    unknown = sorted(set(kw) - SAMPLING_KWARGS)
+    if unknown:
+        raise KeyError(f"case {case.name}: op {op['name']!r} has sampling arguments this implementation "
+                       f"does not know: {unknown}")
+    guidance = float(kw.get("guidance", 0.0))
+    noise = jnp.asarray(case.arrays["input/noise"])
+    y = None
+    if model.cfg.txt_dim > 0:
+        y = jnp.asarray(case.arrays["input/y"])
+        if guidance > 0:
+            y = jnp.concatenate([y, jnp.asarray(case.arrays["input/y_null"])], axis=0)
+    opts = SamplingOptions(
+        guidance=guidance, attn_temp=float(kw.get("attn_temp", 1.0)),
+        annealed_guidance=bool(kw.get("annealed_guidance", False)), jacobi=op["op"] == "jacobi",
+        jacobi_block_size=int(kw.get("jacobi_block_size", 32)), jacobi_th=float(kw.get("jacobi_th", 1e-3)),
+        jacobi_max_iter=int(kw.get("jacobi_max_iter", 32)))
+    return {"x": sample(model, noise, y, opts)}
 
 
-EVALUATORS: dict[str, Callable[[Case, StarFlow], dict[str, Any]]] = {
-    "forward": _forward,
-    "denoiser": _denoiser,
+EVALUATORS: dict[str, Callable[..., dict[str, Any]]] = {
+    "forward": lambda case, model, op: _forward(case, model),
+    "denoiser": lambda case, model, op: _denoiser(case, model),
     "reverse": _sampling,
     "jacobi": _sampling,
 }
@@ -144,14 +158,14 @@ def relative_error(ours, expected: np.ndarray) -> float:
 def evaluate_op(case: Case, op: dict, model: StarFlow | None = None) -> list[Comparison]:
     """Recompute ``op`` and compare every listed output with the case's expectation.
 
-    Raises ``UnsupportedOp`` for op kinds not implemented yet, ``KeyError`` for an op
-    kind or output key this implementation does not know."""
+    Raises ``KeyError`` for an op kind, sampling argument or output key this
+    implementation does not know."""
     kind = op["op"]
     if kind not in EVALUATORS:
         raise KeyError(f"case {case.name}: unknown op kind {kind!r} (known: {sorted(EVALUATORS)})")
     if model is None:
         model, _ = build_model(case)
-    ours = EVALUATORS[kind](case, model)
+    ours = EVALUATORS[kind](case, model, op)
     prefix = op["name"] + "/"
     results = []
     for key in op["outputs"]:

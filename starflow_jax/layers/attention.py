@@ -64,6 +64,21 @@ class Attention(nnx.Module):
         out = self.proj(o.reshape(b, t, self.num_heads * self.head_dim))
         return self.post_norm(out) if self.post_norm is not None else out
 
+    def cached(self, x: jax.Array, rope, cache_k: jax.Array, cache_v: jax.Array, start: jax.Array,
+               temp: float = 1.0):
+        """Causal attention of ``m`` new slots starting at slot ``start`` over a KV cache
+        ``(b, slots, kv_heads, head_dim)``: the new keys/values (rotated) are written at
+        ``start..start+m-1`` and every new slot attends to the slots up to itself.
+        ``rope`` holds the tables of the new slots. Returns ``(out, cache_k, cache_v)``."""
+        q, k, v = self.qkv_heads(x, rope)
+        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
+        m, slots = x.shape[1], cache_k.shape[1]
+        mask = jnp.arange(slots)[None, :] <= (start + jnp.arange(m))[:, None]
+        o = jax.nn.dot_product_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
+                                         mask=mask[None, None], scale=self.head_dim ** -0.5 / temp)
+        return self.output(o), cache_k, cache_v
+
     def __call__(self, x: jax.Array, rope=None, mask: jax.Array | None = None, temp: float = 1.0) -> jax.Array:
         q, k, v = self.qkv_heads(x, rope)
         o = dot_product_attention(q, k, v, scale=self.head_dim ** -0.5 / temp, causal=self.causal, mask=mask)

@@ -50,6 +50,12 @@ class TransformerLayer(nnx.Module):
         return x + self.mlp(x)
 
 
+    def cached(self, x, rope, cache_k, cache_v, start, temp: float = 1.0):
+        a, cache_k, cache_v = self.attention.cached(x, rope, cache_k, cache_v, start, temp)
+        x = x + a
+        return x + self.mlp(x), cache_k, cache_v
+
+
 def create_stack(spec: LayerSpec, num_layers: int, rngs: nnx.Rngs) -> TransformerLayer:
     """``num_layers`` layers whose parameters are stacked along a leading axis."""
 
@@ -72,3 +78,17 @@ def apply_stack(stack: TransformerLayer, x: jax.Array, rope=None, mask=None, tem
         body = nnx.remat(body)
     scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry)
     return scan(x, stack, rope, mask)
+
+
+def apply_stack_cached(stack: TransformerLayer, x: jax.Array, rope, cache_k: jax.Array, cache_v: jax.Array,
+                       start: jax.Array, temp: float = 1.0):
+    """Run the stacked layers over new slots ``start..start+m-1`` with per-layer KV caches
+    ``(layers, b, slots, kv_heads, head_dim)``; returns ``(x, cache_k, cache_v)``."""
+
+    def body(h, layer, ck, cv, rope, start):
+        h, ck, cv = layer.cached(h, rope, ck, cv, start, temp)
+        return h, (ck, cv)
+
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, None, None), out_axes=(nnx.Carry, (0, 0)))
+    x, (cache_k, cache_v) = scan(x, stack, cache_k, cache_v, rope, start)
+    return x, cache_k, cache_v

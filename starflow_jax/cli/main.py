@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from starflow_jax.cli import info, nll, parity
+from starflow_jax.cli import info, nll, parity, sample
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_parser(sub)
     parity.add_parser(sub)
     nll.add_parser(sub)
+    sample.add_parser(sub)
     return parser
 
 

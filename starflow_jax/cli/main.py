@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from starflow_jax.cli import info, nll, parity, sample
+from starflow_jax.cli import bench, info, nll, parity, sample
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_parser(sub)
     nll.add_parser(sub)
     sample.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

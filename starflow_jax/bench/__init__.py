@@ -1,0 +1,1 @@
+"""Benchmarks: timing after compilation, tables and JSON, the reference side by side."""

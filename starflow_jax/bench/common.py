@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: timing, tables, JSON, benchmark weights."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from starflow_jax.config.model_config import ModelConfig
+from starflow_jax.model import StarFlow
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
+    """``(first_call_seconds, median_seconds_after, last_result)``; results are blocked on."""
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return first, statistics.median(times), out
+
+
+def benchmark_model(cfg: ModelConfig, seed: int, proj_out_std: float) -> StarFlow:
+    """A random model whose blocks are all non-trivial (output projections not zero)."""
+    model = StarFlow(cfg, rngs=nnx.Rngs(seed))
+    key = jax.random.key(seed + 1)
+    for i, block in enumerate(model.blocks):
+        if hasattr(block, "proj_out"):
+            k = block.proj_out.kernel
+            k[...] = proj_out_std * jax.random.normal(jax.random.fold_in(key, i), k.shape, k.dtype)
+    return model
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> None:
+    """``columns``: (key, header, format spec)."""
+    widths = [max(len(h), 10) for _, h, _ in columns]
+    print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
+    for r in rows:
+        cells = []
+        for (k, _, fmt), w in zip(columns, widths):
+            v = r.get(k)
+            cells.append(("-" if v is None else format(v, fmt)).rjust(w))
+        print("  ".join(cells))
+
+
+def write_json(path: str | None, payload) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)

@@ -83,12 +83,22 @@ def apply_stack(stack: TransformerLayer, x: jax.Array, rope=None, mask=None, tem
 def apply_stack_cached(stack: TransformerLayer, x: jax.Array, rope, cache_k: jax.Array, cache_v: jax.Array,
                        start: jax.Array, temp: float = 1.0):
     """Run the stacked layers over new slots ``start..start+m-1`` with per-layer KV caches
-    ``(layers, b, slots, kv_heads, head_dim)``; returns ``(x, cache_k, cache_v)``."""
+    ``(layers, b, slots, kv_heads, head_dim)``; returns ``(x, cache_k, cache_v)``.
 
-    def body(h, layer, ck, cv, rope, start):
-        h, ck, cv = layer.cached(h, rope, ck, cv, start, temp)
-        return h, (ck, cv)
+    The caches travel in the scan carry and only the new rows are written (in place), so
+    a step costs the attention read of each layer's cache, not a copy of the caches."""
 
-    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0, None, None), out_axes=(nnx.Carry, (0, 0)))
-    x, (cache_k, cache_v) = scan(x, stack, cache_k, cache_v, rope, start)
+    def body(carry, layer, rope, start):
+        h, ck, cv, i = carry
+        h, k_new, v_new = layer.cached(h, rope, ck[i], cv[i], start, temp)
+        m = h.shape[1]
+        k_rows = jax.lax.dynamic_slice_in_dim(k_new, start, m, axis=1)
+        v_rows = jax.lax.dynamic_slice_in_dim(v_new, start, m, axis=1)
+        zero = jnp.zeros((), jnp.int32)
+        ck = jax.lax.dynamic_update_slice(ck, k_rows[None], (i, zero, start, zero, zero))
+        cv = jax.lax.dynamic_update_slice(cv, v_rows[None], (i, zero, start, zero, zero))
+        return h, ck, cv, i + 1
+
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry)
+    x, cache_k, cache_v, _ = scan((x, cache_k, cache_v, jnp.int32(0)), stack, rope, start)
     return x, cache_k, cache_v

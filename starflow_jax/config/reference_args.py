@@ -62,8 +62,8 @@ def from_model_kwargs(kwargs: Mapping[str, Any], **overrides) -> ModelConfig:
         raise ConfigError(f"unknown reference Model arguments: {unknown}")
     for k in ("num_heads", "num_kv_heads", "pt_seq_len", "top_block_channels", "denoiser_window",
               "local_attn_window"):
-        if kw.get(k) in (0,):
-            kw[k] = None if k != "local_attn_window" else None
+        if kw.get(k) == 0:  # the reference treats 0 like "not set" for these
+            kw[k] = None
     return ModelConfig.from_dict(kw)
 
 

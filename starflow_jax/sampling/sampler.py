@@ -59,6 +59,10 @@ def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: 
         if guidance > 0:
             raise ValueError("guidance needs a conditioned model (txt_dim > 0)")
         model.check_inputs(noise, None)
+    if noise.ndim == 5 and cfg.local_attn_window and noise.shape[1] > cfg.local_attn_window:
+        raise ValueError(f"{noise.shape[1]} frames exceed local_attn_window={cfg.local_attn_window}: sampling "
+                         "beyond the attention window (sliding window with context re-encoding) is not "
+                         "implemented yet (issue #7)")
     h = patchify(noise.astype(jnp.float32), cfg.patch_size)
     passes = []
     blocks = list(model.blocks)

@@ -5,13 +5,14 @@ import argparse
 import json
 import sys
 
-from starflow_jax.cli import bench, info, nll, parity, sample
+from starflow_jax.cli import bench, info, nll, parity, sample, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="starflow-jax", description="STARFlow / STARFlow-V in JAX: train, sample, convert, benchmark.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train.add_parser(sub)
     info.add_parser(sub)
     parity.add_parser(sub)
     nll.add_parser(sub)

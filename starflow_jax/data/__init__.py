@@ -1,0 +1,1 @@
+"""Input data: the embedded digits, grain pipelines."""

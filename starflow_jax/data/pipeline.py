@@ -1,0 +1,41 @@
+"""grain input pipelines: shuffled, repeated, batched, sharded per process, with an
+iterator whose position is a small state that goes into the checkpoint."""
+from __future__ import annotations
+
+import grain
+import jax
+import numpy as np
+
+
+class ArraySource:
+    """Random access over aligned arrays: record ``i`` is ``{name: array[i]}``."""
+
+    def __init__(self, **arrays: np.ndarray):
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"arrays have different lengths: {lengths}")
+        self.arrays = arrays
+        self.length = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.arrays.items()}
+
+
+def train_dataset(source, *, global_batch: int, seed: int, process_index: int | None = None,
+                  process_count: int | None = None) -> grain.MapDataset:
+    """Shuffled each epoch, repeated forever, this process's share of every global batch."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    ds = ds[process_index::process_count]
+    return ds.batch(global_batch // process_count, drop_remainder=True)
+
+
+def eval_batches(source, batch: int):
+    """The whole split once, in order, in batches (the last one may be smaller)."""
+    return grain.MapDataset.source(source).batch(batch, drop_remainder=False)

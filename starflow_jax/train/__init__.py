@@ -1,0 +1,1 @@
+"""Training: objective, optimizer, the pure train step, the loop."""

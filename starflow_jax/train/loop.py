@@ -1,0 +1,162 @@
+"""The training loop: data, model, optimizer, jitted step, logging, held-out bits per
+dimension, checkpoints (resume picks up the latest), sample grids."""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from starflow_jax.config import model_config
+from starflow_jax.data.digits import LEVELS, NUM_CLASSES, load_digits_splits
+from starflow_jax.data.pipeline import ArraySource, train_dataset
+from starflow_jax.flow.loss import bits_per_dim
+from starflow_jax.model import StarFlow
+from starflow_jax.train import checkpoint, optimizer
+from starflow_jax.train import step as S
+
+
+class WorkdirError(ValueError):
+    pass
+
+
+def _hp(config) -> S.StepConfig:
+    t = config.train
+    return S.StepConfig(noise_std=float(t.noise_std), noise_type=str(t.noise_type), levels=int(t.levels),
+                        num_classes=NUM_CLASSES if config.data.name == "digits" else 0,
+                        drop_label=float(t.drop_label), latent_norm_regularization=float(t.latent_norm_regularization),
+                        grad_clip=float(t.grad_clip), grad_skip=bool(t.grad_skip), ema_decay=float(t.ema_decay),
+                        remat=bool(t.remat))
+
+
+def data_scale(config) -> float:
+    """The bin width's inverse in model space, for bits per dimension of discrete data."""
+    t = config.train
+    return t.levels / 2.0 if t.noise_type == "uniform" else 1.0
+
+
+def prepare_workdir(workdir: pathlib.Path, config, overwrite: bool) -> bool:
+    """Create the workdir; returns True when a run there should be resumed."""
+    cfg_file = workdir / "config.json"
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    ckpt = workdir / "checkpoints"
+    if overwrite and workdir.exists():
+        for p in (ckpt, cfg_file, workdir / "samples.png", workdir / "metrics.jsonl"):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if cfg_file.exists() and cfg_file.read_text() != text:
+        raise WorkdirError(f"{workdir} holds a run with a different config ({cfg_file}); resume it with the same "
+                           "config, choose another --workdir, or pass --overwrite to discard it")
+    cfg_file.write_text(text)
+    return ckpt.exists() and any(ckpt.iterdir())
+
+
+def build(config):
+    cfg = model_config(config)
+    t = config.train
+    if config.data.name != "digits":
+        raise ValueError(f"data.name={config.data.name!r}: only the embedded 'digits' dataset is available yet")
+    model = StarFlow(cfg, rngs=nnx.Rngs(int(t.seed)))
+    sched = optimizer.lr_schedule(float(t.lr), float(t.min_lr), int(t.warmup_steps), int(t.steps))
+    tx = optimizer.adamw(sched, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay),
+                         grad_clip=float(t.grad_clip))
+    return cfg, model, sched, tx
+
+
+def evaluate(config, graphdef, params, split, hp) -> float:
+    ev = jax.jit(functools.partial(S.eval_nll, graphdef=graphdef, hp=hp))
+    nll = []
+    for i in range(0, len(split), 256):
+        batch = dict(image=split.images[i:i + 256], label=split.labels[i:i + 256])
+        nll.append(np.asarray(ev(params, batch, jax.random.key(1234 + i))))
+    return float(bits_per_dim(float(np.mean(np.concatenate(nll))), data_scale(config)))
+
+
+def sample_grid(config, graphdef, params, path: pathlib.Path, seed: int = 0) -> None:
+    from starflow_jax.sampling import SamplingOptions, sample
+    from starflow_jax.sampling.visualize import grid, save_png, to_uint8
+    from starflow_jax.train.objective import one_hot_labels
+
+    cfg = model_config(config)
+    model = nnx.merge(graphdef, params)
+    per = int(config.sample.per_class)
+    labels = jnp.tile(jnp.arange(NUM_CLASSES), per)
+    y, y_null = one_hot_labels(labels, NUM_CLASSES), one_hot_labels(-jnp.ones_like(labels), NUM_CLASSES)
+    g = float(config.sample.cfg)
+    noise = jax.random.normal(jax.random.key(seed), (len(labels), cfg.in_channels, cfg.img_size, cfg.img_size))
+    noise = noise * float(config.sample.temperature)
+    x = sample(model, noise, jnp.concatenate([y, y_null]) if g > 0 else y,
+               SamplingOptions(guidance=g, jacobi=True, jacobi_block_size=cfg.seq_side ** 2, jacobi_th=1e-5,
+                               jacobi_max_iter=64))
+    x = np.asarray(x)
+    save_png(path, grid(to_uint8(x, pixel_space=True), nrow=NUM_CLASSES), scale=int(config.sample.scale))
+
+
+def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: int | None = None) -> dict:
+    """Train ``config`` in ``workdir``; ``stop_after`` ends the run early after that step
+    (with a checkpoint), as a preemption would."""
+    workdir = pathlib.Path(workdir)
+    resume = prepare_workdir(workdir, config, overwrite)
+    t = config.train
+    cfg, model, sched, tx = build(config)
+    graphdef = nnx.graphdef(model)
+    hp = _hp(config)
+    state = S.init_state(model, tx, int(t.seed), hp.ema_decay > 0)
+    train_split, heldout = load_digits_splits(int(config.data.num_train), int(config.data.split_seed))
+    ds = train_dataset(ArraySource(image=train_split.images, label=train_split.labels),
+                       global_batch=int(t.batch_size), seed=int(t.seed))
+    it = iter(ds.to_iter_dataset())
+    mgr = checkpoint.manager(workdir / "checkpoints", int(t.keep_checkpoints), int(t.checkpoint_every))
+    start = 0
+    if resume and mgr.latest_step() is not None:
+        start = int(mgr.latest_step())
+        state, data_state = checkpoint.restore(mgr, start, jax.eval_shape(lambda: state))
+        it.set_state(data_state)
+        log(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    step_fn = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp, schedule=sched),
+                      donate_argnums=0)
+    metrics_file = open(workdir / "metrics.jsonl", "a")
+    total = int(t.steps)
+    t0, last_t, last_step = time.time(), time.time(), start
+    m = {}
+    for s in range(start, total):
+        state, m = step_fn(state, next(it))
+        done = s + 1
+        if done % int(t.log_every) == 0 or done == total:
+            now = time.time()
+            row = dict(step=done, loss=float(m["loss"]), bpd=float(bits_per_dim(m["loss"], data_scale(config))),
+                       grad_norm=float(m["grad_norm"]), lr=float(m["lr"]), skipped=int(m["skipped"]),
+                       steps_per_s=(done - last_step) / max(now - last_t, 1e-9))
+            last_t, last_step = now, done
+            if t.eval_every and (done % int(t.eval_every) == 0 or done == total):
+                row["heldout_bpd"] = evaluate(config, graphdef, state.params, heldout, hp)
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            log(f"step {done}/{total}  loss {row['loss']:.4f}  bpd {row['bpd']:.3f}  grad {row['grad_norm']:.3f}  "
+                f"lr {row['lr']:.2e}  skipped {row['skipped']}  {row['steps_per_s']:.1f} steps/s"
+                + (f"  held-out bpd {row['heldout_bpd']:.3f}" if "heldout_bpd" in row else ""))
+        stopping = stop_after is not None and done >= stop_after
+        checkpoint.save(mgr, done, state, it.get_state(), force=done == total or stopping)
+        if stopping:
+            break
+    mgr.wait_until_finished()
+    metrics_file.close()
+    if stop_after is not None and int(state.step) < total:
+        return dict(steps=int(state.step), stopped=True)
+    heldout_bpd = evaluate(config, graphdef, state.params, heldout, hp)
+    sample_grid(config, graphdef, state.ema if state.ema is not None else state.params, workdir / "samples.png")
+    result = dict(steps=total, heldout_bpd=heldout_bpd, seconds=time.time() - t0, skipped=int(state.skipped),
+                  samples=str(workdir / "samples.png"), checkpoint=str(workdir / "checkpoints"))
+    (workdir / "result.json").write_text(json.dumps(result, indent=2))
+    log(f"held-out bits/dim {heldout_bpd:.3f}; samples {workdir / 'samples.png'}; {result['seconds']:.0f}s")
+    return result

@@ -80,3 +80,11 @@ def test_train_cli(tmp_path, capsys):
     assert "held-out bits/dim" in capsys.readouterr().out
     assert main(["train", "--config", str(ROOT / "configs" / "bench_s.py"), "--workdir", str(tmp_path / "x")]) == 2
     assert "not a training config" in capsys.readouterr().err
+
+
+def test_short_digits_run_beats_a_full_covariance_gaussian(tmp_path):
+    config = load_config(TINY, ["train.steps=300", "train.eval_every=0", "train.log_every=100",
+                                "train.checkpoint_every=300", "sample.per_class=1"])
+    result = train(config, str(tmp_path), log=lambda *a: None)
+    assert 2.9 < result["gaussian_full_cov_bpd"] < 3.0 and 3.3 < result["gaussian_diag_bpd"] < 3.45
+    assert result["heldout_bpd"] < result["gaussian_full_cov_bpd"]

@@ -65,3 +65,22 @@ def count_passes(model) -> dict:
         if layers is not None and len(layers) > 0:
             layers[0].register_forward_pre_hook(hook)
     return counter
+
+
+def reference_loss(tf, cfg: ModelConfig, state_dict_path: str, x: np.ndarray, y: np.ndarray | None):
+    """The reference ``Model`` loaded from a ``.pth`` with ``strict=True``: its per-example
+    NLL (float64 numpy) of ``x`` (the reference's ``get_loss`` before the batch mean)."""
+    import torch
+
+    model = tf.Model(**to_model_kwargs(cfg))
+    sd = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    model.eval()
+    with torch.no_grad():
+        xt = torch.from_numpy(np.asarray(x, np.float32))
+        yt = None if y is None else torch.from_numpy(np.asarray(y, np.float32))
+        z, _, _, logdets = model(xt, yt)
+        per = 0.5 * z.pow(2).mean(dim=tuple(range(1, z.dim())))
+        for ld in logdets:
+            per = per - (ld.mean(dim=tuple(range(1, ld.dim()))) if ld.dim() > 1 else ld)
+    return per.double().numpy()

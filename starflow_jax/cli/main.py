@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from starflow_jax.cli import bench, info, nll, parity, sample, train
+from starflow_jax.cli import bench, convert, info, nll, parity, sample, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     nll.add_parser(sub)
     sample.add_parser(sub)
     bench.add_parser(sub)
+    convert.add_parsers(sub)
     return parser
 
 

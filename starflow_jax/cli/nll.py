@@ -16,11 +16,15 @@ from starflow_jax.interop.state_dict import load_reference_model
 
 def add_parser(sub):
     p = sub.add_parser("nll", help="NLL per dimension and bits per dimension of data under reference weights")
-    p.add_argument("--config", required=True, help="config file (configs/*.py or a reference .yaml)")
+    p.add_argument("--config", help="config file (configs/*.py or a reference .yaml); with --weights")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--weights", required=True,
-                   help="reference state dict: .pth (torch), .safetensors, or .npz of reference names")
-    p.add_argument("--data", required=True, help=".npy of inputs (n, c, h, w) or (n, t, c, h, w)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", help="reference state dict: .pth (torch), .safetensors, or .npz of reference names")
+    src.add_argument("--workdir", help="a starflow-jax workdir (training checkpoints or imported parameters)")
+    p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default latest)")
+    p.add_argument("--ema", action="store_true", help="with --workdir: the EMA parameters")
+    p.add_argument("--data", help=".npy of inputs (n, c, h, w) or (n, t, c, h, w); default for a digits "
+                                  "workdir: its held-out split (uniform dequantisation)")
     p.add_argument("--cond", help=".npy of conditioning (n, txt_size, txt_dim) for a conditioned model")
     p.add_argument("--labels", help=".npy of integer class labels, one-hot encoded to (n, 1, txt_dim)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -40,8 +44,20 @@ def _weights(path: str):
 
 
 def run(args) -> int:
-    cfg = model_config(load_config(args.config, args.overrides))
-    model = load_reference_model(cfg, _weights(args.weights))
+    if args.workdir:
+        from starflow_jax.interop.checkpoints import model_from_workdir
+
+        config, model = model_from_workdir(args.workdir, args.step, args.ema)
+        cfg = model.cfg
+        if args.data is None:
+            return _heldout_digits(args, config, model)
+    else:
+        if not args.config:
+            raise ValueError("--weights needs --config")
+        cfg = model_config(load_config(args.config, args.overrides))
+        model = load_reference_model(cfg, _weights(args.weights))
+    if args.data is None:
+        raise ValueError("give --data (the held-out default exists only for digits workdirs)")
     x_all = np.load(args.data)
     n = x_all.shape[0]
     if args.cond and args.labels:
@@ -79,4 +95,21 @@ def run(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(examples=n, nll=nll, bits_per_dim=bpd, data_scale=args.data_scale), f, indent=2)
+    return 0
+
+
+def _heldout_digits(args, config, model) -> int:
+    """Held-out bits per dimension of a digits run, as the training loop reports it."""
+    if "data" not in config or config.data.name != "digits":
+        raise ValueError("this workdir is not a digits run: give --data")
+    from starflow_jax.train import loop
+
+    _, heldout = loop.load_digits_splits(int(config.data.num_train), int(config.data.split_seed))
+    graphdef, params = nnx.split(model)
+    bpd = loop.evaluate(config, graphdef, params, heldout, loop._hp(config))
+    print(f"examples: {len(heldout)}")
+    print(f"held-out bits per dim (uniform dequantisation, {int(config.train.levels)} levels): {bpd:.6f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(examples=len(heldout), bits_per_dim=bpd), f, indent=2)
     return 0

@@ -21,11 +21,14 @@ from starflow_jax.sampling.visualize import grid, save_gif, save_png, to_uint8
 
 def add_parser(sub):
     p = sub.add_parser("sample", help="sample from a model and write a PNG grid (GIF for video)")
-    p.add_argument("--config", required=True, help="config file (configs/*.py or a reference .yaml)")
+    p.add_argument("--config", help="config file (configs/*.py or a reference .yaml); not with --workdir")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="reference state dict: .pth (torch), .safetensors, or .npz of reference names")
     src.add_argument("--random-init", action="store_true", help="a randomly initialised model (smoke tests, demos)")
+    src.add_argument("--workdir", help="a starflow-jax workdir (training checkpoints or imported parameters)")
+    p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default latest)")
+    p.add_argument("--ema", action="store_true", help="with --workdir: the EMA parameters")
     p.add_argument("--out", required=True, help="output picture: .png (grid) or .gif (video frames)")
     p.add_argument("--num", type=int, default=16, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
@@ -103,9 +106,19 @@ def run(args) -> int:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.cfg < 0:
         raise ValueError(f"--cfg must be >= 0, got {args.cfg}")
-    config = load_config(args.config, args.overrides)
-    cfg = model_config(config)
-    if args.random_init:
+    if args.workdir:
+        from starflow_jax.interop.checkpoints import model_from_workdir
+
+        config, model = model_from_workdir(args.workdir, args.step, args.ema)
+        cfg = model.cfg
+    else:
+        if not args.config:
+            raise ValueError("--config is required with --weights or --random-init")
+        config = load_config(args.config, args.overrides)
+        cfg = model_config(config)
+    if args.workdir:
+        pass
+    elif args.random_init:
         model = StarFlow(cfg, rngs=nnx.Rngs(args.seed))
     else:
         if not pathlib.Path(args.weights).exists():

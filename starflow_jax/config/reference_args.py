@@ -155,3 +155,32 @@ def to_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The reference ``Model(**kwargs)`` arguments for ``cfg`` (inverse of ``from_model_kwargs``)."""
     d = cfg.to_dict()
     return {k: d[k] for k in sorted(MODEL_KWARGS)}
+
+
+def to_yaml_arguments(cfg: ModelConfig) -> str:
+    """``cfg`` in the reference's YAML format (an ``arguments:`` list of ``train.py`` flags).
+
+    The flow's own (latent) ``img_size`` is written with no ``vae``, so that the reference
+    builds the same ``Model``; ``txt_dim`` (which the reference takes from its
+    text encoder) is written as a comment."""
+    items = [
+        ("img_size", cfg.img_size), ("channel_size", cfg.in_channels), ("patch_size", cfg.patch_size),
+        ("channels", cfg.channels), ("blocks", cfg.num_blocks),
+        ("layers_per_block", " ".join(str(v) for v in cfg.layers_per_block)), ("head_dim", cfg.head_dim),
+        ("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads), ("rope", int(cfg.rope)),
+        ("pt_seq_len", cfg.pt_seq_len), ("sos", int(cfg.sos)), ("txt_size", cfg.txt_size),
+        ("cond_top_only", int(cfg.cond_top_only)), ("use_softplus", int(cfg.use_softplus)),
+        ("use_swiglu", int(cfg.use_swiglu)), ("use_bias", int(cfg.use_bias)), ("use_qk_norm", int(cfg.use_qk_norm)),
+        ("use_post_norm", int(cfg.use_post_norm)), ("use_final_norm", int(cfg.use_final_norm)),
+        ("norm_type", cfg.norm_type), ("soft_clip", cfg.soft_clip), ("seq_order", cfg.seq_order),
+        ("learnable_self_denoiser", int(cfg.learnable_self_denoiser)),
+        ("conditional_denoiser", int(cfg.conditional_denoiser)), ("temporal_causal", cfg.temporal_causal),
+        ("top_block_channels", cfg.top_block_channels), ("shallow_block_local", int(cfg.shallow_block_local)),
+        ("denoiser_window", cfg.denoiser_window), ("local_attn_window", cfg.local_attn_window),
+    ]
+    lines = [f"# written by starflow-jax; the model reads text of width txt_dim={cfg.txt_dim}", "arguments:"]
+    for k, v in items:
+        if v is None:
+            continue
+        lines.append(f"- {k}: {yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,52 @@
+"""``starflow-jax export`` and ``starflow-jax import``: checkpoints to and from the reference."""
+from __future__ import annotations
+
+import pathlib
+
+from starflow_jax.config import load_config
+
+
+def add_parsers(sub):
+    e = sub.add_parser("export", help="a workdir's checkpoint to a reference .pth or safetensors file")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    e.add_argument("--ema", action="store_true", help="export the EMA parameters")
+    e.add_argument("--format", choices=("torch", "safetensors"), required=True)
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    e.add_argument("--out", required=True)
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    e.set_defaults(func=run_export)
+    i = sub.add_parser("import", help="a reference .pth / .safetensors into a workdir (config.json + params/)")
+    i.add_argument("--torch", dest="source", required=True, help="PATH.pth or PATH.safetensors")
+    i.add_argument("--config", required=True, help="config file describing the architecture")
+    i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    i.add_argument("--out", required=True, help="workdir to create")
+    i.add_argument("--overwrite", action="store_true")
+    i.set_defaults(func=run_import)
+
+
+def run_export(args) -> int:
+    from starflow_jax.interop import checkpoints as ck
+
+    out = pathlib.Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ck.CheckpointError(f"{out} exists; pass --overwrite to replace it")
+    _, cfg, params = ck.load_params(args.workdir, args.step, args.ema)
+    arrays = ck.export_arrays(cfg, params, args.dtype)
+    if args.format == "torch":
+        ck.write_torch(out, arrays, args.dtype, overwrite=args.overwrite)
+    else:
+        ck.write_safetensors(out, arrays, cfg, args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}: {len(arrays)} tensors ({args.format}, {args.dtype})")
+    return 0
+
+
+def run_import(args) -> int:
+    from starflow_jax.interop import checkpoints as ck
+
+    if not pathlib.Path(args.source).exists():
+        raise FileNotFoundError(f"--torch {args.source} does not exist")
+    config = load_config(args.config, args.overrides)
+    ignored = ck.import_reference(args.source, config, args.out, overwrite=args.overwrite)
+    print(f"imported {args.source} into {args.out}" + (f" (ignored deprecated buffers: {ignored})" if ignored else ""))
+    return 0

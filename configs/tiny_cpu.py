@@ -24,5 +24,7 @@ def get_config():
         weight_decay=1e-4, grad_clip=1.0, grad_skip=False, noise_type="uniform", noise_std=0.0, levels=17,
         drop_label=0.1, latent_norm_regularization=0.0, ema_decay=0.0, remat=False, seed=0,
         log_every=100, eval_every=1000, checkpoint_every=1000, keep_checkpoints=3))
+    # Device mesh: all devices on the data axis by default (-1: the remaining devices).
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.sample = ml_collections.ConfigDict(dict(per_class=4, cfg=1.0, temperature=0.9, scale=4))
     return config

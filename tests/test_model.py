@@ -99,17 +99,24 @@ def test_block_is_causal_in_its_reading_order(extra):
         block = model.blocks[block_index]
         assert block.order == order
         run = jitted(block)
-        z0, _ = run(x, y)
+        z0, ld0 = run(x, y)  # logdet (b, n, c) is in the block's reading order
         seq_z0, frames = block.tokens(z0)
         seq_x, _ = block.tokens(x)
         n = seq_x.shape[1]
+        assert ld0.shape == seq_x.shape
         for t in (0, 5, n - 1):
             x2 = block.untokens(seq_x.at[:, t].add(1.5), x.shape, frames)
             # exactly one raster token changed
             changed = np.nonzero(np.any(np.asarray(x2 != x), axis=(0, 3)).reshape(-1))[0]
             assert len(changed) == 1
-            seq_z1, _ = block.tokens(run(x2, y)[0])
+            z1, ld1 = run(x2, y)
+            seq_z1, _ = block.tokens(z1)
             np.testing.assert_array_equal(np.asarray(seq_z1[:, :t]), np.asarray(seq_z0[:, :t]))
+            # the affine transform of token t depends only on the tokens before it: its scale
+            # (log-det) is unchanged and z_t moves by exactly delta / scale
+            np.testing.assert_allclose(np.asarray(ld1[:, :t + 1]), np.asarray(ld0[:, :t + 1]), atol=1e-6, rtol=0)
+            np.testing.assert_allclose(np.asarray(seq_z1[:, t] - seq_z0[:, t]), 1.5 * np.exp(np.asarray(ld0[:, t])),
+                                       rtol=1e-4, atol=1e-5)
             # token t itself and (through the Transformer) the later tokens do change
             assert float(jnp.max(jnp.abs(seq_z1[:, t] - seq_z0[:, t]))) > 1e-3
             if t < n - 1:
@@ -122,8 +129,9 @@ VIDEO = dict(in_channels=2, img_size=2, patch_size=1, channels=32, num_blocks=3,
              soft_clip=2.0, temporal_causal=1, shallow_block_local=True, seq_order="L2R")
 
 
-def test_video_model_shapes_and_causality_in_time():
-    cfg = ModelConfig(**VIDEO)
+@pytest.mark.parametrize("local", [True, False], ids=["shallow_block_local", "shallow_blocks_global"])
+def test_video_model_shapes_and_causality_in_time(local):
+    cfg = ModelConfig(**{**VIDEO, "shallow_block_local": local})
     run = jitted(make(cfg, seed=6))
     b, t = 2, 3
     x = normal((b, t, 2, 2, 2), 7)
@@ -141,15 +149,41 @@ def test_video_model_shapes_and_causality_in_time():
     np.testing.assert_allclose(np.asarray(z1[:, 0]), np.asarray(out.z[:, 0]), atol=1e-6, rtol=0)
     assert float(jnp.max(jnp.abs(z1[:, 1] - out.z[:, 1]))) > 1e-3
     assert float(jnp.max(jnp.abs(z1[:, 2] - out.z[:, 2]))) > 1e-4
-    # the shallow blocks are local: their output for frame 0 depends on frame 0 only
-    h1 = run(x.at[:, 1:].add(1.0), y).outputs[1]
-    np.testing.assert_allclose(np.asarray(h1[:, 0]), np.asarray(out.outputs[1][:, 0]), atol=1e-6, rtol=0)
+    # every block is causal in time: its output for frame 0 depends on frame 0 only
+    h1 = run(x.at[:, 1:].add(1.0), y).outputs
+    for i in (1, 2, 3):
+        np.testing.assert_allclose(np.asarray(h1[i][:, 0]), np.asarray(out.outputs[i][:, 0]), atol=1e-6, rtol=0)
+    # local shallow blocks see one frame: their output for frame 2 ignores frame 1; global ones read it
+    h2 = run(x.at[:, 1].add(1.0), y).outputs[1]
+    diff = float(jnp.max(jnp.abs(h2[:, 2] - out.outputs[1][:, 2])))
+    assert diff == 0.0 if local else diff > 1e-4
     # the conditioning matters (the top block reads it)
     z_y = run(x, y + 1.0).z
     assert float(jnp.max(jnp.abs(z_y - out.z))) > 1e-4
 
 
 # ------------------------------------------------------------------ (d) bfloat16 compute
+def matmul_operand_dtypes(fn, *args) -> list[tuple[str, ...]]:
+    """Operand dtypes of every ``dot_general`` in the jaxpr of ``fn(*args)`` (scan bodies included)."""
+    from jax.extend import core as jcore
+
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    if isinstance(sub, jcore.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jcore.Jaxpr):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
 def test_bfloat16_compute_keeps_float32_params_and_matches_float32():
     cfg = ModelConfig(**{**TINY, "img_size": 4, "rope": True, "sos": True, "use_softplus": True,
                          "txt_size": 2, "txt_dim": 3, "head_dim": 32})
@@ -171,22 +205,30 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32():
     assert abs(l16 - l32) <= 5e-2 * abs(l32), (l16, l32)
     # the affine step and log-determinants stay float32
     assert out16.z.dtype == jnp.float32 and all(ld.dtype == jnp.float32 for ld in out16.logdets)
-    # and bfloat16 really was used for the matmuls
+    # and bfloat16 really was used, for every matmul
     assert l16 != l32
+    dots = {}
+    for name, m in (("f32", model32), ("bf16", model16)):
+        graphdef, state = nnx.split(m)
+        dots[name] = matmul_operand_dtypes(lambda s, x, y: nnx.merge(graphdef, s)(x, y), state, x, y)
+    assert len(dots["bf16"]) == len(dots["f32"]) >= 4 * cfg.num_blocks
+    assert all(d == ("float32", "float32") for d in dots["f32"])
+    assert all(d == ("bfloat16", "bfloat16") for d in dots["bf16"]), dots["bf16"]
 
 
 # ------------------------------------------------------------------ (e) stacked parameters
 def test_layer_parameters_are_stacked():
     cfg = ModelConfig(**{**TINY, "rope": True, "layers_per_block": (3, 1, 2)})
-    model = StarFlow(cfg, rngs=nnx.Rngs(0))
+    model = make(cfg)
     for block, n in zip(model.blocks, (3, 1, 2)):
         leaves = jax.tree.leaves(nnx.state(block.attn_blocks, nnx.Param))
         assert leaves
         assert all(leaf.shape[0] == n for leaf in leaves), [leaf.shape for leaf in leaves]
         # the per-layer shapes are the unstacked ones: e.g. a (channels,) norm weight per layer
         assert any(leaf.shape == (n, cfg.channels) for leaf in leaves)
-    # the layers of a stack are initialised independently
-    qkv = [leaf for path, leaf in nnx.to_flat_state(nnx.state(model.blocks[0].attn_blocks, nnx.Param))
+    # a real initialisation draws every layer of a stack independently
+    real = nnx.jit(lambda: StarFlow(cfg.replace(num_blocks=1, layers_per_block=(3,)), rngs=nnx.Rngs(0)))()
+    qkv = [leaf for path, leaf in nnx.to_flat_state(nnx.state(real.blocks[0].attn_blocks, nnx.Param))
            if "qkv" in [str(p) for p in path] and str(path[-1]) == "kernel"]
     assert len(qkv) == 1
     w = np.asarray(qkv[0][...])
@@ -253,6 +295,14 @@ def test_denoiser_output_shape_video_conditional():
     out = denoise(x, y)
     assert out.shape == x.shape
     assert bool(jnp.all(jnp.isfinite(out)))
+    # block-causal in time with a window of 1 frame back: frame f reads frames f-1 and f
+    def frame_diffs(x2):
+        o = denoise(x2, y)
+        return [float(jnp.max(jnp.abs(o[:, f] - out[:, f]))) for f in range(3)]
+    d0 = frame_diffs(x.at[:, 0].add(1.0))
+    assert d0[0] > 1e-4 and d0[1] > 1e-4 and d0[2] == 0.0
+    d2 = frame_diffs(x.at[:, 2].add(1.0))
+    assert d2[0] == 0.0 and d2[1] == 0.0 and d2[2] > 1e-4
     # conditional: y changes the prediction
     assert float(jnp.max(jnp.abs(denoise(x, y + 1.0) - out))) > 1e-4
 

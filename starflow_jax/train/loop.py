@@ -19,6 +19,8 @@ from starflow_jax.data.digits import LEVELS, NUM_CLASSES, load_digits_splits
 from starflow_jax.data.pipeline import ArraySource, train_dataset
 from starflow_jax.flow.loss import bits_per_dim
 from starflow_jax.model import StarFlow
+from starflow_jax.parallel.mesh import make_mesh
+from starflow_jax.parallel.rules import batch_sharding, tree_shardings
 from starflow_jax.train import checkpoint, optimizer
 from starflow_jax.train import step as S
 
@@ -116,21 +118,30 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     ds = train_dataset(ArraySource(image=train_split.images, label=train_split.labels),
                        global_batch=int(t.batch_size), seed=int(t.seed))
     it = iter(ds.to_iter_dataset())
+    mesh = make_mesh(dict(config.mesh) if "mesh" in config else {"data": -1})
+    if int(t.batch_size) % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the mesh's data x fsdp = "
+                         f"{mesh.shape['data'] * mesh.shape['fsdp']}")
+    shard = tree_shardings(state, mesh)
+    bshard = dict(image=batch_sharding(mesh, 4), label=batch_sharding(mesh, 1))
+    state = jax.device_put(state, shard)
     mgr = checkpoint.manager(workdir / "checkpoints", int(t.keep_checkpoints), int(t.checkpoint_every))
     start = 0
     if resume and mgr.latest_step() is not None:
         start = int(mgr.latest_step())
-        state, data_state = checkpoint.restore(mgr, start, jax.eval_shape(lambda: state))
+        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                jax.eval_shape(lambda: state), shard)
+        state, data_state = checkpoint.restore(mgr, start, abstract)
         it.set_state(data_state)
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
     step_fn = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp, schedule=sched),
-                      donate_argnums=0)
+                      in_shardings=(shard, bshard), out_shardings=(shard, None), donate_argnums=0)
     metrics_file = open(workdir / "metrics.jsonl", "a")
     total = int(t.steps)
     t0, last_t, last_step = time.time(), time.time(), start
     m = {}
     for s in range(start, total):
-        state, m = step_fn(state, next(it))
+        state, m = step_fn(state, jax.device_put(next(it), bshard))
         done = s + 1
         if done % int(t.log_every) == 0 or done == total:
             now = time.time()

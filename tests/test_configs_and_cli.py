@@ -102,11 +102,9 @@ def test_nll_cli_reproduces_the_reference_loss(tmp_path, capsys):
 
     path = [p for p in rc.discover() if p.stem == "t2i_small"][0]
     case = rc.load_case(path)
-    kw = case.meta["model_kwargs"]
-    cfg_file = tmp_path / "case_config.py"
-    cfg_file.write_text(
-        "import ml_collections\nfrom starflow_jax.config import model_section\n"
-        f"def get_config():\n    c = ml_collections.ConfigDict()\n    c.model = model_section(**{kw!r})\n    return c\n")
+    from conftest import write_case_config
+
+    cfg_file = write_case_config(tmp_path, case)
     np.save(tmp_path / "x.npy", case.arrays["input/x"])
     np.save(tmp_path / "y.npy", case.arrays["input/y"])
     out_json = tmp_path / "nll.json"

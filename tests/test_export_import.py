@@ -16,12 +16,9 @@ CASES = rc.discover()
 
 
 def _case_config_file(tmp_path, case):
-    path = tmp_path / f"{case.name}_config.py"
-    path.write_text(
-        "import ml_collections\nfrom starflow_jax.config import model_section\n"
-        f"def get_config():\n    c = ml_collections.ConfigDict()\n"
-        f"    c.model = model_section(**{case.meta['model_kwargs']!r})\n    return c\n")
-    return path
+    from conftest import write_case_config
+
+    return write_case_config(tmp_path, case)
 
 
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])

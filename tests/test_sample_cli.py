@@ -29,11 +29,9 @@ def test_sample_random_tiny_model_writes_png(tmp_path, capsys):
 def test_sample_from_reference_weights_matches_the_library(tmp_path):
     path = [p for p in rc.discover() if p.stem == "t2i_small"][0]
     case = rc.load_case(path)
-    kw = case.meta["model_kwargs"]
-    cfg_file = tmp_path / "case_config.py"
-    cfg_file.write_text(
-        "import ml_collections\nfrom starflow_jax.config import model_section\n"
-        f"def get_config():\n    c = ml_collections.ConfigDict()\n    c.model = model_section(**{kw!r})\n    return c\n")
+    from conftest import write_case_config
+
+    cfg_file = write_case_config(tmp_path, case)
     np.save(tmp_path / "y.npy", case.arrays["input/y"])
     out = tmp_path / "ref.png"
     assert main(["sample", "--config", str(cfg_file), "--weights", str(path), "--cond", str(tmp_path / "y.npy"),

@@ -9,20 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starflow_jax.config import load_config, model_config
+from starflow_jax.cli import model_source
 from starflow_jax.flow.loss import bits_per_dim, nll_per_example
-from starflow_jax.interop.state_dict import load_reference_model
 
 
 def add_parser(sub):
     p = sub.add_parser("nll", help="NLL per dimension and bits per dimension of data under reference weights")
-    p.add_argument("--config", help="config file (configs/*.py or a reference .yaml); with --weights")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="reference state dict: .pth (torch), .safetensors, or .npz of reference names")
-    src.add_argument("--workdir", help="a starflow-jax workdir (training checkpoints or imported parameters)")
-    p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default latest)")
-    p.add_argument("--ema", action="store_true", help="with --workdir: the EMA parameters")
+    model_source.add_arguments(p)
     p.add_argument("--data", help=".npy of inputs (n, c, h, w) or (n, t, c, h, w); default for a digits "
                                   "workdir: its held-out split (uniform dequantisation)")
     p.add_argument("--cond", help=".npy of conditioning (n, txt_size, txt_dim) for a conditioned model")
@@ -35,27 +28,11 @@ def add_parser(sub):
     return p
 
 
-def _weights(path: str):
-    if path.endswith(".npz"):
-        with np.load(path) as f:
-            return {k[len("param/"):] if k.startswith("param/") else k: f[k] for k in f.files
-                    if k != "meta" and (k.startswith("param/") or "/" not in k)}
-    return path
-
-
 def run(args) -> int:
-    if args.workdir:
-        from starflow_jax.interop.checkpoints import model_from_workdir
-
-        config, model = model_from_workdir(args.workdir, args.step, args.ema)
-        cfg = model.cfg
-        if args.data is None:
-            return _heldout_digits(args, config, model)
-    else:
-        if not args.config:
-            raise ValueError("--weights needs --config")
-        cfg = model_config(load_config(args.config, args.overrides))
-        model = load_reference_model(cfg, _weights(args.weights))
+    config, model = model_source.load_model(args)
+    cfg = model.cfg
+    if args.data is None and args.workdir:
+        return _heldout_digits(args, config, model)
     if args.data is None:
         raise ValueError("give --data (the held-out default exists only for digits workdirs)")
     x_all = np.load(args.data)

@@ -11,9 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starflow_jax.config import load_config, model_config
-from starflow_jax.interop.state_dict import load_reference_model
-from starflow_jax.model import StarFlow
+from starflow_jax.cli import model_source
 from starflow_jax.sampling import SamplingOptions, sample
 from starflow_jax.sampling.denoise import denoise
 from starflow_jax.sampling.visualize import grid, save_gif, save_png, to_uint8
@@ -21,14 +19,7 @@ from starflow_jax.sampling.visualize import grid, save_gif, save_png, to_uint8
 
 def add_parser(sub):
     p = sub.add_parser("sample", help="sample from a model and write a PNG grid (GIF for video)")
-    p.add_argument("--config", help="config file (configs/*.py or a reference .yaml); not with --workdir")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="reference state dict: .pth (torch), .safetensors, or .npz of reference names")
-    src.add_argument("--random-init", action="store_true", help="a randomly initialised model (smoke tests, demos)")
-    src.add_argument("--workdir", help="a starflow-jax workdir (training checkpoints or imported parameters)")
-    p.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default latest)")
-    p.add_argument("--ema", action="store_true", help="with --workdir: the EMA parameters")
+    model_source.add_arguments(p, allow_random=True)
     p.add_argument("--out", required=True, help="output picture: .png (grid) or .gif (video frames)")
     p.add_argument("--num", type=int, default=16, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
@@ -106,25 +97,8 @@ def run(args) -> int:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.cfg < 0:
         raise ValueError(f"--cfg must be >= 0, got {args.cfg}")
-    if args.workdir:
-        from starflow_jax.interop.checkpoints import model_from_workdir
-
-        config, model = model_from_workdir(args.workdir, args.step, args.ema)
-        cfg = model.cfg
-    else:
-        if not args.config:
-            raise ValueError("--config is required with --weights or --random-init")
-        config = load_config(args.config, args.overrides)
-        cfg = model_config(config)
-    if args.workdir:
-        pass
-    elif args.random_init:
-        model = StarFlow(cfg, rngs=nnx.Rngs(args.seed))
-    else:
-        if not pathlib.Path(args.weights).exists():
-            raise FileNotFoundError(f"--weights {args.weights} does not exist")
-        from starflow_jax.cli.nll import _weights
-        model = load_reference_model(cfg, _weights(args.weights))
+    config, model = model_source.load_model(args, seed=args.seed)
+    cfg = model.cfg
     cond = _conditioning(args, cfg, args.num)
     shape = (args.num, cfg.in_channels, cfg.img_size, cfg.img_size)
     if args.num_frames:

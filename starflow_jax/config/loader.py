@@ -52,6 +52,24 @@ def _load_reference_yaml(path: pathlib.Path) -> ml_collections.ConfigDict:
     return config
 
 
+def _load_model_kwargs_json(path: pathlib.Path) -> ml_collections.ConfigDict:
+    """A JSON object of the reference ``Model(**kwargs)`` arguments (e.g. a case's
+    ``meta.model_kwargs``), or ``{"model_kwargs": {...}}``."""
+    import json
+
+    from starflow_jax.config.reference_args import from_model_kwargs
+
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and "model_kwargs" in data:
+        data = data["model_kwargs"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of reference Model arguments")
+    config = ml_collections.ConfigDict(type_safe=False)
+    config.name = path.stem
+    config.model = model_section(**from_model_kwargs(data).to_dict())
+    return config
+
+
 def parse_value(text: str) -> Any:
     """``"3"`` -> 3, ``"true"`` -> True, ``"[2, 2]"`` -> [2, 2], ``"none"``/``"null"`` -> None, else the string."""
     if text.lower() == "none":
@@ -82,8 +100,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
 
 
 def load_config(path: str | pathlib.Path, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-    """Load ``path`` (``file.py`` or ``file.py:arg`` with ``get_config(arg)``; or a reference
-    ``.yaml``), lock it and apply ``overrides``."""
+    """Load ``path`` (``file.py`` or ``file.py:arg`` with ``get_config(arg)``; a reference
+    ``.yaml``; a ``.json`` of reference ``Model`` kwargs), lock it and apply ``overrides``."""
     text = str(path)
     arg = None
     if ":" in text and not pathlib.Path(text).exists():
@@ -95,8 +113,11 @@ def load_config(path: str | pathlib.Path, overrides: Iterable[str] = ()) -> ml_c
         config = _load_reference_yaml(p)
     elif p.suffix == ".py":
         config = _load_python(p, arg)
+    elif p.suffix == ".json":
+        config = _load_model_kwargs_json(p)
     else:
-        raise ConfigError(f"config file {p}: expected a .py (ml-collections) or .yaml (reference) file")
+        raise ConfigError(f"config file {p}: expected a .py (ml-collections), .yaml (reference YAML) or "
+                          ".json (reference Model kwargs) file")
     if "model" not in config:
         raise ConfigError(f"config {p} has no 'model' section")
     config.lock()

@@ -26,14 +26,20 @@ class ArraySource:
 
 def train_dataset(source, *, global_batch: int, seed: int, process_index: int | None = None,
                   process_count: int | None = None) -> grain.MapDataset:
-    """Shuffled each epoch, repeated forever, this process's share of every global batch."""
+    """Shuffled each epoch, repeated forever; this process's rows of every global batch.
+
+    Global batch ``k`` is records ``k*G .. (k+1)*G - 1`` of the shuffled stream whatever the
+    number of processes; process ``i`` reads only its contiguous rows ``i*L .. (i+1)*L - 1``
+    of it (``L = G / processes``), so a run gives the same batches on 1 or many hosts."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    ds = ds[process_index::process_count]
-    return ds.batch(global_batch // process_count, drop_remainder=True)
+    local = global_batch // process_count
+    stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    rows = grain.MapDataset.range(len(stream) // global_batch * local)
+    ds = rows.map(lambda j: stream[(j // local) * global_batch + process_index * local + j % local])
+    return ds.batch(local, drop_remainder=True)
 
 
 def eval_batches(source, batch: int):

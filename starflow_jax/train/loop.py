@@ -141,7 +141,9 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     t0, last_t, last_step = time.time(), time.time(), start
     m = {}
     for s in range(start, total):
-        state, m = step_fn(state, jax.device_put(next(it), bshard))
+        local = next(it)  # this process's rows of the global batch
+        batch = {k: jax.make_array_from_process_local_data(bshard[k], np.asarray(v)) for k, v in local.items()}
+        state, m = step_fn(state, batch)
         done = s + 1
         if done % int(t.log_every) == 0 or done == total:
             now = time.time()

@@ -45,9 +45,6 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
     abstract_params = nnx.state(abstract_model, nnx.Param)
     imported = workdir / "params"
     if (workdir / "checkpoints").exists():
-        from starflow_jax.train import checkpoint, loop
-        from starflow_jax.train import step as S
-
         mgr = ocp.CheckpointManager((workdir / "checkpoints").resolve())
         steps = mgr.all_steps()
         if not steps:
@@ -55,13 +52,13 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
         step = max(steps) if step is None else step
         if step not in steps:
             raise CheckpointError(f"no checkpoint at step {step} in {workdir / 'checkpoints'} (steps: {sorted(steps)})")
-        _, model, _, tx = loop.build(config)
-        hp_ema = float(config.train.ema_decay) > 0
-        abstract = jax.eval_shape(lambda: S.init_state(model, tx, 0, hp_ema))
-        state, _ = checkpoint.restore(mgr, step, abstract)
-        if ema and state.ema is None:
+        which = "ema" if ema else "params"
+        if ema and not float(config.train.get("ema_decay", 0.0)) > 0:
             raise CheckpointError("--ema: this run kept no EMA (train.ema_decay = 0)")
-        return config, cfg, (state.ema if ema else state.params)
+        # restore only the parameters (or the EMA), not the optimizer state
+        out = mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item={which: abstract_params}, partial_restore=True)))
+        return config, cfg, out.state[which]
     if imported.exists():
         if step is not None or ema:
             raise CheckpointError("an imported workdir holds one set of parameters: no --step / --ema")

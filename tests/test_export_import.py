@@ -65,7 +65,6 @@ def test_export_refuses_to_overwrite_and_import_refuses_another_architecture(tmp
 
 
 def test_training_checkpoint_exports_and_imports_exactly(tmp_path):
-    from safetensors.numpy import load_file
 
     from starflow_jax.train.loop import train
 

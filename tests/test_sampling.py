@@ -1,16 +1,12 @@
 """Sampling beyond the parity cases: Jacobi vs sequential, schedules, denoising, errors."""
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from starflow_jax.config import ModelConfig
 from starflow_jax.flow.guidance import guided_affine
 from starflow_jax.interop import reference_cases as rc
-from starflow_jax.model import StarFlow
 from starflow_jax.sampling import SamplingOptions, sample
 from starflow_jax.sampling.denoise import learned_denoise, score_denoise
 from starflow_jax.sampling.invert import jacobi_schedule

@@ -7,7 +7,6 @@ import time
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from starflow_jax.config.model_config import ModelConfig

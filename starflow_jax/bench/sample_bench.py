@@ -89,7 +89,6 @@ def run(args) -> int:
         rows += _reference_rows(args.reference, cfg, model, noise, y, y_null, settings, bs, max_iter, batch, repeats)
 
     print_table(rows, COLUMNS)
-    jax_seq = {r["guidance"]: r for r in rows if r["impl"] == "jax" and r["mode"] == "sequential"}
     if args.reference:
         for r in rows:
             if r["impl"] != "torch":

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from starflow_jax.cli import bench, convert, info, nll, parity, sample, train

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -1,7 +1,6 @@
 """``starflow-jax sample``: draw samples and write them as a picture (PNG grid, or GIF for video)."""
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 import time
@@ -9,7 +8,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from starflow_jax.cli import model_source
 from starflow_jax.sampling import SamplingOptions, sample

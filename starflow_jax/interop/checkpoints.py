@@ -10,7 +10,6 @@ import json
 import pathlib
 import shutil
 
-import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:

@@ -8,7 +8,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from starflow_jax.model.flow_block import FlowBlock, IdentityBlock
+from starflow_jax.model.flow_block import IdentityBlock
 from starflow_jax.model.patchify import patchify, unpatchify
 from starflow_jax.model.starflow import StarFlow
 from starflow_jax.sampling import invert

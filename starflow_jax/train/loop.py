@@ -6,7 +6,6 @@ import functools
 import json
 import pathlib
 import shutil
-import sys
 import time
 
 import jax
@@ -15,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from starflow_jax.config import model_config
-from starflow_jax.data.digits import LEVELS, NUM_CLASSES, load_digits_splits
+from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
 from starflow_jax.data.pipeline import ArraySource, train_dataset
 from starflow_jax.flow.loss import bits_per_dim
 from starflow_jax.model import StarFlow

@@ -118,3 +118,15 @@ def test_nll_cli_reproduces_the_reference_loss(tmp_path, capsys):
     # a conditioned model without conditioning is a clear error
     assert main(["nll", "--config", str(cfg_file), "--weights", str(path), "--data", str(tmp_path / "x.npy")]) == 2
     assert "give --cond or --labels" in capsys.readouterr().err
+
+
+def test_config_dot_flags_are_overrides(capsys):
+    from starflow_jax.cli.main import config_flags_to_overrides
+
+    assert config_flags_to_overrides(["info", "--config", "c.py", "--config.model.channels=96", "--config.model.sos",
+                                      "false"]) == ["info", "--config", "c.py", "--set", "model.channels=96",
+                                                    "--set", "model.sos=false"]
+    assert main(["info", "--config", str(CONFIGS / "tiny_cpu.py"), "--config.model.channels=32"]) == 0
+    assert "total: 52,580" in capsys.readouterr().out  # the 32-wide model, not the 64-wide default
+    assert main(["info", "--config", str(CONFIGS / "tiny_cpu.py"), "--config.model.widht=32"]) == 2
+    assert "no key 'model.widht'" in capsys.readouterr().err

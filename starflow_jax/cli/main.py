@@ -21,9 +21,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_flags_to_overrides(argv: list[str]) -> list[str]:
+    """ml-collections style ``--config.a.b=value`` (or ``--config.a.b value``) to ``--set a.b=value``."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config.") and len(arg) > len("--config."):
+            key = arg[len("--config."):]
+            if "=" not in key:
+                if i + 1 >= len(argv):
+                    raise SystemExit(f"starflow-jax: {arg} needs a value")
+                key, i = f"{key}={argv[i + 1]}", i + 1
+            out += ["--set", key]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(config_flags_to_overrides(list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:
         parser.print_help()
         return 2

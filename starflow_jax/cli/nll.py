@@ -44,7 +44,9 @@ def run(args) -> int:
         labels = np.load(args.labels).astype(np.int64).reshape(-1)
         if labels.min() < 0 or labels.max() >= cfg.txt_dim:
             raise ValueError(f"labels must lie in [0, {cfg.txt_dim}), got [{labels.min()}, {labels.max()}]")
-        y_all = np.eye(cfg.txt_dim, dtype=np.float32)[labels][:, None, :]
+        from starflow_jax.train.objective import one_hot_labels
+
+        y_all = np.asarray(one_hot_labels(jnp.asarray(labels), cfg.txt_dim - 1))
     if y_all is not None and y_all.shape[0] != n:
         raise ValueError(f"conditioning has {y_all.shape[0]} rows, data has {n}")
     if cfg.txt_dim > 0 and y_all is None:

@@ -66,9 +66,11 @@ def _conditioning(args, cfg, num: int):
             raise ValueError(f"--labels must be comma-separated integers, got {args.labels!r}") from e
         if not labels or min(labels) < 0 or max(labels) >= cfg.txt_dim - 1:
             raise ValueError(f"labels must lie in [0, {cfg.txt_dim - 1}) (index {cfg.txt_dim - 1} is the null class)")
-        eye = np.eye(cfg.txt_dim, dtype=np.float32)
-        y = eye[np.resize(np.asarray(labels), num)][:, None, :]
-        y_null = np.broadcast_to(eye[cfg.txt_dim - 1][None, None, :], y.shape)
+        from starflow_jax.train.objective import one_hot_labels
+
+        idx = jnp.asarray(np.resize(np.asarray(labels), num))
+        y = np.asarray(one_hot_labels(idx, cfg.txt_dim - 1))
+        y_null = np.asarray(one_hot_labels(-jnp.ones_like(idx), cfg.txt_dim - 1))
     else:
         y = np.load(args.cond).astype(np.float32)
         if y.ndim != 3 or y.shape[1:] != (cfg.txt_size, cfg.txt_dim):

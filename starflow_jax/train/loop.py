@@ -74,8 +74,14 @@ def build(config):
     return cfg, model, sched, tx
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_fn(graphdef, hp: S.StepConfig):
+    """One compiled evaluation per (model, step config), reused by every periodic evaluation."""
+    return jax.jit(functools.partial(S.eval_nll, graphdef=graphdef, hp=hp))
+
+
 def evaluate(config, graphdef, params, split, hp) -> float:
-    ev = jax.jit(functools.partial(S.eval_nll, graphdef=graphdef, hp=hp))
+    ev = _eval_fn(graphdef, hp)
     nll = []
     for i in range(0, len(split), 256):
         batch = dict(image=split.images[i:i + 256], label=split.labels[i:i + 256])

@@ -80,11 +80,12 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
     if ema is not None:
         d = hp.ema_decay
         ema = keep(jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params), ema)
-    metrics = dict(loss=loss, grad_norm=gnorm, skipped=state.skipped + (~ok).astype(jnp.int32))
+    skipped = state.skipped + (~ok).astype(jnp.int32)
+    metrics = dict(loss=loss, grad_norm=gnorm, skipped=skipped)
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-                              skipped=state.skipped + (~ok).astype(jnp.int32))
+                              skipped=skipped)
     return new_state, metrics
 
 

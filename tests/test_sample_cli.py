@@ -46,7 +46,9 @@ def test_sample_from_reference_weights_matches_the_library(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--out", "x.jpg"], "must end in .png or .gif"),
+    (["--out", "x.jpg"], "must end in .png, .gif or .mp4"),
+    (["--out", "x.gif", "--labels", "1"], "written as a .png grid"),
+    (["--out", "x.png", "--labels", "1", "--fps", "0"], "--fps must be > 0"),
     (["--out", "x.png"], "give exactly one of --labels or --cond"),
     (["--out", "x.png", "--labels", "0,11"], "labels must lie in"),
     (["--out", "x.png", "--labels", "a,b"], "comma-separated integers"),
@@ -63,3 +65,39 @@ def test_sample_missing_weights(capsys, tmp_path):
     assert main(["sample", "--config", TINY, "--weights", str(tmp_path / "nope.pth"), "--labels", "1",
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_sample_video_writes_frames_that_decode(tmp_path, suffix):
+    """A video model's samples written as MP4 (or GIF) decode back to --num-frames frames."""
+    case = [rc.load_case(p) for p in rc.discover() if p.stem == "video_small"][0]
+    from conftest import write_case_config
+
+    cfg_file = write_case_config(tmp_path, case)
+    y = np.random.default_rng(0).normal(size=(2, 5, 12)).astype(np.float32)
+    np.save(tmp_path / "y.npy", y)
+    out = tmp_path / f"video{suffix}"
+    assert main(["sample", "--config", str(cfg_file), "--random-init", "--cond", str(tmp_path / "y.npy"),
+                 "--num", "2", "--num-frames", "3", "--no-denoise", "--scale", "3", "--fps", "4",
+                 "--out", str(out)]) == 0
+    if suffix == ".mp4":
+        from starflow_jax.sampling.visualize import read_video_frames
+
+        frames = read_video_frames(out)
+        # a 2x1 grid of 4x4 latents with 1-pixel padding (11 x 6), scaled 3x: 33 x 18, the odd
+        # width padded to 34 for the codec
+        assert frames.shape == (3, 18, 34, 3)
+    else:
+        img = Image.open(out)
+        assert img.n_frames == 3 and img.size == (33, 18)
+
+
+def test_sample_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"mine")
+    args = ["sample", "--config", TINY, "--random-init", "--labels", "1", "--num", "1", "--out", str(out)]
+    assert main(args) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"mine"
+    assert main(args + ["--overwrite"]) == 0
+    assert Image.open(out).size == (10, 10)

@@ -12,13 +12,16 @@ import numpy as np
 from starflow_jax.cli import model_source
 from starflow_jax.sampling import SamplingOptions, sample
 from starflow_jax.sampling.denoise import denoise
-from starflow_jax.sampling.visualize import grid, save_gif, save_png, to_uint8
+from starflow_jax.sampling.visualize import grid, save_gif, save_mp4, save_png, to_uint8
 
 
 def add_parser(sub):
-    p = sub.add_parser("sample", help="sample from a model and write a PNG grid (GIF for video)")
+    p = sub.add_parser("sample", help="sample from a model and write a PNG grid (GIF or MP4 for video)")
     model_source.add_arguments(p, allow_random=True)
-    p.add_argument("--out", required=True, help="output picture: .png (grid) or .gif (video frames)")
+    p.add_argument("--out", required=True,
+                   help="output picture: .png (grid; video frames side by side), .gif or .mp4 (video frames)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and --save-npy) if it exists")
+    p.add_argument("--fps", type=float, default=8.0, help="frame rate of a .gif / .mp4")
     p.add_argument("--num", type=int, default=16, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", help="class labels, comma separated (cycled over --num); null class = the last index")
@@ -31,6 +34,11 @@ def add_parser(sub):
     p.add_argument("--jacobi-block-size", type=int, default=32)
     p.add_argument("--jacobi-th", type=float, default=1e-3)
     p.add_argument("--jacobi-max-iter", type=int, default=32)
+    p.add_argument("--unroll-layers", action=__import__("argparse").BooleanOptionalAction, default=None,
+                   help="unroll the layers inside the token loop (default: on the CPU only)")
+    p.add_argument("--cache-segments", type=int, default=2,
+                   help="sequential sampling with unrolled layers: token-loop segments, each reading only "
+                        "the KV cache written so far")
     p.add_argument("--num-frames", type=int, default=None, help="frames of a video sample (video models)")
     p.add_argument("--noise-std", type=float, default=None,
                    help="training noise level for the denoising step (default: config.train.noise_std, else none)")
@@ -91,8 +99,13 @@ def _conditioning(args, cfg, num: int):
 
 def run(args) -> int:
     out = pathlib.Path(args.out)
-    if out.suffix.lower() not in (".png", ".gif"):
-        raise ValueError(f"--out must end in .png or .gif, got {out.name}")
+    if out.suffix.lower() not in (".png", ".gif", ".mp4"):
+        raise ValueError(f"--out must end in .png, .gif or .mp4, got {out.name}")
+    for path in [out] + ([pathlib.Path(args.save_npy)] if args.save_npy else []):
+        if path.exists() and not args.overwrite:
+            raise ValueError(f"{path} exists; pass --overwrite to replace it")
+    if args.fps <= 0:
+        raise ValueError(f"--fps must be > 0, got {args.fps}")
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.cfg < 0:
@@ -105,13 +118,16 @@ def run(args) -> int:
         shape = (args.num, args.num_frames) + shape[1:]
     elif cfg.is_video:
         raise ValueError("a video model needs --num-frames")
+    if len(shape) == 4 and out.suffix.lower() != ".png":
+        raise ValueError(f"image samples are written as a .png grid, not {out.suffix}")
     noise = jax.random.normal(jax.random.key(args.seed), shape, jnp.float32)
     y = None
     if cond is not None:
         y = jnp.concatenate(cond, axis=0) if args.cfg > 0 else cond[0]
     opts = SamplingOptions(guidance=args.cfg, attn_temp=args.attn_temp, jacobi=args.jacobi,
                            jacobi_block_size=args.jacobi_block_size, jacobi_th=args.jacobi_th,
-                           jacobi_max_iter=args.jacobi_max_iter)
+                           jacobi_max_iter=args.jacobi_max_iter, unroll_layers=args.unroll_layers,
+                           cache_segments=args.cache_segments)
     t0 = time.time()
     x, passes = sample(model, noise, y, opts, on_block=lambda i, n: _progress(i, n, t0), return_passes=True)
     noise_std = args.noise_std
@@ -126,7 +142,9 @@ def run(args) -> int:
     if x.ndim == 5:
         frames = [grid(to_uint8(x[:, t], pixel)) for t in range(x.shape[1])]
         if out.suffix.lower() == ".gif":
-            save_gif(out, frames, scale=args.scale)
+            save_gif(out, frames, fps=args.fps, scale=args.scale)
+        elif out.suffix.lower() == ".mp4":
+            save_mp4(out, frames, fps=args.fps, scale=args.scale)
         else:
             save_png(out, np.concatenate(frames, axis=1), scale=args.scale)
     else:

@@ -1,8 +1,11 @@
 """Multi-head attention with grouped-query heads, QK-norm, RoPE and post-norm."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from starflow_jax.layers.linear import dense
@@ -22,6 +25,34 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
             mask = mask & jnp.tril(jnp.ones((lq, lk), bool), lk - lq)
             causal = False
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal)
+
+
+def cached_attention(q: jax.Array, ks: Sequence[jax.Array], vs: Sequence[jax.Array], first_slots: Sequence[int],
+                     start: jax.Array, scale: float) -> jax.Array:
+    """Attention of queries ``(b, m, heads, head_dim)`` at slots ``start..start+m-1`` over
+    a KV cache held in consecutive chunks ``ks[j]``, ``vs[j]`` of shape ``(b, kv_heads,
+    slots_j, head_dim)`` (head-major: both products are plain batched matmuls), chunk
+    ``j`` holding the slots from ``first_slots[j]`` on, the new slots already written;
+    query slot ``start + i`` reads the slots ``<= start + i``. Only the chunks passed are
+    read: a caller that knows the queries lie in the first chunks passes only those.
+    Scores and softmax in float32."""
+    b, m, heads, d = q.shape
+    kv = ks[0].shape[1]
+    g = heads // kv
+    # (b, m, kv, g, d) -> (b, kv, g * m, d): query head kv_i * g + g_i reads kv head kv_i
+    qg = q.reshape(b, m, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * m, d)
+    s = [jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) for k in ks]
+    s = (s[0] if len(s) == 1 else jnp.concatenate(s, axis=-1)) * scale
+    slot = np.concatenate([np.arange(f, f + k.shape[2]) for f, k in zip(first_slots, ks)])
+    pos = start + jnp.tile(jnp.arange(m), g)
+    s = jnp.where(jnp.asarray(slot)[None, :] <= pos[:, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    o, at = None, 0
+    for v in vs:
+        n = v.shape[2]
+        part = jnp.einsum("bkqs,bksd->bkqd", p[..., at:at + n] if len(vs) > 1 else p, v.astype(q.dtype))
+        o, at = (part if o is None else o + part), at + n
+    return o.reshape(b, kv, g, m, d).transpose(0, 3, 1, 2, 4).reshape(b, m, heads, d)
 
 
 class Attention(nnx.Module):
@@ -64,20 +95,26 @@ class Attention(nnx.Module):
         out = self.proj(o.reshape(b, t, self.num_heads * self.head_dim))
         return self.post_norm(out) if self.post_norm is not None else out
 
-    def cached(self, x: jax.Array, rope, cache_k: jax.Array, cache_v: jax.Array, start: jax.Array,
-               temp: float = 1.0):
-        """Causal attention of ``m`` new slots starting at slot ``start`` over a KV cache
-        ``(b, slots, kv_heads, head_dim)``: the new keys/values (rotated) are written at
-        ``start..start+m-1`` and every new slot attends to the slots up to itself.
-        ``rope`` holds the tables of the new slots. Returns ``(out, cache_k, cache_v)``."""
+    def cached(self, x: jax.Array, rope, cache: Sequence[tuple[jax.Array, jax.Array]], first_slots: Sequence[int],
+               start: jax.Array, write: int = 0, temp: float = 1.0):
+        """Causal attention of ``m`` new slots starting at slot ``start`` over a KV cache in
+        chunks ``[(k, v), ...]`` (see ``cached_attention``; a single chunk is a plain
+        cache): the new keys and values (rotated) are written into chunk ``write`` (which
+        must hold slots ``start..start+m-1``) and every new slot attends to the slots up to
+        itself in chunks ``0..write``. ``rope`` holds the tables of the new slots.
+        Returns ``(out, cache)``."""
         q, k, v = self.qkv_heads(x, rope)
-        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
-        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
-        m, slots = x.shape[1], cache_k.shape[1]
-        mask = jnp.arange(slots)[None, :] <= (start + jnp.arange(m))[:, None]
-        o = jax.nn.dot_product_attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype),
-                                         mask=mask[None, None], scale=self.head_dim ** -0.5 / temp)
-        return self.output(o), cache_k, cache_v
+        zero = jnp.zeros((), jnp.int32)
+        at = (zero, zero, start - first_slots[write], zero)
+        ck, cv = cache[write]
+        ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), at)
+        cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3).astype(cv.dtype), at)
+        cache = list(cache)
+        cache[write] = (ck, cv)
+        read = cache[: write + 1]
+        o = cached_attention(q, [c[0] for c in read], [c[1] for c in read], first_slots, start,
+                             self.head_dim ** -0.5 / temp)
+        return self.output(o), cache
 
     def __call__(self, x: jax.Array, rope=None, mask: jax.Array | None = None, temp: float = 1.0) -> jax.Array:
         q, k, v = self.qkv_heads(x, rope)

@@ -50,10 +50,11 @@ class TransformerLayer(nnx.Module):
         return x + self.mlp(x)
 
 
-    def cached(self, x, rope, cache_k, cache_v, start, temp: float = 1.0):
-        a, cache_k, cache_v = self.attention.cached(x, rope, cache_k, cache_v, start, temp)
+    def cached(self, x, rope, cache, first_slots, start, write: int = 0, temp: float = 1.0):
+        """One layer over new slots with a chunked KV cache (``Attention.cached``)."""
+        a, cache = self.attention.cached(x, rope, cache, first_slots, start, write, temp)
         x = x + a
-        return x + self.mlp(x), cache_k, cache_v
+        return x + self.mlp(x), cache
 
 
 def create_stack(spec: LayerSpec, num_layers: int, rngs: nnx.Rngs) -> TransformerLayer:
@@ -82,23 +83,45 @@ def apply_stack(stack: TransformerLayer, x: jax.Array, rope=None, mask=None, tem
 
 def apply_stack_cached(stack: TransformerLayer, x: jax.Array, rope, cache_k: jax.Array, cache_v: jax.Array,
                        start: jax.Array, temp: float = 1.0):
-    """Run the stacked layers over new slots ``start..start+m-1`` with per-layer KV caches
-    ``(layers, b, slots, kv_heads, head_dim)``; returns ``(x, cache_k, cache_v)``.
+    """Run the stacked layers over new slots ``start..start+m-1`` with stacked KV caches
+    ``(layers, b, kv_heads, slots, head_dim)``; returns ``(x, cache_k, cache_v)``.
 
-    The caches travel in the scan carry and only the new rows are written (in place), so
-    a step costs the attention read of each layer's cache, not a copy of the caches."""
+    The caches travel in the scan carry and only the new rows are written back (in
+    place). On backends whose matmuls cannot read a dynamic slice of a stacked array in
+    place (the CPU), each layer step copies its weights and cache slice; there
+    ``unstack_layers`` + ``apply_layers_cached`` avoid the copies."""
 
     def body(carry, layer, rope, start):
         h, ck, cv, i = carry
-        h, k_new, v_new = layer.cached(h, rope, ck[i], cv[i], start, temp)
+        h, ((k_new, v_new),) = layer.cached(h, rope, [(ck[i], cv[i])], (0,), start, 0, temp)
         m = h.shape[1]
-        k_rows = jax.lax.dynamic_slice_in_dim(k_new, start, m, axis=1)
-        v_rows = jax.lax.dynamic_slice_in_dim(v_new, start, m, axis=1)
+        k_rows = jax.lax.dynamic_slice_in_dim(k_new, start, m, axis=2)
+        v_rows = jax.lax.dynamic_slice_in_dim(v_new, start, m, axis=2)
         zero = jnp.zeros((), jnp.int32)
-        ck = jax.lax.dynamic_update_slice(ck, k_rows[None], (i, zero, start, zero, zero))
-        cv = jax.lax.dynamic_update_slice(cv, v_rows[None], (i, zero, start, zero, zero))
+        ck = jax.lax.dynamic_update_slice(ck, k_rows[None], (i, zero, zero, start, zero))
+        cv = jax.lax.dynamic_update_slice(cv, v_rows[None], (i, zero, zero, start, zero))
         return h, ck, cv, i + 1
 
     scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry)
     x, cache_k, cache_v, _ = scan((x, cache_k, cache_v, jnp.int32(0)), stack, rope, start)
     return x, cache_k, cache_v
+
+
+def unstack_layers(stack: TransformerLayer, num_layers: int) -> list[TransformerLayer]:
+    """The stacked layers as ``num_layers`` separate layers (static slices of the stacked
+    parameters: no copy per use inside a loop)."""
+    graphdef, state = nnx.split(stack)
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(num_layers)]
+
+
+def apply_layers_cached(layers: list[TransformerLayer], x: jax.Array, rope, caches, first_slots, start: jax.Array,
+                        write: int = 0, temp: float = 1.0):
+    """``apply_stack_cached`` over separate layers (unrolled; program size grows with the
+    depth), each with its KV cache in chunks ``[(k, v), ...]`` (``Attention.cached``;
+    ``first_slots`` the first slot of each chunk, ``write`` the chunk holding the new
+    slots), updated in place. Returns ``(x, caches)``."""
+    out = []
+    for layer, cache in zip(layers, caches):
+        x, cache = layer.cached(x, rope, cache, first_slots, start, write, temp)
+        out.append(cache)
+    return x, out

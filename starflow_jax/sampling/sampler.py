@@ -25,16 +25,25 @@ class SamplingOptions:
     # The reference computes an annealing ratio (t+1)/T but its guidance rule uses the
     # unscaled weight, so annealing does not change its samples; accepted for parity.
     annealed_guidance: bool = False
+    # Layers inside the token loop: None = unrolled on the CPU, scanned elsewhere
+    # (sampling.invert.resolve_unroll); True / False forces one.
+    unroll_layers: bool | None = None
+    # Sequential inversion with unrolled layers: the token loop runs in this many segments,
+    # each reading only the part of the KV cache written so far (less memory traffic for
+    # early tokens, one more copy of the loop body in the program per segment).
+    cache_segments: int = 2
 
 
 def _invert_block(block, h, y, opts: SamplingOptions, guidance: float):
     if isinstance(block, IdentityBlock):
         return h, 0
+    unroll = invert.resolve_unroll(opts.unroll_layers)
     if opts.jacobi:
         return invert.jacobi(block, h, y, guidance=float(guidance), attn_temp=float(opts.attn_temp),
                              block_size=int(opts.jacobi_block_size), threshold=opts.jacobi_th,
-                             max_iter=int(opts.jacobi_max_iter))
-    return invert.sequential(block, h, y, guidance=float(guidance), attn_temp=float(opts.attn_temp))
+                             max_iter=int(opts.jacobi_max_iter), unroll=unroll)
+    return invert.sequential(block, h, y, guidance=float(guidance), attn_temp=float(opts.attn_temp),
+                             unroll=unroll, segments=int(opts.cache_segments) if unroll else 1)
 
 
 def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: SamplingOptions | None = None,
@@ -45,6 +54,8 @@ def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: 
     models with ``cond_top_only`` guide only the deep block. ``on_block(i, n)`` is called
     after each block (progress reporting)."""
     opts = opts or SamplingOptions()
+    if opts.cache_segments < 1:
+        raise ValueError(f"cache_segments must be >= 1, got {opts.cache_segments}")
     cfg = model.cfg
     guidance = float(opts.guidance)
     b = noise.shape[0]

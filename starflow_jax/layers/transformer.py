@@ -13,6 +13,26 @@ from starflow_jax.layers.mlp import MLP
 
 LAYER_AXIS = "layers"
 
+# Rematerialisation of the scanned layers (the activations kept for the backward pass):
+# "none" keeps everything, "full" keeps only each layer's input, "dots" also keeps the
+# outputs of the matmuls without batch dimensions (the projections), "dots_all" of all
+# matmuls (attention scores too).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+def resolve_remat(remat: bool | str) -> str:
+    """``True``/``False`` (older configs) or a policy name of ``REMAT_POLICIES``."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {remat!r} unknown; choose one of {sorted(REMAT_POLICIES)} (or true/false)")
+    return remat
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
@@ -69,14 +89,16 @@ def create_stack(spec: LayerSpec, num_layers: int, rngs: nnx.Rngs) -> Transforme
 
 
 def apply_stack(stack: TransformerLayer, x: jax.Array, rope=None, mask=None, temp: float = 1.0,
-                remat: bool = False) -> jax.Array:
-    """Run the stacked layers over ``x`` with ``nnx.scan`` (optionally rematerialised)."""
+                remat: bool | str = False) -> jax.Array:
+    """Run the stacked layers over ``x`` with ``nnx.scan``, rematerialised per layer by the
+    policy ``remat`` (see ``REMAT_POLICIES``)."""
 
     def body(h, layer, rope, mask):
         return layer(h, rope, mask, temp)
 
-    if remat:
-        body = nnx.remat(body)
+    policy = resolve_remat(remat)
+    if policy != "none":
+        body = nnx.remat(body, policy=REMAT_POLICIES[policy])
     scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry)
     return scan(x, stack, rope, mask)
 

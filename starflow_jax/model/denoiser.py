@@ -52,7 +52,7 @@ class Denoiser(nnx.Module):
         self.attn_blocks = create_stack(self.spec, cfg.denoiser_layers, rngs)
         self.final_norm = RMSNorm(cfg.channels, param_dtype=param_dtype) if cfg.use_final_norm else None
 
-    def __call__(self, x: jax.Array, y: jax.Array | None = None, remat: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, y: jax.Array | None = None, remat: bool | str = False) -> jax.Array:
         """``x``: patchified ``(b, [t,] h, w, c)``; returns the prediction, same shape."""
         shape = x.shape
         seq = x.reshape(shape[0], -1, shape[-1])

@@ -85,7 +85,7 @@ class FlowBlock(nnx.Module):
         return h + pe.astype(h.dtype)
 
     def network(self, h_tokens: jax.Array, txt: jax.Array | None, rope, temp: float = 1.0,
-                remat: bool = False) -> jax.Array:
+                remat: bool | str = False) -> jax.Array:
         """Transformer over ``[text, tokens]``: the raw ``(a, b)`` output of every token slot."""
         h = h_tokens
         prefix = 0
@@ -99,7 +99,7 @@ class FlowBlock(nnx.Module):
         return affine.soft_clip(self.proj_out(h), self.cfg.soft_clip)
 
     # -------------------------------------------------------------- forward
-    def __call__(self, x: jax.Array, y: jax.Array | None = None, remat: bool = False):
+    def __call__(self, x: jax.Array, y: jax.Array | None = None, remat: bool | str = False):
         """Data to noise. Returns ``(z, logdet)``: ``z`` shaped like ``x`` and the
         elementwise log-determinant ``(b, n, c)`` in the block's reading order."""
         seq, frames = self.tokens(x)
@@ -127,5 +127,5 @@ class IdentityBlock(nnx.Module):
     def __init__(self):
         pass
 
-    def __call__(self, x: jax.Array, y: jax.Array | None = None, remat: bool = False):
+    def __call__(self, x: jax.Array, y: jax.Array | None = None, remat: bool | str = False):
         return x, jnp.zeros((x.shape[0],), jnp.float32)

@@ -74,7 +74,7 @@ class StarFlow(nnx.Module):
                 raise ValueError(f"conditioning y has batch {y.shape[0]} but x has batch {x.shape[0]}")
 
     # ----------------------------------------------------------------- forward
-    def __call__(self, x: jax.Array, y: jax.Array | None = None, *, remat: bool = False) -> FlowOutput:
+    def __call__(self, x: jax.Array, y: jax.Array | None = None, *, remat: bool | str = False) -> FlowOutput:
         """Data to prior: the flow's forward pass with one log-determinant per block."""
         self.check_inputs(x, y)
         cfg = self.cfg
@@ -96,7 +96,7 @@ class StarFlow(nnx.Module):
         outputs.append(h)
         return FlowOutput(unpatchify(h, cfg.patch_size), logdets, outputs)
 
-    def denoise(self, x: jax.Array, y: jax.Array | None = None, *, remat: bool = False) -> jax.Array:
+    def denoise(self, x: jax.Array, y: jax.Array | None = None, *, remat: bool | str = False) -> jax.Array:
         """The learnable self-denoiser's prediction for ``x`` (the reference's ``denoiser=True``)."""
         if self.learnable_self_denoiser is None:
             raise ValueError("this model has no learnable denoiser (learnable_self_denoiser=False)")

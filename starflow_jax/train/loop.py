@@ -12,15 +12,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from starflow_jax.config import model_config
 from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
 from starflow_jax.data.pipeline import ArraySource, train_dataset
 from starflow_jax.flow.loss import bits_per_dim
+from starflow_jax.layers.transformer import resolve_remat
 from starflow_jax.model import StarFlow
 from starflow_jax.parallel.mesh import make_mesh
 from starflow_jax.parallel.rules import batch_sharding, tree_shardings
 from starflow_jax.train import checkpoint, optimizer
+from starflow_jax.train.metrics_writer import MetricsWriter
 from starflow_jax.train import step as S
 
 
@@ -30,11 +33,14 @@ class WorkdirError(ValueError):
 
 def _hp(config) -> S.StepConfig:
     t = config.train
+    remat = t.remat if isinstance(t.remat, bool) else resolve_remat(str(t.remat))
     return S.StepConfig(noise_std=float(t.noise_std), noise_type=str(t.noise_type), levels=int(t.levels),
                         num_classes=NUM_CLASSES if config.data.name == "digits" else 0,
                         drop_label=float(t.drop_label), latent_norm_regularization=float(t.latent_norm_regularization),
                         grad_clip=float(t.grad_clip), grad_skip=bool(t.grad_skip), ema_decay=float(t.ema_decay),
-                        remat=bool(t.remat))
+                        remat=remat, grad_accum=int(t.get("grad_accum", 1)),
+                        cond_noise_level=bool(t.get("cond_noise_level", False)),
+                        denoiser=bool(config.model.get("learnable_self_denoiser", False)))
 
 
 def data_scale(config) -> float:
@@ -43,22 +49,35 @@ def data_scale(config) -> float:
     return t.levels / 2.0 if t.noise_type == "uniform" else 1.0
 
 
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def prepare_workdir(workdir: pathlib.Path, config, overwrite: bool) -> bool:
-    """Create the workdir; returns True when a run there should be resumed."""
+    """Create the workdir (process 0; the others wait for it); returns True when a run
+    there should be resumed. A workdir holding another config's run is refused unless
+    ``overwrite``, which discards that run's checkpoints, metrics and pictures."""
     cfg_file = workdir / "config.json"
     text = config.to_json_best_effort(indent=2, sort_keys=True)
     ckpt = workdir / "checkpoints"
-    if overwrite and workdir.exists():
-        for p in (ckpt, cfg_file, workdir / "samples.png", workdir / "metrics.jsonl"):
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    workdir.mkdir(parents=True, exist_ok=True)
-    if cfg_file.exists() and cfg_file.read_text() != text:
+    if not overwrite and cfg_file.exists() and cfg_file.read_text() != text:
         raise WorkdirError(f"{workdir} holds a run with a different config ({cfg_file}); resume it with the same "
                            "config, choose another --workdir, or pass --overwrite to discard it")
-    cfg_file.write_text(text)
+    _barrier("starflow_workdir_checked")
+    if jax.process_index() == 0:
+        if overwrite and workdir.exists():
+            for p in (ckpt, cfg_file, workdir / "samples.png", workdir / "metrics.jsonl", workdir / "tensorboard",
+                      workdir / "result.json", *workdir.glob("samples_*.png")):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg_file.write_text(text)
+    _barrier("starflow_workdir_ready")
     return ckpt.exists() and any(ckpt.iterdir())
 
 
@@ -71,22 +90,40 @@ def build(config):
     sched = optimizer.lr_schedule(float(t.lr), float(t.min_lr), int(t.warmup_steps), int(t.steps))
     tx = optimizer.adamw(sched, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay),
                          grad_clip=float(t.grad_clip))
+    if cfg.learnable_self_denoiser:
+        den_sched = optimizer.lr_schedule(float(t.get("denoiser_lr", 1e-4)), float(t.get("denoiser_min_lr", 1e-6)),
+                                          int(t.warmup_steps), int(t.steps))
+        tx = optimizer.flow_and_denoiser(tx, den_sched, weight_decay=float(t.weight_decay),
+                                         grad_clip=float(t.grad_clip))
     return cfg, model, sched, tx
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_fn(graphdef, hp: S.StepConfig):
+def _eval_fn(graphdef, hp: S.StepConfig, out_sharding=None):
     """One compiled evaluation per (model, step config), reused by every periodic evaluation."""
-    return jax.jit(functools.partial(S.eval_nll, graphdef=graphdef, hp=hp))
+    return jax.jit(functools.partial(S.eval_nll, graphdef=graphdef, hp=hp), out_shardings=out_sharding)
 
 
-def evaluate(config, graphdef, params, split, hp) -> float:
-    ev = _eval_fn(graphdef, hp)
+def evaluate(config, graphdef, params, split, hp, mesh=None) -> float:
+    """Held-out bits per dimension. Every process runs it (the parameters may be sharded
+    over all of them) on the whole split; the result is replicated."""
+    rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    ev = _eval_fn(graphdef, hp, rep)
     nll = []
     for i in range(0, len(split), 256):
         batch = dict(image=split.images[i:i + 256], label=split.labels[i:i + 256])
         nll.append(np.asarray(ev(params, batch, jax.random.key(1234 + i))))
     return float(bits_per_dim(float(np.mean(np.concatenate(nll))), data_scale(config)))
+
+
+def host_params(params):
+    """The parameters as host NumPy arrays on every process (gathered across processes
+    when they are sharded over several), for work each process does on its own."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(params, tiled=True)
+    return jax.device_get(params)
 
 
 def sample_grid(config, graphdef, params, path: pathlib.Path, seed: int = 0) -> None:
@@ -95,7 +132,7 @@ def sample_grid(config, graphdef, params, path: pathlib.Path, seed: int = 0) -> 
     from starflow_jax.train.objective import one_hot_labels
 
     cfg = model_config(config)
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, host_params(params)))
     per = int(config.sample.per_class)
     labels = jnp.tile(jnp.arange(NUM_CLASSES), per)
     y, y_null = one_hot_labels(labels, NUM_CLASSES), one_hot_labels(-jnp.ones_like(labels), NUM_CLASSES)
@@ -106,13 +143,47 @@ def sample_grid(config, graphdef, params, path: pathlib.Path, seed: int = 0) -> 
                SamplingOptions(guidance=g, jacobi=True, jacobi_block_size=cfg.seq_side ** 2, jacobi_th=1e-5,
                                jacobi_max_iter=64))
     x = np.asarray(x)
-    save_png(path, grid(to_uint8(x, pixel_space=True), nrow=NUM_CLASSES), scale=int(config.sample.scale))
+    if jax.process_index() == 0:
+        save_png(path, grid(to_uint8(x, pixel_space=True), nrow=NUM_CLASSES), scale=int(config.sample.scale))
+
+
+class _Progress:
+    """A one-line progress bar on stderr (process 0, interactive terminals only)."""
+
+    def __init__(self, total: int, start: int):
+        import sys
+
+        self.total, self.start, self.t0 = total, start, time.time()
+        self.on = jax.process_index() == 0 and sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        if not self.on:
+            return
+        import sys
+
+        frac = done / max(self.total, 1)
+        rate = (done - self.start) / max(time.time() - self.t0, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        print(f"\r[{bar}] {done}/{self.total} {rate:.1f} steps/s eta {eta:.0f}s", end="", file=sys.stderr,
+              flush=True)
+
+    def clear(self) -> None:
+        if self.on:
+            import sys
+
+            print("\r" + " " * 70 + "\r", end="", file=sys.stderr, flush=True)
 
 
 def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: int | None = None) -> dict:
     """Train ``config`` in ``workdir``; ``stop_after`` ends the run early after that step
-    (with a checkpoint), as a preemption would."""
+    (with a checkpoint), as a preemption would. With several processes
+    (``jax.distributed``) every process runs this with the same arguments; process 0
+    logs and writes the metrics, pictures and result."""
     workdir = pathlib.Path(workdir)
+    lead = jax.process_index() == 0
+    if not lead:
+        log = lambda *a, **k: None  # noqa: E731
     resume = prepare_workdir(workdir, config, overwrite)
     t = config.train
     cfg, model, sched, tx = build(config)
@@ -127,6 +198,10 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     if int(t.batch_size) % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the mesh's data x fsdp = "
                          f"{mesh.shape['data'] * mesh.shape['fsdp']}")
+    if int(t.batch_size) % hp.grad_accum or (int(t.batch_size) // hp.grad_accum) % (
+            mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"train.batch_size={t.batch_size} must split into grad_accum={hp.grad_accum} micro-batches "
+                         f"each divisible by the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
     shard = tree_shardings(state, mesh)
     bshard = dict(image=batch_sharding(mesh, 4), label=batch_sharding(mesh, 1))
     state = jax.device_put(state, shard)
@@ -141,37 +216,46 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
     step_fn = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp, schedule=sched),
                       in_shardings=(shard, bshard), out_shardings=(shard, None), donate_argnums=0)
-    metrics_file = open(workdir / "metrics.jsonl", "a")
+    writer = MetricsWriter(workdir)
     total = int(t.steps)
+    sample_every = int(config.sample.get("every", 0)) if "sample" in config else 0
     t0, last_t, last_step = time.time(), time.time(), start
-    m = {}
+    progress = _Progress(total, start)
     for s in range(start, total):
         local = next(it)  # this process's rows of the global batch
         batch = {k: jax.make_array_from_process_local_data(bshard[k], np.asarray(v)) for k, v in local.items()}
         state, m = step_fn(state, batch)
         done = s + 1
+        progress.update(done)
         if done % int(t.log_every) == 0 or done == total:
             now = time.time()
             row = dict(step=done, loss=float(m["loss"]), bpd=float(bits_per_dim(m["loss"], data_scale(config))),
                        grad_norm=float(m["grad_norm"]), lr=float(m["lr"]), skipped=int(m["skipped"]),
                        steps_per_s=(done - last_step) / max(now - last_t, 1e-9))
+            if hp.denoiser:
+                row.update(denoiser_loss=float(m["denoiser_loss"]), denoiser_grad_norm=float(m["denoiser_grad_norm"]))
             last_t, last_step = now, done
             if t.eval_every and (done % int(t.eval_every) == 0 or done == total):
-                row["heldout_bpd"] = evaluate(config, graphdef, state.params, heldout, hp)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+                row["heldout_bpd"] = evaluate(config, graphdef, state.params, heldout, hp, mesh)
+            writer.write(done, row)
+            progress.clear()
             log(f"step {done}/{total}  loss {row['loss']:.4f}  bpd {row['bpd']:.3f}  grad {row['grad_norm']:.3f}  "
                 f"lr {row['lr']:.2e}  skipped {row['skipped']}  {row['steps_per_s']:.1f} steps/s"
+                + (f"  denoiser loss {row['denoiser_loss']:.4f}" if hp.denoiser else "")
                 + (f"  held-out bpd {row['heldout_bpd']:.3f}" if "heldout_bpd" in row else ""))
+        if sample_every and done % sample_every == 0 and done < total:
+            sample_grid(config, graphdef, state.ema if state.ema is not None else state.params,
+                        workdir / f"samples_{done:07d}.png")
         stopping = stop_after is not None and done >= stop_after
         checkpoint.save(mgr, done, state, it.get_state(), force=done == total or stopping)
         if stopping:
             break
+    progress.clear()
     mgr.wait_until_finished()
-    metrics_file.close()
+    writer.close()
     if stop_after is not None and int(state.step) < total:
         return dict(steps=int(state.step), stopped=True)
-    heldout_bpd = evaluate(config, graphdef, state.params, heldout, hp)
+    heldout_bpd = evaluate(config, graphdef, state.params, heldout, hp, mesh)
     sample_grid(config, graphdef, state.ema if state.ema is not None else state.params, workdir / "samples.png")
     from starflow_jax.data.baselines import gaussian_bpd
 
@@ -181,7 +265,8 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     result = dict(steps=total, heldout_bpd=heldout_bpd, gaussian_full_cov_bpd=full, gaussian_diag_bpd=diag,
                   seconds=time.time() - t0, skipped=int(state.skipped), samples=str(workdir / "samples.png"),
                   checkpoint=str(workdir / "checkpoints"))
-    (workdir / "result.json").write_text(json.dumps(result, indent=2))
+    if lead:
+        (workdir / "result.json").write_text(json.dumps(result, indent=2))
     log(f"held-out bits/dim {heldout_bpd:.3f} (Gaussians fitted to the training split: full covariance "
         f"{full:.3f}, independent pixels {diag:.3f}); samples {workdir / 'samples.png'}; {result['seconds']:.0f}s")
     return result

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -34,7 +35,10 @@ class StepConfig:
     grad_skip: bool = False
     grad_skip_after: int = 100
     ema_decay: float = 0.0
-    remat: bool = False
+    remat: bool | str = False  # a policy of layers.transformer.REMAT_POLICIES (or true/false)
+    grad_accum: int = 1  # micro-batches per update (the batch is split along its first axis)
+    cond_noise_level: bool = False  # weight the loss by noise_std / 0.3 (the reference's option)
+    denoiser: bool = False  # train the learnable denoiser by flow-score matching
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, ema: bool) -> TrainState:
@@ -50,27 +54,88 @@ def conditioning(batch: dict, labels, hp: StepConfig):
     return batch.get("cond")
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation, hp: StepConfig,
-               schedule=None):
-    """One update. A non-finite loss or gradient norm (or, with ``grad_skip``, a gradient
-    norm over ``grad_clip`` after ``grad_skip_after`` steps) skips the update and counts it."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    k_noise, k_drop = jax.random.split(key)
-    x = objective.add_noise(k_noise, batch["image"].astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
-    labels = batch.get("label")
+def _micro_step(params, x_clean, labels, batch, key, *, graphdef, hp: StepConfig, split_key: bool):
+    """Loss, denoiser loss and gradients (flow + denoiser, summed: they touch disjoint
+    parameters) of one micro-batch."""
+    if split_key:
+        k_noise, k_drop = jax.random.split(key)
+    else:
+        k_noise, k_drop = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+    x = objective.add_noise(k_noise, x_clean.astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
     if labels is not None and hp.num_classes > 0:
         labels = objective.drop_labels(k_drop, labels, hp.drop_label)
     y = conditioning(batch, labels, hp)
+    weights = hp.noise_std / 0.3 if hp.cond_noise_level else None
 
-    def loss_fn(params):
+    def loss_fn(params, x):
         out = nnx.merge(graphdef, params)(x, y, remat=hp.remat)
-        return objective.flow_loss(out, latent_norm_regularization=hp.latent_norm_regularization)
+        return objective.flow_loss(out, weights=weights, latent_norm_regularization=hp.latent_norm_regularization)
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    gnorm = optax.tree.norm(grads)
+    if not hp.denoiser:
+        loss, grads = jax.value_and_grad(loss_fn)(params, x)
+        return loss, jnp.float32(0.0), grads
+    loss, (grads, gx) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, x)
+    # The flow's own score of the noisy input, scaled to unit size as in the reference:
+    # d loss / dx * numel * noise_std (the loss is a batch mean of per-dimension NLLs).
+    score = jax.lax.stop_gradient(gx) * x.size * hp.noise_std
+
+    def denoiser_loss(params):
+        pred = nnx.merge(graphdef, params).denoise(x, y, remat=hp.remat)
+        return jnp.mean(jnp.square(pred.astype(jnp.float32) - score))
+
+    den_loss, den_grads = jax.value_and_grad(denoiser_loss)(params)
+    return loss, den_loss, jax.tree.map(jnp.add, grads, den_grads)
+
+
+def _group_norm(grads, labels, group: str):
+    leaves = [g for g, lab in zip(jax.tree.leaves(grads), jax.tree.leaves(labels)) if lab == group]
+    return optax.tree.norm(leaves) if leaves else jnp.float32(0.0)
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation, hp: StepConfig,
+               schedule=None):
+    """One update. A non-finite loss or gradient norm (or, with ``grad_skip``, a gradient
+    norm over ``grad_clip`` after ``grad_skip_after`` steps; the flow's or the denoiser's)
+    skips the update and counts it. With ``hp.grad_accum = k`` the batch is split into
+    ``k`` micro-batches whose gradients are averaged (one update)."""
+    from starflow_jax.train.optimizer import DENOISER, FLOW, param_labels
+
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    micro = functools.partial(_micro_step, graphdef=graphdef, hp=hp)
+    k = int(hp.grad_accum)
+    if k < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {k}")
+    if k == 1:
+        loss, den_loss, grads = micro(state.params, batch["image"], batch.get("label"), batch, key, split_key=True)
+    else:
+        b = batch["image"].shape[0]
+        if b % k:
+            raise ValueError(f"batch {b} is not divisible into grad_accum={k} micro-batches")
+        # micro-batch i = rows i, i + k, i + 2k, ...: each device keeps its own rows (a batch
+        # sharded along its first axis stays sharded the same way, no data movement)
+        mbs = jax.tree.map(lambda a: a.reshape((b // k, k) + a.shape[1:]).swapaxes(0, 1), batch)
+
+        def body(carry, inp):
+            i, mb = inp
+            l, dl, g = micro(state.params, mb["image"], mb.get("label"), mb, jax.random.fold_in(key, i),
+                             split_key=False)
+            return jax.tree.map(jnp.add, carry, (l, dl, g)), None
+
+        zero = (jnp.float32(0.0), jnp.float32(0.0), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, den_loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(k), mbs))
+        loss, den_loss, grads = jax.tree.map(lambda a: a / k, (loss, den_loss, grads))
+    labels = param_labels(state.params)
+    gnorm = _group_norm(grads, labels, FLOW)
     ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    too_big = gnorm > hp.grad_clip
+    metrics = dict(loss=loss)
+    if hp.denoiser:
+        den_gnorm = _group_norm(grads, labels, DENOISER)
+        ok = ok & jnp.isfinite(den_loss) & jnp.isfinite(den_gnorm)
+        too_big = too_big | (den_gnorm > hp.grad_clip)
+        metrics.update(denoiser_loss=den_loss, denoiser_grad_norm=den_gnorm)
     if hp.grad_skip and hp.grad_clip > 0:
-        ok = ok & ~((gnorm > hp.grad_clip) & (state.step > hp.grad_skip_after))
+        ok = ok & ~(too_big & (state.step > hp.grad_skip_after))
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -81,7 +146,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
         d = hp.ema_decay
         ema = keep(jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params), ema)
     skipped = state.skipped + (~ok).astype(jnp.int32)
-    metrics = dict(loss=loss, grad_norm=gnorm, skipped=skipped)
+    metrics.update(grad_norm=gnorm, skipped=skipped)
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,

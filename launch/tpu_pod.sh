@@ -81,7 +81,7 @@ print(f\"process {jax.process_index()} of {jax.process_count()}: {jax.local_devi
     run+=" --workdir $(printf %q "$workdir")"
     if (($#)); then run+=" $(printf '%q ' "$@")"; fi
     if [[ ${DETACH:-0} == 1 ]]; then
-      on_all_workers "cd $REMOTE_DIR && nohup bash -c $(printf %q "$run") > train_\$(hostname).log 2>&1 < /dev/null &"
+      on_all_workers "nohup bash -c $(printf %q "$run") > $REMOTE_DIR/train_\$(hostname).log 2>&1 < /dev/null &"
       echo "started on every worker; follow with: $0 exec 'tail -n 5 $REMOTE_DIR/train_*.log'"
     else
       on_all_workers "$run"

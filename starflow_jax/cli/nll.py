@@ -76,16 +76,22 @@ def run(args) -> int:
 
 
 def _heldout_digits(args, config, model) -> int:
-    """Held-out bits per dimension of a digits run, as the training loop reports it."""
-    if "data" not in config or config.data.name != "digits":
-        raise ValueError("this workdir is not a digits run: give --data")
+    """Held-out bits per dimension of a training run's held-out split (as the training
+    loop reports it)."""
+    if "data" not in config or "train" not in config:
+        raise ValueError("this workdir holds no training config: give --data")
+    from starflow_jax.data.sources import make_data
     from starflow_jax.train import loop
 
-    _, heldout = loop.load_digits_splits(int(config.data.num_train), int(config.data.split_seed))
+    data = make_data(config)
+    heldout = data.heldout
+    if heldout is None:
+        raise ValueError("this run's data has no held-out split: give --data")
     graphdef, params = nnx.split(model)
-    bpd = loop.evaluate(config, graphdef, params, heldout, loop._hp(config))
+    bpd = loop.evaluate(config, graphdef, params, heldout, loop._hp(config, data.num_classes))
     print(f"examples: {len(heldout)}")
-    print(f"held-out bits per dim (uniform dequantisation, {int(config.train.levels)} levels): {bpd:.6f}")
+    t = config.train
+    print(f"held-out bits per dim ({'uniform dequantisation, %d levels' % int(t.levels) if t.noise_type == 'uniform' else 'noise_std %g' % float(t.noise_std)}): {bpd:.6f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(examples=len(heldout), bits_per_dim=bpd), f, indent=2)

@@ -15,8 +15,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from starflow_jax.config import model_config
-from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
-from starflow_jax.data.pipeline import ArraySource, train_dataset
+from starflow_jax.data.pipeline import eval_batches, train_dataset
+from starflow_jax.data.sources import DataSpec, make_data
 from starflow_jax.flow.loss import bits_per_dim
 from starflow_jax.layers.transformer import resolve_remat
 from starflow_jax.model import StarFlow
@@ -31,11 +31,11 @@ class WorkdirError(ValueError):
     pass
 
 
-def _hp(config) -> S.StepConfig:
+def _hp(config, num_classes: int) -> S.StepConfig:
     t = config.train
     remat = t.remat if isinstance(t.remat, bool) else resolve_remat(str(t.remat))
     return S.StepConfig(noise_std=float(t.noise_std), noise_type=str(t.noise_type), levels=int(t.levels),
-                        num_classes=NUM_CLASSES if config.data.name == "digits" else 0,
+                        num_classes=num_classes,
                         drop_label=float(t.drop_label), latent_norm_regularization=float(t.latent_norm_regularization),
                         grad_clip=float(t.grad_clip), grad_skip=bool(t.grad_skip), ema_decay=float(t.ema_decay),
                         remat=remat, grad_accum=int(t.get("grad_accum", 1)),
@@ -84,8 +84,6 @@ def prepare_workdir(workdir: pathlib.Path, config, overwrite: bool) -> bool:
 def build(config):
     cfg = model_config(config)
     t = config.train
-    if config.data.name != "digits":
-        raise ValueError(f"data.name={config.data.name!r}: only the embedded 'digits' dataset is available yet")
     model = StarFlow(cfg, rngs=nnx.Rngs(int(t.seed)))
     sched = optimizer.lr_schedule(float(t.lr), float(t.min_lr), int(t.warmup_steps), int(t.steps))
     tx = optimizer.adamw(sched, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay),
@@ -104,15 +102,15 @@ def _eval_fn(graphdef, hp: S.StepConfig, out_sharding=None):
     return jax.jit(functools.partial(S.eval_nll, graphdef=graphdef, hp=hp), out_shardings=out_sharding)
 
 
-def evaluate(config, graphdef, params, split, hp, mesh=None) -> float:
-    """Held-out bits per dimension. Every process runs it (the parameters may be sharded
-    over all of them) on the whole split; the result is replicated."""
+def evaluate(config, graphdef, params, source, hp, mesh=None, batch_size: int = 256) -> float:
+    """Held-out bits per dimension over a source. Every process runs it (the parameters
+    may be sharded over all of them) on the whole split; the result is replicated."""
     rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     ev = _eval_fn(graphdef, hp, rep)
     nll = []
-    for i in range(0, len(split), 256):
-        batch = dict(image=split.images[i:i + 256], label=split.labels[i:i + 256])
-        nll.append(np.asarray(ev(params, batch, jax.random.key(1234 + i))))
+    for i, batch in enumerate(eval_batches(source, batch_size)):
+        batch = {k: np.asarray(v) for k, v in batch.items() if k in ("image", "label", "cond")}
+        nll.append(np.asarray(ev(params, batch, jax.random.key(1234 + i * batch_size))))
     return float(bits_per_dim(float(np.mean(np.concatenate(nll))), data_scale(config)))
 
 
@@ -126,25 +124,35 @@ def host_params(params):
     return jax.device_get(params)
 
 
-def sample_grid(config, graphdef, params, path: pathlib.Path, seed: int = 0) -> None:
+def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, seed: int = 0) -> None:
+    """A grid of samples: one column per class for labelled data (``sample.per_class``
+    rows), else ``sample.num`` samples conditioned on the first held-out (or training)
+    records' text embeddings. Written by process 0."""
     from starflow_jax.sampling import SamplingOptions, sample
     from starflow_jax.sampling.visualize import grid, save_png, to_uint8
     from starflow_jax.train.objective import one_hot_labels
 
     cfg = model_config(config)
     model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, host_params(params)))
-    per = int(config.sample.per_class)
-    labels = jnp.tile(jnp.arange(NUM_CLASSES), per)
-    y, y_null = one_hot_labels(labels, NUM_CLASSES), one_hot_labels(-jnp.ones_like(labels), NUM_CLASSES)
+    if data.num_classes > 0:
+        labels = jnp.tile(jnp.arange(data.num_classes), int(config.sample.per_class))
+        y = one_hot_labels(labels, data.num_classes)
+        y_null = one_hot_labels(-jnp.ones_like(labels), data.num_classes)
+        nrow = data.num_classes
+    else:
+        src = data.heldout if data.heldout is not None else data.train
+        n = min(int(config.sample.get("num", 16)), len(src))
+        y = jnp.stack([jnp.asarray(src[i]["cond"], jnp.float32) for i in range(n)])
+        y_null, nrow = jnp.zeros_like(y), None
     g = float(config.sample.cfg)
-    noise = jax.random.normal(jax.random.key(seed), (len(labels), cfg.in_channels, cfg.img_size, cfg.img_size))
+    noise = jax.random.normal(jax.random.key(seed), (y.shape[0], cfg.in_channels, cfg.img_size, cfg.img_size))
     noise = noise * float(config.sample.temperature)
     x = sample(model, noise, jnp.concatenate([y, y_null]) if g > 0 else y,
                SamplingOptions(guidance=g, jacobi=True, jacobi_block_size=cfg.seq_side ** 2, jacobi_th=1e-5,
                                jacobi_max_iter=64))
     x = np.asarray(x)
     if jax.process_index() == 0:
-        save_png(path, grid(to_uint8(x, pixel_space=True), nrow=NUM_CLASSES), scale=int(config.sample.scale))
+        save_png(path, grid(to_uint8(x, pixel_space=data.num_classes > 0), nrow=nrow), scale=int(config.sample.scale))
 
 
 class _Progress:
@@ -184,15 +192,15 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     lead = jax.process_index() == 0
     if not lead:
         log = lambda *a, **k: None  # noqa: E731
+    data = make_data(config)  # bad data settings fail before the workdir is touched
     resume = prepare_workdir(workdir, config, overwrite)
     t = config.train
     cfg, model, sched, tx = build(config)
     graphdef = nnx.graphdef(model)
-    hp = _hp(config)
+    hp = _hp(config, data.num_classes)
     state = S.init_state(model, tx, int(t.seed), hp.ema_decay > 0)
-    train_split, heldout = load_digits_splits(int(config.data.num_train), int(config.data.split_seed))
-    ds = train_dataset(ArraySource(image=train_split.images, label=train_split.labels),
-                       global_batch=int(t.batch_size), seed=int(t.seed))
+    heldout = data.heldout
+    ds = train_dataset(data.train, global_batch=int(t.batch_size), seed=int(t.seed))
     it = iter(ds.to_iter_dataset())
     mesh = make_mesh(dict(config.mesh) if "mesh" in config else {"data": -1})
     if int(t.batch_size) % (mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -203,7 +211,8 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
         raise ValueError(f"train.batch_size={t.batch_size} must split into grad_accum={hp.grad_accum} micro-batches "
                          f"each divisible by the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
     shard = tree_shardings(state, mesh)
-    bshard = dict(image=batch_sharding(mesh, 4), label=batch_sharding(mesh, 1))
+    rec = data.train[0]
+    bshard = {k: batch_sharding(mesh, np.ndim(rec[k]) + 1) for k in ("image", "label", "cond") if k in rec}
     state = jax.device_put(state, shard)
     mgr = checkpoint.manager(workdir / "checkpoints", int(t.keep_checkpoints), int(t.checkpoint_every))
     start = 0
@@ -223,7 +232,8 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     progress = _Progress(total, start)
     for s in range(start, total):
         local = next(it)  # this process's rows of the global batch
-        batch = {k: jax.make_array_from_process_local_data(bshard[k], np.asarray(v)) for k, v in local.items()}
+        batch = {k: jax.make_array_from_process_local_data(bshard[k], np.asarray(v)) for k, v in local.items()
+                 if k in bshard}
         state, m = step_fn(state, batch)
         done = s + 1
         progress.update(done)
@@ -235,7 +245,7 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
             if hp.denoiser:
                 row.update(denoiser_loss=float(m["denoiser_loss"]), denoiser_grad_norm=float(m["denoiser_grad_norm"]))
             last_t, last_step = now, done
-            if t.eval_every and (done % int(t.eval_every) == 0 or done == total):
+            if heldout is not None and t.eval_every and (done % int(t.eval_every) == 0 or done == total):
                 row["heldout_bpd"] = evaluate(config, graphdef, state.params, heldout, hp, mesh)
             writer.write(done, row)
             progress.clear()
@@ -245,7 +255,7 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
                 + (f"  held-out bpd {row['heldout_bpd']:.3f}" if "heldout_bpd" in row else ""))
         if sample_every and done % sample_every == 0 and done < total:
             sample_grid(config, graphdef, state.ema if state.ema is not None else state.params,
-                        workdir / f"samples_{done:07d}.png")
+                        workdir / f"samples_{done:07d}.png", data)
         stopping = stop_after is not None and done >= stop_after
         checkpoint.save(mgr, done, state, it.get_state(), force=done == total or stopping)
         if stopping:
@@ -255,18 +265,21 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     writer.close()
     if stop_after is not None and int(state.step) < total:
         return dict(steps=int(state.step), stopped=True)
-    heldout_bpd = evaluate(config, graphdef, state.params, heldout, hp, mesh)
-    sample_grid(config, graphdef, state.ema if state.ema is not None else state.params, workdir / "samples.png")
-    from starflow_jax.data.baselines import gaussian_bpd
+    heldout_bpd = None if heldout is None else evaluate(config, graphdef, state.params, heldout, hp, mesh)
+    sample_grid(config, graphdef, state.ema if state.ema is not None else state.params, workdir / "samples.png", data)
+    result = dict(steps=total, heldout_bpd=heldout_bpd, seconds=time.time() - t0, skipped=int(state.skipped),
+                  samples=str(workdir / "samples.png"), checkpoint=str(workdir / "checkpoints"))
+    summary = "" if heldout_bpd is None else f"held-out bits/dim {heldout_bpd:.3f}"
+    if data.train_images is not None:  # the digits: Gaussian baselines on the same split
+        from starflow_jax.data.baselines import gaussian_bpd
 
-    levels = int(t.levels)
-    full = gaussian_bpd(train_split.images, heldout.images, levels, full_covariance=True)
-    diag = gaussian_bpd(train_split.images, heldout.images, levels, full_covariance=False)
-    result = dict(steps=total, heldout_bpd=heldout_bpd, gaussian_full_cov_bpd=full, gaussian_diag_bpd=diag,
-                  seconds=time.time() - t0, skipped=int(state.skipped), samples=str(workdir / "samples.png"),
-                  checkpoint=str(workdir / "checkpoints"))
+        levels = int(t.levels)
+        result["gaussian_full_cov_bpd"] = full = gaussian_bpd(data.train_images, data.heldout_images, levels,
+                                                              full_covariance=True)
+        result["gaussian_diag_bpd"] = diag = gaussian_bpd(data.train_images, data.heldout_images, levels,
+                                                          full_covariance=False)
+        summary += f" (Gaussians fitted to the training split: full covariance {full:.3f}, independent pixels {diag:.3f})"
     if lead:
         (workdir / "result.json").write_text(json.dumps(result, indent=2))
-    log(f"held-out bits/dim {heldout_bpd:.3f} (Gaussians fitted to the training split: full covariance "
-        f"{full:.3f}, independent pixels {diag:.3f}); samples {workdir / 'samples.png'}; {result['seconds']:.0f}s")
+    log(f"{summary}; samples {workdir / 'samples.png'}; {result['seconds']:.0f}s".lstrip("; "))
     return result

@@ -13,7 +13,7 @@
 #   PORT                 coordinator port on 127.0.0.1 (default: a free one)
 #   LOG_DIR              one log per process (default WORKDIR/logs/process_<i>.log);
 #                        every line is also printed here prefixed with [p<i>]
-#   STARFLOW_JAX         the command to run (default: starflow-jax, else python -m
+#   TRAIN_CMD         the command to run (default: starflow-jax, else python -m
 #                        starflow_jax.cli.main)
 #
 # Every process writes the same WORKDIR (checkpoints are written by all processes
@@ -33,8 +33,8 @@ if ! [[ $NPROC =~ ^[1-9][0-9]*$ ]]; then
 fi
 DEVICES_PER_PROCESS=${DEVICES_PER_PROCESS:-1}
 
-if [[ -n ${STARFLOW_JAX:-} ]]; then
-  read -r -a CMD <<<"$STARFLOW_JAX"
+if [[ -n ${TRAIN_CMD:-} ]]; then
+  read -r -a CMD <<<"$TRAIN_CMD"
 elif command -v starflow-jax >/dev/null; then
   CMD=(starflow-jax)
 else

@@ -156,3 +156,14 @@ def test_train_cli_reports_bad_settings(clean_env, tmp_path, capsys):
                "--num-processes", "2", "--process-id", "0"])
     assert rc == 2 and "need a coordinator address" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_tpu_discovery_failure_falls_back_to_one_process(clean_env):
+    def no_cluster(**kw):
+        assert "coordinator_address" not in kw  # automatic discovery: no address given
+        raise ValueError("coordinator_address should be defined.")
+
+    clean_env.setenv("JAX_PLATFORMS", "tpu")
+    clean_env.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.warns(UserWarning, match="could not discover the TPU workers"):
+        assert D.initialize() == D.DistributedInfo(0, 1, None, "single")

@@ -87,3 +87,23 @@ def test_short_digits_run_beats_a_full_covariance_gaussian(tmp_path):
     result = train(config, str(tmp_path), log=lambda *a: None)
     assert 2.9 < result["gaussian_full_cov_bpd"] < 3.0 and 3.3 < result["gaussian_diag_bpd"] < 3.45
     assert result["heldout_bpd"] < result["gaussian_full_cov_bpd"]
+
+
+def test_fine_tune_from_another_workdir(tmp_path):
+    """A fresh run initialised from another run's checkpoint (or an imported workdir) starts
+    from its parameters with a new optimizer: at learning rate 0 they stay exactly those."""
+    from starflow_jax.interop.checkpoints import load_params
+
+    base = load_config(TINY, FAST + ["train.steps=2", "train.checkpoint_every=2"])
+    train(base, str(tmp_path / "a"), log=lambda *a: None)
+    tune = load_config(TINY, FAST + ["train.steps=1", "train.lr=0.0", "train.min_lr=0.0", "train.checkpoint_every=1"])
+    logs = []
+    train(tune, str(tmp_path / "b"), log=logs.append, init_from=str(tmp_path / "a"))
+    assert any("initialised the parameters from" in line for line in logs)
+    _, _, pa = load_params(tmp_path / "a")
+    _, _, pb = load_params(tmp_path / "b")
+    for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = load_config(TINY, FAST + ["model.channels=64", "train.steps=1"])
+    with pytest.raises(WorkdirError, match="its model differs: channels: 32 there, 64 here"):
+        train(other, str(tmp_path / "c"), log=lambda *a: None, init_from=str(tmp_path / "a"))

@@ -11,6 +11,11 @@ def add_parser(sub):
                    help="override a config value, e.g. --set train.steps=500")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, samples.png, result.json")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in the workdir")
+    p.add_argument("--init-from", metavar="WORKDIR", default=None,
+                   help="fine-tune: start a fresh run from this workdir's parameters (a training run, or reference "
+                        "weights imported with `starflow-jax import`) with a new optimizer")
+    p.add_argument("--init-step", type=int, default=None, help="with --init-from: its checkpoint step (default latest)")
+    p.add_argument("--init-ema", action="store_true", help="with --init-from: its EMA parameters")
     d = p.add_argument_group(
         "multi-process runs (jax.distributed)",
         "One process per host (or per GPU), every process running the same command with its own --process-id. "
@@ -39,5 +44,8 @@ def run(args) -> int:
     for section in ("data", "train", "sample"):
         if section not in config:
             raise ValueError(f"config {args.config} has no '{section}' section: it is not a training config")
-    train(config, args.workdir, overwrite=args.overwrite)
+    if (args.init_step is not None or args.init_ema) and not args.init_from:
+        raise ValueError("--init-step / --init-ema need --init-from")
+    train(config, args.workdir, overwrite=args.overwrite, init_from=args.init_from, init_step=args.init_step,
+          init_ema=args.init_ema)
     return 0

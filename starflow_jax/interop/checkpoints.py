@@ -10,6 +10,7 @@ import json
 import pathlib
 import shutil
 
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -41,7 +42,11 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
     config = read_workdir_config(workdir)
     cfg = model_config(config)
     abstract_model = nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(0)))
-    abstract_params = nnx.state(abstract_model, nnx.Param)
+    # restored whole onto this process's first device, whatever topology saved it (a run
+    # sharded over many hosts exports / samples / fine-tunes on one machine)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
+                                   nnx.state(abstract_model, nnx.Param))
     imported = workdir / "params"
     if (workdir / "checkpoints").exists():
         mgr = ocp.CheckpointManager((workdir / "checkpoints").resolve())

@@ -14,7 +14,8 @@ one of several, and if so calls ``jax.distributed.initialize`` once:
    (default ``20000 + SLURM_JOB_ID % 10000``);
 3. a Cloud TPU VM with nothing of the above: ``jax.distributed.initialize()`` without
    arguments (JAX discovers the pod slice's workers itself), unless
-   ``TPU_WORKER_HOSTNAMES`` names a single host;
+   ``TPU_WORKER_HOSTNAMES`` names a single host; when JAX finds no description of the
+   slice, a warning and a single process;
 4. otherwise a single process: nothing is done.
 
 ``STARFLOW_NUM_PROCESSES=1`` (or ``num_processes=1``) forces a single process. Calling it
@@ -140,7 +141,8 @@ def _slurm(env: Mapping[str, str]) -> dict | None:
     out = dict(num_processes=_int(count, "SLURM_NTASKS", 1), process_id=_int(env["SLURM_PROCID"], "SLURM_PROCID", 0))
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if nodelist:
-        port = env.get(ENV_COORDINATOR_PORT) or str(20000 + _int(env.get("SLURM_JOB_ID", "0"), "SLURM_JOB_ID", 0) % 10000)
+        job = _int(env.get("SLURM_JOB_ID", "0"), "SLURM_JOB_ID", 0)
+        port = env.get(ENV_COORDINATOR_PORT) or str(20000 + job % 10000)
         out["coordinator_address"] = f"{first_slurm_host(nodelist)}:{port}"
     return out
 
@@ -170,11 +172,11 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
     ``env`` defaults to ``os.environ``; ``tpu`` (default: ``on_cloud_tpu(env)``) says
     whether automatic TPU discovery applies."""
     env = os.environ if env is None else env
-    given = dict(
-        coordinator_address=coordinator_address if coordinator_address is not None else env.get(ENV_COORDINATOR) or None,
-        num_processes=num_processes if num_processes is not None else env.get(ENV_NUM_PROCESSES) or None,
-        process_id=process_id if process_id is not None else env.get(ENV_PROCESS_ID) or None,
-    )
+    def pick(value, var):  # the argument, else the environment variable (empty = unset)
+        return value if value is not None else env.get(var) or None
+
+    given = dict(coordinator_address=pick(coordinator_address, ENV_COORDINATOR),
+                 num_processes=pick(num_processes, ENV_NUM_PROCESSES), process_id=pick(process_id, ENV_PROCESS_ID))
     ids = _device_ids(local_device_ids if local_device_ids is not None else env.get(ENV_LOCAL_DEVICE_IDS))
     addr = check_address(given["coordinator_address"]) if given["coordinator_address"] is not None else None
     count = _int(given["num_processes"], "num_processes", 1) if given["num_processes"] is not None else None
@@ -195,8 +197,8 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
         raise ValueError(f"the {_NAMES[have]} is given but the {_NAMES[missing]} is not: give both "
                          "(or neither, for a single process or automatic discovery on TPU)")
     if count is not None and not pid < count:
-        raise ValueError(f"process id {pid} is out of range for {count} processes (0..{count - 1}); "
-                         f"the {_NAMES['process_id']} must be one of them")
+        raise ValueError(f"process id {pid} is out of range for {count} processes: it must be one of "
+                         f"0..{count - 1} (--process-id / {ENV_PROCESS_ID} / SLURM_PROCID)")
 
     if count is None:  # nothing given: TPU pod slices discover themselves
         if addr is not None:
@@ -247,7 +249,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if jax.distributed.is_initialized():
         info = _running()
         plan = resolve(coordinator_address, num_processes, process_id, local_device_ids)
-        if plan.mode in ("explicit", "slurm") and (plan.num_processes, plan.process_id) != (info.process_count, info.process_index):
+        asked = (plan.num_processes, plan.process_id)
+        if plan.mode in ("explicit", "slurm") and asked != (info.process_count, info.process_index):
             raise ValueError(f"jax.distributed is already running as process {info.process_index} of "
                              f"{info.process_count}, not {plan.process_id} of {plan.num_processes}")
         return info
@@ -257,8 +260,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if plan.mode == "tpu":
         if log:
             log("jax.distributed: discovering the TPU pod slice's processes")
-        jax.distributed.initialize(local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
-                                   initialization_timeout=initialization_timeout)
+        try:
+            jax.distributed.initialize(local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
+                                       initialization_timeout=initialization_timeout)
+        except ValueError as e:  # JAX found no TPU cluster description (no metadata server, ...)
+            if jax.distributed.is_initialized():
+                raise
+            import warnings
+
+            warnings.warn(f"jax.distributed could not discover the TPU workers ({e}); running as one process. "
+                          f"On a multi-host slice give --coordinator-address, --num-processes and --process-id "
+                          f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}).", stacklevel=2)
+            return DistributedInfo(0, 1, None, "single")
         return _running("tpu")
     _cpu_collectives(os.environ)
     if log:

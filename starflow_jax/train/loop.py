@@ -183,9 +183,32 @@ class _Progress:
             print("\r" + " " * 70 + "\r", end="", file=sys.stderr, flush=True)
 
 
-def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: int | None = None) -> dict:
+def init_params_from(source: str | pathlib.Path, config, params, step: int | None = None, ema: bool = False):
+    """Parameters of another workdir (a training run's checkpoint, or reference weights
+    imported with ``starflow-jax import``) for fine-tuning: the architectures must agree."""
+    from starflow_jax.interop.checkpoints import load_params
+
+    src_config, src_cfg, src_params = load_params(source, step, ema)
+    cfg = model_config(config)
+    if src_cfg != cfg:
+        diff = [f"{f}: {getattr(src_cfg, f)!r} there, {getattr(cfg, f)!r} here"
+                for f in cfg.__dataclass_fields__ if getattr(src_cfg, f) != getattr(cfg, f)]
+        arch = [d for d in diff if not d.startswith(("dtype", "param_dtype"))]
+        if arch:
+            raise WorkdirError(f"cannot initialise from {source}: its model differs: " + "; ".join(arch))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(src_params), jax.tree.leaves(params)):
+        if a.shape != b.shape:
+            raise WorkdirError(f"cannot initialise from {source}: {jax.tree_util.keystr(path)} has shape "
+                               f"{a.shape} there, {b.shape} here")
+    return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), src_params, params)
+
+
+def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: int | None = None,
+          init_from: str | None = None, init_step: int | None = None, init_ema: bool = False) -> dict:
     """Train ``config`` in ``workdir``; ``stop_after`` ends the run early after that step
-    (with a checkpoint), as a preemption would. With several processes
+    (with a checkpoint), as a preemption would. ``init_from``: a fresh run starts from that
+    workdir's parameters (fine-tuning: a new optimizer state, step 0); ignored when the
+    workdir already holds a run to resume. With several processes
     (``jax.distributed``) every process runs this with the same arguments; process 0
     logs and writes the metrics, pictures and result."""
     workdir = pathlib.Path(workdir)
@@ -198,6 +221,9 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     cfg, model, sched, tx = build(config)
     graphdef = nnx.graphdef(model)
     hp = _hp(config, data.num_classes)
+    if init_from is not None and not resume:
+        nnx.update(model, init_params_from(init_from, config, nnx.state(model, nnx.Param), init_step, init_ema))
+        log(f"initialised the parameters from {init_from} (fresh optimizer)")
     state = S.init_state(model, tx, int(t.seed), hp.ema_decay > 0)
     heldout = data.heldout
     ds = train_dataset(data.train, global_batch=int(t.batch_size), seed=int(t.seed))

@@ -22,9 +22,11 @@ def get_config():
     config.train = ml_collections.ConfigDict(dict(
         steps=3000, batch_size=128, lr=1e-3, min_lr=1e-5, warmup_steps=200, b1=0.9, b2=0.95,
         weight_decay=1e-4, grad_clip=1.0, grad_skip=False, noise_type="uniform", noise_std=0.0, levels=17,
-        drop_label=0.1, latent_norm_regularization=0.0, ema_decay=0.0, remat=False, seed=0,
+        drop_label=0.1, latent_norm_regularization=0.0, ema_decay=0.0, remat="none", grad_accum=1,
+        cond_noise_level=False, seed=0,
         log_every=100, eval_every=1000, checkpoint_every=1000, keep_checkpoints=3))
     # Device mesh: all devices on the data axis by default (-1: the remaining devices).
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    config.sample = ml_collections.ConfigDict(dict(per_class=4, cfg=1.0, temperature=0.9, scale=4))
+    # every: also write samples_<step>.png every N steps (0: only samples.png at the end)
+    config.sample = ml_collections.ConfigDict(dict(per_class=4, cfg=1.0, temperature=0.9, scale=4, every=0))
     return config

@@ -60,8 +60,9 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
         if ema and not float(config.train.get("ema_decay", 0.0)) > 0:
             raise CheckpointError("--ema: this run kept no EMA (train.ema_decay = 0)")
         # restore only the parameters (or the EMA), not the optimizer state
-        out = mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item={which: abstract_params}, partial_restore=True)))
+        item = {which: abstract_params}
+        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
         return config, cfg, out.state[which]
     if imported.exists():
         if step is not None or ema:

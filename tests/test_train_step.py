@@ -114,3 +114,16 @@ def test_denoiser_learns_the_flow_score_and_leaves_the_flow_alone():
     assert max(moved["denoiser"]) > 0 and max(moved["flow"]) > 0
     # the denoiser's AdamW steps by about its learning rate (1e-4), not the flow's (1e-3)
     assert max(moved["denoiser"]) < 3e-4
+
+
+def test_caption_dropout_zeroes_the_text_embeddings():
+    """For precomputed text embeddings (no class labels), drop_label drops whole captions
+    to the zero (null) embedding."""
+    from starflow_jax.train.objective import drop_embeddings
+
+    y = jnp.ones((64, 3, 5))
+    out = np.asarray(drop_embeddings(jax.random.key(0), y, 0.5))
+    rows = out.reshape(64, -1)
+    assert set(np.unique(rows.min(1))) == {0.0, 1.0} and np.all(rows.min(1) == rows.max(1))
+    assert 16 < int((rows[:, 0] == 0).sum()) < 48
+    np.testing.assert_array_equal(np.asarray(drop_embeddings(jax.random.key(0), y, 0.0)), np.asarray(y))

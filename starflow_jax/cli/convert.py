@@ -32,12 +32,13 @@ def run_export(args) -> int:
     if out.exists() and not args.overwrite:
         raise ck.CheckpointError(f"{out} exists; pass --overwrite to replace it")
     _, cfg, params = ck.load_params(args.workdir, args.step, args.ema)
-    arrays = ck.export_arrays(cfg, params, args.dtype)
+    arrays = ck.export_arrays(cfg, params, args.dtype, release=True)
+    n = len(arrays)
     if args.format == "torch":
         ck.write_torch(out, arrays, args.dtype, overwrite=args.overwrite)
     else:
         ck.write_safetensors(out, arrays, cfg, args.dtype, overwrite=args.overwrite)
-    print(f"wrote {out}: {len(arrays)} tensors ({args.format}, {args.dtype})")
+    print(f"wrote {out}: {n} tensors ({args.format}, {args.dtype})")
     return 0
 
 

@@ -78,16 +78,20 @@ def model_from_workdir(workdir, step=None, ema=False) -> tuple[ml_collections.Co
     return config, nnx.merge(graphdef, params)
 
 
-def export_arrays(cfg: ModelConfig, params, dtype: str = "float32") -> dict[str, np.ndarray]:
-    """Reference names to arrays (float32), deprecated buffers included; leaf by leaf."""
+def export_arrays(cfg: ModelConfig, params, dtype: str = "float32", release: bool = False) -> dict[str, np.ndarray]:
+    """Reference names to arrays (float32), deprecated buffers included; leaf by leaf
+    (``release``: the parameters' device arrays are freed as they are converted)."""
     if dtype not in EXPORT_DTYPES:
         raise CheckpointError(f"export dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
-    out = to_reference(params)
+    out = to_reference(params, release=release)
     bad = sorted(k for k, v in out.items() if not np.all(np.isfinite(v)))
     if bad:
         raise CheckpointError(f"parameters hold NaN or Inf: {bad}")
     out.update(reference_buffers(cfg))
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+    for k in out:
+        if out[k].dtype != np.float32:
+            out[k] = np.ascontiguousarray(out[k], np.float32)
+    return out
 
 
 def _check_out(path: pathlib.Path, overwrite: bool):
@@ -103,7 +107,13 @@ def write_torch(path, arrays: dict, dtype: str, overwrite: bool = False) -> None
     except ImportError as e:
         raise CheckpointError("--format torch needs torch (pip install -e '.[torch]')") from e
     tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    torch.save({k: torch.from_numpy(np.array(v)).to(tdtype) for k, v in arrays.items()}, str(path))
+    # consumes ``arrays`` key by key: float32 tensors share the NumPy memory, bfloat16 ones
+    # replace it, so at most one extra leaf is held at a time
+    tensors = {}
+    for k in list(arrays):
+        t = torch.from_numpy(arrays.pop(k))
+        tensors[k] = t.to(tdtype) if tdtype != torch.float32 else t
+    torch.save(tensors, str(path))
 
 
 def write_safetensors(path, arrays: dict, cfg: ModelConfig, dtype: str, overwrite: bool = False) -> None:
@@ -117,7 +127,10 @@ def write_safetensors(path, arrays: dict, cfg: ModelConfig, dtype: str, overwrit
             from safetensors.torch import save_file
         except ImportError as e:
             raise CheckpointError("bfloat16 safetensors need torch (pip install -e '.[torch]')") from e
-        save_file({k: torch.from_numpy(np.array(v)).to(torch.bfloat16) for k, v in arrays.items()}, str(path), metadata=metadata)
+        tensors = {}
+        for k in list(arrays):  # key by key, as in write_torch
+            tensors[k] = torch.from_numpy(arrays.pop(k)).to(torch.bfloat16)
+        save_file(tensors, str(path), metadata=metadata)
     else:
         from safetensors.numpy import save_file
         save_file(arrays, str(path), metadata=metadata)

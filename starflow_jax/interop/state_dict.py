@@ -72,14 +72,21 @@ def _value(v):
     return v.get_value() if hasattr(v, "get_value") else v
 
 
-def to_reference(state: nnx.State) -> dict[str, np.ndarray]:
-    """Our parameter state to reference names and layouts (NumPy arrays, same dtype)."""
+def to_reference(state: nnx.State, release: bool = False) -> dict[str, np.ndarray]:
+    """Our parameter state to reference names and layouts (NumPy arrays, same dtype).
+
+    Leaf by leaf; with ``release`` each device array is deleted as soon as it has been
+    copied out, so that the conversion never holds two full copies of the parameters."""
     out = {}
     for path, var in _flat_params(state):
-        arr = np.asarray(jax.device_get(_value(var)))
+        value = _value(var)
+        arr = np.array(jax.device_get(value))
+        if release and isinstance(value, jax.Array):
+            value.delete()
         for name, (layer, transpose) in reference_names(path, arr.shape):
             a = arr[layer] if layer is not None else arr
-            out[name] = np.ascontiguousarray(a.T) if transpose else a
+            out[name] = np.ascontiguousarray(a.T) if transpose else np.ascontiguousarray(a)
+        del arr
     return out
 
 

@@ -65,6 +65,8 @@ def _micro_step(params, x_clean, labels, batch, key, *, graphdef, hp: StepConfig
     if labels is not None and hp.num_classes > 0:
         labels = objective.drop_labels(k_drop, labels, hp.drop_label)
     y = conditioning(batch, labels, hp)
+    if hp.num_classes == 0 and y is not None:
+        y = objective.drop_embeddings(k_drop, y.astype(jnp.float32), hp.drop_label)
     weights = hp.noise_std / 0.3 if hp.cond_noise_level else None
 
     def loss_fn(params, x):

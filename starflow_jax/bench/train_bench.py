@@ -1,0 +1,159 @@
+"""``starflow-jax bench train``: the training step timed after compilation, its model
+FLOPs (analytic, ``bench.flops``), achieved FLOP/s and MFU against the matmul peak that
+the command measures itself, memory and compile time; with ``--reference``, the PyTorch
+reference's own step (forward, loss, backward, clipping, AdamW) on the same
+configuration, weights and batch in the same run."""
+from __future__ import annotations
+
+import functools
+import math
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from starflow_jax.bench.common import benchmark_model, print_table, write_json
+from starflow_jax.bench.flops import train_step_flops
+from starflow_jax.config import load_config, model_config
+from starflow_jax.train import optimizer
+from starflow_jax.train import step as S
+
+COLUMNS = [("impl", "impl", "s"), ("dtype", "dtype", "s"), ("batch", "batch", "d"),
+           ("seconds_per_step", "s/step", ".4f"), ("compile_seconds", "compile_s", ".2f"),
+           ("tokens_per_s", "tokens/s", ".0f"), ("flops_per_step", "GFLOP/step", ".3g"),
+           ("flops_per_s", "GFLOP/s", ".4g"), ("mfu", "MFU", ".1%"), ("peak_memory_mb", "mem_MB", ".0f")]
+
+
+def add_parser(sub):
+    p = sub.add_parser("train", help="time the training step (FLOPs, MFU, memory), and the reference's")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--reference", help="checkout of apple/ml-starflow: also time its training step (torch needed)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps after compilation (median reported)")
+    p.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul that measures the peak")
+    p.add_argument("--json", help="write the rows to this JSON file")
+    p.set_defaults(func=run)
+    return p
+
+
+def _setting(config, key, default):
+    return config.bench[key] if "bench" in config and key in config.bench else default
+
+
+def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a jitted ``n x n @ n x n`` matmul in ``dtype`` on the default device
+    (best of ``repeats`` after compilation)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(a, b))
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run(args) -> int:
+    config = load_config(args.config, args.overrides)
+    cfg = model_config(config)
+    batch = args.batch or int(_setting(config, "batch", 8))
+    steps = args.steps or int(_setting(config, "train_steps", 10))
+    seed = int(_setting(config, "seed", 0))
+    lr, clip, noise_std = 1e-4, 1.0, 0.3
+    model = benchmark_model(cfg, seed, float(_setting(config, "proj_out_std", 0.02)))
+    shape = (batch, cfg.in_channels, cfg.img_size, cfg.img_size)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape).astype(np.float32)
+    y = rng.normal(size=(batch, cfg.txt_size, cfg.txt_dim)).astype(np.float32) if cfg.txt_dim > 0 else None
+    tokens = batch * (cfg.img_size // cfg.patch_size) ** 2
+    flops = train_step_flops(cfg, shape)
+    dtype = jnp.dtype(cfg.dtype)
+
+    # the reference's AdamW (b1 0.9, b2 0.95, weight decay 1e-4), gradient clipping; noise added in the step
+    tx = optimizer.adamw(optax.constant_schedule(lr), grad_clip=clip)
+    hp = S.StepConfig(noise_std=noise_std, noise_type="gaussian")
+    graphdef = nnx.graphdef(model)
+    weights = jax.device_get(nnx.state(model, nnx.Param))  # the same weights for the reference
+    state = S.init_state(model, tx, seed, ema=False)
+    step = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp), donate_argnums=0)
+    data = dict(image=jnp.asarray(x)) | ({} if y is None else dict(cond=jnp.asarray(y)))
+    t = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    state, m = compiled(state, data)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = compiled(state, data)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    peak = matmul_peak(dtype, args.peak_size)
+    compiled_mb = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                            + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2 ** 20
+    print(f"config {args.config}: batch {batch}, {cfg.num_blocks} blocks {list(cfg.layers_per_block)}, "
+          f"{tokens // batch} tokens, {cfg.dtype}; median of {steps} steps; device {jax.devices()[0].device_kind}; "
+          f"{jax.default_backend()} {cfg.dtype} matmul peak ({args.peak_size}^3): {peak / 1e9:.1f} GFLOP/s")
+    rows = [dict(impl="jax", dtype=cfg.dtype, batch=batch, seconds_per_step=sec, compile_seconds=compile_s,
+                 tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec, mfu=flops / sec / peak,
+                 peak_memory_mb=compiled_mb, loss=float(m["loss"]))]
+    if args.reference:
+        rows.append(_reference_row(args.reference, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens,
+                                   flops, peak))
+    shown = [dict(r, flops_per_step=r["flops_per_step"] / 1e9, flops_per_s=r["flops_per_s"] / 1e9) for r in rows]
+    print_table(shown, COLUMNS)
+    print(f"jax compiled memory (arguments + outputs + temporaries): {compiled_mb:.0f} MB; "
+          f"process peak RSS {_peak_rss_mb():.0f} MB")
+    if args.reference:
+        print(f"speedup jax vs torch: {rows[1]['seconds_per_step'] / rows[0]['seconds_per_step']:.2f}x")
+    write_json(args.json, rows)
+    return 0
+
+
+def _reference_row(path, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens, flops, peak):
+    import torch
+
+    from starflow_jax.bench.reference import import_reference, reference_model
+
+    tf = import_reference(path)
+    ref = reference_model(tf, cfg, weights).train()
+    params = [p for k, p in ref.named_parameters() if p.requires_grad and not k.startswith("learnable_self_denoiser")]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=1e-4)
+    xt = torch.from_numpy(x)
+    yt = None if y is None else torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(0)
+
+    def one_step():
+        xn = xt + noise_std * torch.randn(xt.shape, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        z, _, _, logdets = ref(xn, yt)
+        loss = ref.get_loss(z, logdets)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        return float(loss)
+
+    one_step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        loss = one_step()
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    return dict(impl="torch", dtype=str(cfg.dtype), batch=batch, seconds_per_step=sec, compile_seconds=None,
+                tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec, mfu=flops / sec / peak,
+                peak_memory_mb=None, loss=loss, threads=torch.get_num_threads())

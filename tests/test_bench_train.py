@@ -1,0 +1,70 @@
+"""The training benchmark's pieces: the analytic FLOP count against the compiled
+program's cost analysis, a program that does not grow with depth (scanned layers), and
+the `bench train` command's JSON rows."""
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from starflow_jax.bench.flops import forward_flops, train_step_flops
+from starflow_jax.cli.main import main
+from starflow_jax.config import load_config, model_config
+from starflow_jax.model import StarFlow
+from starflow_jax.train import optimizer
+from starflow_jax.train import step as S
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cost(compiled) -> float:
+    ca = compiled.cost_analysis()
+    return float((ca[0] if isinstance(ca, list) else ca)["flops"])
+
+
+def test_analytic_flops_match_the_compiled_program():
+    """With one layer per block (XLA's cost analysis counts a loop body once, whatever its
+    trip count), the compiled forward pass's FLOPs are the analytic count (full attention
+    square, as computed) plus a few percent of elementwise work."""
+    cfg = model_config(load_config(ROOT / "configs" / "bench_s.py", ["model.layers_per_block=[1, 1, 1, 1]"]))
+    model = StarFlow(cfg, rngs=nnx.Rngs(0))
+    x, y = jnp.zeros((2, 4, 16, 16)), jnp.zeros((2, 8, 32))
+    g, st = nnx.split(model)
+    compiled = jax.jit(lambda st, x, y: nnx.merge(g, st)(x, y).z).lower(st, x, y).compile()
+    ratio = _cost(compiled) / forward_flops(cfg, x.shape, causal_half=False)
+    assert 1.0 <= ratio < 1.1, ratio
+    # model FLOPs of a step: 3x the forward with causal attention at half
+    assert train_step_flops(cfg, x.shape) == 3 * forward_flops(cfg, x.shape, causal_half=True)
+    assert forward_flops(cfg, x.shape, causal_half=True) < forward_flops(cfg, x.shape, causal_half=False)
+
+
+def test_program_size_does_not_grow_with_depth():
+    """A deep block of 2 or 24 scanned layers compiles to the same train-step program."""
+    sizes = {}
+    for depth in (2, 24):
+        cfg = model_config(load_config(ROOT / "configs" / "tiny_cpu.py", [f"model.layers_per_block=[1, 0, {depth}]"]))
+        model = StarFlow(cfg, rngs=nnx.Rngs(0))
+        tx = optimizer.adamw(optax.constant_schedule(1e-3))
+        state = S.init_state(model, tx, 0, ema=False)
+        batch = dict(image=jnp.zeros((4, 1, 8, 8)), label=jnp.zeros((4,), jnp.int32))
+        step = jax.jit(functools.partial(S.train_step, graphdef=nnx.graphdef(model), tx=tx,
+                                         hp=S.StepConfig(num_classes=10)))
+        sizes[depth] = len(step.lower(state, batch).compile().as_text())
+    assert sizes[24] < 1.05 * sizes[2], sizes
+
+
+def test_bench_train_cli(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "train", "--config", str(ROOT / "configs" / "tiny_cpu.py"), "--batch", "4",
+                 "--steps", "1", "--peak-size", "256", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["impl"] for r in rows] == ["jax"]
+    r = rows[0]
+    assert {"impl", "dtype", "batch", "seconds_per_step", "tokens_per_s", "flops_per_step", "flops_per_s",
+            "mfu"} <= set(r)
+    assert r["batch"] == 4 and r["seconds_per_step"] > 0 and 0 < r["mfu"]
+    assert abs(r["flops_per_s"] * r["seconds_per_step"] - r["flops_per_step"]) < 1e-6 * r["flops_per_step"]
+    assert "MFU" in capsys.readouterr().out

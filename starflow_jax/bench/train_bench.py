@@ -20,10 +20,11 @@ from flax import nnx
 from starflow_jax.bench.common import benchmark_model, print_table, write_json
 from starflow_jax.bench.flops import train_step_flops
 from starflow_jax.config import load_config, model_config
+from starflow_jax.layers.transformer import resolve_remat
 from starflow_jax.train import optimizer
 from starflow_jax.train import step as S
 
-COLUMNS = [("impl", "impl", "s"), ("dtype", "dtype", "s"), ("batch", "batch", "d"),
+COLUMNS = [("impl", "impl", "s"), ("dtype", "dtype", "s"), ("remat", "remat", "s"), ("batch", "batch", "d"),
            ("seconds_per_step", "s/step", ".4f"), ("compile_seconds", "compile_s", ".2f"),
            ("tokens_per_s", "tokens/s", ".0f"), ("flops_per_step", "GFLOP/step", ".3g"),
            ("flops_per_s", "GFLOP/s", ".4g"), ("mfu", "MFU", ".1%"), ("peak_memory_mb", "mem_MB", ".0f")]
@@ -37,6 +38,8 @@ def add_parser(sub):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps after compilation (median reported)")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul that measures the peak")
+    p.add_argument("--remat", default=None, help="rematerialisation policy of the JAX step (none, full, dots, "
+                                                 "dots_all; default: the config's train.remat or none)")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.set_defaults(func=run)
     return p
@@ -83,7 +86,9 @@ def run(args) -> int:
 
     # the reference's AdamW (b1 0.9, b2 0.95, weight decay 1e-4), gradient clipping; noise added in the step
     tx = optimizer.adamw(optax.constant_schedule(lr), grad_clip=clip)
-    hp = S.StepConfig(noise_std=noise_std, noise_type="gaussian")
+    remat = args.remat or (str(config.train.remat) if "train" in config and "remat" in config.train else "none")
+    remat = resolve_remat(remat if remat not in ("True", "False") else remat == "True")
+    hp = S.StepConfig(noise_std=noise_std, noise_type="gaussian", remat=remat)
     graphdef = nnx.graphdef(model)
     weights = jax.device_get(nnx.state(model, nnx.Param))  # the same weights for the reference
     state = S.init_state(model, tx, seed, ema=False)
@@ -108,7 +113,7 @@ def run(args) -> int:
     print(f"config {args.config}: batch {batch}, {cfg.num_blocks} blocks {list(cfg.layers_per_block)}, "
           f"{tokens // batch} tokens, {cfg.dtype}; median of {steps} steps; device {jax.devices()[0].device_kind}; "
           f"{jax.default_backend()} {cfg.dtype} matmul peak ({args.peak_size}^3): {peak / 1e9:.1f} GFLOP/s")
-    rows = [dict(impl="jax", dtype=cfg.dtype, batch=batch, seconds_per_step=sec, compile_seconds=compile_s,
+    rows = [dict(impl="jax", dtype=cfg.dtype, remat=remat, batch=batch, seconds_per_step=sec, compile_seconds=compile_s,
                  tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec, mfu=flops / sec / peak,
                  peak_memory_mb=compiled_mb, loss=float(m["loss"]))]
     if args.reference:

@@ -7,3 +7,32 @@ def write_case_config(tmp_path, case):
     path = tmp_path / f"{case.name}_model_kwargs.json"
     path.write_text(json.dumps(case.meta["model_kwargs"]))
     return path
+
+
+def make_t5_tokenizer(root):
+    """A T5 tokenizer directory (sentencepiece unigram, 200 pieces: pad 0, eos 1, unk 2, no
+    sentinels) trained offline on a generated corpus and saved with ``save_pretrained``."""
+    import io
+    import random
+
+    import sentencepiece as spm
+    import transformers
+
+    rng = random.Random(0)
+    syllables = ["ka", "to", "ri", "mel", "sun", "dor", "pa", "lex", "qui", "vo", "an", "be", "ce", "di", "fo",
+                 "gu", "ho", "ja", "ne", "sto", "pre", "tra", "ing", "ed", "ly"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)]
+    words += ["cat", "dog", "red", "a", "the", "video", "image", "fps", "Noise", "Level", "aspect", "ratio", "in"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice(["", ".", ":"])
+             for _ in range(3000)] + [str(i) for i in range(1000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=200,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, minloglevel=2)
+    (root / "spm").mkdir()
+    (root / "spm" / "spiece.model").write_bytes(model.getvalue())
+    # from the directory holding spiece.model (transformers 5 ignores T5Tokenizer(vocab_file=...))
+    tok = transformers.T5Tokenizer.from_pretrained(str(root / "spm"), extra_ids=0, local_files_only=True)
+    assert len(tok) == 200 and tok.pad_token_id == 0 and tok.eos_token_id == 1
+    tok.save_pretrained(str(root / "checkpoint"))
+    return root / "checkpoint"

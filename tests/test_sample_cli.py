@@ -49,7 +49,7 @@ def test_sample_from_reference_weights_matches_the_library(tmp_path):
     (["--out", "x.jpg"], "must end in .png, .gif or .mp4"),
     (["--out", "x.gif", "--labels", "1"], "written as a .png grid"),
     (["--out", "x.png", "--labels", "1", "--fps", "0"], "--fps must be > 0"),
-    (["--out", "x.png"], "give exactly one of --labels or --cond"),
+    (["--out", "x.png"], "give exactly one of --labels, --cond or --prompt"),
     (["--out", "x.png", "--labels", "0,11"], "labels must lie in"),
     (["--out", "x.png", "--labels", "a,b"], "comma-separated integers"),
     (["--out", "x.png", "--labels", "1", "--cfg", "-1"], "--cfg must be >= 0"),

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from starflow_jax.autoencoders.vae_config import VAEConfig
-from starflow_jax.autoencoders.vae_layers import Downsample, GroupNorm, MidBlock, ResnetBlock, Upsample, conv2d
+from starflow_jax.autoencoders.vae_layers import (Downsample, GroupNorm, MidBlock, ResnetBlock, Upsample,
+                                                  conv2d)
 
 __all__ = ["VAEConfig", "AutoencoderKL", "Encoder", "Decoder", "encode_latents", "decode_latents"]
 
@@ -113,7 +114,8 @@ class AutoencoderKL(nnx.Module):
 
     def _check(self, x: jax.Array, channels: int, what: str) -> None:
         if x.ndim != 4:
-            raise ValueError(f"{what} must be a batch (b, c, h, w); got rank {x.ndim}, shape {tuple(x.shape)}")
+            raise ValueError(f"{what} must be a batch (b, c, h, w); got rank {x.ndim}, "
+                             f"shape {tuple(x.shape)}")
         if x.shape[1] != channels:
             raise ValueError(f"{what} has {x.shape[1]} channels (axis 1 of shape {tuple(x.shape)}), "
                              f"the VAE expects {channels}")

@@ -65,7 +65,8 @@ class ResnetBlock(nnx.Module):
         self.conv1 = conv2d(in_channels, out_channels, 3, **kw)
         self.norm2 = GroupNorm(groups, out_channels, param_dtype=param_dtype)
         self.conv2 = conv2d(out_channels, out_channels, 3, **kw)
-        self.conv_shortcut = conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
+        self.conv_shortcut = (conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels
+                              else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.conv1(jax.nn.silu(self.norm1(x)))

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from starflow_jax.cli import bench, convert, info, nll, parity, sample, train
+from starflow_jax.cli import bench, convert, info, nll, parity, precompute, sample, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="starflow-jax", description="STARFlow / STARFlow-V in JAX: train, sample, convert, benchmark.")
+        prog="starflow-jax", description="STARFlow / STARFlow-V in JAX: train, sample, convert, precompute, benchmark.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train.add_parser(sub)
     info.add_parser(sub)
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_parser(sub)
     bench.add_parser(sub)
     convert.add_parsers(sub)
+    precompute.add_parser(sub)
     return parser
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"starflow-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

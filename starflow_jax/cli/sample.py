@@ -12,6 +12,7 @@ import numpy as np
 from starflow_jax.cli import model_source
 from starflow_jax.sampling import SamplingOptions, sample
 from starflow_jax.sampling.denoise import denoise
+from starflow_jax.sampling.shapes import ASPECT_RATIOS, size_for_aspect_ratio
 from starflow_jax.sampling.visualize import grid, save_gif, save_mp4, save_png, to_uint8
 
 
@@ -26,6 +27,18 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", help="class labels, comma separated (cycled over --num); null class = the last index")
     p.add_argument("--cond", help=".npy of conditioning embeddings (num, txt_size, txt_dim)")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable; cycled over --num); "
+                                                                 "needs --text-encoder")
+    p.add_argument("--prompts", help="a text file of prompts, one per line")
+    p.add_argument("--text-encoder", help="a transformers T5 checkpoint directory with its tokenizer files "
+                                          "(e.g. google/flan-t5-xl downloaded beforehand)")
+    p.add_argument("--vae", help="a diffusers AutoencoderKL directory (e.g. stabilityai/sd-vae-ft-ema): samples "
+                                 "are decoded to pixels")
+    p.add_argument("--aspect-ratio", choices=ASPECT_RATIOS, default=None,
+                   help="sample shape (and, with prompts, the reference's aspect-ratio prompt template)")
+    p.add_argument("--fps-cond", action="store_true", help="prompts carry --fps as the reference's fps template")
+    p.add_argument("--noise-level-cond", action="store_true",
+                   help="prompts carry the noise level (the reference's cond_noise_level template)")
     p.add_argument("--cond-null", help=".npy of the null conditioning (txt_size, txt_dim); default zeros")
     p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance weight (0: off)")
     p.add_argument("--attn-temp", type=float, default=1.0)
@@ -57,15 +70,56 @@ def _progress(i: int, n: int, t0: float):
           file=sys.stderr, flush=True)
 
 
-def _conditioning(args, cfg, num: int):
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts:
+        path = pathlib.Path(args.prompts)
+        if not path.exists():
+            raise ValueError(f"--prompts {path} does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
+
+
+def _noise_std(args, config) -> float | None:
+    if args.noise_std is not None:
+        return args.noise_std
+    if "train" in config and "noise_std" in config.train:
+        return float(config.train.noise_std)
+    return None
+
+
+def _text_conditioning(args, config, cfg, num: int, prompts: list[str]):
+    """Prompts through the T5 encoder (the reference's templates; the null prompt "" for
+    guidance)."""
+    if not args.text_encoder:
+        raise ValueError("--prompt / --prompts need --text-encoder (a T5 checkpoint directory)")
+    from starflow_jax.text import convert_t5, prompts as P
+
+    encoder = convert_t5.t5_from_transformers(args.text_encoder)
+    if encoder.config.d_model != cfg.txt_dim:
+        raise ValueError(f"the text encoder in {args.text_encoder} gives {encoder.config.d_model}-dim embeddings, "
+                         f"the model reads txt_dim={cfg.txt_dim}")
+    tokenizer = P.load_tokenizer(args.text_encoder)
+    kw = dict(aspect_ratio=args.aspect_ratio, fps=args.fps if args.fps_cond else None,
+              noise_std=_noise_std(args, config) if args.noise_level_cond else None)
+    texts = [prompts[i % len(prompts)] for i in range(num)]
+    y = np.asarray(P.encode_prompts(encoder, tokenizer, texts, cfg.txt_size, **kw), np.float32)
+    y_null = np.asarray(P.null_embedding(encoder, tokenizer, cfg.txt_size, batch_size=num, **kw), np.float32)
+    return y, y_null
+
+
+def _conditioning(args, config, cfg, num: int):
+    prompts = _prompts(args)
     if cfg.txt_dim == 0:
-        if args.labels or args.cond or args.cfg > 0:
-            raise ValueError("the model is unconditional (txt_dim=0): --labels, --cond and --cfg do not apply")
+        if args.labels or args.cond or prompts or args.cfg > 0:
+            raise ValueError("the model is unconditional (txt_dim=0): --labels, --cond, --prompt and --cfg do not apply")
         return None
-    if bool(args.labels) == bool(args.cond):
+    if sum(map(bool, (args.labels, args.cond, prompts))) != 1:
         raise ValueError(f"the model is conditioned (txt_size={cfg.txt_size}, txt_dim={cfg.txt_dim}): "
-                         "give exactly one of --labels or --cond")
-    if args.labels:
+                         "give exactly one of --labels, --cond or --prompt/--prompts")
+    if prompts:
+        y, y_null = _text_conditioning(args, config, cfg, num, prompts)
+    elif args.labels:
         if cfg.txt_size != 1:
             raise ValueError(f"--labels needs a label-conditioned model (txt_size=1), this one has txt_size={cfg.txt_size}")
         try:
@@ -97,6 +151,18 @@ def _conditioning(args, cfg, num: int):
     return jnp.asarray(y), jnp.asarray(y_null)
 
 
+def _decode(vae, x, batch: int = 4):
+    """Latents to pixels through the VAE, a few at a time (frames of a video one by one)."""
+    from flax import nnx
+
+    from starflow_jax.autoencoders.vae import decode_latents
+
+    dec = nnx.jit(decode_latents)
+    flat = x.reshape((-1,) + x.shape[-3:])
+    out = np.concatenate([np.asarray(dec(vae, flat[i:i + batch])) for i in range(0, flat.shape[0], batch)])
+    return out.reshape(x.shape[:-3] + out.shape[-3:])
+
+
 def run(args) -> int:
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".png", ".gif", ".mp4"):
@@ -112,8 +178,18 @@ def run(args) -> int:
         raise ValueError(f"--cfg must be >= 0, got {args.cfg}")
     config, model = model_source.load_model(args, seed=args.seed)
     cfg = model.cfg
-    cond = _conditioning(args, cfg, args.num)
-    shape = (args.num, cfg.in_channels, cfg.img_size, cfg.img_size)
+    cond = _conditioning(args, config, cfg, args.num)
+    vae = None
+    if args.vae:
+        from starflow_jax.autoencoders.convert_vae import vae_from_diffusers
+
+        vae = vae_from_diffusers(args.vae)
+        if vae.cfg.latent_channels != cfg.in_channels:
+            raise ValueError(f"the VAE in {args.vae} has {vae.cfg.latent_channels} latent channels, the model "
+                             f"models {cfg.in_channels}")
+    factor = vae.cfg.downsample_factor if vae is not None else 1
+    h, w = size_for_aspect_ratio(cfg.img_size * factor, args.aspect_ratio, factor * cfg.patch_size)
+    shape = (args.num, cfg.in_channels, h // factor, w // factor)
     if args.num_frames:
         shape = (args.num, args.num_frames) + shape[1:]
     elif cfg.is_video:
@@ -130,15 +206,15 @@ def run(args) -> int:
                            cache_segments=args.cache_segments)
     t0 = time.time()
     x, passes = sample(model, noise, y, opts, on_block=lambda i, n: _progress(i, n, t0), return_passes=True)
-    noise_std = args.noise_std
-    if noise_std is None and "train" in config and "noise_std" in config.train:
-        noise_std = float(config.train.noise_std)
+    noise_std = _noise_std(args, config)
     if noise_std and not args.no_denoise:
         x = denoise(model, x, None if cond is None else cond[0], noise_std=noise_std)
+    if vae is not None:
+        x = _decode(vae, x)
     x = np.asarray(jax.device_get(x))
     if not np.all(np.isfinite(x)):
         raise ValueError("sampling produced NaN or Inf values")
-    pixel = args.pixel_space or cfg.in_channels in (1, 3)
+    pixel = args.pixel_space or cfg.in_channels in (1, 3) or vae is not None
     if x.ndim == 5:
         frames = [grid(to_uint8(x[:, t], pixel)) for t in range(x.shape[1])]
         if out.suffix.lower() == ".gif":

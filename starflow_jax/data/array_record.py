@@ -210,3 +210,45 @@ class ArrayRecordSource:
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource({len(self.shards)} shards, {len(self)} records)"
+
+
+def write_one_shard(out_dir: str | Path, i: int, n: int, records: Iterable[Mapping[str, Any]]) -> tuple[Path, int, dict]:
+    """Shard ``i`` of ``n`` written atomically (a partial file renamed when complete), for
+    writers that resume shard by shard; returns ``(path, record count, field spec)``."""
+    from array_record.python import array_record_module
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / shard_name(i, n)
+    partial = out / f".{final.name}.partial"
+    writer = array_record_module.ArrayRecordWriter(str(partial), _WRITER_OPTIONS)
+    count, fields = 0, None
+    try:
+        for record in records:
+            data = encode_record(record)
+            if fields is None:
+                fields = _field_spec(decode_record(data))
+            writer.write(data)
+            count += 1
+        writer.close()
+        writer = None
+        if count == 0:
+            raise ValueError(f"shard {i} of {n} has no records")
+        partial.replace(final)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    return final, count, fields
+
+
+def write_index(out_dir: str | Path, shards: Sequence[Path], fields: dict) -> None:
+    """``index.json`` for complete shards (counted from the files), written atomically."""
+    out = Path(out_dir)
+    counts = [_count_records(Path(s)) for s in shards]
+    index = {"format": FORMAT, "num_records": sum(counts),
+             "shards": [{"file": Path(s).name, "num_records": c} for s, c in zip(shards, counts)], "fields": fields}
+    tmp = out / f".{INDEX_FILE}.partial"
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    tmp.replace(out / INDEX_FILE)

@@ -1,0 +1,109 @@
+"""Text to image end to end: `starflow-jax sample --prompt ... --text-encoder DIR --vae DIR`
+on a tiny random flow, a small random T5 (with a tokenizer built offline) and a small
+random diffusers VAE, with guidance, Jacobi and an aspect ratio: a PNG of decoded pixels."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("sentencepiece")
+
+from starflow_jax.cli.main import main  # noqa: E402
+from starflow_jax.sampling.shapes import size_for_aspect_ratio  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from conftest import make_t5_tokenizer
+
+    root = tmp_path_factory.mktemp("t2i")
+    tok_dir = make_t5_tokenizer(root)
+    torch.manual_seed(0)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=200, d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, feed_forward_proj="gated-gelu"))
+    t5.save_pretrained(str(tok_dir))  # the tokenizer files and the weights in one directory, as on the hub
+    vae = diffusers.AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                                  latent_channels=4, sample_size=16)
+    vae.save_pretrained(str(root / "vae"))
+    model = dict(in_channels=4, img_size=8, patch_size=1, channels=64, num_blocks=2, layers_per_block=[1, 1],
+                 head_dim=32, rope=1, sos=1, txt_size=6, txt_dim=32, cond_top_only=1, use_softplus=1,
+                 use_final_norm=1, soft_clip=4.0, seq_order="L2R")
+    (root / "flow.json").write_text(json.dumps(model))
+    return root, tok_dir
+
+
+def test_prompt_to_png_through_t5_and_the_vae(checkpoints, capsys):
+    root, text_dir = checkpoints
+    out = root / "t2i.png"
+    assert main(["sample", "--config", str(root / "flow.json"), "--random-init", "--prompt", "a red cat",
+                 "--prompt", "the dog", "--num", "2", "--text-encoder", str(text_dir), "--vae", str(root / "vae"),
+                 "--cfg", "1.5", "--jacobi", "--jacobi-block-size", "8", "--aspect-ratio", "16:9",
+                 "--noise-std", "0.3", "--out", str(out), "--save-npy", str(root / "x.npy")]) == 0
+    h, w = size_for_aspect_ratio(8 * 2, "16:9", 2)  # latent 8x8, VAE factor 2: pixel sides multiples of 2
+    assert (h, w) == (12, 22)
+    x = np.load(root / "x.npy")
+    assert x.shape == (2, 3, h, w) and np.all(np.isfinite(x))  # decoded RGB pixels
+    img = Image.open(out)
+    assert img.mode == "RGB" and img.size == (2 * (w + 1) + 1, h + 2)
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompt", "a cat"], "need --text-encoder"),
+    (["--prompt", "a cat", "--labels", "1"], "give exactly one of --labels, --cond or --prompt"),
+])
+def test_prompt_errors(checkpoints, tmp_path, capsys, extra, message):
+    root, _ = checkpoints
+    assert main(["sample", "--config", str(root / "flow.json"), "--random-init", "--num", "1",
+                 "--out", str(tmp_path / "x.png")] + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_text_encoder_width_must_match(checkpoints, tmp_path, capsys):
+    root, text_dir = checkpoints
+    cfg = json.loads((root / "flow.json").read_text())
+    (tmp_path / "flow.json").write_text(json.dumps(dict(cfg, txt_dim=48)))
+    assert main(["sample", "--config", str(tmp_path / "flow.json"), "--random-init", "--num", "1",
+                 "--prompt", "a cat", "--text-encoder", str(text_dir), "--out", str(tmp_path / "x.png")]) == 2
+    assert "gives 32-dim embeddings, the model reads txt_dim=48" in capsys.readouterr().err
+
+
+def test_precompute_writes_training_shards_and_resumes(checkpoints, tmp_path, capsys):
+    """Images + captions -> VAE latents and T5 embeddings in ArrayRecord shards, equal to
+    encoding them directly; a rerun skips the complete shards; other settings are refused."""
+    from starflow_jax.autoencoders import encode_latents, vae_from_diffusers
+    from starflow_jax.data.array_record import TRAIN_STEP_KEYS, ArrayRecordSource
+    from starflow_jax.data.image_folder import load_image
+    from starflow_jax.text import encode_prompts, load_tokenizer, t5_from_transformers
+
+    root, text_dir = checkpoints
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    lines = []
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (20 + i, 18, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+        lines.append(f"{i}.png\ta picture number {i}")
+    (tmp_path / "captions.tsv").write_text("\n".join(lines) + "\n")
+    args = ["precompute", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "captions.tsv"),
+            "--vae", str(root / "vae"), "--text-encoder", str(text_dir), "--out", str(tmp_path / "shards"),
+            "--image-size", "16", "--txt-size", "6", "--batch-size", "2", "--records-per-shard", "2"]
+    assert main(args) == 0
+    src = ArrayRecordSource(tmp_path / "shards", fields=list(TRAIN_STEP_KEYS), rename=TRAIN_STEP_KEYS)
+    assert len(src) == 5 and src[0]["image"].shape == (4, 8, 8) and src[0]["cond"].shape == (6, 32)
+    vae = vae_from_diffusers(str(root / "vae"))
+    want = np.asarray(encode_latents(vae, load_image(tmp_path / "imgs" / "3.png", 16, 3)[None]))[0]
+    np.testing.assert_allclose(src[3]["image"], want, rtol=1e-5, atol=1e-6)
+    enc, tok = t5_from_transformers(str(text_dir)), load_tokenizer(text_dir)
+    np.testing.assert_allclose(src[3]["cond"], np.asarray(encode_prompts(enc, tok, ["a picture number 3"], 6))[0],
+                               rtol=1e-5, atol=1e-6)
+    assert str(ArrayRecordSource(tmp_path / "shards")[4]["caption"]) == "a picture number 4"
+    capsys.readouterr()
+    assert main(args) == 0  # resume: everything is there
+    assert capsys.readouterr().out.count("already complete: skipped") == 3
+    assert main(args[:-1] + ["3"]) == 2  # another shard size
+    assert "precomputed with other settings (records_per_shard)" in capsys.readouterr().err

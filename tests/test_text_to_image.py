@@ -107,3 +107,33 @@ def test_precompute_writes_training_shards_and_resumes(checkpoints, tmp_path, ca
     assert capsys.readouterr().out.count("already complete: skipped") == 3
     assert main(args[:-1] + ["3"]) == 2  # another shard size
     assert "precomputed with other settings (records_per_shard)" in capsys.readouterr().err
+
+
+def test_precompute_train_and_sample_from_a_prompt(checkpoints, tmp_path):
+    """The whole latent pipeline: images made here -> precompute -> train on the shards ->
+    sample --prompt from the trained workdir through T5 and the VAE decoder -> PNG."""
+    import pathlib
+
+    root, text_dir = checkpoints
+    rng = np.random.default_rng(1)
+    (tmp_path / "imgs").mkdir()
+    captions = ["a red square", "a blue circle", "the green cat", "a dog"]
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.jpg")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"file": f"{i}.jpg", "caption": captions[i % 4]}) + "\n"
+                                              for i in range(8)))
+    assert main(["precompute", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "c.jsonl"),
+                 "--vae", str(root / "vae"), "--text-encoder", str(text_dir), "--out", str(tmp_path / "shards"),
+                 "--image-size", "16", "--txt-size", "6", "--batch-size", "4"]) == 0
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "t2i_latents_tiny.py")
+    assert main(["train", "--config", config, "--workdir", str(tmp_path / "run"),
+                 "--set", f"data.path={tmp_path / 'shards'}", "--set", "model.txt_dim=32", "--set", "model.txt_size=6",
+                 "--set", "model.channels=64", "--set", "model.layers_per_block=[1, 0, 1]", "--set", "train.steps=3",
+                 "--set", "train.batch_size=4", "--set", "train.warmup_steps=1", "--set", "train.log_every=1",
+                 "--set", "train.checkpoint_every=3", "--set", "sample.num=2", "--set", "sample.scale=1"]) == 0
+    assert (tmp_path / "run" / "samples.png").exists()
+    out = tmp_path / "cat.png"
+    assert main(["sample", "--workdir", str(tmp_path / "run"), "--prompt", "the green cat", "--num", "2",
+                 "--text-encoder", str(text_dir), "--vae", str(root / "vae"), "--cfg", "2", "--out", str(out)]) == 0
+    img = Image.open(out)
+    assert img.mode == "RGB" and img.size == (2 * 17 + 1, 17 + 1)  # two 16x16 decoded pictures

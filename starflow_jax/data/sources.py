@@ -74,8 +74,9 @@ def make_data(config) -> DataSpec:
     if name == "array_record":
         from starflow_jax.data.array_record import TRAIN_STEP_KEYS, ArrayRecordSource
 
-        if "path" not in d:
-            raise ValueError("data.name='array_record' needs data.path (a directory of ArrayRecord shards)")
+        if not d.get("path"):
+            raise ValueError("data.name='array_record' needs data.path (a directory of ArrayRecord shards, "
+                             "e.g. --set data.path=DIR)")
 
         def open_(path):
             return ArrayRecordSource(path, fields=list(TRAIN_STEP_KEYS), rename=TRAIN_STEP_KEYS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from starflow_jax.bench import plan as plan_cmd
 from starflow_jax.cli import bench, convert, info, nll, parity, precompute, sample, train
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     convert.add_parsers(sub)
     precompute.add_parser(sub)
+    plan_cmd.add_parser(sub)
     return parser
 
 

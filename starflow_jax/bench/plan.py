@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import time
 
 import jax
@@ -122,7 +123,18 @@ def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[
                        in_shardings=(shard, {k: v.sharding for k, v in data.items()}), out_shardings=(shard, None),
                        donate_argnums=0)
         t = time.perf_counter()
-        compiled = step.lower(state, data).compile()
+        try:
+            with jax.set_mesh(mesh):  # activations keep their batch sharding (parallel.rules.constrain_batch)
+                compiled = step.lower(state, data).compile()
+        except Exception as e:  # the TPU compiler refuses a program that does not fit its HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            need = re.search(r"required for [^(]*\(([\d.]+)G\)", str(e))
+            rows.append(dict(remat=remat, total_gib=float(need.group(1)) if need else None, hbm_gib=hbm, fits="False",
+                             compile_seconds=time.perf_counter() - t, tflops_per_step=flops / 1e12,
+                             error=str(e).splitlines()[0][:300], **info))
+            log(f"remat {remat}: does not fit: {str(e).splitlines()[0][:200]}")
+            continue
         seconds = time.perf_counter() - t
         m = compiled.memory_analysis()
         total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes

@@ -10,6 +10,7 @@ from flax import nnx
 
 from starflow_jax.layers.attention import Attention
 from starflow_jax.layers.mlp import MLP
+from starflow_jax.parallel.rules import constrain_batch
 
 LAYER_AXIS = "layers"
 
@@ -66,8 +67,9 @@ class TransformerLayer(nnx.Module):
                        param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, rope=None, mask=None, temp: float = 1.0):
+        x = constrain_batch(x)
         x = x + self.attention(x, rope, mask, temp)
-        return x + self.mlp(x)
+        return constrain_batch(x + self.mlp(x))
 
 
     def cached(self, x, rope, cache, first_slots, start, write: int = 0, temp: float = 1.0):

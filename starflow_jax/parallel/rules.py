@@ -61,3 +61,17 @@ def tree_shardings(tree, mesh):
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Keep an activation split along its batch axis over ``(data, fsdp)`` when a mesh is
+    set (``jax.set_mesh``; a no-op without one, or when the batch does not divide). Without
+    it the partitioner may all-gather the batch to meet FSDP-sharded weights on their
+    contracting dimension, instead of all-gathering the weights."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not all(a in mesh.axis_names for a in BATCH_AXES):
+        return x
+    size = mesh.shape["data"] * mesh.shape["fsdp"]
+    if size == 1 or x.shape[0] % size:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([None] * (x.ndim - 1))))

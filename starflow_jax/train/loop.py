@@ -225,7 +225,6 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
         nnx.update(model, init_params_from(init_from, config, nnx.state(model, nnx.Param), init_step, init_ema))
         log(f"initialised the parameters from {init_from} (fresh optimizer)")
     state = S.init_state(model, tx, int(t.seed), hp.ema_decay > 0)
-    heldout = data.heldout
     ds = train_dataset(data.train, global_batch=int(t.batch_size), seed=int(t.seed))
     it = iter(ds.to_iter_dataset())
     mesh = make_mesh(dict(config.mesh) if "mesh" in config else {"data": -1})
@@ -251,6 +250,16 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
     step_fn = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp, schedule=sched),
                       in_shardings=(shard, bshard), out_shardings=(shard, None), donate_argnums=0)
+    with jax.set_mesh(mesh):  # activations keep their batch sharding (parallel.rules.constrain_batch)
+        return _steps(config, workdir, hp, data, it, mesh, bshard, state, mgr, start, step_fn, graphdef, log,
+                      stop_after)
+
+
+def _steps(config, workdir, hp, data, it, mesh, bshard, state, mgr, start, step_fn, graphdef, log, stop_after):
+    """The step loop, periodic evaluation, samples and checkpoints, then the final report."""
+    t = config.train
+    heldout = data.heldout
+    lead = jax.process_index() == 0
     writer = MetricsWriter(workdir)
     total = int(t.steps)
     sample_every = int(config.sample.get("every", 0)) if "sample" in config else 0

@@ -45,6 +45,7 @@ def add_parser(sub):
     p.add_argument("--remat", default="full", help="policies to compare, comma separated (none, full, dots, dots_all)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the config's; bfloat16 for TPU runs)")
     p.add_argument("--ema", action="store_true", help="keep an EMA of the parameters (one more copy)")
+    p.add_argument("--frames", type=int, default=None, help="latent frames per clip (video models; required there)")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.set_defaults(func=run)
     return p
@@ -88,7 +89,7 @@ def topology_devices(name: str):
 
 
 def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[str], dtype: str | None = None,
-              ema: bool = False, log=print) -> tuple[list[dict], dict]:
+              ema: bool = False, frames: int | None = None, log=print) -> tuple[list[dict], dict]:
     cfg = model_config(config)
     if dtype:
         cfg = cfg.replace(dtype=dtype)
@@ -104,15 +105,17 @@ def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[
     abstract = jax.eval_shape(lambda: S.init_state(nnx.merge(graphdef, nnx.state(model)), tx, 0, ema))
     shard = tree_shardings(abstract, mesh)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
-    x_shape = (batch, cfg.in_channels, cfg.img_size, cfg.img_size)
-    data = dict(image=jax.ShapeDtypeStruct(x_shape, jnp.float32, sharding=batch_sharding(mesh, 4)))
+    if cfg.is_video and not frames:
+        raise ValueError("a video model needs --frames (latent frames per clip)")
+    x_shape = (batch,) + ((frames,) if cfg.is_video else ()) + (cfg.in_channels, cfg.img_size, cfg.img_size)
+    data = dict(image=jax.ShapeDtypeStruct(x_shape, jnp.float32, sharding=batch_sharding(mesh, len(x_shape))))
     if cfg.txt_dim > 0:
         data["cond"] = jax.ShapeDtypeStruct((batch, cfg.txt_size, cfg.txt_dim), jnp.float32,
                                             sharding=batch_sharding(mesh, 3))
     flops = train_step_flops(cfg, x_shape)
     hbm = HBM_GIB.get(kind) if not simulated else None
     info = dict(topology=topology, device_kind=kind, simulated=simulated, devices=len(devices),
-                mesh=dict(mesh.shape), batch=batch, dtype=cfg.dtype, ema=ema,
+                mesh=dict(mesh.shape), batch=batch, input_shape=list(x_shape), dtype=cfg.dtype, ema=ema,
                 params=sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)))
     log(f"{topology}: {len(devices)} x {kind}{' (SIMULATED: libtpu not installed)' if simulated else ''}; mesh "
         f"{dict(mesh.shape)}; global batch {batch}; {info['params']:,} parameters; compute {cfg.dtype}")
@@ -151,7 +154,8 @@ def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[
 def run(args) -> int:
     config = load_config(args.config, args.overrides)
     remats = [r.strip() for r in args.remat.split(",") if r.strip()]
-    rows, _ = plan_rows(config, args.topology, parse_mesh(args.mesh), args.batch, remats, args.dtype, args.ema)
+    rows, _ = plan_rows(config, args.topology, parse_mesh(args.mesh), args.batch, remats, args.dtype, args.ema,
+                        args.frames)
     print_table(rows, COLUMNS)
     print("per device: arguments (parameters, optimizer state, batch shard), outputs (the new state, aliased "
           "to the donated arguments), temporaries (activations, gradients), generated code; total = args + out "

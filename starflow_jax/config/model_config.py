@@ -67,6 +67,11 @@ class ModelConfig:
     # ``dtype``. The affine step and log-determinant are always float32.
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # Training-time attention (sampling uses its KV cache): "xla" materialises the scores,
+    # "blocked" runs over key blocks of ``attention_block`` with an online softmax (memory
+    # linear in the sequence: long video sequences).
+    attention_impl: str = "xla"
+    attention_block: int = 512
 
     def __post_init__(self):
         lpb = self.layers_per_block
@@ -103,6 +108,9 @@ class ModelConfig:
         need(self.seq_order in SEQ_ORDERS, f"seq_order must be one of {SEQ_ORDERS}, got {self.seq_order!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.param_dtype in DTYPES, f"param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
+        need(self.attention_impl in ("xla", "blocked"),
+             f"attention_impl must be 'xla' or 'blocked', got {self.attention_impl!r}")
+        need(int(self.attention_block) > 0, f"attention_block must be positive, got {self.attention_block}")
         need(self.txt_size >= 0 and self.txt_dim >= 0, "txt_size and txt_dim must be >= 0")
         need(self.txt_dim == 0 or self.txt_size > 0,
              f"txt_dim={self.txt_dim} needs txt_size > 0 (the length of the conditioning sequence)")

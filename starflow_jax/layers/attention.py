@@ -13,11 +13,27 @@ from starflow_jax.layers.norms import RMSNorm, make_norm
 from starflow_jax.layers.rope import apply_rope
 
 
+ATTENTION_IMPLS = ("xla", "blocked")
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                          causal: bool, mask: jax.Array | None = None) -> jax.Array:
+                          causal: bool, mask: jax.Array | None = None, impl: str = "xla",
+                          block: int = 512) -> jax.Array:
     """Softmax attention over ``(b, seq, heads, head_dim)`` arrays; ``k``/``v`` may have
     fewer heads than ``q`` (grouped-query: query head ``i`` reads kv head
-    ``i // (heads / kv_heads)``). ``mask`` is boolean, ``True`` where a query may attend."""
+    ``i // (heads / kv_heads)``). ``mask`` is boolean ``(q_len, k_len)`` (or broadcastable
+    to ``(b, heads, q_len, k_len)``), ``True`` where a query may attend.
+
+    ``impl``: ``"xla"``, ``jax.nn.dot_product_attention`` (XLA's fused attention; cuDNN on
+    GPU where it applies), materialising the ``(b, heads, q, k)`` scores; ``"blocked"``,
+    keys and values in blocks of ``block`` with an online softmax (``blocked_attention``):
+    memory linear in the sequence, for long sequences (video) on any backend."""
+    if impl == "blocked":
+        if mask is not None and mask.ndim != 2:
+            raise ValueError("blocked attention takes a (q_len, k_len) mask")
+        return blocked_attention(q, k, v, scale=scale, causal=causal, mask=mask, block=block)
+    if impl != "xla":
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if mask is not None:
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])) if mask.ndim == 2 else mask
         if causal:
@@ -25,6 +41,51 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
             mask = mask & jnp.tril(jnp.ones((lq, lk), bool), lk - lq)
             causal = False
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
+                      mask: jax.Array | None = None, block: int = 512) -> jax.Array:
+    """Attention with keys / values in blocks of ``block`` slots and an online softmax
+    (running max and sum in float32), scanned over the blocks; each block step is
+    rematerialised, so neither the forward nor the backward pass holds more than one
+    block of scores. Same arguments and result as ``dot_product_attention``."""
+    b, lq, heads, d = q.shape
+    lk, kv = k.shape[1], k.shape[2]
+    g = heads // kv
+    n_blocks = -(-lk // block)
+    pad = n_blocks * block - lk
+    valid = jnp.ones((lq, lk), bool) if mask is None else jnp.broadcast_to(mask, (lq, lk))
+    if causal:
+        valid = valid & jnp.tril(jnp.ones((lq, lk), bool), lk - lq)
+    if pad:
+        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        valid = jnp.pad(valid, ((0, 0), (0, pad)))
+    qg = q.reshape(b, lq, kv, g, d)
+    kb = k.reshape(b, n_blocks, block, kv, d).swapaxes(0, 1)
+    vb = v.reshape(b, n_blocks, block, kv, d).swapaxes(0, 1)
+    mb = valid.reshape(lq, n_blocks, block).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def step(carry, xs):
+        m, l, acc = carry
+        kj, vj, mj = xs
+        s = jnp.einsum("bqkgd,bskd->bkgqs", qg, kj, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(mj[None, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+        l = l * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vj.dtype), vj,
+                                                 preferred_element_type=jnp.float32)
+        return (m_new, l, acc), None
+
+    init = (jnp.full((b, kv, g, lq), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g, lq), jnp.float32),
+            jnp.zeros((b, kv, g, lq, d), jnp.float32))
+    (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, mb))
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # a query that sees nothing gives 0
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, heads, d).astype(q.dtype)
 
 
 def cached_attention(q: jax.Array, ks: Sequence[jax.Array], vs: Sequence[jax.Array], first_slots: Sequence[int],
@@ -58,8 +119,11 @@ def cached_attention(q: jax.Array, ks: Sequence[jax.Array], vs: Sequence[jax.Arr
 class Attention(nnx.Module):
     def __init__(self, channels: int, head_dim: int, num_heads: int, num_kv_heads: int, *,
                  norm_type: str, use_qk_norm: bool, use_post_norm: bool, use_bias: bool,
-                 hf_style_rope: bool, causal: bool, dtype, param_dtype, rngs: nnx.Rngs):
+                 hf_style_rope: bool, causal: bool, dtype, param_dtype, rngs: nnx.Rngs,
+                 attention_impl: str = "xla", attention_block: int = 512):
         self.head_dim = head_dim
+        self.attention_impl = attention_impl
+        self.attention_block = attention_block
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.hf_style_rope = hf_style_rope
@@ -118,5 +182,6 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, rope=None, mask: jax.Array | None = None, temp: float = 1.0) -> jax.Array:
         q, k, v = self.qkv_heads(x, rope)
-        o = dot_product_attention(q, k, v, scale=self.head_dim ** -0.5 / temp, causal=self.causal, mask=mask)
+        o = dot_product_attention(q, k, v, scale=self.head_dim ** -0.5 / temp, causal=self.causal, mask=mask,
+                                  impl=self.attention_impl, block=self.attention_block)
         return self.output(o)

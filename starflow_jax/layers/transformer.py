@@ -51,6 +51,8 @@ class LayerSpec:
     causal: bool
     dtype: str
     param_dtype: str
+    attention_impl: str = "xla"
+    attention_block: int = 512
 
 
 class TransformerLayer(nnx.Module):
@@ -61,7 +63,8 @@ class TransformerLayer(nnx.Module):
         self.attention = Attention(
             spec.channels, spec.head_dim, spec.num_heads, spec.num_kv_heads, norm_type=spec.norm_type,
             use_qk_norm=spec.use_qk_norm, use_post_norm=spec.use_post_norm, use_bias=spec.use_bias,
-            hf_style_rope=spec.hf_style_rope, causal=spec.causal, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            hf_style_rope=spec.hf_style_rope, causal=spec.causal, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            attention_impl=spec.attention_impl, attention_block=spec.attention_block)
         self.mlp = MLP(spec.channels, spec.expansion, use_swiglu=spec.use_swiglu, norm_type=spec.norm_type,
                        use_post_norm=spec.use_post_norm, use_bias=spec.use_bias, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)

@@ -55,7 +55,7 @@ class FlowBlock(nnx.Module):
             num_kv_heads=cfg.num_kv_heads or num_heads, expansion=cfg.expansion, norm_type=cfg.norm_type,
             use_swiglu=cfg.use_swiglu, use_qk_norm=cfg.use_qk_norm, use_post_norm=cfg.use_post_norm,
             use_bias=cfg.use_bias, hf_style_rope=cfg.hf_style_rope, causal=True, dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype)
+            param_dtype=cfg.param_dtype, attention_impl=cfg.attention_impl, attention_block=cfg.attention_block)
         self.num_layers = num_layers
         self.attn_blocks = create_stack(self.spec, num_layers, rngs)
         self.final_norm = RMSNorm(channels, param_dtype=param_dtype) if cfg.use_final_norm else None

@@ -48,7 +48,8 @@ def main():
         shard = tree_shardings(state0, mesh)
         bshard = {k: batch_sharding(mesh, v.ndim) for k, v in batch.items()}
         step = jax.jit(fn, in_shardings=(shard, bshard), out_shardings=(shard, None))
-        new, m = step(jax.device_put(state0, shard), jax.device_put(batch, bshard))
+        with jax.set_mesh(mesh):  # as the train loop runs it: activations constrained to the batch sharding
+            new, m = step(jax.device_put(state0, shard), jax.device_put(batch, bshard))
         wrong = [jax.tree_util.keystr(p) for (p, leaf), want in
                  zip(jax.tree_util.tree_leaves_with_path(new), jax.tree.leaves(shard))
                  if hasattr(leaf, "sharding") and not leaf.sharding.is_equivalent_to(want, leaf.ndim)]

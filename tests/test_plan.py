@@ -50,3 +50,8 @@ def test_plan_mesh_syntax(mesh, message):
 
     with pytest.raises(ValueError, match=message):
         parse_mesh(mesh)
+
+
+def test_plan_rejects_a_batch_that_does_not_split(tmp_path):
+    proc, _ = _plan(tmp_path, "--mesh", "data=2,fsdp=2,tensor=1", "--grad-accum", "3")
+    assert proc.returncode == 2 and "must split into --grad-accum 3 micro-batches" in proc.stderr

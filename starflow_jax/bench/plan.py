@@ -46,6 +46,7 @@ def add_parser(sub):
     p.add_argument("--dtype", default=None, help="compute dtype (default: the config's; bfloat16 for TPU runs)")
     p.add_argument("--ema", action="store_true", help="keep an EMA of the parameters (one more copy)")
     p.add_argument("--frames", type=int, default=None, help="latent frames per clip (video models; required there)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (train.grad_accum)")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.set_defaults(func=run)
     return p
@@ -67,8 +68,12 @@ def topology_devices(name: str):
     """``(devices, kind, simulated)``: the TPU topology's devices from libtpu, or, without
     it, this host's CPU devices (which must then be as many as the topology's chips)."""
     import importlib.util
+    import os
 
     from jax.experimental import topologies
+
+    # compiling only: several plan commands (or a TPU job) may hold libtpu at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
@@ -89,14 +94,16 @@ def topology_devices(name: str):
 
 
 def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[str], dtype: str | None = None,
-              ema: bool = False, frames: int | None = None, log=print) -> tuple[list[dict], dict]:
+              ema: bool = False, frames: int | None = None, grad_accum: int = 1, log=print) -> tuple[list[dict], dict]:
     cfg = model_config(config)
     if dtype:
         cfg = cfg.replace(dtype=dtype)
     devices, kind, simulated = topology_devices(topology)
     mesh = make_mesh(mesh_sizes, devices)
-    if batch % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"--batch {batch} is not divisible by data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % grad_accum or (batch // grad_accum) % split:
+        raise ValueError(f"--batch {batch} must split into --grad-accum {grad_accum} micro-batches each divisible "
+                         f"by data x fsdp = {split}")
     model = nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(0)))
     graphdef = nnx.graphdef(model)
     tx = optimizer.adamw(optax.constant_schedule(1e-4), grad_clip=1.0)
@@ -115,13 +122,16 @@ def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[
     flops = train_step_flops(cfg, x_shape)
     hbm = HBM_GIB.get(kind) if not simulated else None
     info = dict(topology=topology, device_kind=kind, simulated=simulated, devices=len(devices),
-                mesh=dict(mesh.shape), batch=batch, input_shape=list(x_shape), dtype=cfg.dtype, ema=ema,
+                mesh=dict(mesh.shape), batch=batch, grad_accum=grad_accum, input_shape=list(x_shape), dtype=cfg.dtype,
+                ema=ema, attention_impl=cfg.attention_impl,
                 params=sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)))
     log(f"{topology}: {len(devices)} x {kind}{' (SIMULATED: libtpu not installed)' if simulated else ''}; mesh "
-        f"{dict(mesh.shape)}; global batch {batch}; {info['params']:,} parameters; compute {cfg.dtype}")
+        f"{dict(mesh.shape)}; global batch {batch} in {grad_accum} micro-batches; input {x_shape}; "
+        f"{info['params']:,} parameters; compute {cfg.dtype}, attention {cfg.attention_impl}")
     rows = []
     for remat in remats:
-        hp = S.StepConfig(noise_std=0.3, remat=resolve_remat(remat), denoiser=cfg.learnable_self_denoiser)
+        hp = S.StepConfig(noise_std=0.3, remat=resolve_remat(remat), denoiser=cfg.learnable_self_denoiser,
+                          grad_accum=grad_accum)
         step = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp),
                        in_shardings=(shard, {k: v.sharding for k, v in data.items()}), out_shardings=(shard, None),
                        donate_argnums=0)
@@ -155,7 +165,7 @@ def run(args) -> int:
     config = load_config(args.config, args.overrides)
     remats = [r.strip() for r in args.remat.split(",") if r.strip()]
     rows, _ = plan_rows(config, args.topology, parse_mesh(args.mesh), args.batch, remats, args.dtype, args.ema,
-                        args.frames)
+                        args.frames, args.grad_accum)
     print_table(rows, COLUMNS)
     print("per device: arguments (parameters, optimizer state, batch shard), outputs (the new state, aliased "
           "to the donated arguments), temporaries (activations, gradients), generated code; total = args + out "

@@ -119,39 +119,53 @@ def from_reference(state: nnx.State, state_dict: Mapping[str, Any], *, check_fin
     if report is not None:
         report.extend(sorted(ignored))
     flat = _flat_params(state)
+    arrays = gather_named(
+        [(path, tuple(_value(var).shape), _value(var).dtype) for path, var in flat],
+        lambda path, shape: [(n, layer, t) for n, (layer, t) in reference_names(path, shape)], sd,
+        check_finite=check_finite)
+    leaves = []
+    for path, var in flat:
+        leaves.append((path, var.replace(jax.numpy.asarray(arrays[path])) if hasattr(var, "replace")
+                       else jax.numpy.asarray(arrays[path])))
+    return nnx.from_flat_state(leaves)
+
+
+def gather_named(leaves, names_of, state_dict: Mapping[str, Any], *, check_finite: bool = True) -> dict:
+    """Arrays for our parameter leaves ``[(path, shape, dtype), ...]`` from a state dict of
+    another naming: ``names_of(path, shape)`` gives ``[(name, layer, transpose), ...]``,
+    one name for a plain leaf, one per layer (``layer`` its index) for a stacked leaf,
+    ``transpose`` for ``(out, in)`` weights. Returns ``{path: array}``; anything that does
+    not fit raises one ``StateDictMismatch`` listing missing, unexpected, mis-shaped and
+    non-finite entries."""
     expected = set()
     missing, mismatched, nonfinite = [], [], []
-    new_leaves = {}
-    for path, var in flat:
-        leaf = _value(var)
-        shape, dtype = tuple(leaf.shape), leaf.dtype
-        names = reference_names(path, shape)
+    out = {}
+    for path, shape, dtype in leaves:
+        names = names_of(path, shape)
         pieces = []
-        for name, (layer, transpose) in names:
+        for name, layer, transpose in names:
             expected.add(name)
             want = shape[1:] if layer is not None else shape
-            want_ref = tuple(reversed(want)) if transpose else tuple(want)
-            if name not in sd:
+            want_theirs = tuple(reversed(want)) if transpose else tuple(want)
+            if name not in state_dict:
                 missing.append(name)
                 continue
-            a = np.asarray(_to_numpy(sd[name]))
-            if tuple(a.shape) != want_ref:
-                mismatched.append((name, tuple(a.shape), want_ref))
+            a = np.asarray(_to_numpy(state_dict[name]))
+            if tuple(a.shape) != want_theirs:
+                mismatched.append((name, tuple(a.shape), want_theirs))
                 continue
+            if a.dtype == jax.numpy.bfloat16:
+                a = a.astype(np.float32)
             if check_finite and not np.all(np.isfinite(a)):
                 nonfinite.append(name)
             pieces.append(a.T if transpose else a)
         if len(pieces) == len(names):
-            arr = np.stack(pieces) if names[0][1][0] is not None else pieces[0]
-            new_leaves[path] = arr.astype(dtype)
-    unexpected = sorted(set(sd) - expected)
+            arr = np.stack(pieces) if names[0][1] is not None else pieces[0]
+            out[path] = arr.astype(dtype)
+    unexpected = sorted(set(state_dict) - expected)
     if missing or unexpected or mismatched or nonfinite:
         raise StateDictMismatch(missing, unexpected, mismatched, nonfinite)
-    leaves = []
-    for path, var in flat:
-        leaves.append((path, var.replace(jax.numpy.asarray(new_leaves[path])) if hasattr(var, "replace")
-                       else jax.numpy.asarray(new_leaves[path])))
-    return nnx.from_flat_state(leaves)
+    return out
 
 
 def _to_numpy(v) -> np.ndarray:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starflow_jax.interop.state_dict import StateDictMismatch, _to_numpy
+from starflow_jax.interop.state_dict import _to_numpy, gather_named
 from starflow_jax.text.t5 import T5Config, T5Encoder
 
 EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
@@ -182,32 +182,7 @@ def t5_from_transformers(path_or_state_dict: str | os.PathLike | Mapping[str, An
     abstract = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = [(tuple(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
-    expected, missing, mismatched, nonfinite = set(), [], [], []
-    leaves = []
-    for path, var in flat:
-        shape, dtype_ = tuple(var.shape), var.dtype
-        names = transformers_names(path, cfg.num_layers)
-        pieces = []
-        for name, layer, transpose in names:
-            expected.add(name)
-            want = shape[1:] if layer is not None else shape
-            want_hf = tuple(reversed(want)) if transpose else want
-            if name not in sd:
-                missing.append(name)
-                continue
-            a = np.asarray(_to_numpy(sd[name]))
-            if tuple(a.shape) != want_hf:
-                mismatched.append((name, tuple(a.shape), want_hf))
-                continue
-            a = a.astype(np.float32) if a.dtype == jnp.bfloat16 else a
-            if not np.all(np.isfinite(a)):
-                nonfinite.append(name)
-            pieces.append(a.T if transpose else a)
-        if len(pieces) == len(names):
-            arr = np.stack(pieces) if names[0][1] is not None else pieces[0]
-            leaves.append((path, var, arr.astype(dtype_)))
-    unexpected = sorted(set(sd) - expected)
-    if missing or unexpected or mismatched or nonfinite:
-        raise StateDictMismatch(missing, unexpected, mismatched, nonfinite)
-    new_state = nnx.from_flat_state([(path, var.replace(jnp.asarray(arr))) for path, var, arr in leaves])
+    arrays = gather_named([(path, tuple(var.shape), var.dtype) for path, var in flat],
+                          lambda path, shape: transformers_names(path, cfg.num_layers), sd)
+    new_state = nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path]))) for path, var in flat])
     return nnx.merge(graphdef, new_state)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from starflow_jax.autoencoders.vae import AutoencoderKL
 from starflow_jax.autoencoders.vae_config import VAEConfig
-from starflow_jax.interop.state_dict import StateDictMismatch
+from starflow_jax.interop.state_dict import StateDictMismatch, gather_named
 
 __all__ = ["vae_from_diffusers", "load_diffusers_checkpoint", "read_weights", "fill_state",
            "normalize_state_dict", "diffusers_name", "StateDictMismatch"]
@@ -38,25 +38,6 @@ def diffusers_name(path: tuple) -> str:
     if parts[-1] == "kernel":
         parts[-1] = "weight"
     return ".".join(parts)
-
-
-def to_ours(arr: np.ndarray, ndim: int) -> np.ndarray:
-    """A diffusers weight in our layout: OIHW -> HWIO, ``(out, in)`` -> ``(in, out)``."""
-    if ndim == 4:
-        return np.transpose(arr, (2, 3, 1, 0))
-    if ndim == 2:
-        return arr.T
-    return arr
-
-
-def torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape diffusers has for one of our leaves of shape ``shape``."""
-    if len(shape) == 4:
-        h, w, i, o = shape
-        return (o, i, h, w)
-    if len(shape) == 2:
-        return tuple(reversed(shape))
-    return tuple(shape)
 
 
 def _as_numpy(v: Any) -> np.ndarray:
@@ -163,28 +144,18 @@ def fill_state(state: nnx.State, state_dict: Mapping[str, Any], *, check_finite:
     ``StateDictMismatch`` listing missing, unexpected, mis-shaped and non-finite keys."""
     sd = normalize_state_dict(state_dict)
     flat = [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
-    missing, mismatched, nonfinite, leaves = [], [], [], []
-    expected = set()
-    for path, var in flat:
-        leaf = var.get_value() if hasattr(var, "get_value") else var
-        name, want = diffusers_name(path), torch_shape(tuple(leaf.shape))
-        expected.add(name)
-        if name not in sd:
-            missing.append(name)
-            continue
-        arr = sd[name]
-        if tuple(arr.shape) != want:
-            mismatched.append((name, tuple(arr.shape), want))
-            continue
-        if check_finite and not np.all(np.isfinite(arr)):
-            nonfinite.append(name)
-            continue
-        value = jnp.asarray(to_ours(arr, len(want)).astype(leaf.dtype))
-        leaves.append((path, var.replace(value) if hasattr(var, "replace") else value))
-    unexpected = set(sd) - expected
-    if missing or unexpected or mismatched or nonfinite:
-        raise StateDictMismatch(missing, unexpected, mismatched, nonfinite)
-    return nnx.from_flat_state(leaves)
+
+    def names_of(path, shape):
+        layout = {4: (2, 3, 1, 0), 2: True}.get(len(shape), False)  # OIHW -> HWIO, (out, in) -> (in, out)
+        return [(diffusers_name(path), None, layout)]
+
+    def leaf(var):
+        return var.get_value() if hasattr(var, "get_value") else var
+
+    arrays = gather_named([(path, tuple(leaf(var).shape), leaf(var).dtype) for path, var in flat], names_of, sd,
+                          check_finite=check_finite)
+    return nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path])) if hasattr(var, "replace")
+                                 else jnp.asarray(arrays[path])) for path, var in flat])
 
 
 def vae_from_diffusers(path_or_state_dict, config=None, *, dtype: str | None = None,

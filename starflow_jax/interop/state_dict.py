@@ -133,10 +133,12 @@ def from_reference(state: nnx.State, state_dict: Mapping[str, Any], *, check_fin
 def gather_named(leaves, names_of, state_dict: Mapping[str, Any], *, check_finite: bool = True) -> dict:
     """Arrays for our parameter leaves ``[(path, shape, dtype), ...]`` from a state dict of
     another naming: ``names_of(path, shape)`` gives ``[(name, layer, transpose), ...]``,
-    one name for a plain leaf, one per layer (``layer`` its index) for a stacked leaf,
-    ``transpose`` for ``(out, in)`` weights. Returns ``{path: array}``; anything that does
-    not fit raises one ``StateDictMismatch`` listing missing, unexpected, mis-shaped and
-    non-finite entries."""
+    one name for a plain leaf, one per layer (``layer`` its index) for a stacked leaf;
+    ``transpose``: ``False``, ``True`` (reversed axes: ``(out, in)`` weights) or the axes
+    that take their layout to ours (``np.transpose(theirs, axes)``, e.g. ``(2, 3, 1, 0)``
+    for OIHW convolutions). Returns ``{path: array}``; anything that does not fit raises
+    one ``StateDictMismatch`` listing missing, unexpected, mis-shaped and non-finite
+    entries."""
     expected = set()
     missing, mismatched, nonfinite = [], [], []
     out = {}
@@ -145,8 +147,10 @@ def gather_named(leaves, names_of, state_dict: Mapping[str, Any], *, check_finit
         pieces = []
         for name, layer, transpose in names:
             expected.add(name)
-            want = shape[1:] if layer is not None else shape
-            want_theirs = tuple(reversed(want)) if transpose else tuple(want)
+            want = tuple(shape[1:] if layer is not None else shape)
+            axes = None if transpose is False else (tuple(reversed(range(len(want)))) if transpose is True
+                                                    else tuple(transpose))
+            want_theirs = want if axes is None else tuple(want[axes.index(i)] for i in range(len(want)))
             if name not in state_dict:
                 missing.append(name)
                 continue
@@ -158,7 +162,7 @@ def gather_named(leaves, names_of, state_dict: Mapping[str, Any], *, check_finit
                 a = a.astype(np.float32)
             if check_finite and not np.all(np.isfinite(a)):
                 nonfinite.append(name)
-            pieces.append(a.T if transpose else a)
+            pieces.append(a if axes is None else np.transpose(a, axes))
         if len(pieces) == len(names):
             arr = np.stack(pieces) if names[0][1] is not None else pieces[0]
             out[path] = arr.astype(dtype)

@@ -26,6 +26,11 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]
     return first, statistics.median(times), out
 
 
+def bench_setting(config, key, default):
+    """``config.bench[key]`` when the config has it, else ``default``."""
+    return config.bench[key] if "bench" in config and key in config.bench else default
+
+
 def benchmark_model(cfg: ModelConfig, seed: int, proj_out_std: float) -> StarFlow:
     """A random model whose blocks are all non-trivial (output projections not zero)."""
     model = StarFlow(cfg, rngs=nnx.Rngs(seed))

@@ -20,7 +20,7 @@ from starflow_jax.bench.flops import train_step_flops
 from starflow_jax.config import load_config, model_config
 from starflow_jax.layers.transformer import resolve_remat
 from starflow_jax.model import StarFlow
-from starflow_jax.parallel.mesh import AXES, make_mesh
+from starflow_jax.parallel.mesh import AXES, check_batch_split, make_mesh
 from starflow_jax.parallel.rules import batch_sharding, tree_shardings
 from starflow_jax.train import optimizer
 from starflow_jax.train import step as S
@@ -100,10 +100,7 @@ def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[
         cfg = cfg.replace(dtype=dtype)
     devices, kind, simulated = topology_devices(topology)
     mesh = make_mesh(mesh_sizes, devices)
-    split = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch % grad_accum or (batch // grad_accum) % split:
-        raise ValueError(f"--batch {batch} must split into --grad-accum {grad_accum} micro-batches each divisible "
-                         f"by data x fsdp = {split}")
+    check_batch_split(batch, grad_accum, mesh, "--batch", "--grad-accum")
     model = nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(0)))
     graphdef = nnx.graphdef(model)
     tx = optimizer.adamw(optax.constant_schedule(1e-4), grad_clip=1.0)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starflow_jax.bench.common import benchmark_model, print_table, timed, write_json
+from starflow_jax.bench.common import bench_setting, benchmark_model, print_table, timed, write_json
 from starflow_jax.config import load_config, model_config
 from starflow_jax.sampling import SamplingOptions, sample
 
@@ -33,10 +33,6 @@ def add_parser(sub):
     return p
 
 
-def _bench_setting(config, key, default):
-    return config.bench[key] if "bench" in config and key in config.bench else default
-
-
 def _diffs(x, ref):
     x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
     return float(np.max(np.abs(x - ref))), float(np.sqrt(np.mean((x - ref) ** 2) / np.mean(ref ** 2)))
@@ -45,15 +41,15 @@ def _diffs(x, ref):
 def run(args) -> int:
     config = load_config(args.config, args.overrides)
     cfg = model_config(config)
-    batch = args.batch or int(_bench_setting(config, "batch", 8))
-    repeats = args.repeats or int(_bench_setting(config, "repeats", 5))
-    guidance = float(_bench_setting(config, "guidance", 2.0)) if cfg.txt_dim > 0 else 0.0
-    bs = int(_bench_setting(config, "jacobi_block_size", 16))
-    th = float(_bench_setting(config, "jacobi_th", 1e-3))
-    tight = float(_bench_setting(config, "tight_jacobi_th", 1e-6))
-    max_iter = int(_bench_setting(config, "jacobi_max_iter", 32))
-    seed = int(_bench_setting(config, "seed", 0))
-    model = benchmark_model(cfg, seed, float(_bench_setting(config, "proj_out_std", 0.02)))
+    batch = args.batch or int(bench_setting(config, "batch", 8))
+    repeats = args.repeats or int(bench_setting(config, "repeats", 5))
+    guidance = float(bench_setting(config, "guidance", 2.0)) if cfg.txt_dim > 0 else 0.0
+    bs = int(bench_setting(config, "jacobi_block_size", 16))
+    th = float(bench_setting(config, "jacobi_th", 1e-3))
+    tight = float(bench_setting(config, "tight_jacobi_th", 1e-6))
+    max_iter = int(bench_setting(config, "jacobi_max_iter", 32))
+    seed = int(bench_setting(config, "seed", 0))
+    model = benchmark_model(cfg, seed, float(bench_setting(config, "proj_out_std", 0.02)))
 
     k1, k2, k3 = jax.random.split(jax.random.key(seed + 7), 3)
     shape = (batch, cfg.in_channels, cfg.img_size, cfg.img_size)

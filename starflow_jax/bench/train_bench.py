@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from starflow_jax.bench.common import benchmark_model, print_table, write_json
+from starflow_jax.bench.common import bench_setting, benchmark_model, print_table, write_json
 from starflow_jax.bench.flops import train_step_flops
 from starflow_jax.config import load_config, model_config
 from starflow_jax.layers.transformer import resolve_remat
@@ -45,10 +45,6 @@ def add_parser(sub):
     return p
 
 
-def _setting(config, key, default):
-    return config.bench[key] if "bench" in config and key in config.bench else default
-
-
 def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a jitted ``n x n @ n x n`` matmul in ``dtype`` on the default device
     (best of ``repeats`` after compilation)."""
@@ -71,11 +67,11 @@ def _peak_rss_mb() -> float:
 def run(args) -> int:
     config = load_config(args.config, args.overrides)
     cfg = model_config(config)
-    batch = args.batch or int(_setting(config, "batch", 8))
-    steps = args.steps or int(_setting(config, "train_steps", 10))
-    seed = int(_setting(config, "seed", 0))
+    batch = args.batch or int(bench_setting(config, "batch", 8))
+    steps = args.steps or int(bench_setting(config, "train_steps", 10))
+    seed = int(bench_setting(config, "seed", 0))
     lr, clip, noise_std = 1e-4, 1.0, 0.3
-    model = benchmark_model(cfg, seed, float(_setting(config, "proj_out_std", 0.02)))
+    model = benchmark_model(cfg, seed, float(bench_setting(config, "proj_out_std", 0.02)))
     shape = (batch, cfg.in_channels, cfg.img_size, cfg.img_size)
     rng = np.random.default_rng(seed)
     x = rng.normal(size=shape).astype(np.float32)
@@ -86,8 +82,8 @@ def run(args) -> int:
 
     # the reference's AdamW (b1 0.9, b2 0.95, weight decay 1e-4), gradient clipping; noise added in the step
     tx = optimizer.adamw(optax.constant_schedule(lr), grad_clip=clip)
-    remat = args.remat or (str(config.train.remat) if "train" in config and "remat" in config.train else "none")
-    remat = resolve_remat(remat if remat not in ("True", "False") else remat == "True")
+    remat = resolve_remat(args.remat or (config.train.remat if "train" in config and "remat" in config.train
+                                         else "none"))
     hp = S.StepConfig(noise_std=noise_std, noise_type="gaussian", remat=remat)
     graphdef = nnx.graphdef(model)
     weights = jax.device_get(nnx.state(model, nnx.Param))  # the same weights for the reference

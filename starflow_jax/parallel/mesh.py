@@ -36,3 +36,14 @@ def make_mesh(sizes: dict | tuple = (-1, 1, 1), devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(sizes, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def check_batch_split(batch: int, grad_accum: int, mesh: Mesh, batch_name: str, accum_name: str) -> None:
+    """A global batch must split into ``grad_accum`` micro-batches, each divisible by the
+    mesh's ``data x fsdp`` (the axes the batch is sharded over)."""
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if grad_accum == 1 and batch % split:
+        raise ValueError(f"{batch_name}={batch} is not divisible by the mesh's data x fsdp = {split}")
+    if batch % grad_accum or (batch // grad_accum) % split:
+        raise ValueError(f"{batch_name}={batch} must split into {accum_name} {grad_accum} micro-batches each "
+                         f"divisible by the mesh's data x fsdp = {split}")

@@ -20,7 +20,7 @@ from starflow_jax.data.sources import DataSpec, make_data
 from starflow_jax.flow.loss import bits_per_dim
 from starflow_jax.layers.transformer import resolve_remat
 from starflow_jax.model import StarFlow
-from starflow_jax.parallel.mesh import make_mesh
+from starflow_jax.parallel.mesh import check_batch_split, make_mesh
 from starflow_jax.parallel.rules import batch_sharding, tree_shardings
 from starflow_jax.train import checkpoint, optimizer
 from starflow_jax.train.metrics_writer import MetricsWriter
@@ -33,12 +33,11 @@ class WorkdirError(ValueError):
 
 def _hp(config, num_classes: int) -> S.StepConfig:
     t = config.train
-    remat = t.remat if isinstance(t.remat, bool) else resolve_remat(str(t.remat))
     return S.StepConfig(noise_std=float(t.noise_std), noise_type=str(t.noise_type), levels=int(t.levels),
                         num_classes=num_classes,
                         drop_label=float(t.drop_label), latent_norm_regularization=float(t.latent_norm_regularization),
                         grad_clip=float(t.grad_clip), grad_skip=bool(t.grad_skip), ema_decay=float(t.ema_decay),
-                        remat=remat, grad_accum=int(t.get("grad_accum", 1)),
+                        remat=resolve_remat(t.remat), grad_accum=int(t.get("grad_accum", 1)),
                         cond_noise_level=bool(t.get("cond_noise_level", False)),
                         denoiser=bool(config.model.get("learnable_self_denoiser", False)))
 
@@ -188,18 +187,15 @@ def init_params_from(source: str | pathlib.Path, config, params, step: int | Non
     imported with ``starflow-jax import``) for fine-tuning: the architectures must agree."""
     from starflow_jax.interop.checkpoints import load_params
 
-    src_config, src_cfg, src_params = load_params(source, step, ema)
+    _, src_cfg, src_params = load_params(source, step, ema)
     cfg = model_config(config)
-    if src_cfg != cfg:
-        diff = [f"{f}: {getattr(src_cfg, f)!r} there, {getattr(cfg, f)!r} here"
-                for f in cfg.__dataclass_fields__ if getattr(src_cfg, f) != getattr(cfg, f)]
-        arch = [d for d in diff if not d.startswith(("dtype", "param_dtype"))]
-        if arch:
-            raise WorkdirError(f"cannot initialise from {source}: its model differs: " + "; ".join(arch))
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(src_params), jax.tree.leaves(params)):
-        if a.shape != b.shape:
-            raise WorkdirError(f"cannot initialise from {source}: {jax.tree_util.keystr(path)} has shape "
-                               f"{a.shape} there, {b.shape} here")
+    # how the model computes (dtypes, attention kernel) may change; its architecture may not
+    # (equal architectures give equal parameter shapes: load_params restored them by src_cfg)
+    compute_only = ("dtype", "param_dtype", "attention_impl", "attention_block")
+    arch = [f"{f}: {getattr(src_cfg, f)!r} there, {getattr(cfg, f)!r} here" for f in cfg.__dataclass_fields__
+            if f not in compute_only and getattr(src_cfg, f) != getattr(cfg, f)]
+    if arch:
+        raise WorkdirError(f"cannot initialise from {source}: its model differs: " + "; ".join(arch))
     return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), src_params, params)
 
 
@@ -228,13 +224,7 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     ds = train_dataset(data.train, global_batch=int(t.batch_size), seed=int(t.seed))
     it = iter(ds.to_iter_dataset())
     mesh = make_mesh(dict(config.mesh) if "mesh" in config else {"data": -1})
-    if int(t.batch_size) % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the mesh's data x fsdp = "
-                         f"{mesh.shape['data'] * mesh.shape['fsdp']}")
-    if int(t.batch_size) % hp.grad_accum or (int(t.batch_size) // hp.grad_accum) % (
-            mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"train.batch_size={t.batch_size} must split into grad_accum={hp.grad_accum} micro-batches "
-                         f"each divisible by the mesh's data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']}")
+    check_batch_split(int(t.batch_size), hp.grad_accum, mesh, "train.batch_size", "train.grad_accum")
     shard = tree_shardings(state, mesh)
     rec = data.train[0]
     bshard = {k: batch_sharding(mesh, np.ndim(rec[k]) + 1) for k in ("image", "label", "cond") if k in rec}

@@ -54,14 +54,15 @@ def conditioning(batch: dict, labels, hp: StepConfig):
     return batch.get("cond")
 
 
-def _micro_step(params, x_clean, labels, batch, key, *, graphdef, hp: StepConfig, split_key: bool):
+def _micro_step(params, batch, key, *, graphdef, hp: StepConfig, split_key: bool):
     """Loss, denoiser loss and gradients (flow + denoiser, summed: they touch disjoint
     parameters) of one micro-batch."""
     if split_key:
         k_noise, k_drop = jax.random.split(key)
     else:
         k_noise, k_drop = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-    x = objective.add_noise(k_noise, x_clean.astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
+    x = objective.add_noise(k_noise, batch["image"].astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
+    labels = batch.get("label")
     if labels is not None and hp.num_classes > 0:
         labels = objective.drop_labels(k_drop, labels, hp.drop_label)
     y = conditioning(batch, labels, hp)
@@ -108,7 +109,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
     if k < 1:
         raise ValueError(f"grad_accum must be >= 1, got {k}")
     if k == 1:
-        loss, den_loss, grads = micro(state.params, batch["image"], batch.get("label"), batch, key, split_key=True)
+        loss, den_loss, grads = micro(state.params, batch, key, split_key=True)
     else:
         b = batch["image"].shape[0]
         if b % k:
@@ -119,8 +120,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
 
         def body(carry, inp):
             i, mb = inp
-            l, dl, g = micro(state.params, mb["image"], mb.get("label"), mb, jax.random.fold_in(key, i),
-                             split_key=False)
+            l, dl, g = micro(state.params, mb, jax.random.fold_in(key, i), split_key=False)
             return jax.tree.map(jnp.add, carry, (l, dl, g)), None
 
         zero = (jnp.float32(0.0), jnp.float32(0.0), jax.tree.map(jnp.zeros_like, state.params))

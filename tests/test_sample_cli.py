@@ -101,3 +101,24 @@ def test_sample_refuses_to_overwrite(tmp_path, capsys):
     assert out.read_bytes() == b"mine"
     assert main(args + ["--overwrite"]) == 0
     assert Image.open(out).size == (10, 10)
+
+
+def test_bench_sample_cli(tmp_path, capsys):
+    """`bench sample` times sequential and Jacobi sampling and writes JSON rows with the
+    passes and the Jacobi-vs-sequential differences."""
+    import json
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "sample", "--config", TINY, "--batch", "2", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    keys = {"impl", "mode", "guidance", "jacobi_th", "batch", "seconds", "passes", "max_abs_diff_vs_sequential",
+            "rel_rms_diff_vs_sequential"}
+    assert all(keys <= set(r) and r["impl"] == "jax" and r["batch"] == 2 for r in rows)
+    for g in (0.0, 2.0):  # tiny_cpu has no bench section: guidance 2 by default
+        seq = [r for r in rows if r["mode"] == "sequential" and r["guidance"] == g]
+        jac = [r for r in rows if r["mode"] == "jacobi" and r["guidance"] == g]
+        assert len(seq) == 1 and len(jac) == 2 and seq[0]["rel_rms_diff_vs_sequential"] == 0.0
+        assert all(r["passes"] <= seq[0]["passes"] for r in jac)
+        tight = [r for r in jac if r["jacobi_th"] == 1e-6][0]
+        assert tight["rel_rms_diff_vs_sequential"] < 1e-3
+    assert "sequential" in capsys.readouterr().out

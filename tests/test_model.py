@@ -163,6 +163,24 @@ def test_video_model_shapes_and_causality_in_time(local):
 
 
 # ------------------------------------------------------------------ (d) bfloat16 compute
+@pytest.mark.parametrize("temporal_causal", [0, 1])
+def test_video_flip_order_follows_temporal_causal(temporal_causal):
+    """A ``flip`` block reverses each frame of a time-causal video model (frames stay in
+    time order) and the whole sequence otherwise, as the reference's two permutations do."""
+    cfg = ModelConfig(**{**VIDEO, "temporal_causal": temporal_causal, "shallow_block_local": False,
+                         "seq_order": "L2R"})
+    block = FlowBlock(cfg, channels=32, num_heads=1, num_layers=1, order="flip", conditioned=False,
+                      rngs=nnx.Rngs(0))
+    b, t, n = 1, 3, 4
+    x = jnp.arange(b * t * n, dtype=jnp.float32).reshape(b, t, 2, 2, 1)
+    seq, frames = block.tokens(x)
+    got = np.asarray(seq[0, :, 0]).astype(int).tolist()
+    want = ([3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8] if temporal_causal else list(range(11, -1, -1)))
+    assert frames == t and got == want
+    assert block.keeps_frame_order(t) == bool(temporal_causal)
+    np.testing.assert_array_equal(np.asarray(block.untokens(seq, x.shape, frames)), np.asarray(x))
+
+
 def matmul_operand_dtypes(fn, *args) -> list[tuple[str, ...]]:
     """Operand dtypes of every ``dot_general`` in the jaxpr of ``fn(*args)`` (scan bodies included)."""
     from jax.extend import core as jcore

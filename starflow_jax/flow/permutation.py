@@ -4,9 +4,10 @@ Every block flattens its ``(h, w)`` grid (or ``(t, h, w)`` video) to a sequence
 and reads it in one of two orders:
 
 * ``identity``: raster order;
-* ``flip``: the reversed sequence; for video models (``temporal_causal``) the
-  flip happens within each frame, so the frames stay in time order and the
-  model remains causal in time ("flip in frame").
+* ``flip``: the reversed sequence; for time-causal video models
+  (``temporal_causal``) the flip happens within each frame, so the frames stay in
+  time order and the model remains causal in time ("flip in frame"); ``permute``
+  takes the number of groups to flip within (1: the whole sequence).
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def flatten_tokens(x: jax.Array) -> jax.Array:
 
 
 def permute(seq: jax.Array, order: str, frames: int) -> jax.Array:
-    """Apply ``order`` to ``(b, n, c)`` tokens made of ``frames`` equal frames.
+    """Apply ``order`` to ``(b, n, c)`` tokens made of ``frames`` equal groups (a flip
+    reverses each group).
 
     Both orders are involutions, so the same call also undoes them."""
     if order == IDENTITY:

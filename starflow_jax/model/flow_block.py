@@ -61,13 +61,24 @@ class FlowBlock(nnx.Module):
         self.final_norm = RMSNorm(channels, param_dtype=param_dtype) if cfg.use_final_norm else None
 
     # -------------------------------------------------------------- pieces
+    def flip_groups(self, frames: int) -> int:
+        """Groups a ``flip`` reverses within: every frame for time-causal video models
+        (``temporal_causal``: frames stay in time order), else the whole sequence (the
+        reference's global flip)."""
+        return frames if self.cfg.temporal_causal else 1
+
     def tokens(self, x: jax.Array) -> tuple[jax.Array, int]:
         """``(b, [t,] h, w, c)`` to the block's reading order ``(b, n, c)``, and the frame count."""
         frames = x.shape[1] if x.ndim == 5 else 1
-        return permutation.permute(permutation.flatten_tokens(x), self.order, frames), frames
+        return permutation.permute(permutation.flatten_tokens(x), self.order, self.flip_groups(frames)), frames
 
     def untokens(self, seq: jax.Array, shape: tuple[int, ...], frames: int) -> jax.Array:
-        return permutation.permute(seq, self.order, frames).reshape(shape[:-1] + (seq.shape[-1],))
+        return permutation.permute(seq, self.order, self.flip_groups(frames)).reshape(shape[:-1] + (seq.shape[-1],))
+
+    def keeps_frame_order(self, frames: int) -> bool:
+        """Whether the reading order visits the frames in time order (a video prefix of
+        whole frames is then a prefix of the sequence)."""
+        return frames <= 1 or self.order == permutation.IDENTITY or self.flip_groups(frames) == frames
 
     def text_prefix(self, y: jax.Array | None) -> jax.Array | None:
         if not self.conditioned:
@@ -81,7 +92,7 @@ class FlowBlock(nnx.Module):
         if h.shape[1] != pe.shape[0]:
             raise ValueError(f"learned position embeddings cover {pe.shape[0]} tokens, input has {h.shape[1]}; "
                              "use rope=True for other sizes")
-        pe = permutation.permute(pe[None], self.order, frames)
+        pe = permutation.permute(pe[None], self.order, self.flip_groups(frames))
         return h + pe.astype(h.dtype)
 
     def network(self, h_tokens: jax.Array, txt: jax.Array | None, rope, temp: float = 1.0,

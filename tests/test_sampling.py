@@ -34,12 +34,12 @@ def test_guidance_rule_limits():
 
 
 def test_jacobi_schedule():
-    assert jacobi_schedule(64, 64, 16) == [(0, 16, 4)]
-    assert jacobi_schedule(70, 70, 16) == [(0, 16, 4), (64, 6, 1)]
+    assert jacobi_schedule(0, 64, 64, 16) == [(0, 16, 4)]
+    assert jacobi_schedule(0, 70, 70, 16) == [(0, 16, 4), (64, 6, 1)]
     # video: frames of 16 tokens; chunks of 4 while start <= 16, then 16
-    assert jacobi_schedule(48, 16, 4) == [(0, 4, 5), (20, 16, 1), (36, 12, 1)]
+    assert jacobi_schedule(0, 48, 16, 4) == [(0, 4, 5), (20, 16, 1), (36, 12, 1)]
     with pytest.raises(ValueError, match="positive"):
-        jacobi_schedule(10, 10, 0)
+        jacobi_schedule(0, 10, 10, 0)
 
 
 def test_jacobi_matches_sequential_and_saves_passes():

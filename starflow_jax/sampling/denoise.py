@@ -65,3 +65,31 @@ def denoise(model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, noise_
     if use_learned:
         return learned_denoise(model, x, y, noise_std=noise_std)
     return score_denoise(model, x, y, noise_std=noise_std)
+
+
+def denoise_video(model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, noise_std: float,
+                  window: int | None = None, use_learned: bool | None = None) -> jax.Array:
+    """``denoise`` over a video ``(b, t, c, H, W)`` in windows of ``window`` frames (the
+    attention window used for sampling; default: the whole video), the reference's
+    overlap rule: the first window is denoised whole; each later window starts
+    ``window - overlap`` frames further on, reads the frames already denoised before it
+    as context, and writes only its frames after the first ``overlap``
+    (``overlap = denoiser_window`` if the model sets one, else ``window - 1``: one new
+    frame per window)."""
+    if x.ndim != 5:
+        raise ValueError(f"denoise_video needs a video (b, t, c, H, W), got shape {tuple(x.shape)}")
+    t = x.shape[1]
+    steps = t if window is None else int(window)
+    if steps < 1:
+        raise ValueError(f"the denoising window must hold at least one frame, got {steps}")
+    dw = model.cfg.denoiser_window
+    overlap_next = steps - 1 if dw is None else int(dw)
+    if window is not None and steps < t and not 0 <= overlap_next < steps:
+        raise ValueError(f"denoiser_window={dw} must be smaller than the {steps}-frame denoising window")
+    start, overlap = 0, 0
+    while start < t and start + overlap < min(t, start + steps):
+        out = denoise(model, x[:, start:start + steps], y, noise_std=noise_std, use_learned=use_learned)
+        x = x.at[:, start + overlap:start + steps].set(out[:, overlap:])
+        overlap = overlap_next
+        start += steps - overlap
+    return x

@@ -1,8 +1,8 @@
 """Inverting one flow block (noise to data), inside ``jax.jit``.
 
-Both inversions keep a preallocated KV cache per layer, ``(layers, b, slots,
-kv_heads, head_dim)`` with ``slots = text + tokens``, carried as a pytree through
-``lax`` loops; the text prefix is written once.
+Both inversions keep a preallocated KV cache per layer, ``(layers, b, kv_heads, slots,
+head_dim)`` with ``slots = text + tokens``, carried as a pytree through ``lax`` loops;
+the text prefix is written once.
 
 * ``sequential``: one network pass per token (``lax.fori_loop``).
 * ``jacobi``: the sequence is cut into chunks; each chunk is iterated to a fixed point
@@ -11,10 +11,25 @@ kv_heads, head_dim)`` with ``slots = text + tokens``, carried as a pytree throug
   were made. For video, the chunks after the first frame are 4x larger and a chunk's
   first iterate reads the tokens one frame earlier (the reference's video-aware schedule).
 Both land on the same fixed point.
+
+Two video extensions (models with an SOS token), both as the reference does them:
+
+* a **given prefix** (``given``: the block's input for the first frames, image-to-video /
+  video-to-video): those tokens are kept, their keys and values written into the cache by
+  one pass over ``[SOS, given[:-1]]`` (what the reference's ``forward_context`` leaves in
+  the cache), and sampling continues after them;
+* a **sliding window** (``window`` frames, ``context`` frames): the cache holds one window;
+  when the generated tokens reach its end, the last ``context`` frames are re-encoded as a
+  fresh sequence ``[SOS, context[:-1]]`` at the start of the cache and sampling goes on,
+  ``window - context`` new frames per window. Window ``k`` is the sequence of tokens
+  ``[base_k, end_k)`` read from cache slot 0 (RoPE positions restart there); the windows
+  after the first share one compiled body (``lax.fori_loop``), so the program does not
+  grow with the video's length.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -87,9 +102,45 @@ class _Decoder:
         return apply_layers_cached(layers, h, rope, cache, self.first_slots, slot, write, attn_temp)
 
 
-def _setup(dec: _Decoder, z_img: jax.Array, y, guidance: float, attn_temp: float, segments: int = 1):
+def window_plan(n: int, frame: int, given: int, window: int | None, context: int | None) -> list[tuple[int, int, int]]:
+    """The windows ``(base, start, end)`` (token indices): window ``k`` reads tokens
+    ``[base, end)`` as one sequence, the first ``start - base`` of them known (the given
+    prefix, or the re-encoded context), and generates ``[start, end)``. ``window`` and
+    ``context`` count frames of ``frame`` tokens; ``given`` counts tokens."""
+    if not 0 <= given <= n:
+        raise ValueError(f"the given prefix has {given} tokens, the sequence {n}")
+    if window is None:
+        return [(0, given, n)]
+    if window < 2:
+        raise ValueError(f"a sliding attention window needs at least 2 frames, got {window}")
+    if context is None or not 1 <= context < window:
+        raise ValueError(f"the re-encoded context must hold 1 to {window - 1} frames (window {window}), got {context}")
+    w, c = window * frame, context * frame
+    if given > w:
+        raise ValueError(f"the given frames ({given // frame}) exceed the attention window ({window} frames)")
+    plan = [(0, given, min(n, w))]
+    while plan[-1][2] < n:
+        start = plan[-1][2]
+        plan.append((start - c, start, min(n, start - c + w)))
+    return plan
+
+
+def _runs(items: list[tuple[int, ...]], key) -> list[tuple[tuple[int, ...], int]]:
+    """Consecutive items with equal ``key`` grouped as ``(first item, count)``."""
+    runs: list[list] = []
+    for it in items:
+        if runs and key(runs[-1][0]) == key(it):
+            runs[-1][1] += 1
+        else:
+            runs.append([it, 1])
+    return [(tuple(r[0]), r[1]) for r in runs]
+
+
+def _setup(dec: _Decoder, z_img: jax.Array, y, guidance: float, attn_temp: float, token_slots: int | None = None,
+           segments: int = 1):
     """Tokens in reading order (batch doubled under guidance), the RoPE table, the token
-    segment bounds, and a KV cache with the text prefix already written."""
+    segment bounds, and a KV cache of ``token_slots`` token slots (default: all tokens)
+    with the text prefix already written."""
     block = dec.block
     seq, frames = block.tokens(z_img.astype(jnp.float32))
     if guidance > 0:
@@ -101,7 +152,7 @@ def _setup(dec: _Decoder, z_img: jax.Array, y, guidance: float, attn_temp: float
                          + (" (guidance doubles the batch: pass concat([y, y_null]))" if guidance > 0 else ""))
     prefix = 0 if txt is None else txt.shape[1]
     rope = block_rope(block.cfg, block.spec.head_dim, z_img.shape, prefix, block.conditioned)
-    bounds = token_segments(n, segments if dec.layers is not None else 1)
+    bounds = token_segments(token_slots or n, segments if dec.layers is not None else 1)
     cache = dec.empty_cache(b, prefix, bounds)
     if txt is not None:
         r = None if rope is None else (rope[0][:prefix], rope[1][:prefix])
@@ -117,16 +168,22 @@ def _rope_rows(rope, start, m):
     return (jax.lax.dynamic_slice_in_dim(rope[0], start, m, 0), jax.lax.dynamic_slice_in_dim(rope[1], start, m, 0))
 
 
+def _hidden(dec: _Decoder, block: FlowBlock, layers, tokens_in, cache, rope, slot, write, pos_index, attn_temp):
+    """The layers over ``m`` input tokens written at cache slot ``slot``: hidden states and
+    the new cache."""
+    m = tokens_in.shape[1]
+    h = block.proj_in(tokens_in.astype(block.proj_in.kernel[...].dtype))
+    if block.pos_embed is not None:
+        h = h + jax.lax.dynamic_slice_in_dim(block.pos_embed[...], pos_index, m, 0)[None].astype(h.dtype)
+    return dec.layers_cached(block, layers, h, _rope_rows(rope, slot, m), cache, slot, write, attn_temp)
+
+
 def _predict(dec: _Decoder, block: FlowBlock, layers, tokens_in, cache, rope, slot, write, pos_index, attn_temp,
              guidance):
     """One network pass over ``m`` input tokens at cache slot ``slot`` (in cache chunk
     ``write``): the inverse step's ``(scale, shift)`` for the ``m`` tokens they predict,
     and the new cache."""
-    m = tokens_in.shape[1]
-    h = block.proj_in(tokens_in.astype(block.proj_in.kernel[...].dtype))
-    if block.pos_embed is not None:
-        h = h + jax.lax.dynamic_slice_in_dim(block.pos_embed[...], pos_index, m, 0)[None].astype(h.dtype)
-    h, cache = dec.layers_cached(block, layers, h, _rope_rows(rope, slot, m), cache, slot, write, attn_temp)
+    h, cache = _hidden(dec, block, layers, tokens_in, cache, rope, slot, write, pos_index, attn_temp)
     if block.final_norm is not None:
         h = block.final_norm(h)
     raw = affine.soft_clip(block.proj_out(h), block.cfg.soft_clip)
@@ -135,6 +192,17 @@ def _predict(dec: _Decoder, block: FlowBlock, layers, tokens_in, cache, rope, sl
     if guidance > 0:
         scale, b = guide_doubled_batch(scale, b, guidance)
     return scale, b, cache
+
+
+def _encode_known(dec: _Decoder, x_full, cache, rope, prefix: int, base, count: int, sos, attn_temp):
+    """Write the keys and values of the known tokens ``[base, base + count)`` into cache
+    slots ``prefix..`` as the start of a fresh sequence: one pass over
+    ``[SOS, tokens base .. base + count - 2]`` (``x_full`` slot ``j + 1`` holds token ``j``)."""
+    block, layers = dec.modules()
+    inp = jax.lax.dynamic_slice_in_dim(x_full, base, count, 1)
+    inp = jnp.concatenate([sos, inp[:, 1:]], axis=1)
+    _, cache = _hidden(dec, block, layers, inp, cache, rope, jnp.int32(prefix), 0, 0, attn_temp)
+    return cache
 
 
 def _finish(block, x, z_img, frames, guidance):
@@ -148,36 +216,118 @@ def _check_block_positions(block: FlowBlock, n: int):
         raise ValueError(f"learned position embeddings cover {block.pos_embed.shape[0]} tokens, sampling {n}")
 
 
-@functools.partial(nnx.jit, static_argnames=("guidance", "attn_temp", "unroll", "segments"))
-def sequential(block: FlowBlock, z_img: jax.Array, y=None, *, guidance: float = 0.0, attn_temp: float = 1.0,
-               unroll: bool = False, segments: int = 1):
+def _start_sequence(block: FlowBlock, z, z_img, given, frames: int, window, guidance):
+    """``x_full`` (``(b, n + 1, c)``: SOS then the first iterate ``z`` with the given
+    tokens written in), the SOS row, the frame size and the given token count."""
+    b, n, c = z.shape
+    frame = n // frames
+    if (given is not None or window is not None) and block.sos_embed is None:
+        raise ValueError("a given prefix or a sliding attention window needs a model with an SOS token (sos=True)")
+    if window is not None and block.pos_embed is not None:
+        raise ValueError("a sliding attention window needs RoPE positions (rope=True)")
+    sos = jnp.broadcast_to(block.sos_embed[...].astype(jnp.float32), (b, 1, c))
+    x_full = jnp.concatenate([sos, z], axis=1)
+    n_given = 0
+    if given is not None:
+        if given.ndim != z_img.ndim or given.shape[0] != z_img.shape[0] or given.shape[2:] != z_img.shape[2:] \
+                or z_img.ndim != 5:
+            raise ValueError(f"given frames {tuple(given.shape)} do not match the video {tuple(z_img.shape)} "
+                             "(same batch, frame size and channels; a video model)")
+        if given.shape[1] > frames:
+            raise ValueError(f"{given.shape[1]} given frames exceed the {frames} frames sampled")
+        if not block.keeps_frame_order(frames):
+            raise ValueError("this block does not read the frames in time order (temporal_causal=0 with a "
+                             "flip order): a given first frame is not a prefix of its sequence")
+        g, _ = block.tokens(given.astype(jnp.float32))
+        if guidance > 0:
+            g = jnp.concatenate([g, g], axis=0)
+        n_given = g.shape[1]
+        x_full = jax.lax.dynamic_update_slice_in_dim(x_full, g, 1, 1)
+    return x_full, sos, frame, n_given
+
+
+def _window_loop(plan, run_window, carry):
+    """Run ``run_window(base, start, end_minus_start, carry)`` over the windows of ``plan``;
+    consecutive windows of the same shape share one ``lax.fori_loop`` body."""
+    for (base, start, end), count in _runs(plan, key=lambda w: (w[1] - w[0], w[2] - w[1])):
+        known, new = start - base, end - start
+        if count == 1:
+            carry = run_window(jnp.int32(base), known, new, carry)
+        else:
+            step = new  # consecutive uniform windows advance by their new tokens
+            carry = jax.lax.fori_loop(0, count, lambda k, c, base=base, known=known, new=new, step=step:
+                                      run_window(base + k * step, known, new, c), carry)
+    return carry
+
+
+@functools.partial(nnx.jit, static_argnames=("guidance", "attn_temp", "unroll", "segments", "window", "context"))
+def sequential(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidance: float = 0.0,
+               attn_temp: float = 1.0, unroll: bool = False, segments: int = 1, window: int | None = None,
+               context: int | None = None):
     """Autoregressive inversion of ``block``: ``z_img`` (patchified, block input shape) to
     the block's input. Returns ``(x, passes)``. ``unroll``: see ``resolve_unroll``;
-    ``segments`` (unrolled only): the token loop runs in that many segments, each reading
-    only the KV cache written so far (see ``_Decoder``)."""
+    ``segments`` (unrolled, no prefix or window): the token loop runs in that many
+    segments, each reading only the KV cache written so far (see ``_Decoder``);
+    ``given`` / ``window`` / ``context``: see the module docstring."""
+    if block.sos_embed is None:
+        if given is not None or window is not None:
+            raise ValueError("a given prefix or a sliding attention window needs a model with an SOS token "
+                             "(sos=True)")
+        return _sequential_shifted(block, z_img, y, guidance=guidance, attn_temp=attn_temp, unroll=unroll,
+                                   segments=segments)
     dec = _Decoder(block, unroll)
-    z, frames, prefix, rope, bounds, cache = _setup(dec, z_img, y, guidance, attn_temp, segments)
+    n_tok = math.prod(z_img.shape[1:-1])
+    frames = z_img.shape[1] if z_img.ndim == 5 else 1
+    plain = given is None and window is None
+    slots = n_tok if window is None else min(n_tok, window * (n_tok // frames))
+    z, frames, prefix, rope, bounds, cache = _setup(dec, z_img, y, guidance, attn_temp, slots,
+                                                    segments if plain else 1)
     _check_block_positions(block, z.shape[1])
-    n = z.shape[1]
-    use_sos = block.sos_embed is not None
-    steps = n if use_sos else n - 1
-    sos = None
-    if use_sos:
-        sos = jnp.broadcast_to(block.sos_embed[...].astype(jnp.float32), (z.shape[0], 1, z.shape[2]))
+    x_full, sos, frame, n_given = _start_sequence(block, z, z_img, given, frames, window, guidance)
+    plan = window_plan(z.shape[1], frame, n_given, window, context)
+
+    def body(t, carry, base, write):
+        x_full, cache = carry
+        block, layers = dec.modules()
+        tok = jax.lax.dynamic_slice_in_dim(x_full, t, 1, 1)  # token t - 1 (SOS for t = 0)
+        scale, shift, cache = _predict(dec, block, layers, tok, cache, rope, prefix + t - base, write, t - base,
+                                       attn_temp, guidance)
+        new = affine.affine_inverse(jax.lax.dynamic_slice_in_dim(z, t, 1, 1), scale, shift)
+        return jax.lax.dynamic_update_slice_in_dim(x_full, new, t + 1, 1), cache
+
+    def run_window(base, known, new, carry):
+        x_full, cache, passes = carry
+        if known:
+            cache = _encode_known(dec, x_full, cache, rope, prefix, base, known, sos, attn_temp)
+            passes = passes + 1
+        lo = base + known
+        loop = (x_full, cache)
+        if plain:
+            for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+                loop = jax.lax.fori_loop(a, b, functools.partial(body, base=0, write=g), loop)
+        else:
+            loop = jax.lax.fori_loop(lo, lo + new, functools.partial(body, base=base, write=0), loop)
+        return loop + (passes + new,)
+
+    x_full, _, passes = _window_loop(plan, run_window, (x_full, cache, jnp.int32(0)))
+    return _finish(block, x_full[:, 1:], z_img, frames, guidance), passes
+
+
+def _sequential_shifted(block: FlowBlock, z_img, y, *, guidance, attn_temp, unroll, segments):
+    """Sequential inversion of a block without SOS token: token 0 is its own noise, token
+    ``t + 1`` is predicted from tokens ``0..t``."""
+    dec = _Decoder(block, unroll)
+    z, frames, prefix, rope, bounds, cache = _setup(dec, z_img, y, guidance, attn_temp, None, segments)
+    _check_block_positions(block, z.shape[1])
+    steps = z.shape[1] - 1
 
     def body(t, carry, write):
         x, cache = carry
         block, layers = dec.modules()
-        if use_sos:
-            prev = jax.lax.dynamic_slice_in_dim(x, jnp.maximum(t - 1, 0), 1, 1)
-            tok = jnp.where(t == 0, sos, prev)
-            target = t
-        else:
-            tok = jax.lax.dynamic_slice_in_dim(x, t, 1, 1)
-            target = t + 1
+        tok = jax.lax.dynamic_slice_in_dim(x, t, 1, 1)
         scale, shift, cache = _predict(dec, block, layers, tok, cache, rope, prefix + t, write, t, attn_temp, guidance)
-        new = affine.affine_inverse(jax.lax.dynamic_slice_in_dim(z, target, 1, 1), scale, shift)
-        return jax.lax.dynamic_update_slice_in_dim(x, new, target, 1), cache
+        new = affine.affine_inverse(jax.lax.dynamic_slice_in_dim(z, t + 1, 1, 1), scale, shift)
+        return jax.lax.dynamic_update_slice_in_dim(x, new, t + 1, 1), cache
 
     carry = (z, cache)
     for g, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -187,46 +337,44 @@ def sequential(block: FlowBlock, z_img: jax.Array, y=None, *, guidance: float = 
     return _finish(block, carry[0], z_img, frames, guidance), jnp.int32(steps)
 
 
-def jacobi_schedule(n: int, frame: int, block_size: int) -> list[tuple[int, int, int]]:
-    """Chunks as runs ``(first_start, size, count)`` of equal-size consecutive chunks:
-    ``block_size`` tokens while the chunk starts within the first frame (or at its end),
-    ``4 * block_size`` after, the last chunk cut at ``n``."""
+def jacobi_schedule(start: int, end: int, frame: int, block_size: int) -> list[tuple[int, int, int]]:
+    """Chunks of tokens ``[start, end)`` as runs ``(first_start, size, count)`` of
+    equal-size consecutive chunks: ``block_size`` tokens while the chunk starts within the
+    first frame (or at its end), ``4 * block_size`` after, the last chunk cut at ``end``."""
     if block_size <= 0:
         raise ValueError(f"jacobi_block_size must be positive, got {block_size}")
     chunks = []
-    start = 0
-    while start < n:
+    while start < end:
         size = block_size if start <= frame else 4 * block_size
-        size = min(size, n - start)
+        size = min(size, end - start)
         chunks.append((start, size))
         start += size
-    runs: list[list[int]] = []
-    for start, size in chunks:
-        if runs and runs[-1][1] == size:
-            runs[-1][2] += 1
-        else:
-            runs.append([start, size, 1])
-    return [tuple(r) for r in runs]
+    return [(first, size, count) for (first, size), count in _runs(chunks, key=lambda c: c[1])]
 
 
-@functools.partial(nnx.jit, static_argnames=("guidance", "attn_temp", "block_size", "max_iter", "unroll"))
-def jacobi(block: FlowBlock, z_img: jax.Array, y=None, *, guidance: float = 0.0, attn_temp: float = 1.0,
-           block_size: int = 32, threshold: float | jax.Array = 1e-3, max_iter: int = 32, unroll: bool = False):
+@functools.partial(nnx.jit, static_argnames=("guidance", "attn_temp", "block_size", "max_iter", "unroll", "window",
+                                             "context"))
+def jacobi(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidance: float = 0.0, attn_temp: float = 1.0,
+           block_size: int = 32, threshold: float | jax.Array = 1e-3, max_iter: int = 32, unroll: bool = False,
+           window: int | None = None, context: int | None = None):
     """Block-wise Jacobi inversion of ``block`` (needs an SOS token). Returns ``(x, passes)``,
-    ``passes`` the number of network passes over chunks (text prefill not counted)."""
+    ``passes`` the number of network passes over chunks (text prefill not counted; the
+    passes writing a given prefix or a re-encoded context counted). ``given`` /
+    ``window`` / ``context``: see the module docstring."""
     if block.sos_embed is None:
         raise ValueError("Jacobi sampling needs a model with an SOS token (sos=True); use sequential sampling")
     if max_iter < 1:
         raise ValueError(f"jacobi_max_iter must be >= 1, got {max_iter}")
     dec = _Decoder(block, unroll)
-    z, frames, prefix, rope, _, cache = _setup(dec, z_img, y, guidance, attn_temp)
-    b, n, c = z.shape
-    frame = n // frames
-    sos = jnp.broadcast_to(block.sos_embed[...].astype(jnp.float32), (b, 1, c))
-    x_full = jnp.concatenate([sos, z], axis=1)  # slot j + 1 holds token j; first iterate: z
+    n_tok = math.prod(z_img.shape[1:-1])
+    frames = z_img.shape[1] if z_img.ndim == 5 else 1
+    slots = n_tok if window is None else min(n_tok, window * (n_tok // frames))
+    z, frames, prefix, rope, _, cache = _setup(dec, z_img, y, guidance, attn_temp, slots)
+    x_full, sos, frame, n_given = _start_sequence(block, z, z_img, given, frames, window, guidance)
+    plan = window_plan(z.shape[1], frame, n_given, window, context)
     threshold = jnp.asarray(threshold, jnp.float32)
 
-    def run_chunk(start, size, carry):
+    def run_chunk(start, size, base, carry):
         x_full, cache, passes = carry
 
         def cond(s):
@@ -238,8 +386,8 @@ def jacobi(block: FlowBlock, z_img: jax.Array, y=None, *, guidance: float = 0.0,
             block, layers = dec.modules()
             src = jnp.where((i == 0) & (start > frame), start - frame, start)
             tok = jax.lax.dynamic_slice_in_dim(x_full, src, size, 1)
-            scale, shift, cache = _predict(dec, block, layers, tok, cache, rope, prefix + start, 0, start,
-                                           attn_temp, guidance)
+            scale, shift, cache = _predict(dec, block, layers, tok, cache, rope, prefix + start - base, 0,
+                                           start - base, attn_temp, guidance)
             new = affine.affine_inverse(jax.lax.dynamic_slice_in_dim(z, start, size, 1), scale, shift)
             old = jax.lax.dynamic_slice_in_dim(x_full, start + 1, size, 1)
             diff = jnp.mean(jnp.square(new - old)) / jnp.mean(jnp.square(new))
@@ -249,12 +397,29 @@ def jacobi(block: FlowBlock, z_img: jax.Array, y=None, *, guidance: float = 0.0,
         i, _, x_full, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.bool_(False), x_full, cache))
         return x_full, cache, passes + i
 
-    carry = (x_full, cache, jnp.int32(0))
-    for first, size, count in jacobi_schedule(n, frame, block_size):
-        if count == 1:
-            carry = run_chunk(jnp.int32(first), size, carry)
-        else:
-            carry = jax.lax.fori_loop(0, count, lambda k, c, first=first, size=size:
-                                      run_chunk(first + k * size, size, c), carry)
+    # Within a window the chunk schedule depends on the window's first generated token
+    # (static for the first window; every later window starts past the first frame).
+    def run_window(base, known, new, carry, first_start=None):
+        x_full, cache, passes = carry
+        if known:
+            cache = _encode_known(dec, x_full, cache, rope, prefix, base, known, sos, attn_temp)
+            passes = passes + 1
+        lo = base + known
+        static_lo = first_start if first_start is not None else max(frame + 1, known)
+        carry = (x_full, cache, passes)
+        for first, size, count in jacobi_schedule(static_lo, static_lo + new, frame, block_size):
+            off = first - static_lo
+            if count == 1:
+                carry = run_chunk(lo + off, size, base, carry)
+            else:
+                carry = jax.lax.fori_loop(0, count, lambda k, c, off=off, size=size:
+                                          run_chunk(lo + off + k * size, size, base, c), carry)
+        return carry
+
+    first, rest = plan[0], plan[1:]
+    carry = run_window(jnp.int32(0), first[1], first[2] - first[1], (x_full, cache, jnp.int32(0)),
+                       first_start=first[1])
+    if rest:
+        carry = _window_loop(rest, run_window, carry)
     x_full, _, passes = carry
     return _finish(block, x_full[:, 1:], z_img, frames, guidance), passes

@@ -32,27 +32,61 @@ class SamplingOptions:
     # each reading only the part of the KV cache written so far (less memory traffic for
     # early tokens, one more copy of the loop body in the program per segment).
     cache_segments: int = 2
+    # Videos longer than the attention window (the deep block's sliding window, in
+    # frames): None = the model's local_attn_window. When the generated frames fill the
+    # window, the last ``context_frames`` (None: window - 1) are re-encoded and sampling
+    # goes on (the reference's long-video sampling).
+    window_frames: int | None = None
+    context_frames: int | None = None
 
 
-def _invert_block(block, h, y, opts: SamplingOptions, guidance: float):
+def _invert_block(block, h, y, opts: SamplingOptions, guidance: float, given=None, window=None, context=None):
     if isinstance(block, IdentityBlock):
         return h, 0
     unroll = invert.resolve_unroll(opts.unroll_layers)
     if opts.jacobi:
-        return invert.jacobi(block, h, y, guidance=float(guidance), attn_temp=float(opts.attn_temp),
+        return invert.jacobi(block, h, y, given, guidance=float(guidance), attn_temp=float(opts.attn_temp),
                              block_size=int(opts.jacobi_block_size), threshold=opts.jacobi_th,
-                             max_iter=int(opts.jacobi_max_iter), unroll=unroll)
-    return invert.sequential(block, h, y, guidance=float(guidance), attn_temp=float(opts.attn_temp),
-                             unroll=unroll, segments=int(opts.cache_segments) if unroll else 1)
+                             max_iter=int(opts.jacobi_max_iter), unroll=unroll, window=window, context=context)
+    return invert.sequential(block, h, y, given, guidance=float(guidance), attn_temp=float(opts.attn_temp),
+                             unroll=unroll, segments=int(opts.cache_segments) if unroll else 1, window=window,
+                             context=context)
+
+
+def attention_window(cfg, opts: SamplingOptions, frames: int) -> tuple[int | None, int | None]:
+    """``(window, context)`` frames of the deep block for sampling ``frames`` frames:
+    ``(None, None)`` when the video fits in the window (or no window is set)."""
+    window = opts.window_frames if opts.window_frames is not None else cfg.local_attn_window
+    if not window or frames <= window:
+        return None, None
+    if not cfg.shallow_block_local:
+        raise ValueError(f"sampling {frames} frames beyond a {window}-frame attention window needs a model with "
+                         "shallow_block_local=True (frame-local shallow blocks), as in the reference")
+    context = opts.context_frames if opts.context_frames is not None else window - 1
+    if not 1 <= context < window:
+        raise ValueError(f"context_frames must lie in [1, {window - 1}] for a {window}-frame window, got {context}")
+    return int(window), int(context)
+
+
+def context_inputs(model: StarFlow, given: jax.Array, y: jax.Array | None) -> list[jax.Array]:
+    """The input of every block (patchified, bottom to top) for the given first frames
+    ``(b, g, c, H, W)``: the flow's forward pass over them (the reference's
+    ``forward_context``; conditioned on ``y``, the conditional half under guidance)."""
+    out = model(given.astype(jnp.float32), y)
+    return list(out.outputs[:-1])
 
 
 def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: SamplingOptions | None = None,
-           *, on_block: Callable[[int, int], None] | None = None, return_passes: bool = False):
+           *, given: jax.Array | None = None, on_block: Callable[[int, int], None] | None = None,
+           return_passes: bool = False):
     """Noise ``(b, c, H, W)`` / ``(b, t, c, H, W)`` to data.
 
     With ``opts.guidance > 0``, ``y`` is ``concat([y_cond, y_null])`` (batch ``2b``);
-    models with ``cond_top_only`` guide only the deep block. ``on_block(i, n)`` is called
-    after each block (progress reporting)."""
+    models with ``cond_top_only`` guide only the deep block. ``given`` (video models with
+    an SOS token): the first ``g`` frames ``(b, g, c, H, W)`` of the output, kept exactly
+    (image-to-video with ``g = 1``, video-to-video); the rest is sampled after them.
+    Videos longer than the attention window slide it (``attention_window``).
+    ``on_block(i, n)`` is called after each block (progress reporting)."""
     opts = opts or SamplingOptions()
     if opts.cache_segments < 1:
         raise ValueError(f"cache_segments must be >= 1, got {opts.cache_segments}")
@@ -70,27 +104,40 @@ def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: 
         if guidance > 0:
             raise ValueError("guidance needs a conditioned model (txt_dim > 0)")
         model.check_inputs(noise, None)
-    if noise.ndim == 5 and cfg.local_attn_window and noise.shape[1] > cfg.local_attn_window:
-        raise ValueError(f"{noise.shape[1]} frames exceed local_attn_window={cfg.local_attn_window}: sampling "
-                         "beyond the attention window (sliding window with context re-encoding) is not "
-                         "implemented yet (issue #7)")
+    window, context = (None, None) if noise.ndim == 4 else attention_window(cfg, opts, noise.shape[1])
+    inputs = None
+    if given is not None:
+        if noise.ndim != 5 or given.ndim != 5 or given.shape[0] != b or given.shape[2:] != noise.shape[2:]:
+            raise ValueError(f"given frames {tuple(given.shape)} must be a video (b, g, c, H, W) matching the "
+                             f"sampled video {tuple(noise.shape)} in batch, channels and size")
+        if not 1 <= given.shape[1] <= noise.shape[1]:
+            raise ValueError(f"given frames: {given.shape[1]}, sampled frames: {noise.shape[1]}")
+        if not bool(jnp.all(jnp.isfinite(given))):
+            raise ValueError("the given frames hold NaN or Inf values")
+        inputs = context_inputs(model, given, None if y is None else y[:b])
     h = patchify(noise.astype(jnp.float32), cfg.patch_size)
     passes = []
     blocks = list(model.blocks)
-    h, p = _invert_block(blocks[-1], h, y, opts, guidance)
+    h, p = _invert_block(blocks[-1], h, y, opts, guidance, None if inputs is None else inputs[-1], window, context)
     passes.append(p)
     if on_block:
         on_block(1, len(blocks))
     if cfg.cond_top_only and guidance > 0:
         guidance, y = 0.0, y[:b]
     video = h.ndim == 5
+    g = 0 if given is None else given.shape[1]
     for k, block in enumerate(reversed(blocks[:-1])):
+        level = len(blocks) - 2 - k
         if cfg.shallow_block_local and video:
+            # frame-local blocks: the given frames' inputs are known, the others inverted frame by frame
             bb, t = h.shape[:2]
-            out, p = _invert_block(block, h.reshape(bb * t, 1, *h.shape[2:]), y, opts, guidance)
-            h = out.reshape(h.shape)
+            rest, p = h[:, g:], 0
+            if t > g:
+                out, p = _invert_block(block, rest.reshape(bb * (t - g), 1, *h.shape[2:]), y, opts, guidance)
+                rest = out.reshape(rest.shape)
+            h = rest if inputs is None else jnp.concatenate([inputs[level][:, :g], rest], axis=1)
         else:
-            h, p = _invert_block(block, h, y, opts, guidance)
+            h, p = _invert_block(block, h, y, opts, guidance, None if inputs is None else inputs[level][:, :g])
         passes.append(p)
         if on_block:
             on_block(k + 2, len(blocks))

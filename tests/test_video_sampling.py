@@ -14,7 +14,7 @@ from flax import nnx
 
 from starflow_jax.config import ModelConfig
 from starflow_jax.model import StarFlow
-from starflow_jax.model.patchify import patchify, unpatchify
+from starflow_jax.model.patchify import patchify
 from starflow_jax.sampling import SamplingOptions, sample
 from starflow_jax.sampling import invert
 from starflow_jax.sampling.denoise import denoise, denoise_video

@@ -11,7 +11,7 @@ import numpy as np
 
 from starflow_jax.cli import model_source
 from starflow_jax.sampling import SamplingOptions, sample
-from starflow_jax.sampling.denoise import denoise
+from starflow_jax.sampling.denoise import denoise, denoise_video
 from starflow_jax.sampling.shapes import ASPECT_RATIOS, size_for_aspect_ratio
 from starflow_jax.sampling.visualize import grid, save_gif, save_mp4, save_png, to_uint8
 
@@ -52,7 +52,20 @@ def add_parser(sub):
     p.add_argument("--cache-segments", type=int, default=2,
                    help="sequential sampling with unrolled layers: token-loop segments, each reading only "
                         "the KV cache written so far")
-    p.add_argument("--num-frames", type=int, default=None, help="frames of a video sample (video models)")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help="frames of a video sample (video models; default: config.data.num_frames): the model's "
+                        "(latent) frames, also the attention window when --target-length is longer")
+    p.add_argument("--target-length", type=int, default=None,
+                   help="video models: sample this many frames, beyond --num-frames: the deep block's attention "
+                        "window (--num-frames, or the model's local_attn_window) slides, re-encoding the last "
+                        "--context-frames frames")
+    p.add_argument("--context-frames", type=int, default=None,
+                   help="frames re-encoded when the attention window slides (default: window - 1)")
+    p.add_argument("--input-image", help="image-to-video: an image file kept as the first frame of every sample")
+    p.add_argument("--input-video", help="video-to-video: a video file whose first --input-frames frames are kept "
+                                         "and continued")
+    p.add_argument("--input-frames", type=int, default=None,
+                   help="frames taken from --input-video (default: all, up to the sampled frames - 1)")
     p.add_argument("--noise-std", type=float, default=None,
                    help="training noise level for the denoising step (default: config.train.noise_std, else none)")
     p.add_argument("--no-denoise", action="store_true", help="skip the denoising step")
@@ -163,6 +176,106 @@ def _decode(vae, x, batch: int = 4):
     return out.reshape(x.shape[:-3] + out.shape[-3:])
 
 
+def _fit(img: np.ndarray, h: int, w: int, channels: int) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 picture resized to cover ``h x w`` (bicubic), centre-cropped,
+    as ``(channels, h, w)`` float32 in [-1, 1]."""
+    from PIL import Image
+
+    im = Image.fromarray(img).convert("RGB" if channels == 3 else "L")
+    scale = max(h / im.height, w / im.width)
+    nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
+    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    a = np.asarray(im.crop((left, top, left + w, top + h)), np.float32) / 127.5 - 1.0
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _given_frames(args, config, cfg, vae, num: int, frames: int, pixel_hw: tuple[int, int], seed: int):
+    """The first frames to keep (``--input-image`` / ``--input-video``): fitted to the
+    sample size, encoded by the VAE if any, noise-augmented as in training (the flow
+    models noisy data); ``(num, g, c, h, w)`` or ``None``."""
+    if not (args.input_image or args.input_video):
+        return None
+    if args.input_image and args.input_video:
+        raise ValueError("give one of --input-image and --input-video")
+    if frames == 0:
+        raise ValueError("--input-image / --input-video need a video model (--num-frames)")
+    path = pathlib.Path(args.input_image or args.input_video)
+    if not path.exists():
+        raise ValueError(f"{path} does not exist")
+    channels = 3 if vae is not None else cfg.in_channels
+    if channels not in (1, 3):
+        raise ValueError(f"the model has {cfg.in_channels} channels and no --vae: it cannot read pictures")
+    if args.input_image:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                pics = [np.asarray(im.convert("RGB"))]
+        except Exception as e:
+            raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    else:
+        from starflow_jax.sampling.visualize import read_video_frames
+
+        try:
+            pics = list(read_video_frames(path))
+        except Exception as e:
+            raise ValueError(f"cannot read video {path}: {type(e).__name__}: {e}") from e
+        if not pics:
+            raise ValueError(f"{path} holds no frames")
+        g = args.input_frames if args.input_frames is not None else min(len(pics), frames - 1)
+        if not 1 <= g <= min(len(pics), frames):
+            raise ValueError(f"--input-frames must lie in [1, {min(len(pics), frames)}] ({path} has {len(pics)} "
+                             f"frames, {frames} are sampled), got {g}")
+        pics = pics[:g]
+    x = jnp.asarray(np.stack([_fit(p, *pixel_hw, channels) for p in pics]))  # (g, c, H, W)
+    if vae is not None:
+        from flax import nnx
+
+        from starflow_jax.autoencoders.vae import encode_latents
+
+        x = nnx.jit(encode_latents)(vae, x)
+    noise_std = _noise_std(args, config) or 0.0
+    noise_type = str(config.train.get("noise_type", "gaussian")) if "train" in config else "gaussian"
+    if noise_std > 0 or noise_type == "uniform":
+        from starflow_jax.train.objective import add_noise
+
+        levels = int(config.train.get("levels", 256)) if "train" in config else 256
+        x = add_noise(jax.random.key(seed + 1), x, noise_std, noise_type, levels)
+    return jnp.broadcast_to(x[None], (num,) + x.shape)
+
+
+def _frames_progress(done: int, total: int, t0: float):
+    width = min(total, 40)
+    filled = round(width * done / total)
+    print(f"\rsampling frames [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {time.time() - t0:6.1f}s",
+          end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+
+def _video_frames(args, config, cfg) -> tuple[int, int | None]:
+    """``(frames to sample, attention window or None)`` from --num-frames /
+    --target-length (0 frames: an image model)."""
+    num = args.num_frames
+    if num is None and cfg.is_video and "data" in config and config.data.get("num_frames"):
+        num = int(config.data.num_frames)
+    if args.target_length is not None:
+        if not cfg.is_video and num is None:
+            raise ValueError("--target-length needs a video model")
+        if num is None:
+            raise ValueError("--target-length needs --num-frames (the training length: the attention window)")
+        if args.target_length < 1:
+            raise ValueError(f"--target-length must be >= 1, got {args.target_length}")
+        window = cfg.local_attn_window or num
+        return args.target_length, (window if args.target_length > window else None)
+    if num is None:
+        if cfg.is_video:
+            raise ValueError("a video model needs --num-frames (or config.data.num_frames)")
+        return 0, None
+    if num < 1:
+        raise ValueError(f"--num-frames must be >= 1, got {num}")
+    return num, None
+
+
 def run(args) -> int:
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".png", ".gif", ".mp4"):
@@ -190,12 +303,12 @@ def run(args) -> int:
     factor = vae.cfg.downsample_factor if vae is not None else 1
     h, w = size_for_aspect_ratio(cfg.img_size * factor, args.aspect_ratio, factor * cfg.patch_size)
     shape = (args.num, cfg.in_channels, h // factor, w // factor)
-    if args.num_frames:
-        shape = (args.num, args.num_frames) + shape[1:]
-    elif cfg.is_video:
-        raise ValueError("a video model needs --num-frames")
+    frames, window = _video_frames(args, config, cfg)
+    if frames:
+        shape = (args.num, frames) + shape[1:]
     if len(shape) == 4 and out.suffix.lower() != ".png":
         raise ValueError(f"image samples are written as a .png grid, not {out.suffix}")
+    given = _given_frames(args, config, cfg, vae, args.num, frames, (h, w), args.seed)
     noise = jax.random.normal(jax.random.key(args.seed), shape, jnp.float32)
     y = None
     if cond is not None:
@@ -203,12 +316,20 @@ def run(args) -> int:
     opts = SamplingOptions(guidance=args.cfg, attn_temp=args.attn_temp, jacobi=args.jacobi,
                            jacobi_block_size=args.jacobi_block_size, jacobi_th=args.jacobi_th,
                            jacobi_max_iter=args.jacobi_max_iter, unroll_layers=args.unroll_layers,
-                           cache_segments=args.cache_segments)
+                           cache_segments=args.cache_segments, window_frames=window,
+                           context_frames=args.context_frames)
     t0 = time.time()
-    x, passes = sample(model, noise, y, opts, on_block=lambda i, n: _progress(i, n, t0), return_passes=True)
+    x, passes = sample(model, noise, y, opts, given=given, on_block=lambda i, n: _progress(i, n, t0),
+                       on_frame=(lambda d, n: _frames_progress(d, n, t0)) if frames else None, return_passes=True)
     noise_std = _noise_std(args, config)
     if noise_std and not args.no_denoise:
-        x = denoise(model, x, None if cond is None else cond[0], noise_std=noise_std)
+        y_cond = None if cond is None else cond[0]
+        if x.ndim == 5:
+            used = window or cfg.local_attn_window
+            x = denoise_video(model, x, y_cond, noise_std=noise_std,
+                              window=used if used and x.shape[1] > used else None)
+        else:
+            x = denoise(model, x, y_cond, noise_std=noise_std)
     if vae is not None:
         x = _decode(vae, x)
     x = np.asarray(jax.device_get(x))

@@ -28,6 +28,7 @@ Two video extensions (models with an SOS token), both as the reference does them
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -39,6 +40,26 @@ from starflow_jax.flow import affine
 from starflow_jax.flow.guidance import guide_doubled_batch
 from starflow_jax.layers.transformer import apply_layers_cached, apply_stack_cached, unstack_layers
 from starflow_jax.model.flow_block import FlowBlock, block_rope
+
+
+_PROGRESS_HOOKS: list = []
+
+
+@contextlib.contextmanager
+def progress_hook(fn):
+    """While active, inversions run with ``progress=True`` call ``fn(done_tokens, total)``
+    from inside the compiled loop (``jax.debug.callback``): after every frame of tokens
+    (sequential) or every chunk (Jacobi)."""
+    _PROGRESS_HOOKS.append(fn)
+    try:
+        yield
+    finally:
+        _PROGRESS_HOOKS.pop()
+
+
+def _report(done, total):
+    if _PROGRESS_HOOKS:
+        _PROGRESS_HOOKS[-1](int(done), int(total))
 
 
 def resolve_unroll(unroll: bool | None) -> bool:
@@ -260,15 +281,17 @@ def _window_loop(plan, run_window, carry):
     return carry
 
 
-@functools.partial(nnx.jit, static_argnames=("guidance", "attn_temp", "unroll", "segments", "window", "context"))
+@functools.partial(nnx.jit, static_argnames=("guidance", "attn_temp", "unroll", "segments", "window", "context",
+                                             "progress"))
 def sequential(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidance: float = 0.0,
                attn_temp: float = 1.0, unroll: bool = False, segments: int = 1, window: int | None = None,
-               context: int | None = None):
+               context: int | None = None, progress: bool = False):
     """Autoregressive inversion of ``block``: ``z_img`` (patchified, block input shape) to
     the block's input. Returns ``(x, passes)``. ``unroll``: see ``resolve_unroll``;
     ``segments`` (unrolled, no prefix or window): the token loop runs in that many
     segments, each reading only the KV cache written so far (see ``_Decoder``);
-    ``given`` / ``window`` / ``context``: see the module docstring."""
+    ``given`` / ``window`` / ``context``: see the module docstring; ``progress``: report
+    every frame to ``progress_hook`` (models with an SOS token)."""
     if block.sos_embed is None:
         if given is not None or window is not None:
             raise ValueError("a given prefix or a sliding attention window needs a model with an SOS token "
@@ -293,6 +316,8 @@ def sequential(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidan
         scale, shift, cache = _predict(dec, block, layers, tok, cache, rope, prefix + t - base, write, t - base,
                                        attn_temp, guidance)
         new = affine.affine_inverse(jax.lax.dynamic_slice_in_dim(z, t, 1, 1), scale, shift)
+        if progress:
+            jax.lax.cond((t + 1) % frame == 0, lambda: jax.debug.callback(_report, t + 1, z.shape[1]), lambda: None)
         return jax.lax.dynamic_update_slice_in_dim(x_full, new, t + 1, 1), cache
 
     def run_window(base, known, new, carry):
@@ -353,10 +378,10 @@ def jacobi_schedule(start: int, end: int, frame: int, block_size: int) -> list[t
 
 
 @functools.partial(nnx.jit, static_argnames=("guidance", "attn_temp", "block_size", "max_iter", "unroll", "window",
-                                             "context"))
+                                             "context", "progress"))
 def jacobi(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidance: float = 0.0, attn_temp: float = 1.0,
            block_size: int = 32, threshold: float | jax.Array = 1e-3, max_iter: int = 32, unroll: bool = False,
-           window: int | None = None, context: int | None = None):
+           window: int | None = None, context: int | None = None, progress: bool = False):
     """Block-wise Jacobi inversion of ``block`` (needs an SOS token). Returns ``(x, passes)``,
     ``passes`` the number of network passes over chunks (text prefill not counted; the
     passes writing a given prefix or a re-encoded context counted). ``given`` /
@@ -395,6 +420,8 @@ def jacobi(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidance: 
             return i + 1, diff < threshold, x_full, cache
 
         i, _, x_full, cache = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.bool_(False), x_full, cache))
+        if progress:
+            jax.debug.callback(_report, start + size, z.shape[1])
         return x_full, cache, passes + i
 
     # Within a window the chunk schedule depends on the window's first generated token

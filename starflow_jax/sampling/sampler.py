@@ -40,17 +40,19 @@ class SamplingOptions:
     context_frames: int | None = None
 
 
-def _invert_block(block, h, y, opts: SamplingOptions, guidance: float, given=None, window=None, context=None):
+def _invert_block(block, h, y, opts: SamplingOptions, guidance: float, given=None, window=None, context=None,
+                  progress: bool = False):
     if isinstance(block, IdentityBlock):
         return h, 0
     unroll = invert.resolve_unroll(opts.unroll_layers)
     if opts.jacobi:
         return invert.jacobi(block, h, y, given, guidance=float(guidance), attn_temp=float(opts.attn_temp),
                              block_size=int(opts.jacobi_block_size), threshold=opts.jacobi_th,
-                             max_iter=int(opts.jacobi_max_iter), unroll=unroll, window=window, context=context)
+                             max_iter=int(opts.jacobi_max_iter), unroll=unroll, window=window, context=context,
+                             progress=progress)
     return invert.sequential(block, h, y, given, guidance=float(guidance), attn_temp=float(opts.attn_temp),
                              unroll=unroll, segments=int(opts.cache_segments) if unroll else 1, window=window,
-                             context=context)
+                             context=context, progress=progress)
 
 
 def attention_window(cfg, opts: SamplingOptions, frames: int) -> tuple[int | None, int | None]:
@@ -78,7 +80,7 @@ def context_inputs(model: StarFlow, given: jax.Array, y: jax.Array | None) -> li
 
 def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: SamplingOptions | None = None,
            *, given: jax.Array | None = None, on_block: Callable[[int, int], None] | None = None,
-           return_passes: bool = False):
+           on_frame: Callable[[int, int], None] | None = None, return_passes: bool = False):
     """Noise ``(b, c, H, W)`` / ``(b, t, c, H, W)`` to data.
 
     With ``opts.guidance > 0``, ``y`` is ``concat([y_cond, y_null])`` (batch ``2b``);
@@ -86,7 +88,8 @@ def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: 
     an SOS token): the first ``g`` frames ``(b, g, c, H, W)`` of the output, kept exactly
     (image-to-video with ``g = 1``, video-to-video); the rest is sampled after them.
     Videos longer than the attention window slide it (``attention_window``).
-    ``on_block(i, n)`` is called after each block (progress reporting)."""
+    ``on_block(i, n)`` is called after each block, ``on_frame(done, frames)`` while the
+    deep block samples a video (progress reporting)."""
     opts = opts or SamplingOptions()
     if opts.cache_segments < 1:
         raise ValueError(f"cache_segments must be >= 1, got {opts.cache_segments}")
@@ -118,7 +121,11 @@ def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: 
     h = patchify(noise.astype(jnp.float32), cfg.patch_size)
     passes = []
     blocks = list(model.blocks)
-    h, p = _invert_block(blocks[-1], h, y, opts, guidance, None if inputs is None else inputs[-1], window, context)
+    report = on_frame is not None and h.ndim == 5
+    frame = h.shape[2] * h.shape[3] if h.ndim == 5 else 1  # tokens per frame
+    with invert.progress_hook(lambda done, total: on_frame(done // frame, total // frame) if report else None):
+        h, p = _invert_block(blocks[-1], h, y, opts, guidance, None if inputs is None else inputs[-1], window,
+                             context, progress=report)
     passes.append(p)
     if on_block:
         on_block(1, len(blocks))

@@ -1,51 +1,53 @@
-"""``starflow-jax precompute``: images and captions to ArrayRecord shards of VAE latents and
-T5 text embeddings for pretraining (``data.name = "array_record"``); resumable."""
+"""``starflow-jax precompute``: images (or video clips) and captions to ArrayRecord shards of
+VAE latents and T5 text embeddings for pretraining (``data.name = "array_record"``); resumable."""
 from __future__ import annotations
 
 import pathlib
 
 
 def add_parser(sub):
-    p = sub.add_parser("precompute", help="encode images (VAE) and captions (T5) into ArrayRecord training shards")
-    p.add_argument("--images", required=True, help="folder of images (paths in --captions are relative to it)")
-    p.add_argument("--captions", required=True, help=".tsv (file<TAB>caption per line) or .jsonl ({file, caption})")
-    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL directory")
+    p = sub.add_parser("precompute", help="encode images or videos (VAE) and captions (T5) into ArrayRecord "
+                                          "training shards")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images (paths in --captions are relative to it)")
+    src.add_argument("--videos", help="folder of videos (.mp4 .webm .mov .avi .mkv, searched recursively): one clip "
+                                      "each; captions from --captions or a <video name>.txt next to each video")
+    p.add_argument("--captions", help=".tsv (file<TAB>caption per line) or .jsonl ({file, caption}); required "
+                                      "with --images")
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL directory (videos: encoded frame by frame)")
     p.add_argument("--text-encoder", required=True, help="transformers T5 checkpoint directory with its tokenizer")
     p.add_argument("--out", required=True, help="directory of the shards (rerun with the same settings to resume)")
     p.add_argument("--image-size", type=int, default=256, help="side of the centre crop fed to the VAE")
     p.add_argument("--txt-size", type=int, default=128, help="tokens per caption (the model's txt_size)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images (videos: frames and captions) per encoder call")
     p.add_argument("--records-per-shard", type=int, default=1024)
     p.add_argument("--sample-posterior", action="store_true",
                    help="latents sampled from the VAE posterior (default: its mean)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="posterior samples and (videos) the clip chosen in each video")
     p.add_argument("--overwrite", action="store_true", help="discard shards precomputed with other settings")
+    v = p.add_argument_group("videos")
+    v.add_argument("--num-frames", type=int, help="frames per clip (required with --videos)")
+    v.add_argument("--fps", type=float, help="clip frame rate: frames src_fps/fps apart when lower than the video's "
+                                             "(default: each video's own rate, consecutive frames)")
+    v.add_argument("--fps-cond", action="store_true",
+                   help="embed captions through the fps template 'A video with {fps} fps:\\n{caption}\\n'")
+    v.add_argument("--drop-image", action="store_true",
+                   help="also store text_emb_extend, the embedding of '(extend) ' + caption, which training "
+                        "with train.drop_image > 0 needs")
     p.set_defaults(func=run)
     return p
 
 
-def run(args) -> int:
+def _framewise_vae(args, mesh, vae):
+    """``encode_images`` of a diffusers-converted AutoencoderKL: ``(b, c, h, w)`` -> latents."""
     import jax
     import numpy as np
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from starflow_jax.autoencoders.convert_vae import vae_from_diffusers
     from starflow_jax.autoencoders.vae import encode_latents
-    from starflow_jax.data.precompute import precompute, read_captions
-    from starflow_jax.parallel.mesh import make_mesh
-    from starflow_jax.text import convert_t5
-    from starflow_jax.text import prompts as P
 
-    pairs = read_captions(args.images, args.captions)
-    vae = vae_from_diffusers(args.vae)
-    factor = vae.cfg.downsample_factor
-    if args.image_size % factor:
-        raise ValueError(f"--image-size {args.image_size} is not a multiple of the VAE's factor {factor}")
-    encoder = convert_t5.t5_from_transformers(args.text_encoder)
-    tokenizer = P.load_tokenizer(args.text_encoder)
     # the batch is spread over every device on a data mesh axis (when it divides)
-    mesh = make_mesh({"data": -1})
     shard = NamedSharding(mesh, PartitionSpec("data"))
     encode = nnx.jit(encode_latents)
     key = [jax.random.key(args.seed)]
@@ -58,17 +60,68 @@ def run(args) -> int:
             key[0], k = jax.random.split(key[0])
         return np.asarray(encode(vae, x, k))
 
-    def encode_texts(captions: list[str]) -> np.ndarray:
+    return encode_images
+
+
+def run(args) -> int:
+    from starflow_jax.autoencoders.convert_vae import vae_from_diffusers
+    from starflow_jax.parallel.mesh import make_mesh
+    from starflow_jax.text import convert_t5
+    from starflow_jax.text import prompts as P
+
+    if args.images is not None and not args.captions:
+        raise ValueError("--images needs --captions (a .tsv or .jsonl of file and caption)")
+    if args.videos is not None:
+        if args.num_frames is None:
+            raise ValueError("--videos needs --num-frames (frames per clip)")
+    elif args.num_frames is not None or args.fps is not None or args.fps_cond or args.drop_image:
+        raise ValueError("--num-frames, --fps, --fps-cond and --drop-image are for --videos")
+    if args.images is not None:
+        from starflow_jax.data.precompute import read_captions
+
+        pairs = read_captions(args.images, args.captions)
+    else:
+        from starflow_jax.data.video import VideoFolderSource
+
+        videos = VideoFolderSource(args.videos, args.num_frames, args.image_size, fps=args.fps,
+                                   captions_file=args.captions, seed=args.seed)
+    vae = vae_from_diffusers(args.vae)
+    factor = vae.cfg.downsample_factor
+    if args.image_size % factor:
+        raise ValueError(f"--image-size {args.image_size} is not a multiple of the VAE's factor {factor}")
+    encoder = convert_t5.t5_from_transformers(args.text_encoder)
+    tokenizer = P.load_tokenizer(args.text_encoder)
+    encode_images = _framewise_vae(args, make_mesh({"data": -1}), vae)
+
+    def encode_texts(captions: list[str]):
+        import numpy as np
+
         return np.asarray(P.encode_prompts(encoder, tokenizer, captions, args.txt_size))
 
     settings = dict(vae=str(pathlib.Path(args.vae).resolve()), text_encoder=str(pathlib.Path(args.text_encoder).resolve()),
                     txt_size=args.txt_size, sample_posterior=args.sample_posterior, seed=args.seed,
-                    captions=str(pathlib.Path(args.captions).resolve()))
-    shards = precompute(pairs, args.out, encode_images=encode_images, encode_texts=encode_texts,
-                        image_size=args.image_size, channels=vae.cfg.in_channels, batch_size=args.batch_size,
-                        records_per_shard=args.records_per_shard, settings=settings, overwrite=args.overwrite)
-    print(f"wrote {len(pairs)} records in {len(shards)} shards to {args.out}: latents "
-          f"({vae.cfg.latent_channels}, {args.image_size // factor}, {args.image_size // factor}), text embeddings "
-          f"({args.txt_size}, {encoder.config.d_model}); train on them with data.name='array_record', "
-          f"data.path={args.out}")
+                    captions=str(pathlib.Path(args.captions).resolve()) if args.captions else None)
+    side = args.image_size // factor
+    if args.images is not None:
+        from starflow_jax.data.precompute import precompute
+
+        shards = precompute(pairs, args.out, encode_images=encode_images, encode_texts=encode_texts,
+                            image_size=args.image_size, channels=vae.cfg.in_channels, batch_size=args.batch_size,
+                            records_per_shard=args.records_per_shard, settings=settings, overwrite=args.overwrite)
+        n, latent = len(pairs), f"({vae.cfg.latent_channels}, {side}, {side})"
+    else:
+        from starflow_jax.data.precompute import framewise_video_encoder, precompute_videos
+
+        # A temporal video VAE plugs in here instead: temporal_video_encoder(its (b, t, c, h, w) encode).
+        encode_video = framewise_video_encoder(encode_images, args.batch_size)
+        settings.update(videos=str(pathlib.Path(args.videos).resolve()), num_frames=args.num_frames, fps=args.fps,
+                        image_size=args.image_size, encoder="framewise")
+        shards = precompute_videos(videos, args.out, encode_video=encode_video, encode_texts=encode_texts,
+                                   fps_cond=args.fps_cond, extend=args.drop_image, batch_size=args.batch_size,
+                                   records_per_shard=args.records_per_shard, settings=settings,
+                                   overwrite=args.overwrite)
+        n, latent = len(videos), f"({args.num_frames}, {vae.cfg.latent_channels}, {side}, {side})"
+    print(f"wrote {n} records in {len(shards)} shards to {args.out}: latents {latent}, text embeddings "
+          f"({args.txt_size}, {encoder.config.d_model}){' and text_emb_extend' if args.drop_image else ''}; "
+          f"train on them with data.name='array_record', data.path={args.out}")
     return 0

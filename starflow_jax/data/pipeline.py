@@ -45,3 +45,34 @@ def train_dataset(source, *, global_batch: int, seed: int, process_index: int | 
 def eval_batches(source, batch: int):
     """The whole split once, in order, in batches (the last one may be smaller)."""
     return grain.MapDataset.source(source).batch(batch, drop_remainder=False)
+
+
+_DROP_IMAGE_STREAM = 0x64726F70  # keeps these draws apart from any other use of (seed, step)
+
+
+def drop_image_decision(seed: int, step: int, prob: float) -> bool:
+    """Whether global batch ``step`` (0-based) of a run seeded ``seed`` is trained without its
+    first frame (``train.drop_image = prob``, the reference's per-batch coin): a uniform draw
+    of a generator seeded by ``(seed, step)`` below ``prob``. Made on the host, the same on
+    every process and again when a run resumes at ``step``."""
+    if prob <= 0:
+        return False
+    rng = np.random.default_rng([int(seed) % 2 ** 63, int(step), _DROP_IMAGE_STREAM])
+    return bool(rng.random() < prob)
+
+
+def drop_first_frame(batch: dict, drop: bool) -> dict:
+    """A batch of video latents ``image`` ``(b, t, c, h, w)`` with its ``cond_extend`` (the
+    ``"(extend) "`` caption embeddings) consumed: when ``drop``, ``image[:, 1:]`` conditioned
+    on ``cond_extend`` in place of ``cond`` (the reference's ``drop_image``: the clip
+    continues a frame the model is not shown); else unchanged."""
+    batch = dict(batch)
+    extend = batch.pop("cond_extend", None)
+    if drop:
+        if extend is None:
+            raise ValueError("dropping the first frame needs the records' text_emb_extend (cond_extend)")
+        image = np.asarray(batch["image"])
+        if image.ndim != 5 or image.shape[1] < 2:
+            raise ValueError(f"dropping the first frame needs video latents (b, t >= 2, c, h, w), got {image.shape}")
+        batch["image"], batch["cond"] = image[:, 1:], extend
+    return batch

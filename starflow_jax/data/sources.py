@@ -1,12 +1,18 @@
 """``config.data`` to training and held-out sources.
 
 * ``digits``: the embedded handwritten digits (class labels), fixed train / held-out split.
+* ``moving_digits``: clips of the digits drifting with wrap-around (``data.num_frames``
+  frames, class labels), for tiny video models; same split as ``digits``.
 * ``image_folder``: ``data.root/<class>/<image>`` (class labels), resized and centre-cropped
   to the model's size; the held-out split is ``data.heldout_root`` if given, else a fixed
   random ``data.heldout_fraction`` of the images.
 * ``array_record``: precomputed latents (``latent``) and text embeddings (``text_emb``) in
   ArrayRecord shards under ``data.path`` (``data.heldout_path`` optional); the train step
-  reads them as ``image`` and ``cond``.
+  reads them as ``image`` and ``cond``. Latents are images ``(c, h, w)`` or video clips
+  ``(t, c, h, w)`` (a video model, ``model.temporal_causal > 0``; ``t`` is checked against
+  ``data.num_frames`` or, failing that, ``data.vid_size``'s frames through
+  ``autoencoder.temporal_downsample_factor``). ``train.drop_image > 0`` also reads
+  ``text_emb_extend`` (as ``cond_extend``, see ``pipeline.drop_first_frame``).
 """
 from __future__ import annotations
 
@@ -49,6 +55,18 @@ def make_data(config) -> DataSpec:
         tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
         return DataSpec(ArraySource(image=tr.images, label=tr.labels), ArraySource(image=te.images, label=te.labels),
                         NUM_CLASSES, tr.images, te.images)
+    if name == "moving_digits":
+        from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
+        from starflow_jax.data.moving_digits import MovingDigitsSource
+
+        if int(m.get("temporal_causal", 0)) <= 0:
+            raise ValueError("data.name='moving_digits' yields clips: the model must be a video model "
+                             "(model.temporal_causal > 0)")
+        frames = int(d.get("num_frames", 4))
+        tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
+        train = MovingDigitsSource(tr.images, tr.labels, frames, seed=int(d.split_seed))
+        held = MovingDigitsSource(te.images, te.labels, frames, seed=int(d.split_seed) + 1)
+        return DataSpec(train, held, NUM_CLASSES, train.clips(), held.clips())
     if name == "image_folder":
         from starflow_jax.data.image_folder import ImageFolderSource
 
@@ -72,23 +90,74 @@ def make_data(config) -> DataSpec:
         held = Subset(src, np.sort(perm[:n_held])) if n_held else None
         return DataSpec(Subset(src, np.sort(perm[n_held:])), held, src.num_classes)
     if name == "array_record":
-        from starflow_jax.data.array_record import TRAIN_STEP_KEYS, ArrayRecordSource
-
-        if not d.get("path"):
-            raise ValueError("data.name='array_record' needs data.path (a directory of ArrayRecord shards, "
-                             "e.g. --set data.path=DIR)")
-
-        def open_(path):
-            return ArrayRecordSource(path, fields=list(TRAIN_STEP_KEYS), rename=TRAIN_STEP_KEYS)
-
-        train = open_(d.path)
-        rec = train[0]
-        want = (int(m.in_channels), int(m.img_size), int(m.img_size))
-        if tuple(rec["image"].shape[-3:]) != want:
-            raise ValueError(f"latents in {d.path} have shape {rec['image'].shape}, the model expects (..., "
-                             f"{', '.join(map(str, want))})")
-        if tuple(rec["cond"].shape) != (int(m.txt_size), int(m.txt_dim)):
-            raise ValueError(f"text embeddings in {d.path} have shape {rec['cond'].shape}, the model expects "
-                             f"({m.txt_size}, {m.txt_dim})")
-        return DataSpec(train, open_(d.heldout_path) if d.get("heldout_path") else None, 0)
+        return _array_record_data(config)
     raise ValueError(f"data.name={name!r} unknown: choose 'digits', 'image_folder' or 'array_record'")
+
+
+def latent_frames(config) -> int | None:
+    """The latent frames per clip the config asks for: ``data.num_frames``, else the frames of
+    ``data.vid_size`` (``"frames:fps"``, the reference's) through the autoencoder's temporal
+    factor ``f`` (``1 + (frames - 1) // f``: causal video VAEs keep the first frame); None
+    when it says neither."""
+    d = config.data
+    if d.get("num_frames"):
+        return int(d.num_frames)
+    if d.get("vid_size"):
+        frames = int(str(d.vid_size).split(":")[0])
+        f = int(config.autoencoder.get("temporal_downsample_factor", 1) or 1) if "autoencoder" in config else 1
+        return 1 + (frames - 1) // f
+    return None
+
+
+def _array_record_data(config) -> DataSpec:
+    from starflow_jax.data.array_record import TRAIN_STEP_KEYS, ArrayRecordSource
+
+    d, m = config.data, config.model
+    if not d.get("path"):
+        raise ValueError("data.name='array_record' needs data.path (a directory of ArrayRecord shards, "
+                         "e.g. --set data.path=DIR)")
+    drop = float(config.train.get("drop_image", 0.0) or 0.0) if "train" in config else 0.0
+    if not 0 <= drop <= 1:
+        raise ValueError(f"train.drop_image is a probability in [0, 1], got {drop}")
+
+    def open_(path, extend=False):
+        fields, rename = list(TRAIN_STEP_KEYS), dict(TRAIN_STEP_KEYS)
+        if extend:
+            fields.append("text_emb_extend")
+            rename["text_emb_extend"] = "cond_extend"
+        return ArrayRecordSource(path, fields=fields, rename=rename)
+
+    if drop > 0:
+        stored = ArrayRecordSource(d.path)[0]
+        if "text_emb_extend" not in stored:
+            raise ValueError(f"train.drop_image={drop} needs text_emb_extend (the '(extend) ' caption embeddings) "
+                             f"in the records of {d.path}, which have {sorted(stored)}: precompute them with "
+                             "--videos ... --drop-image, or set train.drop_image=0")
+    train = open_(d.path, extend=drop > 0)
+    rec = train[0]
+    shape = tuple(rec["image"].shape)
+    want = (int(m.in_channels), int(m.img_size), int(m.img_size))
+    if len(shape) not in (3, 4) or shape[-3:] != want:
+        raise ValueError(f"latents in {d.path} have shape {shape}, the model expects images "
+                         f"({', '.join(map(str, want))}) or video clips (frames, {', '.join(map(str, want))})")
+    frames = latent_frames(config)
+    if len(shape) == 4:
+        if not int(m.get("temporal_causal", 0) or 0):
+            raise ValueError(f"latents in {d.path} are video clips {shape} (frames, c, h, w): train them with a "
+                             "video model (model.temporal_causal > 0)")
+        if frames is not None and shape[0] != frames:
+            raise ValueError(f"latents in {d.path} have {shape[0]} frames, the config asks for {frames} "
+                             "(data.num_frames, or data.vid_size through the autoencoder's temporal factor)")
+    elif frames is not None:
+        raise ValueError(f"latents in {d.path} are images {shape}, the config asks for clips of {frames} frames")
+    if drop > 0:
+        if len(shape) != 4 or shape[0] < 2:
+            raise ValueError(f"train.drop_image={drop} drops the first frame of video latents (frames >= 2), "
+                             f"the latents in {d.path} have shape {shape}")
+        if tuple(rec["cond_extend"].shape) != tuple(rec["cond"].shape):
+            raise ValueError(f"text_emb_extend in {d.path} has shape {rec['cond_extend'].shape}, text_emb "
+                             f"{rec['cond'].shape}")
+    if tuple(rec["cond"].shape) != (int(m.txt_size), int(m.txt_dim)):
+        raise ValueError(f"text embeddings in {d.path} have shape {rec['cond'].shape}, the model expects "
+                         f"({m.txt_size}, {m.txt_dim})")
+    return DataSpec(train, open_(d.heldout_path) if d.get("heldout_path") else None, 0)

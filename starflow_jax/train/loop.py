@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from starflow_jax.config import model_config
-from starflow_jax.data.pipeline import eval_batches, train_dataset
+from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches, train_dataset
 from starflow_jax.data.sources import DataSpec, make_data
 from starflow_jax.flow.loss import bits_per_dim
 from starflow_jax.layers.transformer import resolve_remat
@@ -126,7 +126,8 @@ def host_params(params):
 def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, seed: int = 0) -> None:
     """A grid of samples: one column per class for labelled data (``sample.per_class``
     rows), else ``sample.num`` samples conditioned on the first held-out (or training)
-    records' text embeddings. Written by process 0."""
+    records' text embeddings (video latents: one row of frames per sample). Written by
+    process 0."""
     from starflow_jax.sampling import SamplingOptions, sample
     from starflow_jax.sampling.visualize import grid, save_png, to_uint8
     from starflow_jax.train.objective import one_hot_labels
@@ -144,12 +145,18 @@ def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, se
         y = jnp.stack([jnp.asarray(src[i]["cond"], jnp.float32) for i in range(n)])
         y_null, nrow = jnp.zeros_like(y), None
     g = float(config.sample.cfg)
-    noise = jax.random.normal(jax.random.key(seed), (y.shape[0], cfg.in_channels, cfg.img_size, cfg.img_size))
+    shape = (cfg.in_channels, cfg.img_size, cfg.img_size)
+    frames = np.shape(data.train[0]["image"])[0] if np.ndim(data.train[0]["image"]) == 4 else 0
+    if frames:  # video latents: one row of frames per sample
+        shape, nrow = (frames,) + shape, frames
+    noise = jax.random.normal(jax.random.key(seed), (y.shape[0],) + shape)
     noise = noise * float(config.sample.temperature)
     x = sample(model, noise, jnp.concatenate([y, y_null]) if g > 0 else y,
                SamplingOptions(guidance=g, jacobi=True, jacobi_block_size=cfg.seq_side ** 2, jacobi_th=1e-5,
                                jacobi_max_iter=64))
     x = np.asarray(x)
+    if frames:
+        x = x.reshape((-1,) + x.shape[2:])
     if jax.process_index() == 0:
         save_png(path, grid(to_uint8(x, pixel_space=data.num_classes > 0), nrow=nrow), scale=int(config.sample.scale))
 
@@ -255,8 +262,11 @@ def _steps(config, workdir, hp, data, it, mesh, bshard, state, mgr, start, step_
     sample_every = int(config.sample.get("every", 0)) if "sample" in config else 0
     t0, last_t, last_step = time.time(), time.time(), start
     progress = _Progress(total, start)
+    drop_image = float(t.get("drop_image", 0.0) or 0.0)
     for s in range(start, total):
         local = next(it)  # this process's rows of the global batch
+        if drop_image > 0:  # the whole global batch, decided from (seed, step): resumes decide the same
+            local = drop_first_frame(local, drop_image_decision(int(t.seed), s, drop_image))
         batch = {k: jax.make_array_from_process_local_data(bshard[k], np.asarray(v)) for k, v in local.items()
                  if k in bshard}
         state, m = step_fn(state, batch)

@@ -1,14 +1,16 @@
-"""The attention dispatcher: every implementation available here (XLA's, and the blocked
-online-softmax one) against a plain softmax(QK^T)V in float32, values and gradients, for
-the masks the model uses: causal (with a text prefix), the video denoiser's block-causal
-window, none; grouped-query heads; and a whole model with blocked attention."""
+"""The attention dispatcher: every implementation available here (XLA's, the blocked
+online-softmax one, the Pallas TPU splash kernel in Pallas' interpreter, and "auto")
+against a plain softmax(QK^T)V in float32, values and gradients, for the masks the model
+uses: causal (with a text prefix), the sliding window over frames, the video denoiser's
+block-causal window, none; grouped-query heads; and a whole model with blocked and with
+splash attention."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from starflow_jax.interop import reference_cases as rc
-from starflow_jax.layers.attention import ATTENTION_IMPLS, dot_product_attention
+from starflow_jax.layers.attention import ATTENTION_IMPLS, dot_product_attention, local_window_mask, resolve_attention
 from starflow_jax.model.denoiser import block_causal_mask
 
 
@@ -28,6 +30,7 @@ CASES = {
     "full": (False, None),
     "denoiser_window": (False, np.asarray(block_causal_mask(frames=3, frame_tokens=9, txt_len=5, lookahead=2,
                                                             window=1))),
+    "sliding_window_text_prefix": (True, local_window_mask(frames=5, frame_tokens=6, txt_len=4, window=2)),
 }
 
 
@@ -54,6 +57,23 @@ def test_attention_paths_match_the_plain_computation(impl, case):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+def test_auto_picks_splash_only_for_tpu():
+    from starflow_jax.layers.splash import compile_target
+
+    assert resolve_attention("auto") == ("splash" if jax.default_backend() == "tpu" else "xla")
+    with compile_target("tpu"):
+        assert resolve_attention("auto") == "splash"
+    with compile_target("gpu"):
+        assert resolve_attention("auto") == "xla"
+
+
+def test_splash_refuses_a_traced_mask():
+    x = jnp.zeros((1, 8, 2, 8))
+    with pytest.raises(ValueError, match="known when the program is traced"):
+        jax.jit(lambda x, m: dot_product_attention(x, x, x, scale=1.0, causal=True, mask=m, impl="splash"))(
+            x, jnp.ones((8, 8), bool))
+
+
 def test_unknown_attention_impl():
     x = jnp.zeros((1, 4, 2, 8))
     with pytest.raises(ValueError, match="attention_impl must be one of"):
@@ -69,3 +89,12 @@ def test_model_with_blocked_attention_matches_the_reference_case():
     assert model.cfg.attention_impl == "blocked"
     loss = float(model.loss(x, y))
     np.testing.assert_allclose(loss, float(case.arrays["forward/loss"]), rtol=1e-5)
+
+
+def test_video_model_with_splash_attention_matches_the_reference_case():
+    """A video model with the learnable denoiser (block-causal mask) through the splash
+    kernel (interpreted here) reproduces the reference's forward loss and denoiser output."""
+    case = [rc.load_case(p) for p in rc.discover() if p.stem == "video_small"][0]
+    model, _ = rc.build_model(case, attention_impl="splash")
+    x, y = jnp.asarray(case.arrays["input/x"]), jnp.asarray(case.arrays["input/y"])
+    np.testing.assert_allclose(float(model.loss(x, y)), float(case.arrays["forward/loss"]), rtol=1e-5)

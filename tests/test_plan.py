@@ -23,12 +23,15 @@ def _plan(tmp_path, *extra):
 
 
 def test_plan_compiles_for_a_small_tpu_slice(tmp_path):
-    proc, out = _plan(tmp_path, "--mesh", "data=2,fsdp=2,tensor=1", "--remat", "none,full")
+    proc, out = _plan(tmp_path, "--mesh", "data=2,fsdp=2,tensor=1", "--remat", "none,full,offload")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["remat"] for r in rows] == ["none", "full"]
+    assert [r["remat"] for r in rows] == ["none", "full", "offload"]
     have_libtpu = importlib.util.find_spec("libtpu") is not None
+    # attention "auto": the Pallas splash kernel, compiled by the TPU compiler (in a shard_map)
+    assert f"kernel {'splash' if have_libtpu else 'xla'}" in proc.stdout
     for r in rows:
+        assert r["attention_kernel"] == ("splash" if have_libtpu else "xla")
         assert r["devices"] == 4 and r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
         assert r["simulated"] is (not have_libtpu)
         assert r["argument_gib"] > 0 and r["temp_gib"] > 0 and r["total_gib"] > r["argument_gib"]

@@ -18,6 +18,8 @@ from flax import nnx
 from starflow_jax.bench.common import print_table, write_json
 from starflow_jax.bench.flops import train_step_flops
 from starflow_jax.config import load_config, model_config
+from starflow_jax.layers.attention import resolve_attention
+from starflow_jax.layers.splash import compile_target
 from starflow_jax.layers.transformer import resolve_remat
 from starflow_jax.model import StarFlow
 from starflow_jax.parallel.mesh import AXES, check_batch_split, make_mesh
@@ -30,7 +32,8 @@ HBM_GIB = {"TPU v5": 95.0, "TPU v5p": 95.0, "TPU v5 lite": 16.0, "TPU v5e": 16.0
            "TPU v6e": 32.0}
 GIB = 2.0 ** 30
 COLUMNS = [("remat", "remat", "s"), ("argument_gib", "args_GiB", ".2f"), ("output_gib", "out_GiB", ".2f"),
-           ("temp_gib", "temp_GiB", ".2f"), ("code_gib", "code_GiB", ".3f"), ("total_gib", "total_GiB", ".2f"),
+           ("temp_gib", "temp_GiB", ".2f"), ("host_temp_gib", "host_GiB", ".2f"), ("code_gib", "code_GiB", ".3f"),
+           ("total_gib", "total_GiB", ".2f"),
            ("hbm_gib", "HBM_GiB", ".0f"), ("fits", "fits", "s"), ("compile_seconds", "compile_s", ".1f"),
            ("tflops_per_step", "TFLOP/step", ".1f")]
 
@@ -42,7 +45,7 @@ def add_parser(sub):
     p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4 (64 chips), v5e:16x16, v4:2x2x1")
     p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1", help="axis sizes, e.g. data=2,fsdp=32,tensor=1")
     p.add_argument("--batch", type=int, required=True, help="global batch")
-    p.add_argument("--remat", default="full", help="policies to compare, comma separated (none, full, dots, dots_all)")
+    p.add_argument("--remat", default="full", help="policies to compare, comma separated (none, full, dots, dots_all, proj, offload)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the config's; bfloat16 for TPU runs)")
     p.add_argument("--ema", action="store_true", help="keep an EMA of the parameters (one more copy)")
     p.add_argument("--frames", type=int, default=None, help="latent frames per clip (video models; required there)")
@@ -117,14 +120,17 @@ def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[
         data["cond"] = jax.ShapeDtypeStruct((batch, cfg.txt_size, cfg.txt_dim), jnp.float32,
                                             sharding=batch_sharding(mesh, 3))
     flops = train_step_flops(cfg, x_shape)
+    target = "cpu" if simulated else "tpu"
+    with compile_target(target):
+        kernel = resolve_attention(cfg.attention_impl)
     hbm = HBM_GIB.get(kind) if not simulated else None
     info = dict(topology=topology, device_kind=kind, simulated=simulated, devices=len(devices),
                 mesh=dict(mesh.shape), batch=batch, grad_accum=grad_accum, input_shape=list(x_shape), dtype=cfg.dtype,
-                ema=ema, attention_impl=cfg.attention_impl,
+                ema=ema, attention_impl=cfg.attention_impl, attention_kernel=kernel,
                 params=sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)))
     log(f"{topology}: {len(devices)} x {kind}{' (SIMULATED: libtpu not installed)' if simulated else ''}; mesh "
         f"{dict(mesh.shape)}; global batch {batch} in {grad_accum} micro-batches; input {x_shape}; "
-        f"{info['params']:,} parameters; compute {cfg.dtype}, attention {cfg.attention_impl}")
+        f"{info['params']:,} parameters; compute {cfg.dtype}, attention {cfg.attention_impl} -> kernel {kernel}")
     rows = []
     for remat in remats:
         hp = S.StepConfig(noise_std=0.3, remat=resolve_remat(remat), denoiser=cfg.learnable_self_denoiser,
@@ -134,7 +140,9 @@ def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[
                        donate_argnums=0)
         t = time.perf_counter()
         try:
-            with jax.set_mesh(mesh):  # activations keep their batch sharding (parallel.rules.constrain_batch)
+            # activations keep their batch sharding (parallel.rules.constrain_batch); attention
+            # kernels chosen and compiled for the target (splash on TPU), not this host
+            with jax.set_mesh(mesh), compile_target(target):
                 compiled = step.lower(state, data).compile()
         except Exception as e:  # the TPU compiler refuses a program that does not fit its HBM
             if "RESOURCE_EXHAUSTED" not in str(e):
@@ -153,6 +161,7 @@ def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[
                          output_gib=m.output_size_in_bytes / GIB, alias_gib=m.alias_size_in_bytes / GIB,
                          temp_gib=m.temp_size_in_bytes / GIB, code_gib=m.generated_code_size_in_bytes / GIB,
                          total_gib=total / GIB, hbm_gib=hbm, fits=None if hbm is None else str(total / GIB <= hbm),
+                         host_temp_gib=getattr(m, "host_temp_size_in_bytes", 0) / GIB,
                          compile_seconds=seconds, tflops_per_step=flops / 1e12,
                          flops_per_device=flops / len(devices), **info))
     return rows, info

@@ -7,13 +7,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from starflow_jax.layers.linear import dense
 from starflow_jax.layers.norms import RMSNorm, make_norm
 from starflow_jax.layers.rope import apply_rope
 
 
-ATTENTION_IMPLS = ("xla", "blocked")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash")
+
+
+def local_window_mask(frames: int, frame_tokens: int, txt_len: int, window: int) -> np.ndarray:
+    """Boolean ``(S, S)`` sliding-window mask over ``[text, frames]``, ``S = txt_len +
+    frames * frame_tokens``: causal, every slot sees the text, and a token of frame ``f``
+    sees the tokens of frames ``f - window + 1 .. f`` (the reference's
+    ``get_local_window_mask``)."""
+    s = txt_len + frames * frame_tokens
+    q, k = np.arange(s)[:, None], np.arange(s)[None, :]
+    return (k <= q) & ((k < txt_len) | ((k - txt_len) // frame_tokens > (q - txt_len) // frame_tokens - window))
+
+
+def resolve_attention(impl: str) -> str:
+    """``auto``: the Pallas splash kernel on TPU, ``xla`` elsewhere (cuDNN's fused
+    attention on GPU where it applies); the others as named."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        from starflow_jax.layers.splash import target_platform
+
+        return "splash" if target_platform() == "tpu" else "xla"
+    return impl
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
@@ -27,13 +50,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     ``impl``: ``"xla"``, ``jax.nn.dot_product_attention`` (XLA's fused attention; cuDNN on
     GPU where it applies), materialising the ``(b, heads, q, k)`` scores; ``"blocked"``,
     keys and values in blocks of ``block`` with an online softmax (``blocked_attention``):
-    memory linear in the sequence, for long sequences (video) on any backend."""
+    memory linear in the sequence, for long sequences (video) on any backend;
+    ``"splash"``, the Pallas TPU splash kernel (``layers.splash``; interpreted off TPU);
+    ``"auto"``: see ``resolve_attention``."""
+    impl = resolve_attention(impl)
+    if impl == "splash":
+        from starflow_jax.layers.splash import splash_attention
+
+        return splash_attention(q, k, v, scale=scale, causal=causal, mask=mask)
+    if mask is not None and not isinstance(mask, jax.Array):
+        mask = jnp.asarray(mask)
     if impl == "blocked":
         if mask is not None and mask.ndim != 2:
             raise ValueError("blocked attention takes a (q_len, k_len) mask")
         return blocked_attention(q, k, v, scale=scale, causal=causal, mask=mask, block=block)
-    if impl != "xla":
-        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if mask is not None:
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])) if mask.ndim == 2 else mask
         if causal:
@@ -141,7 +171,7 @@ class Attention(nnx.Module):
         """Project ``(b, seq, c)`` to rotated, normalised ``q, k, v`` heads."""
         b, t, _ = x.shape
         h = self.norm(x) if self.norm is not None else x
-        qkv = self.qkv(h)
+        qkv = checkpoint_name(self.qkv(h), "qkv_proj")
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = qkv[..., :q_size].reshape(b, t, self.num_heads, self.head_dim)
         k = qkv[..., q_size:q_size + kv_size].reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -156,7 +186,7 @@ class Attention(nnx.Module):
 
     def output(self, o: jax.Array) -> jax.Array:
         b, t = o.shape[:2]
-        out = self.proj(o.reshape(b, t, self.num_heads * self.head_dim))
+        out = checkpoint_name(self.proj(o.reshape(b, t, self.num_heads * self.head_dim)), "attn_out_proj")
         return self.post_norm(out) if self.post_norm is not None else out
 
     def cached(self, x: jax.Array, rope, cache: Sequence[tuple[jax.Array, jax.Array]], first_slots: Sequence[int],

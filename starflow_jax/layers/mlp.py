@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from starflow_jax.layers.linear import dense
 from starflow_jax.layers.norms import RMSNorm, make_norm
@@ -27,7 +28,10 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.norm(x) if self.norm is not None else x
         if self.use_swiglu:
-            h = self.down_proj(jax.nn.gelu(self.gate_proj(h), approximate=True) * self.up_proj(h))
+            gate = checkpoint_name(self.gate_proj(h), "mlp_in_proj")
+            up = checkpoint_name(self.up_proj(h), "mlp_in_proj")
+            h = checkpoint_name(self.down_proj(jax.nn.gelu(gate, approximate=True) * up), "mlp_out_proj")
         else:
-            h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=False))
+            h = checkpoint_name(self.fc1(h), "mlp_in_proj")
+            h = checkpoint_name(self.fc2(jax.nn.gelu(h, approximate=False)), "mlp_out_proj")
         return self.post_norm(h) if self.post_norm is not None else h

@@ -16,13 +16,22 @@ LAYER_AXIS = "layers"
 
 # Rematerialisation of the scanned layers (the activations kept for the backward pass):
 # "none" keeps everything, "full" keeps only each layer's input, "dots" also keeps the
-# outputs of the matmuls without batch dimensions (the projections), "dots_all" of all
-# matmuls (attention scores too).
+# outputs of the matmuls without batch dimensions, "dots_all" of all matmuls (attention
+# scores too); "proj" keeps the outputs of the four named projections (``checkpoint_name``
+# tags in the attention and MLP: qkv, attention output, MLP in / out) and recomputes the
+# rest (norms, RoPE, attention, activations); "offload" keeps the same projections but in
+# host memory (``pinned_host``), fetched back for the backward pass: device memory as
+# "full", less recomputation (TPU / GPU).
+PROJECTIONS = ("qkv_proj", "attn_out_proj", "mlp_in_proj", "mlp_out_proj")
 REMAT_POLICIES = {
     "none": None,
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_all": jax.checkpoint_policies.checkpoint_dots,
+    "proj": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJECTIONS),
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -98,14 +107,16 @@ def apply_stack(stack: TransformerLayer, x: jax.Array, rope=None, mask=None, tem
     """Run the stacked layers over ``x`` with ``nnx.scan``, rematerialised per layer by the
     policy ``remat`` (see ``REMAT_POLICIES``)."""
 
-    def body(h, layer, rope, mask):
+    # the mask is closed over, not scanned: a NumPy mask stays static inside the body
+    # (the splash kernel builds its block tables from it at trace time)
+    def body(h, layer, rope):
         return layer(h, rope, mask, temp)
 
     policy = resolve_remat(remat)
     if policy != "none":
         body = nnx.remat(body, policy=REMAT_POLICIES[policy])
-    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry)
-    return scan(x, stack, rope, mask)
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+    return scan(x, stack, rope)
 
 
 def apply_stack_cached(stack: TransformerLayer, x: jax.Array, rope, cache_k: jax.Array, cache_v: jax.Array,

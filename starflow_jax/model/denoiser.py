@@ -66,8 +66,8 @@ class Denoiser(nnx.Module):
             h = jnp.concatenate([txt.astype(h.dtype), h], axis=1)
         mask = None
         if self.cfg.temporal_causal > 0 and len(shape) == 5:
-            mask = jnp.asarray(block_causal_mask(shape[1], shape[2] * shape[3], txt_len, self.cfg.temporal_causal,
-                                                 self.cfg.denoiser_window))
+            mask = block_causal_mask(shape[1], shape[2] * shape[3], txt_len, self.cfg.temporal_causal,
+                                     self.cfg.denoiser_window)  # NumPy: static for every attention kernel
         rope = block_rope(self.cfg, self.spec.head_dim, shape, txt_len, self.conditioned)
         h = apply_stack(self.attn_blocks, h, rope, mask, remat=remat)
         h = h[:, txt_len:]

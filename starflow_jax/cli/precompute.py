@@ -14,7 +14,9 @@ def add_parser(sub):
                                       "each; captions from --captions or a <video name>.txt next to each video")
     p.add_argument("--captions", help=".tsv (file<TAB>caption per line) or .jsonl ({file, caption}); required "
                                       "with --images")
-    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL directory (videos: encoded frame by frame)")
+    p.add_argument("--vae", required=True, help="diffusers autoencoder directory: AutoencoderKL (SD-VAE; videos encoded frame "
+                                                  "by frame) or AutoencoderKLWan (videos of 1 + 4k frames to 1 + k "
+                                                  "latent frames), optionally DIR:SCALE (Wan temporal latent scale)")
     p.add_argument("--text-encoder", required=True, help="transformers T5 checkpoint directory with its tokenizer")
     p.add_argument("--out", required=True, help="directory of the shards (rerun with the same settings to resume)")
     p.add_argument("--image-size", type=int, default=256, help="side of the centre crop fed to the VAE")
@@ -64,7 +66,7 @@ def _framewise_vae(args, mesh, vae):
 
 
 def run(args) -> int:
-    from starflow_jax.autoencoders.convert_vae import vae_from_diffusers
+    from starflow_jax.autoencoders.loading import load_autoencoder
     from starflow_jax.parallel.mesh import make_mesh
     from starflow_jax.text import convert_t5
     from starflow_jax.text import prompts as P
@@ -85,13 +87,21 @@ def run(args) -> int:
 
         videos = VideoFolderSource(args.videos, args.num_frames, args.image_size, fps=args.fps,
                                    captions_file=args.captions, seed=args.seed)
-    vae = vae_from_diffusers(args.vae)
-    factor = vae.cfg.downsample_factor
+    ae = load_autoencoder(args.vae)
+    vae, factor = ae.model, ae.spatial
+    if ae.kind == "video" and args.videos is not None and (args.num_frames - 1) % ae.temporal:
+        raise ValueError(f"the video VAE in {args.vae} encodes 1 + {ae.temporal}k frames; --num-frames is "
+                         f"{args.num_frames}")
     if args.image_size % factor:
         raise ValueError(f"--image-size {args.image_size} is not a multiple of the VAE's factor {factor}")
     encoder = convert_t5.t5_from_transformers(args.text_encoder)
     tokenizer = P.load_tokenizer(args.text_encoder)
-    encode_images = _framewise_vae(args, make_mesh({"data": -1}), vae)
+    if ae.kind == "image":
+        encode_images = _framewise_vae(args, make_mesh({"data": -1}), vae)
+    else:  # images through a video VAE: one-frame videos
+        if args.sample_posterior:
+            raise ValueError("--sample-posterior is for the SD-VAE; the video VAE encodes the posterior mean")
+        encode_images = ae.encode
 
     def encode_texts(captions: list[str]):
         import numpy as np
@@ -106,21 +116,24 @@ def run(args) -> int:
         from starflow_jax.data.precompute import precompute
 
         shards = precompute(pairs, args.out, encode_images=encode_images, encode_texts=encode_texts,
-                            image_size=args.image_size, channels=vae.cfg.in_channels, batch_size=args.batch_size,
+                            image_size=args.image_size, channels=ae.pixel_channels, batch_size=args.batch_size,
                             records_per_shard=args.records_per_shard, settings=settings, overwrite=args.overwrite)
-        n, latent = len(pairs), f"({vae.cfg.latent_channels}, {side}, {side})"
+        n, latent = len(pairs), f"({ae.latent_channels}, {side}, {side})"
     else:
-        from starflow_jax.data.precompute import framewise_video_encoder, precompute_videos
+        from starflow_jax.data.precompute import framewise_video_encoder, precompute_videos, temporal_video_encoder
 
-        # A temporal video VAE plugs in here instead: temporal_video_encoder(its (b, t, c, h, w) encode).
-        encode_video = framewise_video_encoder(encode_images, args.batch_size)
+        if ae.kind == "video":  # the Wan VAE: causal in time, 1 + 4k frames -> 1 + k latent frames
+            encode_video = temporal_video_encoder(ae.encode)
+        else:
+            encode_video = framewise_video_encoder(encode_images, args.batch_size)
         settings.update(videos=str(pathlib.Path(args.videos).resolve()), num_frames=args.num_frames, fps=args.fps,
-                        image_size=args.image_size, encoder="framewise")
+                        image_size=args.image_size, encoder="temporal" if ae.kind == "video" else "framewise")
         shards = precompute_videos(videos, args.out, encode_video=encode_video, encode_texts=encode_texts,
                                    fps_cond=args.fps_cond, extend=args.drop_image, batch_size=args.batch_size,
                                    records_per_shard=args.records_per_shard, settings=settings,
                                    overwrite=args.overwrite)
-        n, latent = len(videos), f"({args.num_frames}, {vae.cfg.latent_channels}, {side}, {side})"
+        t = 1 + (args.num_frames - 1) // ae.temporal if ae.kind == "video" else args.num_frames
+        n, latent = len(videos), f"({t}, {ae.latent_channels}, {side}, {side})"
     print(f"wrote {n} records in {len(shards)} shards to {args.out}: latents {latent}, text embeddings "
           f"({args.txt_size}, {encoder.config.d_model}){' and text_emb_extend' if args.drop_image else ''}; "
           f"train on them with data.name='array_record', data.path={args.out}")

@@ -32,8 +32,10 @@ def add_parser(sub):
     p.add_argument("--prompts", help="a text file of prompts, one per line")
     p.add_argument("--text-encoder", help="a transformers T5 checkpoint directory with its tokenizer files "
                                           "(e.g. google/flan-t5-xl downloaded beforehand)")
-    p.add_argument("--vae", help="a diffusers AutoencoderKL directory (e.g. stabilityai/sd-vae-ft-ema): samples "
-                                 "are decoded to pixels")
+    p.add_argument("--vae", help="a diffusers autoencoder directory, samples are decoded to pixels: an "
+                                 "AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema; videos frame by frame) or an "
+                                 "AutoencoderKLWan (video latents: t latent frames -> 1 + 4 (t - 1) frames), "
+                                 "optionally DIR:SCALE, the temporal latent scale (Wan2.2-TI2V-5B: 0.6)")
     p.add_argument("--aspect-ratio", choices=ASPECT_RATIOS, default=None,
                    help="sample shape (and, with prompts, the reference's aspect-ratio prompt template)")
     p.add_argument("--fps-cond", action="store_true", help="prompts carry --fps as the reference's fps template")
@@ -164,18 +166,6 @@ def _conditioning(args, config, cfg, num: int):
     return jnp.asarray(y), jnp.asarray(y_null)
 
 
-def _decode(vae, x, batch: int = 4):
-    """Latents to pixels through the VAE, a few at a time (frames of a video one by one)."""
-    from flax import nnx
-
-    from starflow_jax.autoencoders.vae import decode_latents
-
-    dec = nnx.jit(decode_latents)
-    flat = x.reshape((-1,) + x.shape[-3:])
-    out = np.concatenate([np.asarray(dec(vae, flat[i:i + batch])) for i in range(0, flat.shape[0], batch)])
-    return out.reshape(x.shape[:-3] + out.shape[-3:])
-
-
 def _fit(img: np.ndarray, h: int, w: int, channels: int) -> np.ndarray:
     """An ``(H, W, 3)`` uint8 picture resized to cover ``h x w`` (bicubic), centre-cropped,
     as ``(channels, h, w)`` float32 in [-1, 1]."""
@@ -203,7 +193,7 @@ def _given_frames(args, config, cfg, vae, num: int, frames: int, pixel_hw: tuple
     path = pathlib.Path(args.input_image or args.input_video)
     if not path.exists():
         raise ValueError(f"{path} does not exist")
-    channels = 3 if vae is not None else cfg.in_channels
+    channels = vae.pixel_channels if vae is not None else cfg.in_channels
     if channels not in (1, 3):
         raise ValueError(f"the model has {cfg.in_channels} channels and no --vae: it cannot read pictures")
     if args.input_image:
@@ -223,18 +213,18 @@ def _given_frames(args, config, cfg, vae, num: int, frames: int, pixel_hw: tuple
             raise ValueError(f"cannot read video {path}: {type(e).__name__}: {e}") from e
         if not pics:
             raise ValueError(f"{path} holds no frames")
-        g = args.input_frames if args.input_frames is not None else min(len(pics), frames - 1)
-        if not 1 <= g <= min(len(pics), frames):
-            raise ValueError(f"--input-frames must lie in [1, {min(len(pics), frames)}] ({path} has {len(pics)} "
-                             f"frames, {frames} are sampled), got {g}")
-        pics = pics[:g]
-    x = jnp.asarray(np.stack([_fit(p, *pixel_hw, channels) for p in pics]))  # (g, c, H, W)
+        # counted in the model's (latent) frames; a video VAE reads 1 + 4 (g - 1) pixel frames for g
+        per = (lambda g: vae.pixel_frames(g)) if vae is not None else (lambda g: g)  # noqa: E731
+        avail = max(g for g in range(1, frames + 1) if g == 1 or per(g) <= len(pics))
+        g = args.input_frames if args.input_frames is not None else min(avail, frames - 1) or 1
+        if not 1 <= g <= avail:
+            raise ValueError(f"--input-frames must lie in [1, {avail}] ({path} has {len(pics)} frames, {frames} "
+                             f"are sampled), got {g}")
+        pics = pics[:per(g)]
+    x = np.stack([_fit(p, *pixel_hw, channels) for p in pics])  # (g, c, H, W) pixels
     if vae is not None:
-        from flax import nnx
-
-        from starflow_jax.autoencoders.vae import encode_latents
-
-        x = nnx.jit(encode_latents)(vae, x)
+        x = vae.encode(x[None])[0] if vae.kind == "video" else vae.encode(x)
+    x = jnp.asarray(x)
     noise_std = _noise_std(args, config) or 0.0
     noise_type = str(config.train.get("noise_type", "gaussian")) if "train" in config else "gaussian"
     if noise_std > 0 or noise_type == "uniform":
@@ -294,13 +284,13 @@ def run(args) -> int:
     cond = _conditioning(args, config, cfg, args.num)
     vae = None
     if args.vae:
-        from starflow_jax.autoencoders.convert_vae import vae_from_diffusers
+        from starflow_jax.autoencoders.loading import load_autoencoder
 
-        vae = vae_from_diffusers(args.vae)
-        if vae.cfg.latent_channels != cfg.in_channels:
-            raise ValueError(f"the VAE in {args.vae} has {vae.cfg.latent_channels} latent channels, the model "
+        vae = load_autoencoder(args.vae)
+        if vae.latent_channels != cfg.in_channels:
+            raise ValueError(f"the VAE in {args.vae} has {vae.latent_channels} latent channels, the model "
                              f"models {cfg.in_channels}")
-    factor = vae.cfg.downsample_factor if vae is not None else 1
+    factor = vae.spatial if vae is not None else 1
     h, w = size_for_aspect_ratio(cfg.img_size * factor, args.aspect_ratio, factor * cfg.patch_size)
     shape = (args.num, cfg.in_channels, h // factor, w // factor)
     frames, window = _video_frames(args, config, cfg)
@@ -331,7 +321,7 @@ def run(args) -> int:
         else:
             x = denoise(model, x, y_cond, noise_std=noise_std)
     if vae is not None:
-        x = _decode(vae, x)
+        x = vae.decode(x)
     x = np.asarray(jax.device_get(x))
     if not np.all(np.isfinite(x)):
         raise ValueError("sampling produced NaN or Inf values")

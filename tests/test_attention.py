@@ -28,8 +28,10 @@ def plain(q, k, v, scale, causal, mask):
 CASES = {
     "causal": (True, None),
     "full": (False, None),
-    "denoiser_window": (False, np.asarray(block_causal_mask(frames=3, frame_tokens=9, txt_len=5, lookahead=2,
-                                                            window=1))),
+    # index rules (IndexMask): splash evaluates them in the kernel, the others materialise them
+    "denoiser_window": (False, block_causal_mask(frames=3, frame_tokens=9, txt_len=5, lookahead=2, window=1)),
+    "denoiser_window_numpy": (False, np.asarray(block_causal_mask(frames=3, frame_tokens=9, txt_len=5,
+                                                                  lookahead=2, window=1))),
     "sliding_window_text_prefix": (True, local_window_mask(frames=5, frame_tokens=6, txt_len=4, window=2)),
 }
 
@@ -43,13 +45,13 @@ def test_attention_paths_match_the_plain_computation(impl, case):
     q = jax.random.normal(kq, (2, n, 4, 16))
     k = jax.random.normal(kk, (2, n, 2, 16))  # grouped-query: 4 query heads over 2 kv heads
     v = jax.random.normal(kv, (2, n, 2, 16))
-    m = None if mask is None else jnp.asarray(mask)
+    m = mask
 
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v)))
 
     ours = lambda q, k, v: dot_product_attention(q, k, v, scale=0.25, causal=causal, mask=m, impl=impl, block=8)
-    want = lambda q, k, v: plain(q, k, v, 0.25, causal, m)
+    want = lambda q, k, v: plain(q, k, v, 0.25, causal, None if m is None else jnp.asarray(np.asarray(m)))
     np.testing.assert_allclose(np.asarray(ours(q, k, v)), np.asarray(want(q, k, v)), rtol=1e-5, atol=1e-5)
     g_ours = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q, k, v)
     g_want = jax.grad(lambda *a: loss(want, *a), argnums=(0, 1, 2))(q, k, v)
@@ -72,6 +74,14 @@ def test_splash_refuses_a_traced_mask():
     with pytest.raises(ValueError, match="known when the program is traced"):
         jax.jit(lambda x, m: dot_product_attention(x, x, x, scale=1.0, causal=True, mask=m, impl="splash"))(
             x, jnp.ones((8, 8), bool))
+
+
+def test_index_masks_materialise_as_the_rules_say():
+    m = np.asarray(block_causal_mask(frames=3, frame_tokens=2, txt_len=1, lookahead=1, window=1))
+    assert m.shape == (7, 7) and m[:, 0].all()  # every slot sees the text
+    assert m[1:, 1:].tolist() == [[r // 2 - 1 <= c // 2 <= r // 2 for c in range(6)] for r in range(6)]
+    w = np.asarray(local_window_mask(frames=3, frame_tokens=2, txt_len=1, window=2))
+    assert w[1:, 1:].tolist() == [[c <= r and c // 2 > r // 2 - 2 for c in range(6)] for r in range(6)]
 
 
 def test_unknown_attention_impl():

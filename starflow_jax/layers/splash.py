@@ -48,29 +48,77 @@ def _pad_to(n: int) -> int:
     return -(-n // PAD) * PAD
 
 
-def static_mask(mask) -> np.ndarray | None:
-    """A mask as a NumPy array at trace time (splash builds its tables from it)."""
-    if mask is None or isinstance(mask, np.ndarray):
+def static_mask(mask):
+    """A mask known at trace time: an ``IndexMask`` rule or a NumPy array (splash builds its
+    block tables from it)."""
+    from starflow_jax.layers.attention import IndexMask
+
+    if mask is None or isinstance(mask, (np.ndarray, IndexMask)):
         return mask
     if isinstance(mask, jax.core.Tracer):
-        raise ValueError("splash attention needs a mask known when the program is traced (a NumPy array), "
-                         "got a traced value: build the mask with NumPy outside jit/scan")
+        raise ValueError("splash attention needs a mask known when the program is traced (a NumPy array or an "
+                         "IndexMask), got a traced value: build the mask outside jit/scan")
     return np.asarray(mask)
 
 
-def _kernel(lq: int, lk: int, heads: int, causal_only: bool, mask_bytes: bytes | None, interpret: bool):
+def _rule(lq: int, lk: int, causal: bool, rule):
+    """The padded ``(Lq, Lk)`` mask as an index rule: ``rule`` (or everything) on the real
+    slots, causal if asked (bottom-right aligned), padded keys hidden, padded queries read
+    key 0 (their outputs are dropped)."""
+
+    def fn(q, k):
+        ok = k < lk
+        if rule is not None:
+            ok = ok & rule(q, k)
+        if causal:
+            ok = ok & (k <= q + (lk - lq))
+        return (ok & (q < lq)) | ((q >= lq) & (k == 0))
+
+    return fn
+
+
+def _kernel(lq: int, lk: int, heads: int, mask_obj, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    if causal_only:
-        one = sm.CausalMask((lq, lk))
-    else:
-        one = sm.NumpyMask(np.frombuffer(mask_bytes, bool).reshape(lq, lk).copy())
     bq, bk = _block(lq), _block(lk)
     sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1, block_sizes=sizes,
-                              interpret=interpret)
+    return sk.make_splash_mha(sm.MultiHeadMask([mask_obj] * heads), head_shards=1, q_seq_shards=1,
+                              block_sizes=sizes, interpret=interpret)
+
+
+def _rule_mask_class():
+    """Splash's computable mask for an arbitrary index rule (identity-hashed: the kernel
+    factory may cache on the mask)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    class RuleMask(sm._ComputableMask):
+        def __eq__(self, other):
+            return self is other
+
+        def __hash__(self):
+            return id(self)
+
+    return RuleMask
+
+
+def _mask_object(lq: int, lk: int, Lq: int, Lk: int, causal: bool, mask):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    from starflow_jax.layers.attention import IndexMask
+
+    if mask is None and causal and lq == lk:
+        return sm.CausalMask((Lq, Lk))  # padded keys come after every real query: hidden by causality
+    if mask is None or isinstance(mask, IndexMask):
+        rule = None if mask is None else mask.fn
+        return _rule_mask_class()((Lq, Lk), _rule(lq, lk, causal, rule))
+    if Lq * Lk > MAX_NUMPY_MASK:
+        raise ValueError(f"a ({Lq}, {Lk}) NumPy attention mask is too large for splash attention: give it as "
+                         "layers.attention.IndexMask (an index rule), or use attention_impl='blocked'")
+    full = np.asarray(_rule(lq, lk, causal, None)(np.arange(Lq)[:, None], np.arange(Lk)[None, :]))
+    full[:lq, :lk] &= np.broadcast_to(mask.astype(bool), (lq, lk))
+    return sm.NumpyMask(full)
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
@@ -81,31 +129,19 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, 
     lk, kv = k.shape[1], k.shape[2]
     mask = static_mask(mask)
     if mask is not None:
-        if mask.ndim != 2:
-            mask = np.asarray(mask).reshape(mask.shape[-2:]) if mask.size == lq * lk else None
-            if mask is None:
-                raise ValueError("splash attention takes one (q_len, k_len) mask for all examples and heads")
-        mask = np.broadcast_to(mask.astype(bool), (lq, lk))
+        if tuple(mask.shape[-2:]) != (lq, lk) or (isinstance(mask, np.ndarray) and mask.size != lq * lk):
+            raise ValueError(f"splash attention takes one ({lq}, {lk}) mask for all examples and heads, got shape "
+                             f"{tuple(mask.shape)}")
+        if isinstance(mask, np.ndarray):
+            mask = mask.reshape(lq, lk)
     Lq, Lk = _pad_to(lq), _pad_to(lk)
-    causal_only = mask is None and causal and lq == lk
-    mask_bytes = None
-    if not causal_only:
-        if Lq * Lk > MAX_NUMPY_MASK:
-            raise ValueError(f"a ({Lq}, {Lk}) attention mask is too large to materialise for splash attention; "
-                             "use attention_impl='blocked' for this sequence length")
-        full = np.zeros((Lq, Lk), bool)
-        valid = np.ones((lq, lk), bool) if mask is None else mask
-        if causal:
-            valid = valid & np.tril(np.ones((lq, lk), bool), lk - lq)
-        full[:lq, :lk] = valid
-        full[lq:, 0] = True  # padded queries read something; their outputs are dropped
-        mask_bytes = full.tobytes()
+    mask_obj = _mask_object(lq, lk, Lq, Lk, causal, mask)
     interpret = target_platform() != "tpu"
     if kv != heads:
         k = jnp.repeat(k, heads // kv, axis=2)
         v = jnp.repeat(v, heads // kv, axis=2)
     spec, local_heads = _shard_spec(b, heads)
-    kernel = _kernel(Lq, Lk, local_heads, causal_only, mask_bytes, interpret)
+    kernel = _kernel(Lq, Lk, local_heads, mask_obj, interpret)
 
     def heads_major(a, n):
         a = a.transpose(0, 2, 1, 3)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from starflow_jax.config.model_config import ModelConfig
+from starflow_jax.layers.attention import IndexMask
 from starflow_jax.layers.linear import dense
 from starflow_jax.layers.norms import RMSNorm
 from starflow_jax.layers.transformer import LayerSpec, apply_stack, create_stack
@@ -16,20 +16,23 @@ from starflow_jax.model.flow_block import block_rope
 NO_WINDOW = 10000
 
 
-def block_causal_mask(frames: int, frame_tokens: int, txt_len: int, lookahead: int, window: int | None) -> np.ndarray:
-    """Boolean ``(S, S)`` attention mask of the video denoiser, ``S = txt_len + frames * frame_tokens``.
+def block_causal_mask(frames: int, frame_tokens: int, txt_len: int, lookahead: int, window: int | None) -> IndexMask:
+    """The video denoiser's attention mask over ``S = txt_len + frames * frame_tokens`` slots.
 
     Every slot sees the text. Token slots in frame ``f`` see frames
     ``f + lookahead - 1 - window .. f + lookahead - 1``; text slots see frames up to
-    ``lookahead - 1`` (the reference's ``get_local_window_mask`` of the non-causal block)."""
+    ``lookahead - 1`` (the reference's ``get_local_window_mask`` of the non-causal block).
+    An index rule (``IndexMask``): ``np.asarray`` materialises it."""
     window = NO_WINDOW if window is None else window
     s = txt_len + frames * frame_tokens
-    q = np.arange(s)[:, None]
-    k = np.arange(s)[None, :]
-    kf = (k - txt_len) // frame_tokens
-    qf = (q - txt_len) // frame_tokens
-    qf_relu = np.maximum(q - txt_len, 0) // frame_tokens
-    return (k < txt_len) | ((kf >= qf + lookahead - 1 - window) & (kf <= qf_relu + lookahead - 1))
+
+    def fn(q, k):
+        kf = (k - txt_len) // frame_tokens
+        qf = (q - txt_len) // frame_tokens
+        qf_relu = ((q - txt_len) + abs(q - txt_len)) // 2 // frame_tokens  # max(q - txt_len, 0) // frame_tokens
+        return (k < txt_len) | ((kf >= qf + lookahead - 1 - window) & (kf <= qf_relu + lookahead - 1))
+
+    return IndexMask((s, s), fn, f"block_causal(lookahead={lookahead}, window={window})")
 
 
 class Denoiser(nnx.Module):
@@ -67,7 +70,7 @@ class Denoiser(nnx.Module):
         mask = None
         if self.cfg.temporal_causal > 0 and len(shape) == 5:
             mask = block_causal_mask(shape[1], shape[2] * shape[3], txt_len, self.cfg.temporal_causal,
-                                     self.cfg.denoiser_window)  # NumPy: static for every attention kernel
+                                     self.cfg.denoiser_window)  # static: an index rule
         rope = block_rope(self.cfg, self.spec.head_dim, shape, txt_len, self.conditioned)
         h = apply_stack(self.attn_blocks, h, rope, mask, remat=remat)
         h = h[:, txt_len:]

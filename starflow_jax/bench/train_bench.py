@@ -20,6 +20,7 @@ from flax import nnx
 from starflow_jax.bench.common import bench_setting, benchmark_model, print_table, write_json
 from starflow_jax.bench.flops import train_step_flops
 from starflow_jax.config import load_config, model_config
+from starflow_jax.layers.attention import resolve_attention
 from starflow_jax.layers.transformer import resolve_remat
 from starflow_jax.train import optimizer
 from starflow_jax.train import step as S
@@ -107,9 +108,11 @@ def run(args) -> int:
     compiled_mb = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                             + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2 ** 20
     print(f"config {args.config}: batch {batch}, {cfg.num_blocks} blocks {list(cfg.layers_per_block)}, "
-          f"{tokens // batch} tokens, {cfg.dtype}; median of {steps} steps; device {jax.devices()[0].device_kind}; "
+          f"{tokens // batch} tokens, {cfg.dtype}, attention {cfg.attention_impl} -> kernel "
+          f"{resolve_attention(cfg.attention_impl)}; median of {steps} steps; device {jax.devices()[0].device_kind}; "
           f"{jax.default_backend()} {cfg.dtype} matmul peak ({args.peak_size}^3): {peak / 1e9:.1f} GFLOP/s")
-    rows = [dict(impl="jax", dtype=cfg.dtype, remat=remat, batch=batch, seconds_per_step=sec, compile_seconds=compile_s,
+    rows = [dict(impl="jax", dtype=cfg.dtype, remat=remat, attention_kernel=resolve_attention(cfg.attention_impl),
+                 batch=batch, seconds_per_step=sec, compile_seconds=compile_s,
                  tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec, mfu=flops / sec / peak,
                  peak_memory_mb=compiled_mb, loss=float(m["loss"]))]
     if args.reference:

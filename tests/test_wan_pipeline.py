@@ -88,3 +88,21 @@ def test_precompute_videos_through_the_wan_vae(wan_dir, tmp_path, capsys):
     np.testing.assert_allclose(rec["latent"], want, rtol=1e-5, atol=1e-5)
     bad = args[:args.index("--num-frames")] + ["--num-frames", "8", "--out", str(tmp_path / "o2")]
     assert main(bad) == 2 and "encodes 1 + 4k frames" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["jax_only", "with_diffusers"])
+def test_bench_vae_writes_rows_and_memory(tmp_path, reference, capsys):
+    import json
+
+    out = tmp_path / "vae.json"
+    args = ["bench", "vae", "--frames", "5", "--size", "32", "--base-dim", "8", "--repeats", "1",
+            "--memory-frames", "2,4", "--json", str(out)]
+    assert main(args + ([] if reference else ["--no-reference"])) == 0
+    data = json.loads(out.read_text())
+    impls = {(r["impl"], r["op"]) for r in data["rows"]}
+    want = {(i, op) for i in ("jax-chunked", "jax-whole") + (("diffusers",) if reference else ())
+            for op in ("encode", "decode")}
+    assert impls == want and all(r["frames_per_s"] > 0 for r in data["rows"])
+    mem = data["decode_memory"]
+    assert mem["cache_mib"] > 0 and set(mem["whole_mib"]) == {"2", "4"}
+    assert "decoding memory" in capsys.readouterr().out

@@ -12,7 +12,6 @@ later chunks, the carried cache: flat in the frame count) against one pass over 
 latent frames."""
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp

@@ -56,8 +56,10 @@ def clip_indices(total_frames: int, src_fps: float, num_frames: int, out_fps: fl
 
 
 def _open(path):
-    import imageio.v3 as iio
-
+    try:
+        import imageio.v3 as iio
+    except ImportError as e:  # not an unreadable file: a missing extra
+        raise ImportError("reading video files needs imageio and PyAV: pip install -e '.[video]'") from e
     return iio.imopen(str(path), "r", plugin="pyav")
 
 

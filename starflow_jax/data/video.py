@@ -1,5 +1,5 @@
-"""Video clips for STARFlow-V: which frames make a clip, decoding them (imageio's PyAV
-plugin), and a random-access grain source over a folder of videos with captions.
+"""Video clips for STARFlow-V: which frames make a clip, decoding them (PyAV, the FFmpeg
+bindings), and a random-access grain source over a folder of videos with captions.
 
 A clip is ``num_frames`` frames, ``src_fps / out_fps`` source frames apart when a lower
 output frame rate is asked for (consecutive frames otherwise), starting at a random frame;
@@ -56,11 +56,13 @@ def clip_indices(total_frames: int, src_fps: float, num_frames: int, out_fps: fl
 
 
 def _open(path):
+    """The file as a PyAV container. (PyAV directly: imageio's PyAV plugin runs a full
+    ``gc.collect()`` on every close, seconds per clip in a process holding many objects.)"""
     try:
-        import imageio.v3 as iio
+        import av
     except ImportError as e:  # not an unreadable file: a missing extra
-        raise ImportError("reading video files needs imageio and PyAV: pip install -e '.[video]'") from e
-    return iio.imopen(str(path), "r", plugin="pyav")
+        raise ImportError("reading video files needs PyAV: pip install -e '.[video]'") from e
+    return av.open(str(path))
 
 
 def video_info(path: str | Path) -> tuple[int, float]:
@@ -68,11 +70,13 @@ def video_info(path: str | Path) -> tuple[int, float]:
     metadata; the frames are counted by decoding them when the container does not say."""
     try:
         with _open(path) as f:
-            n = int(f.properties().n_images or 0)
-            fps = f.metadata().get("fps")
+            stream = f.streams.video[0]
+            n = int(stream.frames or 0)
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else None
             if n <= 0:
-                n = sum(1 for _ in f.iter())
-    except Exception as e:  # imageio / av raise OSError, av.error.*, ValueError, IndexError...
+                n = sum(1 for _ in f.decode(stream))
+    except Exception as e:  # av raises OSError, av.error.*, IndexError (no video stream)...
         raise ValueError(f"cannot read video file {path}: {type(e).__name__}: {e}") from e
     if n < 1:
         raise ValueError(f"video file {path} has no frames")
@@ -133,10 +137,10 @@ def read_clip(path: str | Path, indices: Sequence[int], size) -> np.ndarray:
     decoded = 0
     try:
         with _open(path) as f:
-            for i, frame in enumerate(f.iter()):
+            for i, frame in enumerate(f.decode(video=0)):
                 decoded = i + 1
                 if i in wanted:
-                    got[i] = resize_crop(frame, h, w)
+                    got[i] = resize_crop(frame.to_ndarray(format="rgb24"), h, w)
                 if i >= last:
                     break
     except Exception as e:

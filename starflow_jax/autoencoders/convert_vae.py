@@ -31,10 +31,13 @@ _ATTN_KEY = re.compile(
     r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$")
 
 
-def diffusers_name(path: tuple) -> str:
-    """The diffusers state-dict name of one of our parameters (given its nnx path)."""
+def diffusers_name(path: tuple, renames: Mapping[str, str] | None = None) -> str:
+    """The diffusers state-dict name of one of our parameters (given its nnx path):
+    module names in ``renames`` (default: the SD-VAE's ``to_out`` -> ``to_out.0``) replaced,
+    ``kernel`` -> ``weight``."""
+    renames = {"to_out": "to_out.0"} if renames is None else renames
     parts = [str(p) for p in path]
-    parts = ["to_out.0" if p == "to_out" else p for p in parts[:-1]] + [parts[-1]]
+    parts = [renames.get(p, p) for p in parts[:-1]] + [parts[-1]]
     if parts[-1] == "kernel":
         parts[-1] = "weight"
     return ".".join(parts)

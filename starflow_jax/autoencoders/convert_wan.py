@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from flax import nnx
 
-from starflow_jax.autoencoders.convert_vae import load_diffusers_checkpoint
+from starflow_jax.autoencoders.convert_vae import diffusers_name, load_diffusers_checkpoint
 from starflow_jax.autoencoders.wan_config import WanVAEConfig
 from starflow_jax.autoencoders.wan_vae import AutoencoderKLWan
 from starflow_jax.interop.state_dict import StateDictMismatch, gather_named
@@ -26,11 +26,7 @@ _LAYOUT = {5: (2, 3, 4, 1, 0), 4: (2, 3, 1, 0)}  # torch conv weight -> our kern
 
 def wan_diffusers_name(path: tuple) -> str:
     """The diffusers state-dict name of one of our parameters (given its nnx path)."""
-    parts = [str(p) for p in path]
-    parts = ["resample.1" if p == "resample" else p for p in parts[:-1]] + [parts[-1]]
-    if parts[-1] == "kernel":
-        parts[-1] = "weight"
-    return ".".join(parts)
+    return diffusers_name(path, {"resample": "resample.1"})
 
 
 def _squeeze_gammas(state_dict: Mapping[str, Any]) -> dict[str, Any]:

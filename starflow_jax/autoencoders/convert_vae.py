@@ -23,7 +23,7 @@ from starflow_jax.autoencoders.vae_config import VAEConfig
 from starflow_jax.interop.state_dict import StateDictMismatch, gather_named
 
 __all__ = ["vae_from_diffusers", "load_diffusers_checkpoint", "read_weights", "fill_state",
-           "normalize_state_dict", "diffusers_name", "StateDictMismatch"]
+           "normalize_state_dict", "diffusers_name", "fill_named_state", "StateDictMismatch"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 _DEPRECATED_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -145,17 +145,24 @@ def _resolve_config(config, dtype: str | None) -> VAEConfig:
 def fill_state(state: nnx.State, state_dict: Mapping[str, Any], *, check_finite: bool = True) -> nnx.State:
     """Our (possibly abstract) parameter state filled from a diffusers state dict; raises one
     ``StateDictMismatch`` listing missing, unexpected, mis-shaped and non-finite keys."""
-    sd = normalize_state_dict(state_dict)
-    flat = [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
-
     def names_of(path, shape):
         layout = {4: (2, 3, 1, 0), 2: True}.get(len(shape), False)  # OIHW -> HWIO, (out, in) -> (in, out)
         return [(diffusers_name(path), None, layout)]
 
+    return fill_named_state(state, normalize_state_dict(state_dict), names_of, check_finite=check_finite)
+
+
+def fill_named_state(state: nnx.State, state_dict: Mapping[str, Any], names_of, *,
+                     check_finite: bool = True) -> nnx.State:
+    """``state`` (possibly abstract) filled through ``gather_named`` from ``state_dict``,
+    ``names_of(path, shape)`` giving each leaf's source name and layout; one
+    ``StateDictMismatch`` lists every missing, unexpected, mis-shaped and non-finite key."""
+    flat = [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
+
     def leaf(var):
         return var.get_value() if hasattr(var, "get_value") else var
 
-    arrays = gather_named([(path, tuple(leaf(var).shape), leaf(var).dtype) for path, var in flat], names_of, sd,
+    arrays = gather_named([(path, tuple(leaf(var).shape), leaf(var).dtype) for path, var in flat], names_of, state_dict,
                           check_finite=check_finite)
     return nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path])) if hasattr(var, "replace")
                                  else jnp.asarray(arrays[path])) for path, var in flat])

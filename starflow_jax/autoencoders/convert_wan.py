@@ -11,13 +11,12 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 from flax import nnx
 
-from starflow_jax.autoencoders.convert_vae import diffusers_name, load_diffusers_checkpoint
+from starflow_jax.autoencoders.convert_vae import diffusers_name, fill_named_state, load_diffusers_checkpoint
 from starflow_jax.autoencoders.wan_config import WanVAEConfig
 from starflow_jax.autoencoders.wan_vae import AutoencoderKLWan
-from starflow_jax.interop.state_dict import StateDictMismatch, gather_named
+from starflow_jax.interop.state_dict import StateDictMismatch
 
 __all__ = ["wan_from_diffusers", "fill_wan_state", "wan_diffusers_name", "StateDictMismatch"]
 
@@ -42,19 +41,10 @@ def _squeeze_gammas(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def fill_wan_state(state: nnx.State, state_dict: Mapping[str, Any], *, check_finite: bool = True) -> nnx.State:
     """Our (possibly abstract) parameter state filled from a diffusers state dict; raises one
     ``StateDictMismatch`` listing missing, unexpected, mis-shaped and non-finite keys."""
-    sd = _squeeze_gammas(state_dict)
-    flat = [(tuple(p), v) for p, v in nnx.to_flat_state(state)]
-
     def names_of(path, shape):
         return [(wan_diffusers_name(path), None, _LAYOUT.get(len(shape), False))]
 
-    def leaf(var):
-        return var.get_value() if hasattr(var, "get_value") else var
-
-    arrays = gather_named([(path, tuple(leaf(var).shape), leaf(var).dtype) for path, var in flat], names_of, sd,
-                          check_finite=check_finite)
-    return nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path])) if hasattr(var, "replace")
-                                 else jnp.asarray(arrays[path])) for path, var in flat])
+    return fill_named_state(state, _squeeze_gammas(state_dict), names_of, check_finite=check_finite)
 
 
 def _resolve_config(config, overrides: dict) -> WanVAEConfig:

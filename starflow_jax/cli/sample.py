@@ -166,20 +166,6 @@ def _conditioning(args, config, cfg, num: int):
     return jnp.asarray(y), jnp.asarray(y_null)
 
 
-def _fit(img: np.ndarray, h: int, w: int, channels: int) -> np.ndarray:
-    """An ``(H, W, 3)`` uint8 picture resized to cover ``h x w`` (bicubic), centre-cropped,
-    as ``(channels, h, w)`` float32 in [-1, 1]."""
-    from PIL import Image
-
-    im = Image.fromarray(img).convert("RGB" if channels == 3 else "L")
-    scale = max(h / im.height, w / im.width)
-    nw, nh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
-    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - w) // 2, (nh - h) // 2
-    a = np.asarray(im.crop((left, top, left + w, top + h)), np.float32) / 127.5 - 1.0
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-
 def _given_frames(args, config, cfg, vae, num: int, frames: int, pixel_hw: tuple[int, int], seed: int):
     """The first frames to keep (``--input-image`` / ``--input-video``): fitted to the
     sample size, encoded by the VAE if any, noise-augmented as in training (the flow
@@ -221,7 +207,9 @@ def _given_frames(args, config, cfg, vae, num: int, frames: int, pixel_hw: tuple
             raise ValueError(f"--input-frames must lie in [1, {avail}] ({path} has {len(pics)} frames, {frames} "
                              f"are sampled), got {g}")
         pics = pics[:per(g)]
-    x = np.stack([_fit(p, *pixel_hw, channels) for p in pics])  # (g, c, H, W) pixels
+    from starflow_jax.data.video import resize_crop
+
+    x = np.stack([resize_crop(p, *pixel_hw, channels) for p in pics])  # (g, c, H, W) pixels
     if vae is not None:
         x = vae.encode(x[None])[0] if vae.kind == "video" else vae.encode(x)
     x = jnp.asarray(x)

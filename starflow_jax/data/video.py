@@ -106,12 +106,12 @@ def _size_hw(size) -> tuple[int, int]:
     return h, w
 
 
-def resize_crop(frame: np.ndarray, h: int, w: int) -> np.ndarray:
+def resize_crop(frame: np.ndarray, h: int, w: int, channels: int = 3) -> np.ndarray:
     """An ``(H, W, 3)`` uint8 frame scaled (bicubic, antialiased) to cover ``h x w``, then
-    centre-cropped to it; ``(3, h, w)`` float32 in [-1, 1]."""
+    centre-cropped to it; ``(channels, h, w)`` float32 in [-1, 1] (1 channel: greyscale)."""
     from PIL import Image
 
-    im = Image.fromarray(np.ascontiguousarray(frame[..., :3])).convert("RGB")
+    im = Image.fromarray(np.ascontiguousarray(frame[..., :3])).convert("RGB" if channels == 3 else "L")
     W, H = im.size
     scale = max(h / H, w / W)  # shorter side (relative to the target) to the target
     nw, nh = max(w, round(W * scale)), max(h, round(H * scale))
@@ -119,7 +119,8 @@ def resize_crop(frame: np.ndarray, h: int, w: int) -> np.ndarray:
         im = im.resize((nw, nh), Image.Resampling.BICUBIC)  # PIL filters over the scaled support
     left, top = (nw - w) // 2, (nh - h) // 2
     im = im.crop((left, top, left + w, top + h))
-    return (np.asarray(im, np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+    a = np.asarray(im, np.float32) / 127.5 - 1.0
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
 def read_clip(path: str | Path, indices: Sequence[int], size) -> np.ndarray:

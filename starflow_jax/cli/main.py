@@ -6,6 +6,7 @@ import sys
 
 from starflow_jax.bench import plan as plan_cmd
 from starflow_jax.cli import bench, convert, info, nll, parity, precompute, sample, train
+from starflow_jax.parallel.host_memory import keep_freed_host_memory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    keep_freed_host_memory()  # before JAX's first computation: no page faults per step (see its docstring)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:

@@ -62,11 +62,13 @@ def test_attention_paths_match_the_plain_computation(impl, case):
 def test_auto_picks_splash_only_for_tpu():
     from starflow_jax.layers.splash import compile_target
 
-    assert resolve_attention("auto") == ("splash" if jax.default_backend() == "tpu" else "xla")
+    assert resolve_attention("auto") == {"tpu": "splash", "cpu": "per_head"}.get(jax.default_backend(), "xla")
     with compile_target("tpu"):
         assert resolve_attention("auto") == "splash"
     with compile_target("gpu"):
         assert resolve_attention("auto") == "xla"
+    with compile_target("cpu"):
+        assert resolve_attention("auto") == "per_head"
 
 
 def test_splash_refuses_a_traced_mask():

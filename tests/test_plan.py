@@ -29,9 +29,9 @@ def test_plan_compiles_for_a_small_tpu_slice(tmp_path):
     assert [r["remat"] for r in rows] == ["none", "full", "offload"]
     have_libtpu = importlib.util.find_spec("libtpu") is not None
     # attention "auto": the Pallas splash kernel, compiled by the TPU compiler (in a shard_map)
-    assert f"kernel {'splash' if have_libtpu else 'xla'}" in proc.stdout
+    assert f"kernel {'splash' if have_libtpu else 'per_head'}" in proc.stdout
     for r in rows:
-        assert r["attention_kernel"] == ("splash" if have_libtpu else "xla")
+        assert r["attention_kernel"] == ("splash" if have_libtpu else "per_head")
         assert r["devices"] == 4 and r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
         assert r["simulated"] is (not have_libtpu)
         assert r["argument_gib"] > 0 and r["temp_gib"] > 0 and r["total_gib"] > r["argument_gib"]

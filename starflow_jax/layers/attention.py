@@ -14,7 +14,7 @@ from starflow_jax.layers.norms import RMSNorm, make_norm
 from starflow_jax.layers.rope import apply_rope
 
 
-ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash")
+ATTENTION_IMPLS = ("auto", "xla", "per_head", "blocked", "splash")
 
 
 class IndexMask:
@@ -51,15 +51,51 @@ def local_window_mask(frames: int, frame_tokens: int, txt_len: int, window: int)
 
 
 def resolve_attention(impl: str) -> str:
-    """``auto``: the Pallas splash kernel on TPU, ``xla`` elsewhere (cuDNN's fused
-    attention on GPU where it applies); the others as named."""
+    """``auto``: the Pallas splash kernel on TPU, ``per_head`` on the CPU, ``xla`` elsewhere
+    (cuDNN's fused attention on GPU where it applies); the others as named."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
         from starflow_jax.layers.splash import target_platform
 
-        return "splash" if target_platform() == "tpu" else "xla"
+        return {"tpu": "splash", "cpu": "per_head"}.get(target_platform(), "xla")
     return impl
+
+
+def _valid_mask(b: int, heads: int, lq: int, lk: int, causal: bool, mask) -> jax.Array | None:
+    """``mask`` (``(q, k)`` or broadcastable to ``(b, heads, q, k)``) and the causal rule
+    (query ``i`` sees keys ``<= i + lk - lq``) as one boolean array, or ``None``."""
+    valid = None
+    if mask is not None:
+        valid = mask if mask.ndim == 2 else jnp.broadcast_to(mask, (b, heads, lq, lk))
+    if causal:
+        tri = jnp.tril(jnp.ones((lq, lk), bool), lk - lq)
+        valid = tri if valid is None else valid & tri
+    return valid
+
+
+def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
+                       mask: jax.Array | None = None) -> jax.Array:
+    """Softmax attention written head by head (the heads unrolled; per head two matmuls
+    batched over the batch only, scores and softmax in float32, masked scores set to a
+    large negative number as ``jax.nn.dot_product_attention`` does). Same arguments and
+    result as ``dot_product_attention``. On the CPU, XLA runs these matmuls about twice as
+    fast as the ``(batch, heads)``-batched ones of the fused form (``docs/performance.md``:
+    an attention layer's forward and backward pass 26 -> 17 ms at ``configs/bench_s.py``);
+    the program grows with the number of heads."""
+    b, lq, heads, d = q.shape
+    lk, kv = k.shape[1], k.shape[2]
+    g = heads // kv
+    valid = _valid_mask(b, heads, lq, lk, causal, mask)
+    big_negative = jnp.float32(-0.7 * np.finfo(np.float32).max)
+    outs = []
+    for i in range(heads):
+        s = jnp.einsum("bqd,bkd->bqk", q[:, :, i], k[:, :, i // g], preferred_element_type=jnp.float32) * scale
+        if valid is not None:
+            s = jnp.where(valid if valid.ndim == 2 else valid[:, i], s, big_negative)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bqk,bkd->bqd", p, v[:, :, i // g]))
+    return jnp.stack(outs, axis=2).astype(q.dtype)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
@@ -74,8 +110,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     GPU where it applies), materialising the ``(b, heads, q, k)`` scores; ``"blocked"``,
     keys and values in blocks of ``block`` with an online softmax (``blocked_attention``):
     memory linear in the sequence, for long sequences (video) on any backend;
-    ``"splash"``, the Pallas TPU splash kernel (``layers.splash``; interpreted off TPU);
-    ``"auto"``: see ``resolve_attention``."""
+    ``"per_head"``, the heads unrolled (``per_head_attention``: the fastest form on the
+    CPU); ``"splash"``, the Pallas TPU splash kernel (``layers.splash``; interpreted off
+    TPU); ``"auto"``: see ``resolve_attention``."""
     impl = resolve_attention(impl)
     if impl == "splash":
         from starflow_jax.layers.splash import splash_attention
@@ -87,6 +124,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
         if mask is not None and mask.ndim != 2:
             raise ValueError("blocked attention takes a (q_len, k_len) mask")
         return blocked_attention(q, k, v, scale=scale, causal=causal, mask=mask, block=block)
+    if impl == "per_head":
+        return per_head_attention(q, k, v, scale=scale, causal=causal, mask=mask)
     if mask is not None:
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])) if mask.ndim == 2 else mask
         if causal:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from starflow_jax.bench.flops import forward_flops, train_step_flops
+from starflow_jax.bench.flops import forward_flops, layer_flops, train_step_flops
 from starflow_jax.cli.main import main
 from starflow_jax.config import load_config, model_config
 from starflow_jax.model import StarFlow
@@ -41,6 +41,26 @@ def test_analytic_flops_match_the_compiled_program():
     assert forward_flops(cfg, x.shape, causal_half=True) < forward_flops(cfg, x.shape, causal_half=False)
 
 
+def test_matmul_floor_counts_what_the_compiled_chain_computes():
+    """The matmul-only chain (``bench train --matmul-floor``): its analytic FLOPs are the
+    compiled program's (no matmul shrunk by XLA), and they are the model's dense matmuls:
+    the model's step FLOPs minus attention and the input / output / text projections."""
+    from starflow_jax.bench import matmul_floor as M
+
+    for overrides in ([], ["model.use_swiglu=True", "model.num_kv_heads=2"]):
+        cfg = model_config(load_config(ROOT / "configs" / "bench_s.py",
+                                       ["model.layers_per_block=[1, 1, 1, 1]", *overrides]))
+        shapes = M.chain_shapes(cfg, (2, 4, 16, 16))
+        compiled = M.chain_step().lower(M.init_chain(shapes, jnp.float32)).compile()
+        assert abs(_cost(compiled) / M.chain_flops(shapes) - 1) < 0.01
+        heads = cfg.channels // cfg.head_dim
+        layers_only = sum(3 * 2 * layer_flops(264 if i == 3 else 256, 256, heads, cfg.num_kv_heads or heads,
+                                              cfg.head_dim, 1024, cfg.use_swiglu, attended_pairs=0)
+                          for i in range(4))  # batch 2; the deep block reads 8 text tokens
+        assert M.chain_flops(shapes) == layers_only
+        assert M.chain_flops(shapes) < train_step_flops(cfg, (2, 4, 16, 16))
+
+
 def test_program_size_does_not_grow_with_depth():
     """A deep block of 2 or 24 scanned layers compiles to the same train-step program."""
     sizes = {}
@@ -59,9 +79,12 @@ def test_program_size_does_not_grow_with_depth():
 def test_bench_train_cli(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "train", "--config", str(ROOT / "configs" / "tiny_cpu.py"), "--batch", "4",
-                 "--steps", "1", "--peak-size", "256", "--json", str(out)]) == 0
+                 "--steps", "1", "--peak-size", "256", "--matmul-floor", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["impl"] for r in rows] == ["jax"]
+    assert [r["impl"] for r in rows] == ["jax", "jax-matmuls"]
+    floor = rows[1]
+    # the dense matmuls are most of the model's FLOPs, never more
+    assert 0.5 * rows[0]["flops_per_step"] < floor["flops_per_step"] < rows[0]["flops_per_step"]
     r = rows[0]
     assert {"impl", "dtype", "batch", "seconds_per_step", "tokens_per_s", "flops_per_step", "flops_per_s",
             "mfu"} <= set(r)

@@ -2,7 +2,8 @@
 FLOPs (analytic, ``bench.flops``), achieved FLOP/s and MFU against the matmul peak that
 the command measures itself, memory and compile time; with ``--reference``, the PyTorch
 reference's own step (forward, loss, backward, clipping, AdamW) on the same
-configuration, weights and batch in the same run."""
+configuration, weights and batch in the same run; with ``--matmul-floor``, the step's
+dense matmuls alone (``bench.matmul_floor``), the floor of the step time."""
 from __future__ import annotations
 
 import functools
@@ -41,6 +42,8 @@ def add_parser(sub):
     p.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul that measures the peak")
     p.add_argument("--remat", default=None, help="rematerialisation policy of the JAX step (none, full, dots, "
                                                  "dots_all; default: the config's train.remat or none)")
+    p.add_argument("--matmul-floor", action="store_true",
+                   help="also time the step's dense matmuls alone (bench.matmul_floor): the floor of the step time")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.set_defaults(func=run)
     return p
@@ -115,6 +118,8 @@ def run(args) -> int:
                  batch=batch, seconds_per_step=sec, compile_seconds=compile_s,
                  tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec, mfu=flops / sec / peak,
                  peak_memory_mb=compiled_mb, loss=float(m["loss"]))]
+    if args.matmul_floor:
+        rows.append(_floor_row(cfg, shape, dtype, steps, peak, tokens))
     if args.reference:
         rows.append(_reference_row(args.reference, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens,
                                    flops, peak))
@@ -122,10 +127,39 @@ def run(args) -> int:
     print_table(shown, COLUMNS)
     print(f"jax compiled memory (arguments + outputs + temporaries): {compiled_mb:.0f} MB; "
           f"process peak RSS {_peak_rss_mb():.0f} MB")
-    if args.reference:
-        print(f"speedup jax vs torch: {rows[1]['seconds_per_step'] / rows[0]['seconds_per_step']:.2f}x")
+    torch_row = next((r for r in rows if r["impl"] == "torch"), None)
+    if torch_row:
+        print(f"speedup jax vs torch: {torch_row['seconds_per_step'] / sec:.2f}x")
+    floor = next((r for r in rows if r["impl"] == "jax-matmuls"), None)
+    if floor:
+        print(f"the step's dense matmuls alone ({floor['flops_per_step'] / 1e9:.1f} of {flops / 1e9:.1f} GFLOP; no "
+              f"attention, norms, activations, optimiser): {floor['seconds_per_step']:.3f} s at "
+              f"{floor['mfu']:.1%} of the matmul peak")
+        if torch_row:
+            print(f"1.3x the reference's step: {torch_row['seconds_per_step'] / 1.3:.3f} s")
     write_json(args.json, rows)
     return 0
+
+
+def _floor_row(cfg, shape, dtype, steps, peak, tokens):
+    from starflow_jax.bench import matmul_floor
+
+    shapes = matmul_floor.chain_shapes(cfg, shape)
+    params = matmul_floor.init_chain(shapes, dtype)
+    t = time.perf_counter()
+    compiled = matmul_floor.chain_step().lower(params).compile()
+    compile_s = time.perf_counter() - t
+    jax.block_until_ready(compiled(params))
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(compiled(params))
+        times.append(time.perf_counter() - t)
+    sec = statistics.median(times)
+    flops = matmul_floor.chain_flops(shapes)
+    return dict(impl="jax-matmuls", dtype=str(jnp.dtype(dtype)), remat="none", batch=shape[0], seconds_per_step=sec,
+                compile_seconds=compile_s, tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec,
+                mfu=flops / sec / peak, peak_memory_mb=None)
 
 
 def _reference_row(path, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens, flops, peak):

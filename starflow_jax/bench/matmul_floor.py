@@ -1,0 +1,92 @@
+"""The training step's dense matmuls alone, as one compiled forward and backward pass: a
+floor for the step time on a backend (``bench train --matmul-floor``).
+
+Every flow block's layers keep their shapes (rows = batch x sequence, the qkv, attention
+output and MLP projections, stacked and scanned as in the model), but attention, norms,
+activations, the flow's affine step and the optimiser are left out: what remains is the
+work that a matmul library does at (at best) its peak. If even this chain runs below a
+target's FLOP rate, no work on the rest of the step reaches it."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from starflow_jax.config.model_config import ModelConfig
+
+
+def chain_shapes(cfg: ModelConfig, x_shape: tuple[int, ...]) -> list[dict]:
+    """Per flow block with layers: ``rows`` (batch x sequence), ``channels``, ``qkv``
+    (query + key + value width), ``attn`` (heads x head_dim), ``hidden``, ``mlp_in``
+    (1, or 2 for SwiGLU's gate and up projections), ``layers``."""
+    b = x_shape[0]
+    frames = x_shape[1] if len(x_shape) == 5 else 1
+    tokens = (x_shape[-2] // cfg.patch_size) * (x_shape[-1] // cfg.patch_size) * frames
+    base_heads = cfg.num_heads or cfg.channels // cfg.head_dim
+    out = []
+    for i, n_layers in enumerate(cfg.layers_per_block):
+        if n_layers == 0:
+            continue
+        top = i == cfg.num_blocks - 1
+        c = cfg.top_channels if top else cfg.channels
+        heads = (cfg.top_num_heads or cfg.top_channels // cfg.head_dim) if top else base_heads
+        kv = cfg.num_kv_heads or heads
+        conditioned = cfg.txt_dim > 0 and (top or not cfg.cond_top_only)
+        local = cfg.shallow_block_local and frames > 1 and not top
+        txt = cfg.txt_size if conditioned else 0
+        rows = b * (tokens + (frames if local else 1) * txt)
+        out.append(dict(rows=rows, channels=c, qkv=(heads + 2 * kv) * cfg.head_dim, attn=heads * cfg.head_dim,
+                        hidden=int(c * cfg.expansion), mlp_in=2 if cfg.use_swiglu else 1, layers=n_layers))
+    return out
+
+
+def chain_flops(shapes: list[dict]) -> float:
+    """Forward and backward FLOPs of the chain (3x the forward's matmuls)."""
+    total = 0.0
+    for s in shapes:
+        per_row = s["channels"] * s["qkv"] + s["attn"] * s["channels"] + (s["mlp_in"] + 1) * s["channels"] * s["hidden"]
+        total += 2 * s["rows"] * per_row * s["layers"]
+    return 3 * total
+
+
+def init_chain(shapes: list[dict], dtype, seed: int = 0):
+    """Inputs and stacked weights of the chain (scaled so that activations stay O(1))."""
+    key = jax.random.key(seed)
+    params = []
+    for s in shapes:
+        key, kx, *kw = jax.random.split(key, 6)
+        n, c = s["layers"], s["channels"]
+
+        def w(k, fan_in, fan_out):
+            return (jax.random.normal(k, (n, fan_in, fan_out), jnp.float32) / fan_in ** 0.5 / 4).astype(dtype)
+
+        params.append(dict(x=jax.random.normal(kx, (s["rows"], c), jnp.float32).astype(dtype),
+                           qkv=w(kw[0], c, s["qkv"]), out=w(kw[1], s["attn"], c),
+                           mlp_in=w(kw[2], c, s["mlp_in"] * s["hidden"]), mlp_out=w(kw[3], s["hidden"], c)))
+    return params
+
+
+def chain_loss(params) -> jax.Array:
+    """Sum of squares of every block's output; per layer ``x += mix(x Wqkv) Wo`` then
+    ``x += gate(x Win) Wout``, where ``mix`` adds the key / value columns' row sum to the
+    query columns and ``gate`` multiplies SwiGLU's two halves: cheap elementwise stand-ins
+    for attention and the activation that use every column (so XLA cannot shrink a
+    matmul by slicing its weights), giving the backward pass the model's matmuls."""
+    total = jnp.zeros((), jnp.float32)
+    for p in params:
+        attn, hidden = p["out"].shape[1], p["mlp_out"].shape[1]
+
+        def layer(x, w, attn=attn, hidden=hidden):
+            y = x @ w["qkv"]
+            x = x + (y[:, :attn] + jnp.sum(y[:, attn:], axis=-1, keepdims=True)) @ w["out"]
+            y = x @ w["mlp_in"]
+            m = y if y.shape[-1] == hidden else y[:, :hidden] * y[:, hidden:]
+            return x + m @ w["mlp_out"], None
+
+        x, _ = jax.lax.scan(layer, p["x"], {k: p[k] for k in ("qkv", "out", "mlp_in", "mlp_out")})
+        total = total + jnp.sum(jnp.square(x.astype(jnp.float32)))
+    return total
+
+
+def chain_step():
+    """The jitted forward and backward pass of the chain (gradients for inputs and weights)."""
+    return jax.jit(jax.grad(chain_loss))

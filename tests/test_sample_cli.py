@@ -121,6 +121,22 @@ def test_bench_sample_cli(tmp_path, capsys):
         assert all(r["passes"] <= seq[0]["passes"] for r in jac)
         tight = [r for r in jac if r["jacobi_th"] == 1e-6][0]
         assert tight["rel_rms_diff_vs_sequential"] < 1e-3
+    # dense FLOPs: sequential inversion takes every token once through every layer (guidance
+    # doubling the guided blocks' rows); Jacobi passes are chunks of jacobi_block_size tokens
+    from starflow_jax.bench.flops import layer_flops
+    from starflow_jax.config import load_config, model_config
+
+    cfg = model_config(load_config(TINY))
+    tokens = cfg.seq_side ** 2
+    heads = cfg.channels // cfg.head_dim
+    per_token = sum(n * layer_flops(1, cfg.channels, heads, cfg.num_kv_heads or heads, cfg.head_dim,
+                                    int(cfg.channels * cfg.expansion), cfg.use_swiglu, 0)
+                    for n in cfg.layers_per_block)
+    seq0 = [r for r in rows if r["mode"] == "sequential" and r["guidance"] == 0.0][0]
+    assert seq0["dense_flops"] == pytest.approx(2 * tokens * per_token)
+    assert seq0["passes_per_block"] == [tokens if n else 0 for n in reversed(cfg.layers_per_block)]
+    seq2 = [r for r in rows if r["mode"] == "sequential" and r["guidance"] == 2.0][0]
+    assert seq0["dense_flops"] < seq2["dense_flops"] <= 2 * seq0["dense_flops"]
     assert "sequential" in capsys.readouterr().out
 
 

@@ -17,7 +17,7 @@ from starflow_jax.config.model_config import ModelConfig
 def chain_shapes(cfg: ModelConfig, x_shape: tuple[int, ...]) -> list[dict]:
     """Per flow block with layers: ``rows`` (batch x sequence), ``channels``, ``qkv``
     (query + key + value width), ``attn`` (heads x head_dim), ``hidden``, ``mlp_in``
-    (1, or 2 for SwiGLU's gate and up projections), ``layers``."""
+    (1, or 2 for SwiGLU's gate and up projections), ``layers``, ``block`` (its index)."""
     b = x_shape[0]
     frames = x_shape[1] if len(x_shape) == 5 else 1
     tokens = (x_shape[-2] // cfg.patch_size) * (x_shape[-1] // cfg.patch_size) * frames
@@ -35,17 +35,39 @@ def chain_shapes(cfg: ModelConfig, x_shape: tuple[int, ...]) -> list[dict]:
         txt = cfg.txt_size if conditioned else 0
         rows = b * (tokens + (frames if local else 1) * txt)
         out.append(dict(rows=rows, channels=c, qkv=(heads + 2 * kv) * cfg.head_dim, attn=heads * cfg.head_dim,
-                        hidden=int(c * cfg.expansion), mlp_in=2 if cfg.use_swiglu else 1, layers=n_layers))
+                        hidden=int(c * cfg.expansion), mlp_in=2 if cfg.use_swiglu else 1, layers=n_layers,
+                        block=i))
     return out
+
+
+def row_flops(s: dict) -> float:
+    """Forward FLOPs of one row (token) through one layer's four projections."""
+    return 2.0 * (s["channels"] * s["qkv"] + s["attn"] * s["channels"] + (s["mlp_in"] + 1) * s["channels"] * s["hidden"])
 
 
 def chain_flops(shapes: list[dict]) -> float:
     """Forward and backward FLOPs of the chain (3x the forward's matmuls)."""
+    return 3 * sum(s["rows"] * row_flops(s) * s["layers"] for s in shapes)
+
+
+def sampling_dense_flops(cfg: ModelConfig, x_shape: tuple[int, ...], passes: list[int], tokens_per_pass: int,
+                         guidance: float) -> float:
+    """The dense projections' FLOPs of one sampling run (attention not counted: a lower
+    bound on its work): ``passes`` per block in sampling order (the deep block first, as
+    ``sample(return_passes=True)`` gives them), each pass ``tokens_per_pass`` tokens of
+    every batch row through every layer; guidance doubles the rows of the guided blocks
+    (the deep block, and all with ``cond_top_only=False``)."""
+    by_block = {s["block"]: s for s in chain_shapes(cfg, x_shape)}
+    n = cfg.num_blocks
     total = 0.0
-    for s in shapes:
-        per_row = s["channels"] * s["qkv"] + s["attn"] * s["channels"] + (s["mlp_in"] + 1) * s["channels"] * s["hidden"]
-        total += 2 * s["rows"] * per_row * s["layers"]
-    return 3 * total
+    for k, p in enumerate(passes):
+        block = n - 1 - k
+        if block not in by_block:
+            continue
+        guided = guidance > 0 and (block == n - 1 or not cfg.cond_top_only)
+        rows = x_shape[0] * (2 if guided else 1) * tokens_per_pass
+        total += p * rows * by_block[block]["layers"] * row_flops(by_block[block])
+    return total
 
 
 def init_chain(shapes: list[dict], dtype, seed: int = 0):

@@ -11,12 +11,14 @@ import numpy as np
 from flax import nnx
 
 from starflow_jax.bench.common import bench_setting, benchmark_model, print_table, timed, write_json
+from starflow_jax.bench.matmul_floor import sampling_dense_flops
 from starflow_jax.config import load_config, model_config
 from starflow_jax.sampling import SamplingOptions, sample
 
 COLUMNS = [("impl", "impl", "s"), ("mode", "mode", "s"), ("guidance", "guidance", ".1f"),
            ("jacobi_th", "jacobi_th", ".0e"), ("batch", "batch", "d"), ("seconds", "seconds", ".3f"),
            ("compile_seconds", "compile_s", ".2f"), ("passes", "passes", "d"),
+           ("dense_gflops_per_s", "dense_GFLOP/s", ".0f"),
            ("max_abs_diff_vs_sequential", "max_abs_diff", ".2e"),
            ("rel_rms_diff_vs_sequential", "rel_rms_diff", ".2e")]
 
@@ -74,8 +76,10 @@ def run(args) -> int:
         opts = SamplingOptions(guidance=g, jacobi=mode == "jacobi", jacobi_block_size=bs,
                                jacobi_th=jth if jth is not None else th, jacobi_max_iter=max_iter)
         first, med, (x, passes) = timed(lambda: sample(model, noise, y_in, opts, return_passes=True), repeats)
+        dense = sampling_dense_flops(cfg, shape, passes, bs if mode == "jacobi" else 1, g)
         row = dict(impl="jax", mode=mode, guidance=g, jacobi_th=jth, batch=batch, seconds=med,
-                   compile_seconds=max(first - med, 0.0), passes=int(sum(passes)))
+                   compile_seconds=max(first - med, 0.0), passes=int(sum(passes)), passes_per_block=passes,
+                   dense_flops=dense, dense_flops_per_s=dense / med, dense_gflops_per_s=dense / med / 1e9)
         if mode == "sequential":
             seq_out[g] = np.asarray(x)
         row["max_abs_diff_vs_sequential"], row["rel_rms_diff_vs_sequential"] = _diffs(x, seq_out[g])
@@ -93,6 +97,11 @@ def run(args) -> int:
                     and m["jacobi_th"] == r["jacobi_th"]][0]
             print(f"speedup jax vs torch, {r['mode']:<10} guidance {r['guidance']:.1f} th {r['jacobi_th']}: "
                   f"{r['seconds'] / mine['seconds']:.1f}x")
+            if r["passes"] == mine["passes"]:
+                target = 3 if r["mode"] == "jacobi" else 5  # the targets
+                print(f"  {target}x the reference = {r['seconds'] / target:.3f} s: the dense projections alone "
+                      f"({mine['dense_flops'] / 1e9:.1f} GFLOP) would run at "
+                      f"{mine['dense_flops'] * target / r['seconds'] / 1e9:.0f} GFLOP/s")
     for r in rows:
         if r["mode"] == "jacobi":
             seq = [s for s in rows if s["impl"] == r["impl"] and s["mode"] == "sequential" and s["guidance"] == r["guidance"]][0]

@@ -3,11 +3,14 @@ program's cost analysis, a program that does not grow with depth (scanned layers
 the `bench train` command's JSON rows."""
 import functools
 import json
+import os
 import pathlib
+import subprocess
 
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 from flax import nnx
 
 from starflow_jax.bench.flops import forward_flops, layer_flops, train_step_flops
@@ -93,3 +96,39 @@ def test_bench_train_cli(tmp_path, capsys):
     assert r["attention_kernel"] == {"tpu": "splash", "cpu": "per_head"}.get(jax.default_backend(), "xla")
     printed = capsys.readouterr().out
     assert "MFU" in printed and f"kernel {r['attention_kernel']}" in printed
+
+
+def test_reference_runs_in_a_child_with_the_default_allocator(tmp_path, monkeypatch):
+    """`--reference` rows come from a child process (`bench.common.reference_rows_in_child`)
+    with STARFLOW_KEEP_HOST_MEMORY=0, so the reference is timed under glibc's defaults; the
+    child rebuilds the same seeded setting. Checked without torch: a child that cannot
+    import the reference fails, and the parent says which command failed."""
+    from starflow_jax.bench import common
+
+    seen = {}
+    real_run = subprocess.run
+
+    def spy(cmd, env=None, **kw):
+        seen.update(cmd=cmd, env=env)
+        return real_run(cmd, env=env, **kw)
+
+    monkeypatch.setattr(common.subprocess, "run", spy)
+    argv = ["bench", "train", "--config", str(ROOT / "configs" / "tiny_cpu.py"), "--batch", "2", "--steps", "1",
+            "--reference", str(tmp_path / "no-checkout-here")]
+
+    with pytest.raises(RuntimeError, match="timing the reference failed"):
+        common.reference_rows_in_child(argv)
+    assert seen["cmd"][-len(argv):] == argv
+    assert seen["env"]["STARFLOW_KEEP_HOST_MEMORY"] == "0" and seen["env"][common.REFERENCE_ROWS_ENV]
+    assert common.REFERENCE_ROWS_ENV not in os.environ
+
+
+@pytest.mark.skipif(not os.environ.get("STARFLOW_REFERENCE_REPO"),
+                    reason="STARFLOW_REFERENCE_REPO is unset: no apple/ml-starflow checkout")
+def test_bench_train_with_the_reference(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "train", "--config", str(ROOT / "configs" / "tiny_cpu.py"), "--batch", "4", "--steps", "1",
+                 "--peak-size", "256", "--reference", os.environ["STARFLOW_REFERENCE_REPO"], "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["impl"] for r in rows] == ["jax", "torch"]
+    assert rows[1]["seconds_per_step"] > 0 and rows[1]["mfu"] > 0

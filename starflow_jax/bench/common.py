@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -58,3 +62,30 @@ def write_json(path: str | None, payload) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
+
+
+# Set in the child process that times only the PyTorch reference (``reference_rows_in_child``):
+# where it writes its rows.
+REFERENCE_ROWS_ENV = "STARFLOW_BENCH_REFERENCE_ROWS"
+
+
+def reference_child_output() -> str | None:
+    """In the child of ``reference_rows_in_child``: the JSON path for its rows, else ``None``."""
+    return os.environ.get(REFERENCE_ROWS_ENV) or None
+
+
+def reference_rows_in_child(argv: Sequence[str]) -> list[dict]:
+    """Time the reference in a child process, ``starflow-jax <argv>`` with the default
+    glibc allocator: ``starflow-jax`` keeps freed host memory for XLA
+    (``parallel.host_memory``), which slows PyTorch's multi-threaded allocations (its
+    Jacobi sampling 1.2 -> 2.0 s at ``configs/bench_s.py``), so the reference never runs in
+    the JAX process. The child rebuilds the same weights and inputs (seeded) and returns
+    only the reference's rows."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "reference_rows.json")
+        env = dict(os.environ, STARFLOW_KEEP_HOST_MEMORY="0", **{REFERENCE_ROWS_ENV: out})
+        proc = subprocess.run([sys.executable, "-m", "starflow_jax.cli.main", *argv], env=env)
+        if proc.returncode != 0 or not os.path.exists(out):
+            raise RuntimeError(f"timing the reference failed (exit {proc.returncode}): starflow-jax {' '.join(argv)}")
+        with open(out) as f:
+            return json.load(f)

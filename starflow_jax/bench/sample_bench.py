@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starflow_jax.bench.common import bench_setting, benchmark_model, print_table, timed, write_json
+from starflow_jax.bench.common import (bench_setting, benchmark_model, print_table, reference_child_output,
+                                       reference_rows_in_child, timed, write_json)
 from starflow_jax.bench.matmul_floor import sampling_dense_flops
 from starflow_jax.config import load_config, model_config
 from starflow_jax.sampling import SamplingOptions, sample
@@ -67,6 +68,10 @@ def run(args) -> int:
         settings.append(("jacobi", g, th))
         settings.append(("jacobi", g, tight))
 
+    if reference_child_output():  # the child that times only the reference (bench.common)
+        write_json(reference_child_output(), _reference_rows(args.reference, cfg, model, noise, y, y_null, settings, bs,
+                                                             max_iter, batch, repeats))
+        return 0
     rows = []
     seq_out = {}
     print(f"config {args.config}: batch {batch}, {cfg.num_blocks} blocks {list(cfg.layers_per_block)}, "
@@ -86,7 +91,10 @@ def run(args) -> int:
         rows.append(row)
 
     if args.reference:
-        rows += _reference_rows(args.reference, cfg, model, noise, y, y_null, settings, bs, max_iter, batch, repeats)
+        # same seeded weights and noise, in a child process (bench.common)
+        rows += reference_rows_in_child(["bench", "sample", "--config", str(args.config),
+                                         *[a for o in args.overrides for a in ("--set", o)], "--batch", str(batch),
+                                         "--repeats", str(repeats), "--reference", args.reference])
 
     print_table(rows, COLUMNS)
     if args.reference:

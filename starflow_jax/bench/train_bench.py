@@ -18,7 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from starflow_jax.bench.common import bench_setting, benchmark_model, print_table, write_json
+from starflow_jax.bench.common import (bench_setting, benchmark_model, print_table, reference_child_output,
+                                       reference_rows_in_child, write_json)
 from starflow_jax.bench.flops import train_step_flops
 from starflow_jax.config import load_config, model_config
 from starflow_jax.layers.attention import resolve_attention
@@ -83,6 +84,11 @@ def run(args) -> int:
     tokens = batch * (cfg.img_size // cfg.patch_size) ** 2
     flops = train_step_flops(cfg, shape)
     dtype = jnp.dtype(cfg.dtype)
+    if reference_child_output():  # the child that times only the reference (bench.common)
+        weights = jax.device_get(nnx.state(model, nnx.Param))
+        write_json(reference_child_output(),
+                   [_reference_row(args.reference, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens, flops)])
+        return 0
 
     # the reference's AdamW (b1 0.9, b2 0.95, weight decay 1e-4), gradient clipping; noise added in the step
     tx = optimizer.adamw(optax.constant_schedule(lr), grad_clip=clip)
@@ -90,7 +96,6 @@ def run(args) -> int:
                                          else "none"))
     hp = S.StepConfig(noise_std=noise_std, noise_type="gaussian", remat=remat)
     graphdef = nnx.graphdef(model)
-    weights = jax.device_get(nnx.state(model, nnx.Param))  # the same weights for the reference
     state = S.init_state(model, tx, seed, ema=False)
     step = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp), donate_argnums=0)
     data = dict(image=jnp.asarray(x)) | ({} if y is None else dict(cond=jnp.asarray(y)))
@@ -120,9 +125,11 @@ def run(args) -> int:
                  peak_memory_mb=compiled_mb, loss=float(m["loss"]))]
     if args.matmul_floor:
         rows.append(_floor_row(cfg, shape, dtype, steps, peak, tokens))
-    if args.reference:
-        rows.append(_reference_row(args.reference, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens,
-                                   flops, peak))
+    if args.reference:  # same seeded weights and batch, in a child process (bench.common)
+        (ref,) = reference_rows_in_child(["bench", "train", "--config", str(args.config),
+                                          *[a for o in args.overrides for a in ("--set", o)], "--batch", str(batch),
+                                          "--steps", str(steps), "--reference", args.reference])
+        rows.append(dict(ref, mfu=ref["flops_per_s"] / peak))
     shown = [dict(r, flops_per_step=r["flops_per_step"] / 1e9, flops_per_s=r["flops_per_s"] / 1e9) for r in rows]
     print_table(shown, COLUMNS)
     print(f"jax compiled memory (arguments + outputs + temporaries): {compiled_mb:.0f} MB; "
@@ -162,7 +169,7 @@ def _floor_row(cfg, shape, dtype, steps, peak, tokens):
                 mfu=flops / sec / peak, peak_memory_mb=None)
 
 
-def _reference_row(path, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens, flops, peak):
+def _reference_row(path, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens, flops):
     import torch
 
     from starflow_jax.bench.reference import import_reference, reference_model
@@ -193,5 +200,5 @@ def _reference_row(path, cfg, weights, x, y, batch, steps, lr, clip, noise_std, 
         times.append(time.perf_counter() - t)
     sec = statistics.median(times)
     return dict(impl="torch", dtype=str(cfg.dtype), batch=batch, seconds_per_step=sec, compile_seconds=None,
-                tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec, mfu=flops / sec / peak,
-                peak_memory_mb=None, loss=loss, threads=torch.get_num_threads())
+                tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec, peak_memory_mb=None,
+                loss=loss, threads=torch.get_num_threads())

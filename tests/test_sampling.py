@@ -1,6 +1,7 @@
 """Sampling beyond the parity cases: Jacobi vs sequential, schedules, denoising, errors."""
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,19 +100,37 @@ def test_sampling_errors():
 
 @pytest.mark.parametrize("jacobi", [False, True])
 def test_layer_loop_variants_agree(jacobi):
-    """Scanned layers (stacked caches), unrolled layers, and unrolled layers with the KV
-    cache cut into segments give the same samples (with guidance, text prefix, SOS)."""
+    """Scanned layers (stacked caches), unrolled layers, unrolled layers with the KV cache
+    cut into segments, and projections split into independent matmuls give the same
+    samples (with guidance, text prefix, SOS)."""
     case = _case("t2i_small")
     model, _ = rc.build_model(case)
     noise, y = jnp.asarray(case.arrays["input/noise"]), jnp.asarray(case.arrays["input/y"])
     y2 = jnp.concatenate([y, jnp.zeros_like(y)])
     outs = []
-    for unroll, segments in [(False, 1), (True, 1), (True, 3)]:
+    for unroll, segments, splits in [(False, 1, None), (True, 1, 1), (True, 3, 2), (True, 1, 3)]:
         opts = SamplingOptions(guidance=1.5, jacobi=jacobi, jacobi_block_size=8, jacobi_th=1e-6,
-                               unroll_layers=unroll, cache_segments=segments)
+                               unroll_layers=unroll, cache_segments=segments, matmul_splits=splits)
         outs.append(np.asarray(sample(model, noise, y2, opts)))
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_split_matmuls_with_swiglu_and_post_norm():
+    """Decoding with each projection split into independent matmuls (SwiGLU, no biases,
+    post-norms, QK-norm: the gemma-style case) gives the unsplit samples."""
+    case = _case("gemma_style_top")
+    model, _ = rc.build_model(case)
+    noise = jnp.asarray(case.arrays["input/noise"])
+    y = jnp.asarray(case.arrays["input/y"]) if "input/y" in case.arrays else None
+    outs = [np.asarray(sample(model, noise, y, SamplingOptions(unroll_layers=True, matmul_splits=s))) for s in (1, 3)]
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    from starflow_jax.sampling import invert
+
+    assert invert.resolve_splits(None, unroll=False) == 1
+    assert invert.resolve_splits(None, unroll=True) == (2 if jax.default_backend() == "cpu" else 1)
+    with pytest.raises(ValueError, match="matmul_splits"):
+        sample(model, noise, y, SamplingOptions(matmul_splits=0))
 
 
 def test_bad_cache_segments():

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from starflow_jax.layers.linear import dense
+from starflow_jax.layers.linear import apply_split_dense, dense
 from starflow_jax.layers.norms import RMSNorm, make_norm
 from starflow_jax.layers.rope import apply_rope
 
@@ -229,11 +229,13 @@ class Attention(nnx.Module):
         self.key_norm = RMSNorm(head_dim, param_dtype=param_dtype) if use_qk_norm else None
         self.post_norm = RMSNorm(channels, param_dtype=param_dtype) if use_post_norm else None
 
-    def qkv_heads(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None):
-        """Project ``(b, seq, c)`` to rotated, normalised ``q, k, v`` heads."""
+    def qkv_heads(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, split=None):
+        """Project ``(b, seq, c)`` to rotated, normalised ``q, k, v`` heads (``split``: the
+        qkv weights cut by ``linear.split_dense``, decoding only)."""
         b, t, _ = x.shape
         h = self.norm(x) if self.norm is not None else x
-        qkv = checkpoint_name(self.qkv(h), "qkv_proj")
+        qkv = self.qkv(h) if split is None else jnp.concatenate(apply_split_dense(h, split), axis=-1)
+        qkv = checkpoint_name(qkv, "qkv_proj")
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = qkv[..., :q_size].reshape(b, t, self.num_heads, self.head_dim)
         k = qkv[..., q_size:q_size + kv_size].reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -246,20 +248,24 @@ class Attention(nnx.Module):
             k = apply_rope(k, cos, sin, self.hf_style_rope)
         return q, k, v
 
-    def output(self, o: jax.Array) -> jax.Array:
+    def output(self, o: jax.Array, split=None) -> jax.Array:
         b, t = o.shape[:2]
-        out = checkpoint_name(self.proj(o.reshape(b, t, self.num_heads * self.head_dim)), "attn_out_proj")
+        o = o.reshape(b, t, self.num_heads * self.head_dim)
+        out = self.proj(o) if split is None else jnp.concatenate(apply_split_dense(o, split), axis=-1)
+        out = checkpoint_name(out, "attn_out_proj")
         return self.post_norm(out) if self.post_norm is not None else out
 
     def cached(self, x: jax.Array, rope, cache: Sequence[tuple[jax.Array, jax.Array]], first_slots: Sequence[int],
-               start: jax.Array, write: int = 0, temp: float = 1.0):
+               start: jax.Array, write: int = 0, temp: float = 1.0, split: dict | None = None):
         """Causal attention of ``m`` new slots starting at slot ``start`` over a KV cache in
         chunks ``[(k, v), ...]`` (see ``cached_attention``; a single chunk is a plain
         cache): the new keys and values (rotated) are written into chunk ``write`` (which
         must hold slots ``start..start+m-1``) and every new slot attends to the slots up to
-        itself in chunks ``0..write``. ``rope`` holds the tables of the new slots.
-        Returns ``(out, cache)``."""
-        q, k, v = self.qkv_heads(x, rope)
+        itself in chunks ``0..write``. ``rope`` holds the tables of the new slots;
+        ``split``: ``{"qkv", "proj"}`` weights cut by ``linear.split_dense``. Returns
+        ``(out, cache)``."""
+        split = split or {}
+        q, k, v = self.qkv_heads(x, rope, split.get("qkv"))
         zero = jnp.zeros((), jnp.int32)
         at = (zero, zero, start - first_slots[write], zero)
         ck, cv = cache[write]
@@ -270,7 +276,7 @@ class Attention(nnx.Module):
         read = cache[: write + 1]
         o = cached_attention(q, [c[0] for c in read], [c[1] for c in read], first_slots, start,
                              self.head_dim ** -0.5 / temp)
-        return self.output(o), cache
+        return self.output(o, split.get("proj")), cache
 
     def __call__(self, x: jax.Array, rope=None, mask: jax.Array | None = None, temp: float = 1.0) -> jax.Array:
         q, k, v = self.qkv_heads(x, rope)

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from starflow_jax.layers.linear import dense
+from starflow_jax.layers.linear import apply_split_dense, dense, split_dense
 from starflow_jax.layers.norms import RMSNorm, make_norm
 
 
@@ -35,8 +35,27 @@ class MLP(nnx.Module):
             self.fc1 = dense(channels, hidden, **kw)
             self.fc2 = dense(hidden, channels, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def split(self, parts: int) -> dict:
+        """The weights cut for ``__call__(split=...)`` (decoding): input projections by
+        output columns, the output projection by input rows, so each piece of the hidden
+        layer goes from its input matmul to its output matmul on its own."""
+        names = ("gate_proj", "up_proj") if self.use_swiglu else ("fc1",)
+        out = {n: split_dense(getattr(self, n), parts, "out") for n in names}
+        last = "down_proj" if self.use_swiglu else "fc2"
+        out[last] = split_dense(getattr(self, last), parts, "in")
+        return out
+
+    def __call__(self, x: jax.Array, split: dict | None = None) -> jax.Array:
         h = self.norm(x) if self.norm is not None else x
+        if split is not None:
+            if self.use_swiglu:
+                gates = apply_split_dense(h, split["gate_proj"])
+                ups = apply_split_dense(h, split["up_proj"])
+                h = apply_split_dense(tuple(jax.nn.gelu(g, approximate=True) * u for g, u in zip(gates, ups)),
+                                      split["down_proj"])
+            else:
+                h = apply_split_dense(tuple(gelu_exact(a) for a in apply_split_dense(h, split["fc1"])), split["fc2"])
+            return self.post_norm(h) if self.post_norm is not None else h
         if self.use_swiglu:
             gate = checkpoint_name(self.gate_proj(h), "mlp_in_proj")
             up = checkpoint_name(self.up_proj(h), "mlp_in_proj")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from starflow_jax.layers.attention import Attention
+from starflow_jax.layers.linear import split_dense
 from starflow_jax.layers.mlp import MLP
 from starflow_jax.parallel.rules import constrain_batch
 
@@ -84,11 +85,20 @@ class TransformerLayer(nnx.Module):
         return constrain_batch(x + self.mlp(x))
 
 
-    def cached(self, x, rope, cache, first_slots, start, write: int = 0, temp: float = 1.0):
-        """One layer over new slots with a chunked KV cache (``Attention.cached``)."""
-        a, cache = self.attention.cached(x, rope, cache, first_slots, start, write, temp)
+    def cached(self, x, rope, cache, first_slots, start, write: int = 0, temp: float = 1.0, split: dict | None = None):
+        """One layer over new slots with a chunked KV cache (``Attention.cached``);
+        ``split``: its weights cut by ``split_weights`` (each matmul as independent pieces)."""
+        split = split or {}
+        a, cache = self.attention.cached(x, rope, cache, first_slots, start, write, temp, split.get("attention"))
         x = x + a
-        return x + self.mlp(x), cache
+        return x + self.mlp(x, split.get("mlp")), cache
+
+    def split_weights(self, parts: int) -> dict:
+        """Every projection's weights cut into ``parts`` pieces (``linear.split_dense``): the
+        qkv and attention-output projections by output columns, the MLP as ``MLP.split``."""
+        attn = self.attention
+        return dict(attention=dict(qkv=split_dense(attn.qkv, parts, "out"), proj=split_dense(attn.proj, parts, "out")),
+                    mlp=self.mlp.split(parts))
 
 
 def create_stack(spec: LayerSpec, num_layers: int, rngs: nnx.Rngs) -> TransformerLayer:
@@ -153,13 +163,14 @@ def unstack_layers(stack: TransformerLayer, num_layers: int) -> list[Transformer
 
 
 def apply_layers_cached(layers: list[TransformerLayer], x: jax.Array, rope, caches, first_slots, start: jax.Array,
-                        write: int = 0, temp: float = 1.0):
+                        write: int = 0, temp: float = 1.0, splits: list[dict] | None = None):
     """``apply_stack_cached`` over separate layers (unrolled; program size grows with the
     depth), each with its KV cache in chunks ``[(k, v), ...]`` (``Attention.cached``;
     ``first_slots`` the first slot of each chunk, ``write`` the chunk holding the new
-    slots), updated in place. Returns ``(x, caches)``."""
+    slots), updated in place; ``splits``: each layer's weights cut by
+    ``TransformerLayer.split_weights``. Returns ``(x, caches)``."""
     out = []
-    for layer, cache in zip(layers, caches):
-        x, cache = layer.cached(x, rope, cache, first_slots, start, write, temp)
+    for i, (layer, cache) in enumerate(zip(layers, caches)):
+        x, cache = layer.cached(x, rope, cache, first_slots, start, write, temp, None if splits is None else splits[i])
         out.append(cache)
     return x, out

@@ -70,6 +70,19 @@ def resolve_unroll(unroll: bool | None) -> bool:
     return jax.default_backend() == "cpu" if unroll is None else bool(unroll)
 
 
+def resolve_splits(splits: int | None, unroll: bool) -> int:
+    """``None`` (auto): with unrolled layers on the CPU, sequential decoding runs every
+    projection as 2 independent matmuls. XLA:CPU runs a matmul of a few rows (one token
+    of a batch) on one thread but independent operations concurrently, so two halves
+    stream the weights on both cores (a 6-layer chain of 8-row matmuls: 0.37 -> 0.19 s,
+    ``docs/performance.md``). Elsewhere 1 (one matmul per projection)."""
+    if splits is None:
+        return 2 if unroll and jax.default_backend() == "cpu" else 1
+    if int(splits) < 1:
+        raise ValueError(f"matmul_splits must be >= 1, got {splits}")
+    return int(splits)
+
+
 def token_segments(n: int, segments: int) -> list[int]:
     """Bounds ``[0, ..., n]`` of ``segments`` near-equal runs of token positions."""
     segments = max(1, min(int(segments), n))
@@ -87,11 +100,14 @@ class _Decoder:
     (``token_bounds``): while decoding segment ``g`` attention reads chunks ``0..g`` only,
     so early tokens do not stream the empty tail of the cache through memory."""
 
-    def __init__(self, block: FlowBlock, unroll: bool):
+    def __init__(self, block: FlowBlock, unroll: bool, splits: int = 1):
         self.block = block
         self.graphdef, self.state = nnx.split(block)
-        self.layers = ([nnx.split(layer) for layer in unstack_layers(block.attn_blocks, block.num_layers)]
-                       if unroll else None)
+        layers = unstack_layers(block.attn_blocks, block.num_layers) if unroll else None
+        self.layers = None if layers is None else [nnx.split(layer) for layer in layers]
+        # unrolled layers may run each projection as ``splits`` independent matmuls (see
+        # ``resolve_splits``), the weights cut once, here, outside the loops
+        self.splits = [layer.split_weights(splits) for layer in layers] if layers and splits > 1 else None
         self.first_slots = (0,)
 
     def modules(self):
@@ -120,7 +136,7 @@ class _Decoder:
         if layers is None:
             h, ck, cv = apply_stack_cached(block.attn_blocks, h, rope, cache[0], cache[1], slot, attn_temp)
             return h, (ck, cv)
-        return apply_layers_cached(layers, h, rope, cache, self.first_slots, slot, write, attn_temp)
+        return apply_layers_cached(layers, h, rope, cache, self.first_slots, slot, write, attn_temp, self.splits)
 
 
 def window_plan(n: int, frame: int, given: int, window: int | None, context: int | None) -> list[tuple[int, int, int]]:
@@ -282,23 +298,24 @@ def _window_loop(plan, run_window, carry):
 
 
 @functools.partial(nnx.jit, static_argnames=("guidance", "attn_temp", "unroll", "segments", "window", "context",
-                                             "progress"))
+                                             "progress", "splits"))
 def sequential(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidance: float = 0.0,
                attn_temp: float = 1.0, unroll: bool = False, segments: int = 1, window: int | None = None,
-               context: int | None = None, progress: bool = False):
+               context: int | None = None, progress: bool = False, splits: int = 1):
     """Autoregressive inversion of ``block``: ``z_img`` (patchified, block input shape) to
     the block's input. Returns ``(x, passes)``. ``unroll``: see ``resolve_unroll``;
     ``segments`` (unrolled, no prefix or window): the token loop runs in that many
     segments, each reading only the KV cache written so far (see ``_Decoder``);
     ``given`` / ``window`` / ``context``: see the module docstring; ``progress``: report
-    every frame to ``progress_hook`` (models with an SOS token)."""
+    every frame to ``progress_hook`` (models with an SOS token); ``splits`` (unrolled):
+    each projection as that many independent matmuls (``resolve_splits``)."""
     if block.sos_embed is None:
         if given is not None or window is not None:
             raise ValueError("a given prefix or a sliding attention window needs a model with an SOS token "
                              "(sos=True)")
         return _sequential_shifted(block, z_img, y, guidance=guidance, attn_temp=attn_temp, unroll=unroll,
-                                   segments=segments)
-    dec = _Decoder(block, unroll)
+                                   segments=segments, splits=splits)
+    dec = _Decoder(block, unroll, splits)
     n_tok = math.prod(z_img.shape[1:-1])
     frames = z_img.shape[1] if z_img.ndim == 5 else 1
     plain = given is None and window is None
@@ -338,10 +355,10 @@ def sequential(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidan
     return _finish(block, x_full[:, 1:], z_img, frames, guidance), passes
 
 
-def _sequential_shifted(block: FlowBlock, z_img, y, *, guidance, attn_temp, unroll, segments):
+def _sequential_shifted(block: FlowBlock, z_img, y, *, guidance, attn_temp, unroll, segments, splits):
     """Sequential inversion of a block without SOS token: token 0 is its own noise, token
     ``t + 1`` is predicted from tokens ``0..t``."""
-    dec = _Decoder(block, unroll)
+    dec = _Decoder(block, unroll, splits)
     z, frames, prefix, rope, bounds, cache = _setup(dec, z_img, y, guidance, attn_temp, None, segments)
     _check_block_positions(block, z.shape[1])
     steps = z.shape[1] - 1

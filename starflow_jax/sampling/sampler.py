@@ -32,6 +32,10 @@ class SamplingOptions:
     # each reading only the part of the KV cache written so far (less memory traffic for
     # early tokens, one more copy of the loop body in the program per segment).
     cache_segments: int = 2
+    # Sequential inversion with unrolled layers: each projection as this many independent
+    # matmuls (None: 2 on the CPU, where XLA then runs them on both cores; see
+    # sampling.invert.resolve_splits).
+    matmul_splits: int | None = None
     # Videos longer than the attention window (the deep block's sliding window, in
     # frames): None = the model's local_attn_window. When the generated frames fill the
     # window, the last ``context_frames`` (None: window - 1) are re-encoded and sampling
@@ -52,7 +56,8 @@ def _invert_block(block, h, y, opts: SamplingOptions, guidance: float, given=Non
                              progress=progress)
     return invert.sequential(block, h, y, given, guidance=float(guidance), attn_temp=float(opts.attn_temp),
                              unroll=unroll, segments=int(opts.cache_segments) if unroll else 1, window=window,
-                             context=context, progress=progress)
+                             context=context, progress=progress,
+                             splits=invert.resolve_splits(opts.matmul_splits, unroll))
 
 
 def attention_window(cfg, opts: SamplingOptions, frames: int) -> tuple[int | None, int | None]:
@@ -93,6 +98,8 @@ def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: 
     opts = opts or SamplingOptions()
     if opts.cache_segments < 1:
         raise ValueError(f"cache_segments must be >= 1, got {opts.cache_segments}")
+    if opts.matmul_splits is not None and opts.matmul_splits < 1:
+        raise ValueError(f"matmul_splits must be >= 1, got {opts.matmul_splits}")
     cfg = model.cfg
     guidance = float(opts.guidance)
     b = noise.shape[0]

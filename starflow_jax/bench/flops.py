@@ -25,6 +25,29 @@ def _pairs(length: int, causal: bool, causal_half: bool) -> float:
     return float(length * length)
 
 
+def block_layouts(cfg: ModelConfig, x_shape: tuple[int, ...]) -> list[dict]:
+    """Per flow block with layers, on an input ``(b, c, H, W)`` or ``(b, t, c, H, W)``:
+    ``block`` (index), ``layers``, ``channels``, ``heads``, ``kv_heads``, ``seqs``
+    (sequences per sample: the frames of a frame-local block, else 1), ``tokens`` (per
+    sequence) and ``txt`` (text slots per sequence)."""
+    frames = x_shape[1] if len(x_shape) == 5 else 1
+    frame_tokens = (x_shape[-2] // cfg.patch_size) * (x_shape[-1] // cfg.patch_size)
+    base_heads = cfg.num_heads or cfg.channels // cfg.head_dim
+    out = []
+    for i, n_layers in enumerate(cfg.layers_per_block):
+        if n_layers == 0:
+            continue
+        top = i == cfg.num_blocks - 1
+        heads = (cfg.top_num_heads or cfg.top_channels // cfg.head_dim) if top else base_heads
+        conditioned = cfg.txt_dim > 0 and (top or not cfg.cond_top_only)
+        local = cfg.shallow_block_local and frames > 1 and not top
+        seqs, n = (frames, frame_tokens) if local else (1, frames * frame_tokens)
+        out.append(dict(block=i, layers=n_layers, channels=cfg.top_channels if top else cfg.channels, heads=heads,
+                        kv_heads=cfg.num_kv_heads or heads, seqs=seqs, tokens=n,
+                        txt=cfg.txt_size if conditioned else 0))
+    return out
+
+
 def forward_flops(cfg: ModelConfig, x_shape: tuple[int, ...], causal_half: bool = True,
                   include_denoiser: bool = False) -> float:
     """FLOPs of the flow's forward pass (and the learnable denoiser's) on an input of
@@ -36,22 +59,13 @@ def forward_flops(cfg: ModelConfig, x_shape: tuple[int, ...], causal_half: bool 
     pd = cfg.patch_dim
     total = 0.0
     base_heads = cfg.num_heads or cfg.channels // cfg.head_dim
-    for i, n_layers in enumerate(cfg.layers_per_block):
-        if n_layers == 0:
-            continue
-        top = i == cfg.num_blocks - 1
-        c = cfg.top_channels if top else cfg.channels
-        heads = (cfg.top_num_heads or cfg.top_channels // cfg.head_dim) if top else base_heads
-        kv = cfg.num_kv_heads or heads
-        conditioned = cfg.txt_dim > 0 and (top or not cfg.cond_top_only)
-        local = cfg.shallow_block_local and frames > 1 and not top
-        seqs, n = (frames, frame_tokens) if local else (1, frames * frame_tokens)
-        t = cfg.txt_size if conditioned else 0
+    for lay in block_layouts(cfg, x_shape):
+        c, n, t = lay["channels"], lay["tokens"], lay["txt"]
         length = t + n
         per_seq = 2 * n * pd * c + 2 * n * c * 2 * pd + 2 * t * cfg.txt_dim * c
-        per_seq += n_layers * layer_flops(length, c, heads, kv, cfg.head_dim, int(c * cfg.expansion), cfg.use_swiglu,
-                                          _pairs(length, True, causal_half))
-        total += seqs * per_seq
+        per_seq += lay["layers"] * layer_flops(length, c, lay["heads"], lay["kv_heads"], cfg.head_dim,
+                                               int(c * cfg.expansion), cfg.use_swiglu, _pairs(length, True, causal_half))
+        total += lay["seqs"] * per_seq
     if include_denoiser and cfg.learnable_self_denoiser:
         c, heads = cfg.channels, base_heads
         t = cfg.txt_size if (cfg.conditional_denoiser and cfg.txt_dim > 0) else 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from starflow_jax.bench.flops import block_layouts
 from starflow_jax.config.model_config import ModelConfig
 
 
@@ -18,26 +19,11 @@ def chain_shapes(cfg: ModelConfig, x_shape: tuple[int, ...]) -> list[dict]:
     """Per flow block with layers: ``rows`` (batch x sequence), ``channels``, ``qkv``
     (query + key + value width), ``attn`` (heads x head_dim), ``hidden``, ``mlp_in``
     (1, or 2 for SwiGLU's gate and up projections), ``layers``, ``block`` (its index)."""
-    b = x_shape[0]
-    frames = x_shape[1] if len(x_shape) == 5 else 1
-    tokens = (x_shape[-2] // cfg.patch_size) * (x_shape[-1] // cfg.patch_size) * frames
-    base_heads = cfg.num_heads or cfg.channels // cfg.head_dim
-    out = []
-    for i, n_layers in enumerate(cfg.layers_per_block):
-        if n_layers == 0:
-            continue
-        top = i == cfg.num_blocks - 1
-        c = cfg.top_channels if top else cfg.channels
-        heads = (cfg.top_num_heads or cfg.top_channels // cfg.head_dim) if top else base_heads
-        kv = cfg.num_kv_heads or heads
-        conditioned = cfg.txt_dim > 0 and (top or not cfg.cond_top_only)
-        local = cfg.shallow_block_local and frames > 1 and not top
-        txt = cfg.txt_size if conditioned else 0
-        rows = b * (tokens + (frames if local else 1) * txt)
-        out.append(dict(rows=rows, channels=c, qkv=(heads + 2 * kv) * cfg.head_dim, attn=heads * cfg.head_dim,
-                        hidden=int(c * cfg.expansion), mlp_in=2 if cfg.use_swiglu else 1, layers=n_layers,
-                        block=i))
-    return out
+    return [dict(rows=x_shape[0] * lay["seqs"] * (lay["tokens"] + lay["txt"]), channels=lay["channels"],
+                 qkv=(lay["heads"] + 2 * lay["kv_heads"]) * cfg.head_dim, attn=lay["heads"] * cfg.head_dim,
+                 hidden=int(lay["channels"] * cfg.expansion), mlp_in=2 if cfg.use_swiglu else 1,
+                 layers=lay["layers"], block=lay["block"])
+            for lay in block_layouts(cfg, x_shape)]
 
 
 def row_flops(s: dict) -> float:

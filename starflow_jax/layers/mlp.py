@@ -14,8 +14,8 @@ from starflow_jax.layers.norms import RMSNorm, make_norm
 def gelu_exact(x: jax.Array) -> jax.Array:
     """``x * (1 + erf(x / sqrt 2)) / 2``: torch's exact GELU, written with ``erf`` as torch
     does (``jax.nn.gelu(approximate=False)`` goes through ``erfc``, whose XLA:CPU expansion
-    costs 5 % of a ``configs/bench_s.py`` training step more; same values within float32
-    rounding)."""
+    made the deep block's forward and backward pass at ``configs/bench_s.py`` 5 % slower;
+    same values within float32 rounding)."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))
 
 

@@ -44,12 +44,16 @@ def config_flags_to_overrides(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # the `starflow-jax` process itself (not a caller's process): keep freed host memory
+        # before JAX's first computation, so XLA:CPU's per-step temporaries do not page-fault
+        # (parallel.host_memory)
+        keep_freed_host_memory()
     parser = build_parser()
     args = parser.parse_args(config_flags_to_overrides(list(sys.argv[1:] if argv is None else argv)))
     if args.command is None:
         parser.print_help()
         return 2
-    keep_freed_host_memory()  # before JAX's first computation: no page faults per step (see its docstring)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:

@@ -74,6 +74,13 @@ def reference_child_output() -> str | None:
     return os.environ.get(REFERENCE_ROWS_ENV) or None
 
 
+def bench_argv(command: str, args, *extra: str) -> list[str]:
+    """``bench <command> --config ... --set ...`` (the parsed ``args``' config and
+    overrides) followed by ``extra``: the command line of the reference's child."""
+    return ["bench", command, "--config", str(args.config), *[a for o in args.overrides for a in ("--set", o)],
+            *extra, "--reference", args.reference]
+
+
 def reference_rows_in_child(argv: Sequence[str]) -> list[dict]:
     """Time the reference in a child process, ``starflow-jax <argv>`` with the default
     glibc allocator: ``starflow-jax`` keeps freed host memory for XLA

@@ -11,24 +11,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from starflow_jax.bench.flops import block_layouts
+from starflow_jax.bench.flops import block_layouts, layer_flops
 from starflow_jax.config.model_config import ModelConfig
 
 
 def chain_shapes(cfg: ModelConfig, x_shape: tuple[int, ...]) -> list[dict]:
     """Per flow block with layers: ``rows`` (batch x sequence), ``channels``, ``qkv``
     (query + key + value width), ``attn`` (heads x head_dim), ``hidden``, ``mlp_in``
-    (1, or 2 for SwiGLU's gate and up projections), ``layers``, ``block`` (its index)."""
+    (1, or 2 for SwiGLU's gate and up projections), ``layers``, ``block`` (its index), and
+    ``heads``, ``kv_heads``, ``head_dim`` (for ``row_flops``)."""
     return [dict(rows=x_shape[0] * lay["seqs"] * (lay["tokens"] + lay["txt"]), channels=lay["channels"],
                  qkv=(lay["heads"] + 2 * lay["kv_heads"]) * cfg.head_dim, attn=lay["heads"] * cfg.head_dim,
                  hidden=int(lay["channels"] * cfg.expansion), mlp_in=2 if cfg.use_swiglu else 1,
-                 layers=lay["layers"], block=lay["block"])
+                 layers=lay["layers"], block=lay["block"], heads=lay["heads"], kv_heads=lay["kv_heads"],
+                 head_dim=cfg.head_dim)
             for lay in block_layouts(cfg, x_shape)]
 
 
 def row_flops(s: dict) -> float:
-    """Forward FLOPs of one row (token) through one layer's four projections."""
-    return 2.0 * (s["channels"] * s["qkv"] + s["attn"] * s["channels"] + (s["mlp_in"] + 1) * s["channels"] * s["hidden"])
+    """Forward FLOPs of one row (token) through one layer's four projections (``layer_flops``
+    of one slot, no attention)."""
+    return layer_flops(1, s["channels"], s["heads"], s["kv_heads"], s["head_dim"], s["hidden"], s["mlp_in"] == 2, 0)
 
 
 def chain_flops(shapes: list[dict]) -> float:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starflow_jax.bench.common import (bench_setting, benchmark_model, print_table, reference_child_output,
+from starflow_jax.bench.common import (bench_argv, bench_setting, benchmark_model, print_table, reference_child_output,
                                        reference_rows_in_child, timed, write_json)
 from starflow_jax.bench.matmul_floor import sampling_dense_flops
 from starflow_jax.config import load_config, model_config
@@ -92,9 +92,7 @@ def run(args) -> int:
 
     if args.reference:
         # same seeded weights and noise, in a child process (bench.common)
-        rows += reference_rows_in_child(["bench", "sample", "--config", str(args.config),
-                                         *[a for o in args.overrides for a in ("--set", o)], "--batch", str(batch),
-                                         "--repeats", str(repeats), "--reference", args.reference])
+        rows += reference_rows_in_child(bench_argv("sample", args, "--batch", str(batch), "--repeats", str(repeats)))
 
     print_table(rows, COLUMNS)
     if args.reference:

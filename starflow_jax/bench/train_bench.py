@@ -18,8 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from starflow_jax.bench.common import (bench_setting, benchmark_model, print_table, reference_child_output,
-                                       reference_rows_in_child, write_json)
+from starflow_jax.bench.common import (bench_argv, bench_setting, benchmark_model, print_table, reference_child_output,
+                                       reference_rows_in_child, timed, write_json)
 from starflow_jax.bench.flops import train_step_flops
 from starflow_jax.config import load_config, model_config
 from starflow_jax.layers.attention import resolve_attention
@@ -126,9 +126,7 @@ def run(args) -> int:
     if args.matmul_floor:
         rows.append(_floor_row(cfg, shape, dtype, steps, peak, tokens))
     if args.reference:  # same seeded weights and batch, in a child process (bench.common)
-        (ref,) = reference_rows_in_child(["bench", "train", "--config", str(args.config),
-                                          *[a for o in args.overrides for a in ("--set", o)], "--batch", str(batch),
-                                          "--steps", str(steps), "--reference", args.reference])
+        (ref,) = reference_rows_in_child(bench_argv("train", args, "--batch", str(batch), "--steps", str(steps)))
         rows.append(dict(ref, mfu=ref["flops_per_s"] / peak))
     shown = [dict(r, flops_per_step=r["flops_per_step"] / 1e9, flops_per_s=r["flops_per_s"] / 1e9) for r in rows]
     print_table(shown, COLUMNS)
@@ -156,13 +154,7 @@ def _floor_row(cfg, shape, dtype, steps, peak, tokens):
     t = time.perf_counter()
     compiled = matmul_floor.chain_step().lower(params).compile()
     compile_s = time.perf_counter() - t
-    jax.block_until_ready(compiled(params))
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(params))
-        times.append(time.perf_counter() - t)
-    sec = statistics.median(times)
+    _, sec, _ = timed(lambda: compiled(params), steps)
     flops = matmul_floor.chain_flops(shapes)
     return dict(impl="jax-matmuls", dtype=str(jnp.dtype(dtype)), remat="none", batch=shape[0], seconds_per_step=sec,
                 compile_seconds=compile_s, tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec,

@@ -127,11 +127,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     if impl == "per_head":
         return per_head_attention(q, k, v, scale=scale, causal=causal, mask=mask)
     if mask is not None:
-        mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])) if mask.ndim == 2 else mask
-        if causal:
-            lq, lk = q.shape[1], k.shape[1]
-            mask = mask & jnp.tril(jnp.ones((lq, lk), bool), lk - lq)
-            causal = False
+        b, lq, heads, _ = q.shape
+        full = (b, heads, lq, k.shape[1])
+        mask, causal = jnp.broadcast_to(_valid_mask(*full, causal, mask), full), False
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal)
 
 
@@ -146,9 +144,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     g = heads // kv
     n_blocks = -(-lk // block)
     pad = n_blocks * block - lk
-    valid = jnp.ones((lq, lk), bool) if mask is None else jnp.broadcast_to(mask, (lq, lk))
-    if causal:
-        valid = valid & jnp.tril(jnp.ones((lq, lk), bool), lk - lq)
+    valid = _valid_mask(b, heads, lq, lk, causal, None if mask is None else jnp.broadcast_to(mask, (lq, lk)))
+    valid = jnp.ones((lq, lk), bool) if valid is None else valid
     if pad:
         k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))

@@ -78,9 +78,7 @@ def resolve_splits(splits: int | None, unroll: bool) -> int:
     ``docs/performance.md``). Elsewhere 1 (one matmul per projection)."""
     if splits is None:
         return 2 if unroll and jax.default_backend() == "cpu" else 1
-    if int(splits) < 1:
-        raise ValueError(f"matmul_splits must be >= 1, got {splits}")
-    return int(splits)
+    return int(splits)  # sample() checks SamplingOptions.matmul_splits >= 1
 
 
 def token_segments(n: int, segments: int) -> list[int]:

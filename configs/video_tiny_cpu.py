@@ -13,7 +13,7 @@ deep block's attention window can slide over longer videos.
 """
 import ml_collections
 
-from starflow_jax.config import model_section
+from starflow_jax.config import model_section, train_section
 
 
 def get_config():
@@ -24,12 +24,12 @@ def get_config():
         head_dim=32, rope=True, sos=True, txt_size=1, txt_dim=11, cond_top_only=True, use_softplus=True,
         use_final_norm=True, soft_clip=4.0, seq_order="L2R", temporal_causal=1, shallow_block_local=True)
     config.data = ml_collections.ConfigDict(dict(name="moving_digits", num_train=1500, split_seed=0, num_frames=4))
-    config.train = ml_collections.ConfigDict(dict(
+    config.train = train_section(
         steps=2000, batch_size=64, lr=1e-3, min_lr=1e-5, warmup_steps=200, b1=0.9, b2=0.95,
         weight_decay=1e-4, grad_clip=1.0, grad_skip=False, noise_type="uniform", noise_std=0.0, levels=17,
         drop_label=0.1, latent_norm_regularization=0.0, ema_decay=0.0, remat="none", grad_accum=1,
         cond_noise_level=False, seed=0, drop_image=0.0,
-        log_every=100, eval_every=1000, checkpoint_every=1000, keep_checkpoints=3))
+        log_every=100, eval_every=1000, checkpoint_every=1000, keep_checkpoints=3)
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # per_class: sample rows per digit in samples.png (each row the frames of one clip)
     config.sample = ml_collections.ConfigDict(dict(per_class=1, cfg=1.0, temperature=0.9, scale=4, every=0))

@@ -71,10 +71,20 @@ def _load_model_kwargs_json(path: pathlib.Path) -> ml_collections.ConfigDict:
 
 
 def parse_value(text: str) -> Any:
-    """``"3"`` -> 3, ``"true"`` -> True, ``"[2, 2]"`` -> [2, 2], ``"none"``/``"null"`` -> None, else the string."""
+    """``"3"`` -> 3, ``"3e-4"`` -> 0.0003, ``"true"`` -> True, ``"[2, 2]"`` -> [2, 2],
+    ``"none"``/``"null"`` -> None, else the string. Numbers are read as Python reads them
+    (YAML 1.1 would read ``3e-4``, without a dot, as a string)."""
     if text.lower() == "none":
         return None
-    return yaml.safe_load(text)
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read the value {text!r}: {str(e).splitlines()[0]}") from None
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
@@ -94,8 +104,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
         value = parse_value(text)
         if isinstance(value, list):
             value = tuple(value)
+        old = node[parts[-1]]
         with node.unlocked():
-            node[parts[-1]] = value
+            try:
+                node[parts[-1]] = value
+            except TypeError:
+                raise ConfigError(f"override {key}={text}: {key} takes a {type(old).__name__} (now {old!r}), "
+                                  f"got {value!r}") from None
     return config
 
 

@@ -23,7 +23,7 @@ def test_resume_is_exact(tmp_path):
     train(config, str(full), log=lambda *a: None)
     part = tmp_path / "part"
     out = train(load_config(TINY, FAST), str(part), log=lambda *a: None, stop_after=3)
-    assert out == dict(steps=3, stopped=True)
+    assert out == dict(steps=3, stopped=True, reason="stop_after")
     train(load_config(TINY, FAST), str(part), log=lambda *a: None)
     a, b = _metrics(full), _metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]

@@ -47,9 +47,9 @@ def test_nan_batch_is_skipped_and_counted():
 def test_workdir_with_another_config_is_protected(tmp_path):
     train(load_config(TINY, FAST), str(tmp_path), log=lambda *a: None, stop_after=1)
     with pytest.raises(WorkdirError, match="different config"):
-        train(load_config(TINY, FAST + ["train.lr=0.01"]), str(tmp_path), log=lambda *a: None)
+        train(load_config(TINY, FAST + ["model.channels=64"]), str(tmp_path), log=lambda *a: None)
     # --overwrite discards the old run
-    out = train(load_config(TINY, FAST + ["train.lr=0.01"]), str(tmp_path), overwrite=True, log=lambda *a: None,
+    out = train(load_config(TINY, FAST + ["model.channels=64"]), str(tmp_path), overwrite=True, log=lambda *a: None,
                 stop_after=1)
     assert out["steps"] == 1
 

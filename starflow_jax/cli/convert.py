@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pathlib
 
+from starflow_jax.cli.output_paths import check_outputs
 from starflow_jax.config import load_config
 
 
@@ -28,9 +29,8 @@ def add_parsers(sub):
 def run_export(args) -> int:
     from starflow_jax.interop import checkpoints as ck
 
-    out = pathlib.Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ck.CheckpointError(f"{out} exists; pass --overwrite to replace it")
+    # every file it writes (a safetensors file has its .yaml beside it), before any work
+    out = check_outputs(ck.export_outputs(args.out, args.format), args.overwrite)[0]
     _, cfg, params = ck.load_params(args.workdir, args.step, args.ema)
     arrays = ck.export_arrays(cfg, params, args.dtype, release=True)
     n = len(arrays)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pathlib
+import zipfile
 
 import numpy as np
 from flax import nnx
 
 from starflow_jax.config import load_config, model_config
-from starflow_jax.interop.state_dict import load_reference_model
+from starflow_jax.interop.state_dict import StateDictFileError, load_reference_model
 from starflow_jax.model import StarFlow
 
 
@@ -31,10 +32,39 @@ def weights_source(path: str):
     if not pathlib.Path(path).exists():
         raise FileNotFoundError(f"--weights {path} does not exist")
     if path.endswith(".npz"):
-        with np.load(path) as f:
+        try:
+            f = np.load(path)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise StateDictFileError(f"--weights {path}: not a readable .npz file: {e}") from e
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise StateDictFileError(f"--weights {path} holds one array, not named arrays (an .npz of reference names)")
+        with f:
             return {k[len("param/"):] if k.startswith("param/") else k: f[k] for k in f.files
                     if k != "meta" and (k.startswith("param/") or "/" not in k)}
     return path
+
+
+def read_config(args):
+    """The config of the model ``load_model`` builds, without reading any weights (for
+    checks before any work)."""
+    if getattr(args, "workdir", None):
+        from starflow_jax.interop.checkpoints import read_workdir_config
+
+        return read_workdir_config(args.workdir)
+    if not args.config:
+        raise ValueError("--config is required unless --workdir is given")
+    return load_config(args.config, args.overrides)
+
+
+def is_video_model(config, cfg) -> bool:
+    """Whether the model has a temporal setup (it models clips, ``(n, t, c, h, w)``):
+    time-causal attention, frame-local shallow blocks, or a config of clips
+    (``data.num_frames`` / ``data.vid_size``, the reference's ``vid_size``)."""
+    def given(section, key):
+        return section in config and bool(config[section].get(key))
+
+    return (cfg.is_video or cfg.shallow_block_local or given("data", "num_frames") or given("data", "vid_size")
+            or given("reference", "vid_size"))
 
 
 def load_model(args, seed: int = 0):
@@ -43,9 +73,7 @@ def load_model(args, seed: int = 0):
         from starflow_jax.interop.checkpoints import model_from_workdir
 
         return model_from_workdir(args.workdir, args.step, args.ema)
-    if not args.config:
-        raise ValueError("--config is required unless --workdir is given")
-    config = load_config(args.config, args.overrides)
+    config = read_config(args)
     cfg = model_config(config)
     if getattr(args, "random_init", False):
         return config, StarFlow(cfg, rngs=nnx.Rngs(seed))

@@ -8,6 +8,8 @@ import numpy as np
 from flax import nnx
 
 from starflow_jax.cli import model_source
+from starflow_jax.cli.output_paths import check_outputs
+from starflow_jax.config import model_config
 from starflow_jax.flow.loss import bits_per_dim, nll_per_example
 
 
@@ -22,26 +24,48 @@ def add_parser(sub):
     p.add_argument("--data-scale", type=float, default=1.0,
                    help="scale of a discrete range in the data (127.5 for 8-bit pixels mapped to [-1, 1])")
     p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     p.set_defaults(func=run)
     return p
 
 
-def run(args) -> int:
-    config, model = model_source.load_model(args)
-    cfg = model.cfg
-    if args.data is None and args.workdir:
-        return _heldout_digits(args, config, model)
-    if args.data is None:
-        raise ValueError("give --data (the held-out default exists only for digits workdirs)")
-    x_all = np.load(args.data)
-    n = x_all.shape[0]
-    if args.cond and args.labels:
-        raise ValueError("give --cond or --labels, not both")
+def _load(path: str, flag: str) -> np.ndarray:
+    """An array from a ``.npy`` file; a file that is none is an error naming it."""
+    try:
+        x = np.load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{flag} {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: not a readable .npy file: {e}") from e
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{flag} {path}: expected one array (.npy), got an archive of {len(x.files)}")
+    return x
+
+
+def check_data(x: np.ndarray, path: str, config, cfg) -> None:
+    """``x`` must have the layout the model reads: ``(n, c, h, w)`` for an image model,
+    ``(n, t, c, h, w)`` for a video model, with ``c, h, w`` its ``in_channels`` and
+    ``img_size`` (else the NLL would be of another model's data), and ``n >= 1``."""
+    video = model_source.is_video_model(config, cfg)
+    c, s = cfg.in_channels, cfg.img_size
+    want = f"(n, t, {c}, {s}, {s})" if video else f"(n, {c}, {s}, {s})"
+    if x.ndim != (5 if video else 4) or x.shape[-3:] != (c, s, s) or 0 in x.shape:
+        raise ValueError(f"--data {path} has shape {x.shape}; the {'video' if video else 'image'} model reads "
+                         f"{want} (n >= 1; in_channels={c}, img_size={s})")
+
+
+def _conditioning(args, cfg, n: int) -> np.ndarray | None:
+    """``--cond`` or one-hot ``--labels``, ``(n, txt_size, txt_dim)``, or ``None``."""
     y_all = None
+    if cfg.txt_dim == 0 and (args.cond or args.labels):
+        raise ValueError("the model is unconditional (txt_dim=0): --cond and --labels do not apply")
     if args.cond:
-        y_all = np.load(args.cond)
+        y_all = _load(args.cond, "--cond")
+        if y_all.ndim != 3 or y_all.shape[1:] != (cfg.txt_size, cfg.txt_dim):
+            raise ValueError(f"--cond {args.cond} has shape {y_all.shape}, the model reads "
+                             f"(n, txt_size={cfg.txt_size}, txt_dim={cfg.txt_dim})")
     elif args.labels:
-        labels = np.load(args.labels).astype(np.int64).reshape(-1)
+        labels = _load(args.labels, "--labels").astype(np.int64).reshape(-1)
         if labels.min() < 0 or labels.max() >= cfg.txt_dim:
             raise ValueError(f"labels must lie in [0, {cfg.txt_dim}), got [{labels.min()}, {labels.max()}]")
         from starflow_jax.train.objective import one_hot_labels
@@ -51,8 +75,28 @@ def run(args) -> int:
         raise ValueError(f"conditioning has {y_all.shape[0]} rows, data has {n}")
     if cfg.txt_dim > 0 and y_all is None:
         raise ValueError(f"the model is conditioned (txt_dim={cfg.txt_dim}): give --cond or --labels")
+    return y_all
+
+
+def run(args) -> int:
+    # the output, the data and the conditioning are checked before the model is loaded
+    check_outputs([args.json], args.overwrite)
+    if args.cond and args.labels:
+        raise ValueError("give --cond or --labels, not both")
+    if args.data is None and not args.workdir:
+        raise ValueError("give --data (the held-out default exists only for digits workdirs)")
+    if args.data is None:
+        config, model = model_source.load_model(args)
+        return _heldout_digits(args, config, model)
+    config = model_source.read_config(args)
+    cfg = model_config(config)
+    x_all = _load(args.data, "--data")
+    check_data(x_all, args.data, config, cfg)
     if not np.all(np.isfinite(x_all)):
         raise ValueError(f"{args.data} holds NaN or Inf values")
+    n = x_all.shape[0]
+    y_all = _conditioning(args, cfg, n)
+    _, model = model_source.load_model(args)
 
     @nnx.jit
     def batch_nll(model, x, y):

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from starflow_jax.cli import model_source
+from starflow_jax.cli.output_paths import check_outputs
+from starflow_jax.config import model_config
 from starflow_jax.sampling import SamplingOptions, sample
 from starflow_jax.sampling.denoise import denoise, denoise_video
 from starflow_jax.sampling.shapes import ASPECT_RATIOS, size_for_aspect_ratio
@@ -232,13 +234,16 @@ def _frames_progress(done: int, total: int, t0: float):
 
 def _video_frames(args, config, cfg) -> tuple[int, int | None]:
     """``(frames to sample, attention window or None)`` from --num-frames /
-    --target-length (0 frames: an image model)."""
+    --target-length (0 frames: an image model, which takes neither)."""
     num = args.num_frames
-    if num is None and cfg.is_video and "data" in config and config.data.get("num_frames"):
+    video = model_source.is_video_model(config, cfg)
+    if not video and (num is not None or args.target_length is not None):
+        flag = "--num-frames" if num is not None else "--target-length"
+        raise ValueError(f"{flag} needs a video model; this model samples images (no temporal setup: "
+                         f"temporal_causal={cfg.temporal_causal}, no data.num_frames)")
+    if num is None and video and "data" in config and config.data.get("num_frames"):
         num = int(config.data.num_frames)
     if args.target_length is not None:
-        if not cfg.is_video and num is None:
-            raise ValueError("--target-length needs a video model")
         if num is None:
             raise ValueError("--target-length needs --num-frames (the training length: the attention window)")
         if args.target_length < 1:
@@ -246,7 +251,7 @@ def _video_frames(args, config, cfg) -> tuple[int, int | None]:
         window = cfg.local_attn_window or num
         return args.target_length, (window if args.target_length > window else None)
     if num is None:
-        if cfg.is_video:
+        if video:
             raise ValueError("a video model needs --num-frames (or config.data.num_frames)")
         return 0, None
     if num < 1:
@@ -258,15 +263,18 @@ def run(args) -> int:
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".png", ".gif", ".mp4"):
         raise ValueError(f"--out must end in .png, .gif or .mp4, got {out.name}")
-    for path in [out] + ([pathlib.Path(args.save_npy)] if args.save_npy else []):
-        if path.exists() and not args.overwrite:
-            raise ValueError(f"{path} exists; pass --overwrite to replace it")
     if args.fps <= 0:
         raise ValueError(f"--fps must be > 0, got {args.fps}")
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.cfg < 0:
         raise ValueError(f"--cfg must be >= 0, got {args.cfg}")
+    # the outputs and the sample's frames are checked before the model is loaded
+    check_outputs([out, args.save_npy], args.overwrite)
+    config = model_source.read_config(args)
+    frames, window = _video_frames(args, config, model_config(config))
+    if not frames and out.suffix.lower() != ".png":
+        raise ValueError(f"image samples are written as a .png grid, not {out.suffix}")
     config, model = model_source.load_model(args, seed=args.seed)
     cfg = model.cfg
     cond = _conditioning(args, config, cfg, args.num)
@@ -281,11 +289,8 @@ def run(args) -> int:
     factor = vae.spatial if vae is not None else 1
     h, w = size_for_aspect_ratio(cfg.img_size * factor, args.aspect_ratio, factor * cfg.patch_size)
     shape = (args.num, cfg.in_channels, h // factor, w // factor)
-    frames, window = _video_frames(args, config, cfg)
     if frames:
         shape = (args.num, frames) + shape[1:]
-    if len(shape) == 4 and out.suffix.lower() != ".png":
-        raise ValueError(f"image samples are written as a .png grid, not {out.suffix}")
     given = _given_frames(args, config, cfg, vae, args.num, frames, (h, w), args.seed)
     noise = jax.random.normal(jax.random.key(args.seed), shape, jnp.float32)
     y = None

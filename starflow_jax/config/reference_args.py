@@ -3,6 +3,7 @@ and its YAML files (``configs/*.yaml`` of apple/ml-starflow: an ``arguments:`` l
 one-key mappings holding ``train.py`` command-line arguments)."""
 from __future__ import annotations
 
+import difflib
 import pathlib
 from typing import Any, Mapping
 
@@ -46,6 +47,21 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "vid_size": None, "fps_cond": 0,
 }
 
+# The other ``train.py`` arguments (data, execution, logging, sampling during training; ``adaln``
+# and ``nvp``, which its ``Model`` does not read): accepted in a YAML file and not used here.
+OTHER_TRAIN_ARGUMENTS = frozenset({
+    "model_config_path", "train_seed", "data", "logdir", "dataset", "wds", "mix_aspect", "no_flip",
+    "caption_column", "secondary_dataset", "secondary_img_size", "secondary_vid_size", "vae_decoder_factor",
+    "finetuned_vae", "adaln", "nvp", "use_mm_attn", "noise_embed_denoiser", "secondary_batch_size",
+    "secondary_ratio", "fp8", "use_8bit_adam", "epoch_length", "last_frame_cond", "video_to_video",
+    "resume_path", "resume_epoch", "fsdp", "fsdp_text_encoder", "gradient_checkpoint", "gradient_checkpoint_mlp",
+    "compile", "loss_scaling", "dry_run", "wandb_name", "save_every", "sample_freq", "num_samples",
+    "sample_batch_size",
+})
+
+# Every argument of the reference ``train.py``: the keys a reference YAML file may hold.
+TRAIN_ARGUMENTS = frozenset(TRAIN_DEFAULTS) | OTHER_TRAIN_ARGUMENTS
+
 
 def from_model_kwargs(kwargs: Mapping[str, Any], **overrides) -> ModelConfig:
     """A ModelConfig from the reference ``Model(...)`` keyword arguments (e.g. a case's
@@ -79,9 +95,25 @@ def vae_downsample_factor(vae: str | None) -> int:
     return 8  # diffusers AutoencoderKL (SD-VAE, SDXL-VAE): four down blocks
 
 
+def check_train_arguments(args: Mapping[str, Any], where: str = "reference arguments") -> None:
+    """Refuse keys that are no ``train.py`` argument (a misspelt key would otherwise be
+    ignored, building another model), each with the closest known key."""
+    unknown = sorted(set(args) - TRAIN_ARGUMENTS)
+    if unknown:
+        named = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), TRAIN_ARGUMENTS, n=1)
+            named.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{where}: unknown reference train.py arguments: {', '.join(named)}")
+
+
 def read_yaml_arguments(path: str | pathlib.Path) -> dict[str, Any]:
-    """The ``arguments:`` list of a reference YAML file as one mapping."""
-    data = yaml.safe_load(pathlib.Path(path).read_text())
+    """The ``arguments:`` list of a reference YAML file as one mapping (only ``train.py``
+    arguments)."""
+    try:
+        data = yaml.safe_load(pathlib.Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict) or "arguments" not in data:
         raise ConfigError(f"{path}: not a reference configuration (no top-level 'arguments:' list)")
     args: dict[str, Any] = {}
@@ -89,7 +121,15 @@ def read_yaml_arguments(path: str | pathlib.Path) -> dict[str, Any]:
         if not isinstance(item, dict) or len(item) != 1:
             raise ConfigError(f"{path}: every entry of 'arguments' must be one 'key: value', got {item!r}")
         args.update(item)
+    check_train_arguments(args, str(path))
     return args
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where it is."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def _int_list(v) -> list[int]:
@@ -101,7 +141,8 @@ def _int_list(v) -> list[int]:
 
 
 def train_args(args: Mapping[str, Any]) -> dict[str, Any]:
-    """Reference ``train.py`` arguments with its defaults filled in."""
+    """Reference ``train.py`` arguments with its defaults filled in (unknown keys are an error)."""
+    check_train_arguments(args)
     out = dict(TRAIN_DEFAULTS)
     out.update(args)
     out["layers_per_block"] = _int_list(out["layers_per_block"])

@@ -7,8 +7,11 @@ written by ``starflow-jax train``) or imported parameters (``params/``, written 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
+import sys
+import uuid
 
 import jax
 import ml_collections
@@ -19,6 +22,8 @@ from flax import nnx
 from starflow_jax.config import model_config
 from starflow_jax.config.model_config import ModelConfig
 from starflow_jax.config.reference_args import to_model_kwargs, to_yaml_arguments
+from starflow_jax.interop.integrity import (CheckpointUnreadable, fingerprints, first_line, newest_readable,
+                                             read_integrity, silence_abandoned_reads, verify)
 from starflow_jax.interop.state_dict import (from_reference, load_torch_file, reference_buffers, to_reference)
 from starflow_jax.model import StarFlow
 
@@ -36,8 +41,16 @@ def read_workdir_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDic
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool = False):
-    """``(config, ModelConfig, params state)`` of a workdir's checkpoint (latest by default)."""
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool = False, log=_warn):
+    """``(config, ModelConfig, params state)`` of a workdir: its newest readable training
+    checkpoint (or ``step``), else the parameters ``starflow-jax import`` wrote. Every
+    array is checked against the fingerprints saved with it; an unreadable newest step is
+    reported through ``log`` and the previous one is used (an explicit ``step`` that
+    cannot be read is an error naming the problem)."""
     workdir = pathlib.Path(workdir)
     config = read_workdir_config(workdir)
     cfg = model_config(config)
@@ -48,26 +61,50 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
     abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
                                    nnx.state(abstract_model, nnx.Param))
     imported = workdir / "params"
-    if (workdir / "checkpoints").exists():
-        mgr = ocp.CheckpointManager((workdir / "checkpoints").resolve())
-        steps = mgr.all_steps()
-        if not steps:
-            raise CheckpointError(f"{workdir / 'checkpoints'} holds no checkpoint")
-        step = max(steps) if step is None else step
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint at step {step} in {workdir / 'checkpoints'} (steps: {sorted(steps)})")
+    ckpt_dir = workdir / "checkpoints"
+    steps = []
+    if ckpt_dir.is_dir():
+        mgr = ocp.CheckpointManager(ckpt_dir.resolve())
+        steps = list(mgr.all_steps())
+        if not steps and not imported.exists():
+            raise CheckpointError(f"{ckpt_dir} holds no checkpoint")
+    if steps:
         which = "ema" if ema else "params"
         if ema and not float(config.train.get("ema_decay", 0.0)) > 0:
             raise CheckpointError("--ema: this run kept no EMA (train.ema_decay = 0)")
-        # restore only the parameters (or the EMA), not the optimizer state
-        item = {which: abstract_params}
-        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
-        return config, cfg, out.state[which]
+        if imported.exists():
+            log(f"{workdir}: reading the training checkpoints (the imported parameters in params/ were where "
+                "that training started)")
+
+        def read(s):
+            # only the parameters (or the EMA), not the optimizer state
+            where = f"checkpoint step {s} in {ckpt_dir}"
+            saved = read_integrity(ckpt_dir, s)
+            item = {which: abstract_params}
+            try:
+                out = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True)))
+            except Exception as e:  # noqa: BLE001 - TensorStore, metadata and structure errors alike
+                silence_abandoned_reads()
+                raise CheckpointUnreadable(f"{where} cannot be read: {first_line(e)}") from None
+            verify({which: out.state[which]}, saved, where)
+            return out.state[which]
+
+        _, params = newest_readable(ckpt_dir, steps, read, log, step)
+        return config, cfg, params
     if imported.exists():
         if step is not None or ema:
             raise CheckpointError("an imported workdir holds one set of parameters: no --step / --ema")
-        params = ocp.StandardCheckpointer().restore(imported.resolve(), abstract_params)
+        try:
+            params = ocp.StandardCheckpointer().restore(imported.resolve(), abstract_params)
+        except Exception as e:  # noqa: BLE001
+            silence_abandoned_reads()
+            raise CheckpointUnreadable(f"the imported parameters in {imported} cannot be read: "
+                                       f"{first_line(e)}") from None
+        saved = workdir / IMPORTED_INTEGRITY
+        verify({"params": params}, json.loads(saved.read_text()) if saved.exists() else None,
+               f"the imported parameters in {imported}")
         return config, cfg, params
     raise CheckpointError(f"{workdir} holds neither checkpoints/ nor params/")
 
@@ -94,14 +131,44 @@ def export_arrays(cfg: ModelConfig, params, dtype: str = "float32", release: boo
     return out
 
 
-def _check_out(path: pathlib.Path, overwrite: bool):
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} exists; pass --overwrite to replace it")
+def _check_out(*paths: pathlib.Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output unless ``overwrite``, naming it."""
+    for path in paths:
+        if path.exists() and not overwrite:
+            raise CheckpointError(f"{path} exists; pass --overwrite to replace it")
+
+
+def export_outputs(path, fmt: str) -> list[pathlib.Path]:
+    """The files an export to ``path`` writes: the checkpoint and, for safetensors, the
+    reference YAML beside it (``<stem>.yaml``)."""
+    path = pathlib.Path(path)
+    if fmt != "safetensors":
+        return [path]
+    yaml_path = path.with_suffix(".yaml")
+    if yaml_path == path:
+        raise CheckpointError(f"{path}: a safetensors output cannot end in .yaml (its reference YAML is "
+                              "written beside it as <stem>.yaml)")
+    return [path, yaml_path]
+
+
+def _write_atomically(writes: dict) -> None:
+    """``{path: write}``: each ``write(tmp)`` fills a temporary file beside its ``path``; only
+    when all have succeeded are they renamed into place, so that a failure never leaves a
+    half-written output (nor one output new and the other old)."""
+    tmps = {path: path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp") for path in writes}
+    try:
+        for path, write in writes.items():
+            write(tmps[path])
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def write_torch(path, arrays: dict, dtype: str, overwrite: bool = False) -> None:
     path = pathlib.Path(path)
-    _check_out(path, overwrite)
+    _check_out(path, overwrite=overwrite)
     try:
         import torch
     except ImportError as e:
@@ -113,12 +180,13 @@ def write_torch(path, arrays: dict, dtype: str, overwrite: bool = False) -> None
     for k in list(arrays):
         t = torch.from_numpy(arrays.pop(k))
         tensors[k] = t.to(tdtype) if tdtype != torch.float32 else t
-    torch.save(tensors, str(path))
+    _write_atomically({path: lambda tmp: torch.save(tensors, str(tmp))})
 
 
 def write_safetensors(path, arrays: dict, cfg: ModelConfig, dtype: str, overwrite: bool = False) -> None:
     path = pathlib.Path(path)
-    _check_out(path, overwrite)
+    yaml_path = export_outputs(path, "safetensors")[1]
+    _check_out(path, yaml_path, overwrite=overwrite)
     metadata = {"format": "starflow-jax", "model_kwargs": json.dumps(to_model_kwargs(cfg)),
                 "reference_yaml": to_yaml_arguments(cfg), "txt_dim": str(cfg.txt_dim)}
     if dtype == "bfloat16":
@@ -130,30 +198,78 @@ def write_safetensors(path, arrays: dict, cfg: ModelConfig, dtype: str, overwrit
         tensors = {}
         for k in list(arrays):  # key by key, as in write_torch
             tensors[k] = torch.from_numpy(arrays.pop(k)).to(torch.bfloat16)
-        save_file(tensors, str(path), metadata=metadata)
     else:
         from safetensors.numpy import save_file
-        save_file(arrays, str(path), metadata=metadata)
-    path.with_suffix(".yaml").write_text(to_yaml_arguments(cfg))
+        tensors = arrays
+    _write_atomically({path: lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                       yaml_path: lambda tmp: tmp.write_text(to_yaml_arguments(cfg))})
 
 
 def import_reference(source: str | pathlib.Path, config: ml_collections.ConfigDict, out: str | pathlib.Path,
                      overwrite: bool = False) -> list[str]:
     """A reference state dict into a workdir (``config.json`` + ``params/``); returns the
-    deprecated buffers that were ignored."""
+    deprecated buffers that were ignored.
+
+    The state dict is read and checked first; the workdir is then written to a staging
+    directory beside ``out`` and moved in at the very end, so that a failure leaves ``out``
+    as it was. A non-empty ``out`` needs ``overwrite``, which replaces what a workdir holds
+    (``WORKDIR_ENTRIES``) and keeps any other file there."""
     out = pathlib.Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty; pass --overwrite to replace it")
     cfg = model_config(config)
     sd = load_torch_file(source)
     abstract = nnx.state(nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     ignored: list[str] = []
     params = from_reference(abstract, sd, report=ignored)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save((out / "params").resolve(), params)
-    ckpt.wait_until_finished()
+    target = out.resolve()  # (a symlinked workdir: its target)
+    staging = target.parent / f".{target.name}.import-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir(parents=True)
+        (staging / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(staging / "params", params)
+        ckpt.wait_until_finished()
+        (staging / IMPORTED_INTEGRITY).write_text(json.dumps(fingerprints({"params": params})[0]))
+        _move_in(staging, target)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the workdir {out}: {e}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return ignored
+
+
+# What a workdir holds (``starflow-jax train`` and ``import``): all that ``import --overwrite``
+# and ``train --overwrite`` replace; other files in the directory stay.
+IMPORTED_INTEGRITY = "params.integrity.json"  # the imported parameters' fingerprints
+WORKDIR_ENTRIES = ("config.json", "params", IMPORTED_INTEGRITY, "checkpoints", "checkpoints_set_aside",
+                   "config_history.jsonl", "metrics.jsonl", "tensorboard", "result.json", "samples*.png")
+
+
+def _move_in(staging: pathlib.Path, out: pathlib.Path) -> None:
+    """The workdir written in ``staging`` to ``out``: a missing or empty ``out`` is replaced
+    by it; otherwise the entries a workdir owns are moved aside into ``staging`` and the new
+    ones moved in (on a failure, moved back)."""
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(staging, out)
+        return
+    old = staging / ".replaced"
+    old.mkdir()
+    new = sorted(p for p in staging.iterdir() if p != old)
+    owned = sorted({p for pattern in WORKDIR_ENTRIES for p in out.glob(pattern)})
+    moved_old, moved_new = [], []
+    try:
+        for p in owned:
+            os.replace(p, old / p.name)
+            moved_old.append(p.name)
+        for p in new:
+            os.replace(p, out / p.name)
+            moved_new.append(p.name)
+    except OSError:
+        for name in moved_new:
+            os.replace(out / name, staging / name)
+        for name in moved_old:
+            os.replace(old / name, out / name)
+        raise

@@ -2,10 +2,10 @@
 dimension, checkpoints (resume picks up the latest), sample grids."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
-import shutil
 import time
 
 import jax
@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from starflow_jax.config import model_config
+from starflow_jax.config import check_training_config, model_config
 from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches, train_dataset
 from starflow_jax.data.sources import DataSpec, make_data
 from starflow_jax.flow.loss import bits_per_dim
@@ -23,12 +23,11 @@ from starflow_jax.model import StarFlow
 from starflow_jax.parallel.mesh import check_batch_split, make_mesh
 from starflow_jax.parallel.rules import batch_sharding, tree_shardings
 from starflow_jax.train import checkpoint, optimizer
+from starflow_jax.train import workdir as wd
 from starflow_jax.train.metrics_writer import MetricsWriter
+from starflow_jax.train.termination import Termination
+from starflow_jax.train.workdir import WorkdirError, WorkdirLock
 from starflow_jax.train import step as S
-
-
-class WorkdirError(ValueError):
-    pass
 
 
 def _hp(config, num_classes: int) -> S.StepConfig:
@@ -37,47 +36,15 @@ def _hp(config, num_classes: int) -> S.StepConfig:
                         num_classes=num_classes,
                         drop_label=float(t.drop_label), latent_norm_regularization=float(t.latent_norm_regularization),
                         grad_clip=float(t.grad_clip), grad_skip=bool(t.grad_skip), ema_decay=float(t.ema_decay),
-                        remat=resolve_remat(t.remat), grad_accum=int(t.get("grad_accum", 1)),
-                        cond_noise_level=bool(t.get("cond_noise_level", False)),
-                        denoiser=bool(config.model.get("learnable_self_denoiser", False)))
+                        remat=resolve_remat(t.remat), grad_accum=int(t.grad_accum),
+                        cond_noise_level=bool(t.cond_noise_level),
+                        denoiser=bool(config.model.learnable_self_denoiser))
 
 
 def data_scale(config) -> float:
     """The bin width's inverse in model space, for bits per dimension of discrete data."""
     t = config.train
     return t.levels / 2.0 if t.noise_type == "uniform" else 1.0
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def prepare_workdir(workdir: pathlib.Path, config, overwrite: bool) -> bool:
-    """Create the workdir (process 0; the others wait for it); returns True when a run
-    there should be resumed. A workdir holding another config's run is refused unless
-    ``overwrite``, which discards that run's checkpoints, metrics and pictures."""
-    cfg_file = workdir / "config.json"
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-    ckpt = workdir / "checkpoints"
-    if not overwrite and cfg_file.exists() and cfg_file.read_text() != text:
-        raise WorkdirError(f"{workdir} holds a run with a different config ({cfg_file}); resume it with the same "
-                           "config, choose another --workdir, or pass --overwrite to discard it")
-    _barrier("starflow_workdir_checked")
-    if jax.process_index() == 0:
-        if overwrite and workdir.exists():
-            for p in (ckpt, cfg_file, workdir / "samples.png", workdir / "metrics.jsonl", workdir / "tensorboard",
-                      workdir / "result.json", *workdir.glob("samples_*.png")):
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-        workdir.mkdir(parents=True, exist_ok=True)
-        cfg_file.write_text(text)
-    _barrier("starflow_workdir_ready")
-    return ckpt.exists() and any(ckpt.iterdir())
 
 
 def build(config):
@@ -88,8 +55,8 @@ def build(config):
     tx = optimizer.adamw(sched, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay),
                          grad_clip=float(t.grad_clip))
     if cfg.learnable_self_denoiser:
-        den_sched = optimizer.lr_schedule(float(t.get("denoiser_lr", 1e-4)), float(t.get("denoiser_min_lr", 1e-6)),
-                                          int(t.warmup_steps), int(t.steps))
+        den_sched = optimizer.lr_schedule(float(t.denoiser_lr), float(t.denoiser_min_lr), int(t.warmup_steps),
+                                          int(t.steps))
         tx = optimizer.flow_and_denoiser(tx, den_sched, weight_decay=float(t.weight_decay),
                                          grad_clip=float(t.grad_clip))
     return cfg, model, sched, tx
@@ -206,102 +173,223 @@ def init_params_from(source: str | pathlib.Path, config, params, step: int | Non
     return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), src_params, params)
 
 
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (diverged, non-finite state); the message names the last
+    good checkpoint."""
+
+
 def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: int | None = None,
-          init_from: str | None = None, init_step: int | None = None, init_ema: bool = False) -> dict:
-    """Train ``config`` in ``workdir``; ``stop_after`` ends the run early after that step
-    (with a checkpoint), as a preemption would. ``init_from``: a fresh run starts from that
-    workdir's parameters (fine-tuning: a new optimizer state, step 0); ignored when the
-    workdir already holds a run to resume. With several processes
+          init_from: str | None = None, init_step: int | None = None, init_ema: bool = False,
+          step: int | None = None) -> dict:
+    """Train ``config`` in ``workdir``, resuming its newest readable checkpoint (``step``:
+    that checkpoint; newer ones are set aside). ``stop_after`` ends the run early after
+    that step (with a checkpoint), as a preemption would; SIGTERM does the same at the
+    next step. ``init_from``: a fresh run starts from that workdir's parameters
+    (fine-tuning: a new optimizer state, step 0); a workdir made by ``starflow-jax
+    import`` starts from its own imported parameters. With several processes
     (``jax.distributed``) every process runs this with the same arguments; process 0
-    logs and writes the metrics, pictures and result."""
+    logs and writes the metrics, pictures and result.
+
+    Everything that can be checked is checked before the workdir is touched: the train
+    settings, the data, the mesh and batch split."""
     workdir = pathlib.Path(workdir)
-    lead = jax.process_index() == 0
-    if not lead:
+    if not jax.process_index() == 0:
         log = lambda *a, **k: None  # noqa: E731
-    data = make_data(config)  # bad data settings fail before the workdir is touched
-    resume = prepare_workdir(workdir, config, overwrite)
+    check_training_config(config)
+    t = config.train
+    data = make_data(config)
+    mesh = make_mesh(dict(config.mesh) if "mesh" in config else {"data": -1})
+    check_batch_split(int(t.batch_size), int(t.grad_accum), mesh, "train.batch_size", "train.grad_accum")
+    lock = WorkdirLock(workdir)
+    try:
+        with Termination() as term:
+            return _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_step, init_ema, step,
+                                 data, mesh, term)
+    finally:
+        lock.release()
+
+
+def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_step, init_ema, step, data, mesh,
+                  term) -> dict:
+    wd.prepare(workdir, config, overwrite, log)
+    resume = wd.has_checkpoints(workdir)
+    if step is not None and not resume:
+        raise WorkdirError(f"--step {step}: {workdir} holds no checkpoints to resume")
     t = config.train
     cfg, model, sched, tx = build(config)
     graphdef = nnx.graphdef(model)
     hp = _hp(config, data.num_classes)
+    if not resume and init_from is None and (workdir / "params").exists():
+        init_from = workdir  # an imported workdir: its reference weights are where the run starts
     if init_from is not None and not resume:
         nnx.update(model, init_params_from(init_from, config, nnx.state(model, nnx.Param), init_step, init_ema))
         log(f"initialised the parameters from {init_from} (fresh optimizer)")
     state = S.init_state(model, tx, int(t.seed), hp.ema_decay > 0)
     ds = train_dataset(data.train, global_batch=int(t.batch_size), seed=int(t.seed))
     it = iter(ds.to_iter_dataset())
-    mesh = make_mesh(dict(config.mesh) if "mesh" in config else {"data": -1})
-    check_batch_split(int(t.batch_size), hp.grad_accum, mesh, "train.batch_size", "train.grad_accum")
     shard = tree_shardings(state, mesh)
     rec = data.train[0]
     bshard = {k: batch_sharding(mesh, np.ndim(rec[k]) + 1) for k in ("image", "label", "cond") if k in rec}
     state = jax.device_put(state, shard)
     mgr = checkpoint.manager(workdir / "checkpoints", int(t.keep_checkpoints), int(t.checkpoint_every))
     start = 0
-    if resume and mgr.latest_step() is not None:
-        start = int(mgr.latest_step())
+    if resume:
         abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                 jax.eval_shape(lambda: state), shard)
-        state, data_state = checkpoint.restore(mgr, start, abstract)
+        found, restored, data_state = checkpoint.restore_newest_good(mgr, abstract, workdir, log, step, wd.barrier)
+        if found is None:
+            raise WorkdirError(f"no checkpoint in {workdir / 'checkpoints'} could be read (each was set aside to "
+                               f"{workdir / checkpoint.SET_ASIDE}); pass --overwrite to start a new run there")
+        start, state = found, restored
         it.set_state(data_state)
-        log(f"resumed from {workdir / 'checkpoints'} at step {start}")
+        dropped = wd.truncate_metrics(workdir, start)
+        log(f"resumed from {workdir / 'checkpoints'} at step {start}"
+            + (f" (dropped {dropped} metrics rows logged after it)" if dropped else ""))
     step_fn = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp, schedule=sched),
                       in_shardings=(shard, bshard), out_shardings=(shard, None), donate_argnums=0)
+    run = _Run(config=config, workdir=workdir, hp=hp, data=data, mesh=mesh, bshard=bshard, mgr=mgr,
+               graphdef=graphdef, log=log, term=term)
     with jax.set_mesh(mesh):  # activations keep their batch sharding (parallel.rules.constrain_batch)
-        return _steps(config, workdir, hp, data, it, mesh, bshard, state, mgr, start, step_fn, graphdef, log,
-                      stop_after)
+        try:
+            return _steps(run, it, state, start, step_fn, stop_after)
+        except BaseException as e:
+            # an error or Ctrl-C mid-run: finish the checkpoint being written (never leave
+            # it half-saved), then report which step a rerun resumes from
+            mgr.wait_until_finished()
+            latest = mgr.latest_step()
+            if isinstance(e, KeyboardInterrupt):
+                log(f"interrupted; the newest checkpoint is step {latest} in {workdir / 'checkpoints'}")
+            raise
+        finally:
+            mgr.close()
 
 
-def _steps(config, workdir, hp, data, it, mesh, bshard, state, mgr, start, step_fn, graphdef, log, stop_after):
+@dataclasses.dataclass
+class _Run:
+    """What the step loop needs besides the state and the step function."""
+    config: object
+    workdir: pathlib.Path
+    hp: S.StepConfig
+    data: DataSpec
+    mesh: object
+    bshard: dict
+    mgr: object
+    graphdef: object
+    log: object
+    term: Termination
+
+
+class _SkipWatch:
+    """Counts skipped updates in a row from the step metrics, one step late (the previous
+    step's count is read once the next step is queued, so the devices never wait)."""
+
+    def __init__(self, limit: int, skipped: int):
+        self.limit, self.last, self.run, self.pending = limit, skipped, 0, None
+
+    def push(self, done: int, skipped) -> int | None:
+        """Record step ``done``'s running skip count; returns the step at which the limit
+        was reached, if it was."""
+        prev, self.pending = self.pending, (done, skipped)
+        return None if prev is None else self._check(*prev)
+
+    def flush(self) -> int | None:
+        prev, self.pending = self.pending, None
+        return None if prev is None else self._check(*prev)
+
+    def _check(self, done: int, skipped) -> int | None:
+        total = int(skipped)
+        self.run = self.run + 1 if total > self.last else 0
+        self.last = total
+        return done if self.run >= self.limit else None
+
+
+def _stop_message(run: _Run, why: str, before: int | None = None) -> str:
+    """``why``, and the newest checkpoint (written before step ``before``) to go back to."""
+    steps = [s for s in run.mgr.all_steps() if before is None or s < before]
+    where = (f"the last good checkpoint is step {max(steps)} in {run.workdir / 'checkpoints'}" if steps
+             else "no checkpoint was written before it")
+    return (f"{why}; {where}. Lower train.lr, check the data, or raise train.max_consecutive_skips, then resume "
+            "with --step N (or run the same command to resume the newest checkpoint)")
+
+
+def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) -> dict:
     """The step loop, periodic evaluation, samples and checkpoints, then the final report."""
+    config, workdir, hp, data, log = run.config, run.workdir, run.hp, run.data, run.log
     t = config.train
     heldout = data.heldout
     lead = jax.process_index() == 0
     writer = MetricsWriter(workdir)
     total = int(t.steps)
-    sample_every = int(config.sample.get("every", 0)) if "sample" in config else 0
+    sample_every = int(config.sample.get("every", 0))
     t0, last_t, last_step = time.time(), time.time(), start
     progress = _Progress(total, start)
-    drop_image = float(t.get("drop_image", 0.0) or 0.0)
-    for s in range(start, total):
-        local = next(it)  # this process's rows of the global batch
-        if drop_image > 0:  # the whole global batch, decided from (seed, step): resumes decide the same
-            local = drop_first_frame(local, drop_image_decision(int(t.seed), s, drop_image))
-        batch = {k: jax.make_array_from_process_local_data(bshard[k], np.asarray(v)) for k, v in local.items()
-                 if k in bshard}
-        state, m = step_fn(state, batch)
-        done = s + 1
-        progress.update(done)
-        if done % int(t.log_every) == 0 or done == total:
-            now = time.time()
-            row = dict(step=done, loss=float(m["loss"]), bpd=float(bits_per_dim(m["loss"], data_scale(config))),
-                       grad_norm=float(m["grad_norm"]), lr=float(m["lr"]), skipped=int(m["skipped"]),
-                       steps_per_s=(done - last_step) / max(now - last_t, 1e-9))
-            if hp.denoiser:
-                row.update(denoiser_loss=float(m["denoiser_loss"]), denoiser_grad_norm=float(m["denoiser_grad_norm"]))
-            last_t, last_step = now, done
-            if heldout is not None and t.eval_every and (done % int(t.eval_every) == 0 or done == total):
-                row["heldout_bpd"] = evaluate(config, graphdef, state.params, heldout, hp, mesh)
-            writer.write(done, row)
-            progress.clear()
-            log(f"step {done}/{total}  loss {row['loss']:.4f}  bpd {row['bpd']:.3f}  grad {row['grad_norm']:.3f}  "
-                f"lr {row['lr']:.2e}  skipped {row['skipped']}  {row['steps_per_s']:.1f} steps/s"
-                + (f"  denoiser loss {row['denoiser_loss']:.4f}" if hp.denoiser else "")
-                + (f"  held-out bpd {row['heldout_bpd']:.3f}" if "heldout_bpd" in row else ""))
-        if sample_every and done % sample_every == 0 and done < total:
-            sample_grid(config, graphdef, state.ema if state.ema is not None else state.params,
-                        workdir / f"samples_{done:07d}.png", data)
-        stopping = stop_after is not None and done >= stop_after
-        checkpoint.save(mgr, done, state, it.get_state(), force=done == total or stopping)
-        if stopping:
-            break
-    progress.clear()
-    mgr.wait_until_finished()
-    writer.close()
-    if stop_after is not None and int(state.step) < total:
-        return dict(steps=int(state.step), stopped=True)
-    heldout_bpd = None if heldout is None else evaluate(config, graphdef, state.params, heldout, hp, mesh)
-    sample_grid(config, graphdef, state.ema if state.ema is not None else state.params, workdir / "samples.png", data)
+    drop_image = float(t.drop_image)
+    skips = _SkipWatch(int(t.max_consecutive_skips), int(state.skipped))
+    stopped = None
+    try:
+        for s in range(start, total):
+            local = next(it)  # this process's rows of the global batch
+            if drop_image > 0:  # the whole global batch, decided from (seed, step): resumes decide the same
+                local = drop_first_frame(local, drop_image_decision(int(t.seed), s, drop_image))
+            batch = {k: jax.make_array_from_process_local_data(run.bshard[k], np.asarray(v))
+                     for k, v in local.items() if k in run.bshard}
+            state, m = step_fn(state, batch)
+            done = s + 1
+            bad = skips.push(done, m["skipped"])
+            if bad is None and done == total:
+                bad = skips.flush()
+            if bad is not None:
+                first = bad - skips.run + 1
+                raise TrainingStopped(_stop_message(run, f"stopped at step {bad}: the {skips.run} updates since step "
+                                                         f"{first} were all skipped (non-finite loss, gradients or "
+                                                         "parameters)", before=first))
+            progress.update(done)
+            if done % int(t.log_every) == 0 or done == total:
+                now = time.time()
+                row = dict(step=done, loss=float(m["loss"]), bpd=float(bits_per_dim(m["loss"], data_scale(config))),
+                           grad_norm=float(m["grad_norm"]), lr=float(m["lr"]), skipped=int(m["skipped"]),
+                           steps_per_s=(done - last_step) / max(now - last_t, 1e-9))
+                if hp.denoiser:
+                    row.update(denoiser_loss=float(m["denoiser_loss"]),
+                               denoiser_grad_norm=float(m["denoiser_grad_norm"]))
+                last_t, last_step = now, done
+                if heldout is not None and t.eval_every and (done % int(t.eval_every) == 0 or done == total):
+                    row["heldout_bpd"] = evaluate(config, run.graphdef, state.params, heldout, hp, run.mesh)
+                writer.write(done, row)
+                progress.clear()
+                log(f"step {done}/{total}  loss {row['loss']:.4f}  bpd {row['bpd']:.3f}  grad {row['grad_norm']:.3f}  "
+                    f"lr {row['lr']:.2e}  skipped {row['skipped']}  {row['steps_per_s']:.1f} steps/s"
+                    + (f"  denoiser loss {row['denoiser_loss']:.4f}" if hp.denoiser else "")
+                    + (f"  held-out bpd {row['heldout_bpd']:.3f}" if "heldout_bpd" in row else ""))
+            if sample_every and done % sample_every == 0 and done < total:
+                sample_grid(config, run.graphdef, state.ema if state.ema is not None else state.params,
+                            workdir / f"samples_{done:07d}.png", data)
+            if stop_after is not None and done >= stop_after:
+                stopped = "stop_after"
+            elif run.term.requested:
+                stopped = "SIGTERM"
+            # several processes: each may see the signal at another step, and a checkpoint
+            # needs all of them at the same one; they stop without one (and the grace timer
+            # ends any process left waiting for the others)
+            force = done == total or stopped == "stop_after" or (stopped == "SIGTERM" and jax.process_count() == 1)
+            try:
+                checkpoint.save(run.mgr, done, state, it.get_state(), force=force)
+            except checkpoint.NonFiniteState as e:
+                raise TrainingStopped(_stop_message(run, str(e))) from None
+            if stopped:
+                break
+    finally:
+        progress.clear()
+        writer.close()
+    run.mgr.wait_until_finished()
+    if stopped is not None and int(state.step) < total:
+        if stopped == "SIGTERM":
+            log(f"stopped by SIGTERM after step {int(state.step)}; the newest checkpoint is step "
+                f"{run.mgr.latest_step()}: run the same command to resume")
+        return dict(steps=int(state.step), stopped=True, reason=stopped)
+    heldout_bpd = None if heldout is None else evaluate(config, run.graphdef, state.params, heldout, hp, run.mesh)
+    sample_grid(config, run.graphdef, state.ema if state.ema is not None else state.params, workdir / "samples.png",
+                data)
     result = dict(steps=total, heldout_bpd=heldout_bpd, seconds=time.time() - t0, skipped=int(state.skipped),
                   samples=str(workdir / "samples.png"), checkpoint=str(workdir / "checkpoints"))
     summary = "" if heldout_bpd is None else f"held-out bits/dim {heldout_bpd:.3f}"

@@ -97,7 +97,7 @@ def _group_norm(grads, labels, group: str):
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation, hp: StepConfig,
                schedule=None):
-    """One update. A non-finite loss or gradient norm (or, with ``grad_skip``, a gradient
+    """One update. A non-finite loss, gradient norm or updated parameter (or, with ``grad_skip``, a gradient
     norm over ``grad_clip`` after ``grad_skip_after`` steps; the flow's or the denoiser's)
     skips the update and counts it. With ``hp.grad_accum = k`` the batch is split into
     ``k`` micro-batches whose gradients are averaged (one update)."""
@@ -140,6 +140,8 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
         ok = ok & ~(too_big & (state.step > hp.grad_skip_after))
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    # an update that overflows (a diverging run) is skipped too: the state never holds NaN / Inf
+    ok = ok & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
     params = keep(new_params, state.params)
     opt_state = keep(new_opt, state.opt_state)

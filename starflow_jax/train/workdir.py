@@ -1,0 +1,165 @@
+"""A training run's workdir: its lock, its config, what a resumed run may change, and the
+metrics rows a resume replays.
+
+Layout (written by ``train``): ``config.json``, ``checkpoints/<step>/`` (orbax),
+``checkpoints_set_aside/<step>/`` (unreadable or abandoned steps, kept for the user),
+``config_history.jsonl`` (configs a resumed run replaced), ``metrics.jsonl``,
+``tensorboard/``, ``samples*.png``, ``result.json``; ``params/`` when the workdir was made
+by ``starflow-jax import`` (a run trained there starts from those parameters).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import time
+
+import jax
+
+from starflow_jax.interop.checkpoints import WORKDIR_ENTRIES
+
+# model settings that change how the model computes, not its parameters: a resumed run may change them
+COMPUTE_ONLY = ("dtype", "attention_impl", "attention_block")
+# what `train --overwrite` discards (an imported workdir's params/ stay: they are the run's start)
+DISCARDED = tuple(e for e in WORKDIR_ENTRIES if not e.startswith("params"))
+
+
+class WorkdirError(ValueError):
+    pass
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for one run (``.lock.<process>``, ``flock``: released
+    by the kernel when the process dies, so a killed run never leaves a stale lock)."""
+
+    def __init__(self, workdir: pathlib.Path):
+        import fcntl
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.path = workdir / f".lock.{jax.process_index()}"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = pathlib.Path(self.path).read_text().strip() or "another process"
+            os.close(self.fd)
+            raise WorkdirError(f"{workdir} is in use by another run ({holder}); wait for it to finish or stop it, "
+                               "or choose another --workdir") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _model_differences(old: dict, new: dict) -> list[str]:
+    keys = sorted((set(old) | set(new)) - set(COMPUTE_ONLY))
+    return [f"model.{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys
+            if _norm(old.get(k)) != _norm(new.get(k))]
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def config_conflicts(old: dict, new: dict, has_checkpoints: bool) -> list[str]:
+    """Why a run in a workdir written with config ``old`` cannot continue with ``new``:
+    another model or data, or (with checkpoints) a change of what the saved state holds."""
+    out = _model_differences(old.get("model", {}), new.get("model", {}))
+    if "data" in old:  # a workdir made by `import` has no data section
+        keys = sorted(set(old["data"]) | set(new.get("data", {})))
+        out += [f"data.{k}: {old['data'].get(k)!r} there, {new.get('data', {}).get(k)!r} here" for k in keys
+                if _norm(old["data"].get(k)) != _norm(new.get("data", {}).get(k))]
+    if has_checkpoints and "train" in old:
+        was, now = float(old["train"].get("ema_decay", 0.0)) > 0, float(new["train"]["ema_decay"]) > 0
+        if was != now:
+            out.append(f"train.ema_decay: the checkpoints {'hold' if was else 'hold no'} EMA parameters "
+                       f"(ema_decay {old['train'].get('ema_decay')} there, {new['train']['ema_decay']} here)")
+    return out
+
+
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{k}.")
+        elif _norm(a) != _norm(b):
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def has_checkpoints(workdir: pathlib.Path) -> bool:
+    ckpt = workdir / "checkpoints"
+    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
+def prepare(workdir: pathlib.Path, config, overwrite: bool, log) -> None:
+    """Write the run's ``config.json`` (process 0; the others wait). A workdir whose run
+    has another model or data is refused unless ``overwrite``, which discards that run's
+    checkpoints, metrics and pictures (files the run did not write are kept). Other
+    changes (more steps, another learning rate) are allowed; the replaced config is
+    appended to ``config_history.jsonl``."""
+    cfg_file = workdir / "config.json"
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    new = json.loads(text)
+    old = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
+    saved = has_checkpoints(workdir)
+    if old is not None and not overwrite:
+        conflicts = config_conflicts(old, new, saved)
+        if conflicts:
+            raise WorkdirError(f"{workdir} holds a run with a different config ({'; '.join(conflicts)}); resume it "
+                               "with the same model and data, choose another --workdir, or pass --overwrite to "
+                               "discard it")
+    barrier("starflow_workdir_checked")
+    if jax.process_index() == 0:
+        if overwrite:
+            for p in sorted({p for pattern in DISCARDED for p in workdir.glob(pattern)}):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        elif old is not None and old != new:
+            changes = changed_keys(old, new)
+            log("config changed since this workdir's last run: " + "; ".join(changes))
+            with open(workdir / "config_history.jsonl", "a") as f:
+                f.write(json.dumps(dict(replaced=time.strftime("%Y-%m-%dT%H:%M:%S"), config=old)) + "\n")
+        workdir.mkdir(parents=True, exist_ok=True)
+        tmp = cfg_file.with_name(".config.json.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, cfg_file)
+    barrier("starflow_workdir_ready")
+
+
+def _row_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):  # a row cut short by a kill: dropped
+        return float("inf")
+
+
+def truncate_metrics(workdir: pathlib.Path, step: int) -> int:
+    """Drop the ``metrics.jsonl`` rows after ``step`` (a resumed run logs those steps
+    again); returns how many were dropped. Process 0."""
+    path = workdir / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if _row_step(line) <= step]
+    if len(keep) == len(lines):
+        return 0
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+    return len(lines) - len(keep)

@@ -14,7 +14,7 @@ batch is trained without its first frame, conditioned on the ``"(extend) "`` cap
 """
 import ml_collections
 
-from starflow_jax.config import model_section, train_section
+from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
 
 
 def get_config():
@@ -24,14 +24,10 @@ def get_config():
         in_channels=4, img_size=8, patch_size=1, channels=128, num_blocks=3, layers_per_block=(1, 1, 4),
         head_dim=32, rope=True, sos=True, txt_size=16, txt_dim=2048, cond_top_only=True, use_softplus=True,
         use_final_norm=True, soft_clip=4.0, seq_order="L2R", temporal_causal=1, shallow_block_local=True)
-    config.data = ml_collections.ConfigDict(dict(name="array_record", path="", heldout_path="", num_frames=5))
-    config.train = train_section(
-        steps=2000, batch_size=16, lr=5e-4, min_lr=1e-5, warmup_steps=100, b1=0.9, b2=0.95,
-        weight_decay=1e-4, grad_clip=1.0, grad_skip=False, noise_type="gaussian", noise_std=0.3, levels=256,
-        drop_label=0.1, drop_image=0.25, latent_norm_regularization=0.0, ema_decay=0.0, remat="none",
-        grad_accum=1, cond_noise_level=False, seed=0, log_every=50, eval_every=500, checkpoint_every=500,
-        keep_checkpoints=3)
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # num: samples (rows of frames) in the grid, conditioned on the first held-out (else training) captions
-    config.sample = ml_collections.ConfigDict(dict(num=4, per_class=1, cfg=2.0, temperature=1.0, scale=4, every=0))
+    # each section: the defaults of starflow_jax/config/training.py, changed only where named
+    config.data = data_section(name="array_record", num_frames=5)  # set data.path (and data.heldout_path)
+    config.train = train_section(steps=2000, batch_size=16, lr=5e-4, drop_image=0.25, log_every=50, eval_every=500,
+                                 checkpoint_every=500)
+    config.mesh = mesh_section()
+    config.sample = sample_section(num=4, per_class=1, cfg=2.0, temperature=1.0)
     return config

@@ -130,3 +130,30 @@ def test_config_dot_flags_are_overrides(capsys):
     assert "total: 52,580" in capsys.readouterr().out  # the 32-wide model, not the 64-wide default
     assert main(["info", "--config", str(CONFIGS / "tiny_cpu.py"), "--config.model.widht=32"]) == 2
     assert "no key 'model.widht'" in capsys.readouterr().err
+
+
+def test_every_schema_key_can_be_set_from_the_command_line():
+    """Walk the data / train / sample / mesh schema: each key is accepted by --set on a
+    training config and takes the value given."""
+    from starflow_jax.config.training import SECTIONS
+
+    def other(v):
+        if isinstance(v, bool):
+            return not v
+        if isinstance(v, int):
+            return v + 2
+        if isinstance(v, float):
+            return v / 2 if v else 0.5
+        if isinstance(v, tuple):
+            return tuple(x + 1 for x in v)
+        return "x" + v
+
+    def text(v):
+        return "[" + ", ".join(map(str, v)) + "]" if isinstance(v, tuple) else str(v)
+
+    for section, defaults in SECTIONS.items():
+        for key, default in defaults.items():
+            value = other(default)
+            config = load_config(ROOT / "configs" / "tiny_cpu.py", [f"{section}.{key}={text(value)}"])
+            got = config[section][key]
+            assert (tuple(got) if isinstance(got, (list, tuple)) else got) == value, (section, key, got, value)

@@ -185,10 +185,11 @@ def test_bad_settings_are_refused_before_the_workdir_is_touched(tmp_path, capsys
     assert not workdir.exists()  # nothing written: the corrected command starts cleanly
 
 
-def test_numbers_are_numbers():
-    config = load_config(TINY, ["train.lr=3e-4", "train.min_lr=1E-6", "train.steps=10", "train.seed=1_000"])
+def test_numbers_are_numbers_and_text_is_text():
+    config = load_config(TINY, ["train.lr=3e-4", "train.min_lr=1E-6", "train.steps=10", "train.seed=1_000",
+                                "data.vid_size=81:16", "train.remat=dots"])
     assert config.train.lr == 3e-4 and config.train.min_lr == 1e-6 and config.train.steps == 10
-    assert config.train.seed == 1000
+    assert config.train.seed == 1000 and config.data.vid_size == "81:16" and config.train.remat == "dots"
     with pytest.raises(ConfigError, match="no key"):
         load_config(TINY, ["train.lrr=3e-4"])
 
@@ -295,3 +296,48 @@ def test_the_survivor_of_a_killed_peer_exits_soon_after_sigterm(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def _two_processes(workdir, extra):
+    port = _free_port()
+    return [_spawn(workdir, extra, 2, i, port) for i in range(2)]
+
+
+def test_sigterm_to_one_of_two_processes_saves_at_one_step_and_resumes_exactly(tmp_path):
+    """As a TPU VM before maintenance: one process gets SIGTERM; both agree on a step, save
+    there together and exit 143; the resumed run's losses equal an uninterrupted run's."""
+    extra = ["train.steps=200", "train.checkpoint_every=1000", "train.warmup_steps=2", "train.log_every=10"]
+    full = _two_processes(tmp_path / "full", extra)
+    for p in full:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+    procs = _two_processes(tmp_path / "part", extra)
+    try:
+        _wait_for(procs[0], "step 10/")
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs[0][-2000:] + outs[1][-2000:]
+    steps = sorted(int(p.name) for p in (tmp_path / "part" / "checkpoints").iterdir() if p.name.isdigit())
+    stop = max(steps)
+    assert 10 <= stop < 200, steps
+    assert f"stopped by SIGTERM after step {stop}" in outs[0], outs[0][-2000:]
+    resumed = _two_processes(tmp_path / "part", extra)
+    for p in resumed:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-3000:]
+        if "resumed from" in out:
+            assert f"at step {stop}" in out
+    a, b = _rows(tmp_path / "full"), _rows(tmp_path / "part")
+    assert [r["step"] for r in b] == list(range(10, 201, 10))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_profile_writes_a_trace_of_the_asked_steps(tmp_path):
+    logs = []
+    train(load_config(TINY, FAST + ["train.steps=3", "train.profile=[2, 1]"]), str(tmp_path), log=logs.append)
+    assert any("profile of steps 2-2" in line for line in logs), logs
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))

@@ -4,12 +4,11 @@ metrics.jsonl and TensorBoard."""
 import json
 import pathlib
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from starflow_jax.config import load_config
+from starflow_jax.config import data_section, load_config
 from starflow_jax.data.array_record import write_shards
 from starflow_jax.train.loop import train
 from starflow_jax.train.metrics_writer import read_scalars
@@ -23,7 +22,7 @@ SHORT = ["train.batch_size=8", "train.steps=4", "train.warmup_steps=1", "train.l
 def _config(overrides, data: dict, model: dict):
     config = load_config(TINY, SHORT + overrides)
     with config.unlocked():
-        config.data = ml_collections.ConfigDict(data)
+        config.data = data_section(**data)
         for k, v in model.items():
             config.model[k] = v
     return config

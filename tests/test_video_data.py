@@ -292,9 +292,12 @@ def test_array_record_video_latents_are_checked(tmp_path):
                                          text_emb=np.zeros((3, 32), np.float32))] * 2)
     with pytest.raises(ValueError, match="are images .* clips of 3 frames"):
         make_data(_video_config(tmp_path / "img"))
-    cfg = ml_collections.ConfigDict(dict(data=dict(vid_size="81:16"), autoencoder=dict(temporal_downsample_factor=4)))
+    from starflow_jax.config import data_section
+
+    cfg = ml_collections.ConfigDict(dict(data=data_section(vid_size="81:16"),
+                                         autoencoder=dict(temporal_downsample_factor=4)))
     assert latent_frames(cfg) == 21
-    assert latent_frames(ml_collections.ConfigDict(dict(data=dict(vid_size="16:8")))) == 16
+    assert latent_frames(ml_collections.ConfigDict(dict(data=data_section(vid_size="16:8")))) == 16
 
 
 def test_train_on_video_latents_with_drop_image(tmp_path, monkeypatch):

@@ -101,10 +101,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
         if parts[-1] not in node:
             raise ConfigError(f"override {key!r}: config has no key {key!r} "
                               f"(keys at that level: {sorted(node.keys())})")
-        value = parse_value(text)
+        old = node[parts[-1]]
+        # a text setting takes the text as written (YAML would read "81:16" as the number 4876)
+        value = text if isinstance(old, str) and text.lower() not in ("none", "null") else parse_value(text)
         if isinstance(value, list):
             value = tuple(value)
-        old = node[parts[-1]]
         with node.unlocked():
             try:
                 node[parts[-1]] = value

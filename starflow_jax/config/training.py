@@ -1,15 +1,45 @@
-"""The ``train`` section of a training config: every key declared once, with its default,
-and the checks that run before a run touches its workdir.
+"""The sections of a training config besides ``model`` (``data``, ``train``, ``sample``,
+``mesh``): every key declared once, with its default, and the checks that run before a
+run touches its workdir.
 
-A config file builds its section with ``train_section(steps=..., lr=...)``, naming only
-what differs from these defaults; an unknown key is an error, so every key here can be
-overridden with ``--set train.KEY=VALUE``.
+A config file builds each section with ``train_section(steps=..., lr=...)`` (and
+``data_section``, ``sample_section``, ``mesh_section``), naming only what differs from
+these defaults; an unknown key is an error, so every key here can be overridden with
+``--set SECTION.KEY=VALUE``.
 """
 from __future__ import annotations
 
 import ml_collections
 
 from starflow_jax.config.model_config import ConfigError
+
+DATA_DEFAULTS = dict(
+    name="digits",  # digits | moving_digits | image_folder | array_record
+    num_train=1500,  # digits / moving_digits: images of the training split (the rest are held out)
+    split_seed=0,  # the train / held-out split (and moving_digits' clips)
+    num_frames=0,  # clips: frames per clip (latent frames for array_record); 0: images, or from vid_size
+    vid_size="",  # the reference's "frames:fps": latent frames through the autoencoder's temporal factor
+    root="",  # image_folder: root/<class>/<image>
+    heldout_root="",  # image_folder: a held-out folder of the same classes ("" : a random heldout_fraction)
+    heldout_fraction=0.05,  # image_folder: held-out share of root's images when heldout_root is ""
+    path="",  # array_record: the directory of training shards (`starflow-jax precompute`)
+    heldout_path="",  # array_record: held-out shards ("" : no held-out evaluation)
+)
+
+SAMPLE_DEFAULTS = dict(
+    per_class=4,  # labelled data: rows of samples.png (one column per class)
+    num=16,  # text-conditioned data: samples, conditioned on the first held-out (else training) captions
+    cfg=1.0,  # guidance weight of the preview samples
+    temperature=0.9,  # noise temperature of the preview samples
+    scale=4,  # pixel upscaling of the PNG grid
+    every=0,  # also write samples_<step>.png every N steps (0: only samples.png at the end)
+)
+
+MESH_DEFAULTS = dict(
+    data=-1,  # data-parallel axis (-1: the devices the other axes leave)
+    fsdp=1,  # parameters, gradients and optimizer state sharded (ZeRO-3 style); the batch too
+    tensor=1,  # tensor-parallel axis (attention heads, MLP width)
+)
 
 TRAIN_DEFAULTS = dict(
     steps=1000,  # optimizer updates in the run (extend a finished run by raising it)
@@ -40,15 +70,49 @@ TRAIN_DEFAULTS = dict(
     checkpoint_every=1000,  # steps between checkpoints (one is always written at the end)
     keep_checkpoints=3,  # checkpoints kept (>= 1; older ones are deleted)
     max_consecutive_skips=50,  # stop the run after this many skipped updates in a row (NaN loss, divergence)
+    profile=(0, 0),  # (first step, steps): a jax.profiler trace of those steps in WORKDIR/profile (0 steps: none)
 )
+
+
+SECTIONS = dict(data=DATA_DEFAULTS, train=TRAIN_DEFAULTS, sample=SAMPLE_DEFAULTS, mesh=MESH_DEFAULTS)
+
+
+def _section(name: str, values: dict) -> ml_collections.ConfigDict:
+    defaults = SECTIONS[name]
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ConfigError(f"unknown {name} config keys: {unknown} (the keys: {sorted(defaults)})")
+    return ml_collections.ConfigDict({**defaults, **values})
+
+
+def data_section(**values) -> ml_collections.ConfigDict:
+    """A ``config.data`` section: DATA_DEFAULTS with ``values`` applied."""
+    return _section("data", values)
 
 
 def train_section(**values) -> ml_collections.ConfigDict:
     """A ``config.train`` section: TRAIN_DEFAULTS with ``values`` applied."""
-    unknown = sorted(set(values) - set(TRAIN_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown train config keys: {unknown} (the keys: {sorted(TRAIN_DEFAULTS)})")
-    return ml_collections.ConfigDict({**TRAIN_DEFAULTS, **values})
+    return _section("train", values)
+
+
+def sample_section(**values) -> ml_collections.ConfigDict:
+    """A ``config.sample`` section: SAMPLE_DEFAULTS with ``values`` applied."""
+    return _section("sample", values)
+
+
+def mesh_section(**values) -> ml_collections.ConfigDict:
+    """A ``config.mesh`` section: MESH_DEFAULTS with ``values`` applied."""
+    return _section("mesh", values)
+
+
+def with_defaults(config: dict) -> dict:
+    """A config read back from a workdir's ``config.json`` with the keys it predates filled
+    in from the defaults (an older run resumes, samples and exports as before)."""
+    out = dict(config)
+    for name, defaults in SECTIONS.items():
+        if name in out and isinstance(out[name], dict):
+            out[name] = {**defaults, **out[name]}
+    return out
 
 
 def _int(t, key: str, low: int) -> int:
@@ -69,13 +133,14 @@ def _float(t, key: str, low: float, high: float | None = None) -> float:
 def check_training_config(config) -> None:
     """Refuse a training config whose ``train`` values cannot run (before any file is
     written): missing keys, non-positive counts, probabilities outside [0, 1]."""
-    for section in ("data", "train", "sample"):
+    for section in ("data", "train", "sample", "mesh"):
         if section not in config:
             raise ConfigError(f"the config has no '{section}' section: it is not a training config")
+        missing = sorted(set(SECTIONS[section]) - set(config[section].keys()))
+        if missing:
+            raise ConfigError(f"{section} section lacks {missing}: build it with "
+                              f"starflow_jax.config.{section}_section(...)")
     t = config.train
-    missing = sorted(set(TRAIN_DEFAULTS) - set(t.keys()))
-    if missing:
-        raise ConfigError(f"train section lacks {missing}: build it with starflow_jax.config.train_section(...)")
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
                 "max_consecutive_skips", "levels"):
         _int(t, key, 1)
@@ -88,6 +153,9 @@ def check_training_config(config) -> None:
         _float(t, key, 0.0, 1.0)
     _float(t, "b1", 0.0, 1.0)
     _float(t, "b2", 0.0, 1.0)
+    profile = tuple(t.profile)
+    if len(profile) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in profile):
+        raise ConfigError(f"train.profile must be (first step, number of steps), two integers >= 0, got {t.profile!r}")
     if t.noise_type not in ("gaussian", "uniform"):
         raise ConfigError(f"train.noise_type must be 'gaussian' or 'uniform', got {t.noise_type!r}")
     if t.batch_size % t.grad_accum:

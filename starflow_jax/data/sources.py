@@ -62,7 +62,9 @@ def make_data(config) -> DataSpec:
         if int(m.get("temporal_causal", 0)) <= 0:
             raise ValueError("data.name='moving_digits' yields clips: the model must be a video model "
                              "(model.temporal_causal > 0)")
-        frames = int(d.get("num_frames", 4))
+        frames = int(d.num_frames)
+        if frames < 2:
+            raise ValueError(f"data.name='moving_digits' needs data.num_frames >= 2 (frames per clip), got {frames}")
         tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
         train = MovingDigitsSource(tr.images, tr.labels, frames, seed=int(d.split_seed))
         held = MovingDigitsSource(te.images, te.labels, frames, seed=int(d.split_seed) + 1)
@@ -77,15 +79,15 @@ def make_data(config) -> DataSpec:
             raise ValueError(f"{d.root} has {src.num_classes} classes: the model needs txt_size=1 and "
                              f"txt_dim={src.num_classes + 1} (one-hot labels plus the null class), "
                              f"it has txt_size={m.txt_size}, txt_dim={m.txt_dim}")
-        if d.get("heldout_root"):
+        if d.heldout_root:
             held = ImageFolderSource(d.heldout_root, int(m.img_size), int(m.in_channels))
             if held.classes != src.classes:
                 raise ValueError(f"data.heldout_root classes {held.classes} differ from data.root's {src.classes}")
             return DataSpec(src, held, src.num_classes)
-        frac = float(d.get("heldout_fraction", 0.05))
+        frac = float(d.heldout_fraction)
         if not 0 <= frac < 1:
             raise ValueError(f"data.heldout_fraction must lie in [0, 1), got {frac}")
-        perm = np.random.default_rng(int(d.get("split_seed", 0))).permutation(len(src))
+        perm = np.random.default_rng(int(d.split_seed)).permutation(len(src))
         n_held = int(round(frac * len(src)))
         held = Subset(src, np.sort(perm[:n_held])) if n_held else None
         return DataSpec(Subset(src, np.sort(perm[n_held:])), held, src.num_classes)
@@ -100,9 +102,9 @@ def latent_frames(config) -> int | None:
     factor ``f`` (``1 + (frames - 1) // f``: causal video VAEs keep the first frame); None
     when it says neither."""
     d = config.data
-    if d.get("num_frames"):
+    if d.num_frames:
         return int(d.num_frames)
-    if d.get("vid_size"):
+    if d.vid_size:
         frames = int(str(d.vid_size).split(":")[0])
         f = int(config.autoencoder.get("temporal_downsample_factor", 1) or 1) if "autoencoder" in config else 1
         return 1 + (frames - 1) // f
@@ -113,10 +115,10 @@ def _array_record_data(config) -> DataSpec:
     from starflow_jax.data.array_record import TRAIN_STEP_KEYS, ArrayRecordSource
 
     d, m = config.data, config.model
-    if not d.get("path"):
+    if not d.path:
         raise ValueError("data.name='array_record' needs data.path (a directory of ArrayRecord shards, "
                          "e.g. --set data.path=DIR)")
-    drop = float(config.train.get("drop_image", 0.0) or 0.0) if "train" in config else 0.0
+    drop = float(config.train.drop_image) if "train" in config else 0.0
     if not 0 <= drop <= 1:
         raise ValueError(f"train.drop_image is a probability in [0, 1], got {drop}")
 
@@ -160,4 +162,4 @@ def _array_record_data(config) -> DataSpec:
     if tuple(rec["cond"].shape) != (int(m.txt_size), int(m.txt_dim)):
         raise ValueError(f"text embeddings in {d.path} have shape {rec['cond'].shape}, the model expects "
                          f"({m.txt_size}, {m.txt_dim})")
-    return DataSpec(train, open_(d.heldout_path) if d.get("heldout_path") else None, 0)
+    return DataSpec(train, open_(d.heldout_path) if d.heldout_path else None, 0)

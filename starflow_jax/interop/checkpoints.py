@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from starflow_jax.config import model_config
+from starflow_jax.config import model_config, with_defaults
 from starflow_jax.config.model_config import ModelConfig
 from starflow_jax.config.reference_args import to_model_kwargs, to_yaml_arguments
 from starflow_jax.interop.integrity import (CheckpointUnreadable, fingerprints, first_line, newest_readable,
@@ -38,7 +38,8 @@ def read_workdir_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDic
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{workdir} is not a starflow-jax workdir (no config.json)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    # keys added to the schema since the run was written take their defaults
+    return ml_collections.ConfigDict(with_defaults(json.loads(path.read_text())))
 
 
 def _warn(message: str) -> None:

@@ -25,7 +25,7 @@ from starflow_jax.parallel.rules import batch_sharding, tree_shardings
 from starflow_jax.train import checkpoint, optimizer
 from starflow_jax.train import workdir as wd
 from starflow_jax.train.metrics_writer import MetricsWriter
-from starflow_jax.train.termination import Termination
+from starflow_jax.train.termination import Termination, distributed_client
 from starflow_jax.train.workdir import WorkdirError, WorkdirLock
 from starflow_jax.train import step as S
 
@@ -108,7 +108,7 @@ def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, se
         nrow = data.num_classes
     else:
         src = data.heldout if data.heldout is not None else data.train
-        n = min(int(config.sample.get("num", 16)), len(src))
+        n = min(int(config.sample.num), len(src))
         y = jnp.stack([jnp.asarray(src[i]["cond"], jnp.float32) for i in range(n)])
         y_null, nrow = jnp.zeros_like(y), None
     g = float(config.sample.cfg)
@@ -198,11 +198,12 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     check_training_config(config)
     t = config.train
     data = make_data(config)
-    mesh = make_mesh(dict(config.mesh) if "mesh" in config else {"data": -1})
+    mesh = make_mesh(dict(config.mesh))
     check_batch_split(int(t.batch_size), int(t.grad_accum), mesh, "train.batch_size", "train.grad_accum")
     lock = WorkdirLock(workdir)
     try:
-        with Termination() as term:
+        with Termination(client=distributed_client(), process=jax.process_index(),
+                         processes=jax.process_count()) as term:
             return _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_step, init_ema, step,
                                  data, mesh, term)
     finally:
@@ -312,6 +313,31 @@ def _stop_message(run: _Run, why: str, before: int | None = None) -> str:
             "with --step N (or run the same command to resume the newest checkpoint)")
 
 
+class _Trace:
+    """A ``jax.profiler`` trace of steps ``first .. first + steps - 1`` (TensorBoard's
+    profile plugin / xprof read ``directory``); every process traces its own host."""
+
+    def __init__(self, directory: pathlib.Path, first: int, steps: int, log):
+        self.directory, self.first, self.last, self.log, self.on = directory, first, first + steps - 1, log, False
+
+    def before(self, step: int) -> None:
+        if step == self.first and self.last >= self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.on = True
+
+    def after(self, step: int, state) -> None:
+        if self.on and step >= self.last:
+            jax.block_until_ready(state)
+            self.close()
+            self.log(f"profile of steps {self.first}-{self.last}: {self.directory} (tensorboard --logdir "
+                     f"{self.directory})")
+
+    def close(self) -> None:
+        if self.on:
+            jax.profiler.stop_trace()
+            self.on = False
+
+
 def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) -> dict:
     """The step loop, periodic evaluation, samples and checkpoints, then the final report."""
     config, workdir, hp, data, log = run.config, run.workdir, run.hp, run.data, run.log
@@ -320,14 +346,16 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
     lead = jax.process_index() == 0
     writer = MetricsWriter(workdir)
     total = int(t.steps)
-    sample_every = int(config.sample.get("every", 0))
+    sample_every = int(config.sample.every)
     t0, last_t, last_step = time.time(), time.time(), start
     progress = _Progress(total, start)
     drop_image = float(t.drop_image)
     skips = _SkipWatch(int(t.max_consecutive_skips), int(state.skipped))
     stopped = None
+    trace = _Trace(workdir / "profile", *tuple(t.profile), log)
     try:
         for s in range(start, total):
+            trace.before(s + 1)
             local = next(it)  # this process's rows of the global batch
             if drop_image > 0:  # the whole global batch, decided from (seed, step): resumes decide the same
                 local = drop_first_frame(local, drop_image_decision(int(t.seed), s, drop_image))
@@ -335,6 +363,7 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
                      for k, v in local.items() if k in run.bshard}
             state, m = step_fn(state, batch)
             done = s + 1
+            trace.after(done, state)
             bad = skips.push(done, m["skipped"])
             if bad is None and done == total:
                 bad = skips.flush()
@@ -364,21 +393,26 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
             if sample_every and done % sample_every == 0 and done < total:
                 sample_grid(config, run.graphdef, state.ema if state.ema is not None else state.params,
                             workdir / f"samples_{done:07d}.png", data)
+            # asked to stop (SIGTERM, any process): every process stops after the agreed step, with a
+            # checkpoint; agreed at the last step, the run simply ends as usual
+            agreed = run.term.stop_step(done)
             if stop_after is not None and done >= stop_after:
                 stopped = "stop_after"
-            elif run.term.requested:
+            elif agreed == done and done < total:
                 stopped = "SIGTERM"
-            # several processes: each may see the signal at another step, and a checkpoint
-            # needs all of them at the same one; they stop without one (and the grace timer
-            # ends any process left waiting for the others)
-            force = done == total or stopped == "stop_after" or (stopped == "SIGTERM" and jax.process_count() == 1)
+            t_save = time.time()
             try:
-                checkpoint.save(run.mgr, done, state, it.get_state(), force=force)
+                saved = checkpoint.save(run.mgr, done, state, it.get_state(), force=done == total or bool(stopped))
             except checkpoint.NonFiniteState as e:
                 raise TrainingStopped(_stop_message(run, str(e))) from None
+            if saved:
+                blocked = time.time() - t_save
+                writer.write_event(done, "checkpoint_block_s", blocked)
+                log(f"checkpoint step {done}: the step loop waited {blocked:.2f} s (written asynchronously)")
             if stopped:
                 break
     finally:
+        trace.close()
         progress.clear()
         writer.close()
     run.mgr.wait_until_finished()

@@ -28,6 +28,12 @@ class MetricsWriter:
             if k != "step" and isinstance(v, (int, float)):
                 self._tb.add_scalar(f"train/{k}", float(v), global_step=step)
 
+    def write_event(self, step: int, name: str, value: float) -> None:
+        """A TensorBoard scalar outside the logged rows (e.g. how long a checkpoint save
+        blocked the step loop)."""
+        if self.enabled:
+            self._tb.add_scalar(f"train/{name}", float(value), global_step=step)
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()

@@ -18,6 +18,7 @@ import time
 
 import jax
 
+from starflow_jax.config import with_defaults
 from starflow_jax.interop.checkpoints import WORKDIR_ENTRIES
 
 # model settings that change how the model computes, not its parameters: a resumed run may change them
@@ -114,7 +115,8 @@ def prepare(workdir: pathlib.Path, config, overwrite: bool, log) -> None:
     cfg_file = workdir / "config.json"
     text = config.to_json_best_effort(indent=2, sort_keys=True)
     new = json.loads(text)
-    old = json.loads(cfg_file.read_text()) if cfg_file.exists() else None
+    # (keys added to the schema since that run was written take their defaults)
+    old = with_defaults(json.loads(cfg_file.read_text())) if cfg_file.exists() else None
     saved = has_checkpoints(workdir)
     if old is not None and not overwrite:
         conflicts = config_conflicts(old, new, saved)

@@ -171,7 +171,7 @@ def test_an_error_mid_run_finishes_the_checkpoint_being_written(tmp_path, monkey
     ("train.drop_label=1.5", r"train.drop_label must be a number in \[0.0, 1.0\]"),
     ("train.noise_type=gauss", r"train.noise_type must be 'gaussian' or 'uniform'"),
     ("mesh.data=3", r"mesh .* does not fit"),
-    ("train.steps=abc", r"train.steps takes a int \(now 6\), got 'abc'"),
+    ("train.steps=abc", r"train.steps is of type int \(now 6\), got 'abc'"),
 ])
 def test_bad_settings_are_refused_before_the_workdir_is_touched(tmp_path, capsys, override, message):
     workdir = tmp_path / "run"

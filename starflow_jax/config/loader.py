@@ -110,7 +110,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
             try:
                 node[parts[-1]] = value
             except TypeError:
-                raise ConfigError(f"override {key}={text}: {key} takes a {type(old).__name__} (now {old!r}), "
+                raise ConfigError(f"override {key}={text}: {key} is of type {type(old).__name__} (now {old!r}), "
                                   f"got {value!r}") from None
     return config
 

@@ -138,8 +138,8 @@ def check_training_config(config) -> None:
             raise ConfigError(f"the config has no '{section}' section: it is not a training config")
         missing = sorted(set(SECTIONS[section]) - set(config[section].keys()))
         if missing:
-            raise ConfigError(f"{section} section lacks {missing}: build it with "
-                              f"starflow_jax.config.{section}_section(...)")
+            raise ConfigError(f"it is not a training config: its {section} section lacks {missing} (build the "
+                              f"section with starflow_jax.config.{section}_section(...))")
     t = config.train
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
                 "max_consecutive_skips", "levels"):

@@ -64,6 +64,7 @@ def test_matmul_floor_counts_what_the_compiled_chain_computes():
         assert M.chain_flops(shapes) < train_step_flops(cfg, (2, 4, 16, 16))
 
 
+@pytest.mark.slow
 def test_program_size_does_not_grow_with_depth():
     """A deep block of 2 or 24 scanned layers compiles to the same train-step program."""
     sizes = {}

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -32,6 +34,7 @@ def _run(nproc: int) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one():
     two = _run(2)
     one = _run(1)[0]

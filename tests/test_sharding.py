@@ -42,6 +42,7 @@ def test_rules():
     assert param_spec(path("blocks", "attn_blocks", "attention", "norm", "weight"), (3, 64), mesh) == P(None, None)
 
 
+@pytest.mark.slow
 def test_sharded_train_step_equals_one_device():
     env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, str(HERE / "sharding_worker.py")], capture_output=True, text=True,

@@ -64,6 +64,7 @@ def test_train_cli(tmp_path, capsys):
     assert "not a training config" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_short_digits_run_beats_a_full_covariance_gaussian(tmp_path):
     config = load_config(TINY, ["train.steps=300", "train.eval_every=0", "train.log_every=100",
                                 "train.checkpoint_every=300", "sample.per_class=1"])

@@ -292,8 +292,10 @@ def test_the_survivor_of_a_killed_peer_exits_soon_after_sigterm(tmp_path):
         took = time.time() - t0
         print(f"survivor exited {took:.1f} s after SIGTERM, rc {procs[0].returncode}")
         assert took < 15, out[-3000:]
-        assert procs[0].returncode == 128 + signal.SIGTERM, out[-3000:]
-        assert "exiting now" in out or "stopped by SIGTERM" in out, out[-3000:]
+        # blocked in the collective: the grace timer's exit (143); or gloo noticed the lost peer
+        # first (one error line) and the process, waiting in the runtime's shutdown, ends by the signal
+        assert procs[0].returncode in (128 + signal.SIGTERM, -signal.SIGTERM), (procs[0].returncode, out[-3000:])
+        assert "exiting now" in out or "error:" in out, out[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:

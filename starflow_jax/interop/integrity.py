@@ -133,10 +133,9 @@ def read_integrity(directory: pathlib.Path, step: int) -> dict | None:
     """The fingerprints saved with ``step`` (None for checkpoints written before they
     were); CheckpointUnreadable when the step lacks the files every restore needs."""
     root = pathlib.Path(directory) / str(step)
-    for name in ("state/_METADATA",):
-        if not (root / name).exists():
-            raise CheckpointUnreadable(f"checkpoint step {step} in {directory}: {name} is missing (an incomplete or "
-                                       "damaged checkpoint)")
+    if not (root / "state" / "_METADATA").exists():
+        raise CheckpointUnreadable(f"checkpoint step {step} in {directory}: state/_METADATA is missing (an incomplete "
+                                   "or damaged checkpoint)")
     path = root / INTEGRITY
     if not path.exists():
         return None

@@ -163,11 +163,11 @@ def init_params_from(source: str | pathlib.Path, config, params, step: int | Non
 
     _, src_cfg, src_params = load_params(source, step, ema)
     cfg = model_config(config)
-    # how the model computes (dtypes, attention kernel) may change; its architecture may not
-    # (equal architectures give equal parameter shapes: load_params restored them by src_cfg)
-    compute_only = ("dtype", "param_dtype", "attention_impl", "attention_block")
-    arch = [f"{f}: {getattr(src_cfg, f)!r} there, {getattr(cfg, f)!r} here" for f in cfg.__dataclass_fields__
-            if f not in compute_only and getattr(src_cfg, f) != getattr(cfg, f)]
+    # how the model computes (dtypes, attention kernel) may change, and the parameters are cast
+    # to this run's param_dtype; its architecture may not (equal architectures give equal
+    # parameter shapes: load_params restored them by src_cfg)
+    arch = wd.model_differences(dataclasses.asdict(src_cfg), dataclasses.asdict(cfg),
+                                ignore=wd.COMPUTE_ONLY + ("param_dtype",), prefix="")
     if arch:
         raise WorkdirError(f"cannot initialise from {source}: its model differs: " + "; ".join(arch))
     return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), src_params, params)
@@ -257,9 +257,8 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
             # an error or Ctrl-C mid-run: finish the checkpoint being written (never leave
             # it half-saved), then report which step a rerun resumes from
             mgr.wait_until_finished()
-            latest = mgr.latest_step()
             if isinstance(e, KeyboardInterrupt):
-                log(f"interrupted; the newest checkpoint is step {latest} in {workdir / 'checkpoints'}")
+                log(f"interrupted; the newest checkpoint is step {mgr.latest_step()} in {workdir / 'checkpoints'}")
             raise
         finally:
             mgr.close()

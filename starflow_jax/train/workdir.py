@@ -64,9 +64,11 @@ class WorkdirLock:
             self.fd = None
 
 
-def _model_differences(old: dict, new: dict) -> list[str]:
-    keys = sorted((set(old) | set(new)) - set(COMPUTE_ONLY))
-    return [f"model.{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys
+def model_differences(old: dict, new: dict, ignore=COMPUTE_ONLY, prefix: str = "model.") -> list[str]:
+    """The model settings (but ``ignore``) in which two configs differ, each as
+    ``<prefix>key: <old> there, <new> here``."""
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return [f"{prefix}{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys
             if _norm(old.get(k)) != _norm(new.get(k))]
 
 
@@ -77,7 +79,7 @@ def _norm(v):
 def config_conflicts(old: dict, new: dict, has_checkpoints: bool) -> list[str]:
     """Why a run in a workdir written with config ``old`` cannot continue with ``new``:
     another model or data, or (with checkpoints) a change of what the saved state holds."""
-    out = _model_differences(old.get("model", {}), new.get("model", {}))
+    out = model_differences(old.get("model", {}), new.get("model", {}))
     if "data" in old:  # a workdir made by `import` has no data section
         keys = sorted(set(old["data"]) | set(new.get("data", {})))
         out += [f"data.{k}: {old['data'].get(k)!r} there, {new.get('data', {}).get(k)!r} here" for k in keys

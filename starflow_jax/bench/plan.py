@@ -1,31 +1,28 @@
-"""``starflow-jax plan``: the full training step lowered and compiled ahead of time for a
-TPU slice (``jax.experimental.topologies``: no TPU and no parameters needed, only libtpu,
-the ``tpu`` extra), with the TPU compiler's per-device memory, the step's FLOPs, the
-compile time, and whether it fits the chip's HBM; several remat policies side by side.
-Without libtpu it compiles for simulated CPU devices instead, and says so."""
+"""``starflow-jax plan``: the training step of a config, built by the same function as
+``train`` builds it (``train.program``: its mesh, batch, remat, dtype, accumulation, from
+the config and ``--set``), lowered and compiled ahead of time for a TPU slice
+(``jax.experimental.topologies``: no TPU and no parameters needed, only libtpu, the ``tpu``
+extra). Prints the TPU compiler's per-device memory and whether it fits the chip's HBM, the
+compiled program's FLOPs, HBM traffic and collective bytes per step (``bench.hlo_stats``),
+and a roofline bound of the step time and MFU from the chip's published peaks; several
+remat policies side by side. Without libtpu it compiles for simulated CPU devices
+instead, and says so."""
 from __future__ import annotations
 
-import functools
 import math
 import re
 import time
 
 import jax
-import jax.numpy as jnp
-import optax
-from flax import nnx
 
 from starflow_jax.bench.common import print_table, write_json
 from starflow_jax.bench.flops import train_step_flops
-from starflow_jax.config import load_config, model_config
+from starflow_jax.bench.hlo_stats import CHIPS, chip_of, hlo_stats, roofline
+from starflow_jax.config import check_training_config, load_config
 from starflow_jax.layers.attention import resolve_attention
 from starflow_jax.layers.splash import compile_target
-from starflow_jax.layers.transformer import resolve_remat
-from starflow_jax.model import StarFlow
-from starflow_jax.parallel.mesh import AXES, check_batch_split, make_mesh
-from starflow_jax.parallel.rules import batch_sharding, tree_shardings
-from starflow_jax.train import optimizer
-from starflow_jax.train import step as S
+from starflow_jax.parallel.mesh import check_batch_split, make_mesh
+from starflow_jax.train.program import batch_layout, build_program
 
 # HBM per chip (GiB) by the device kind the topology reports
 HBM_GIB = {"TPU v5": 95.0, "TPU v5p": 95.0, "TPU v5 lite": 16.0, "TPU v5e": 16.0, "TPU v4": 32.0, "TPU v6 lite": 32.0,
@@ -33,38 +30,25 @@ HBM_GIB = {"TPU v5": 95.0, "TPU v5p": 95.0, "TPU v5 lite": 16.0, "TPU v5e": 16.0
 GIB = 2.0 ** 30
 COLUMNS = [("remat", "remat", "s"), ("argument_gib", "args_GiB", ".2f"), ("output_gib", "out_GiB", ".2f"),
            ("temp_gib", "temp_GiB", ".2f"), ("host_temp_gib", "host_GiB", ".2f"), ("code_gib", "code_GiB", ".3f"),
-           ("total_gib", "total_GiB", ".2f"),
-           ("hbm_gib", "HBM_GiB", ".0f"), ("fits", "fits", "s"), ("compile_seconds", "compile_s", ".1f"),
-           ("tflops_per_step", "TFLOP/step", ".1f")]
+           ("total_gib", "total_GiB", ".2f"), ("hbm_gib", "HBM_GiB", ".0f"), ("fits", "fits", "s"),
+           ("compile_seconds", "compile_s", ".1f"), ("model_tflops", "model_TFLOP", ".4g"),
+           ("hlo_tflops_per_device", "HLO_TFLOP/dev", ".4g"), ("hbm_gb_per_device", "HBM_GB/dev", ".4g"),
+           ("collective_gb_per_device", "coll_GB/dev", ".4g"), ("step_s_bound", "step_s>=", ".3g"),
+           ("bound_by", "bound_by", "s"), ("mfu_bound", "MFU<=", ".1%")]
 
 
 def add_parser(sub):
-    p = sub.add_parser("plan", help="compile the training step ahead of time for a TPU slice: memory per device")
+    p = sub.add_parser("plan", help="compile the config's training step ahead of time for a TPU slice: memory, FLOPs, "
+                                    "collectives, roofline")
     p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="as for train: mesh.*, train.batch_size, train.remat, train.grad_accum, model.dtype, ...")
     p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4 (64 chips), v5e:16x16, v4:2x2x1")
-    p.add_argument("--mesh", default="data=-1,fsdp=1,tensor=1", help="axis sizes, e.g. data=2,fsdp=32,tensor=1")
-    p.add_argument("--batch", type=int, required=True, help="global batch")
-    p.add_argument("--remat", default="full", help="policies to compare, comma separated (none, full, dots, dots_all, proj, offload)")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: the config's; bfloat16 for TPU runs)")
-    p.add_argument("--ema", action="store_true", help="keep an EMA of the parameters (one more copy)")
-    p.add_argument("--frames", type=int, default=None, help="latent frames per clip (video models; required there)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (train.grad_accum)")
+    p.add_argument("--remat", default=None, help="compare these remat policies, comma separated (none, full, dots, "
+                                                 "dots_all, proj, offload; default: the config's train.remat)")
     p.add_argument("--json", help="write the rows to this JSON file")
     p.set_defaults(func=run)
     return p
-
-
-def parse_mesh(text: str) -> dict:
-    sizes = {}
-    for part in text.split(","):
-        if "=" not in part:
-            raise ValueError(f"--mesh must look like data=2,fsdp=32,tensor=1, got {text!r}")
-        k, v = part.split("=", 1)
-        if k.strip() not in AXES:
-            raise ValueError(f"unknown mesh axis {k.strip()!r}; the axes are {AXES}")
-        sizes[k.strip()] = int(v)
-    return sizes
 
 
 def topology_devices(name: str):
@@ -96,60 +80,59 @@ def topology_devices(name: str):
         return devices[:chips], "cpu (simulated)", True
 
 
-def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[str], dtype: str | None = None,
-              ema: bool = False, frames: int | None = None, grad_accum: int = 1, log=print) -> tuple[list[dict], dict]:
-    cfg = model_config(config)
-    if dtype:
-        cfg = cfg.replace(dtype=dtype)
+def plan_program(config, devices):
+    """The training program ``train`` would run for ``config`` on ``devices`` (its mesh, batch,
+    remat, dtype, accumulation), with the global batch it would feed it, as
+    ``jax.ShapeDtypeStruct``s: ``(program, batch)``."""
+    t = config.train
+    check_training_config(config)
+    mesh = make_mesh(dict(config.mesh), devices)
+    check_batch_split(int(t.batch_size), int(t.grad_accum), mesh, "train.batch_size", "train.grad_accum")
+    num_classes, layout = batch_layout(config)
+    program = build_program(config, mesh, num_classes)
+    batch = {k: jax.ShapeDtypeStruct((int(t.batch_size),) + shape, dtype) for k, (shape, dtype) in layout.items()}
+    shard = program.batch_shardings(batch)
+    return program, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shard[k]) for k, v in batch.items()}
+
+
+def plan_rows(config, topology: str, remats: list[str] | None = None, log=print) -> tuple[list[dict], dict]:
     devices, kind, simulated = topology_devices(topology)
-    mesh = make_mesh(mesh_sizes, devices)
-    check_batch_split(batch, grad_accum, mesh, "--batch", "--grad-accum")
-    model = nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(0)))
-    graphdef = nnx.graphdef(model)
-    tx = optimizer.adamw(optax.constant_schedule(1e-4), grad_clip=1.0)
-    if cfg.learnable_self_denoiser:
-        tx = optimizer.flow_and_denoiser(tx, optax.constant_schedule(1e-4), grad_clip=1.0)
-    abstract = jax.eval_shape(lambda: S.init_state(nnx.merge(graphdef, nnx.state(model)), tx, 0, ema))
-    shard = tree_shardings(abstract, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
-    if cfg.is_video and not frames:
-        raise ValueError("a video model needs --frames (latent frames per clip)")
-    x_shape = (batch,) + ((frames,) if cfg.is_video else ()) + (cfg.in_channels, cfg.img_size, cfg.img_size)
-    data = dict(image=jax.ShapeDtypeStruct(x_shape, jnp.float32, sharding=batch_sharding(mesh, len(x_shape))))
-    if cfg.txt_dim > 0:
-        data["cond"] = jax.ShapeDtypeStruct((batch, cfg.txt_size, cfg.txt_dim), jnp.float32,
-                                            sharding=batch_sharding(mesh, 3))
-    flops = train_step_flops(cfg, x_shape)
+    chip = chip_of(topology)
+    remats = remats or [str(config.train.remat)]
     target = "cpu" if simulated else "tpu"
-    with compile_target(target):
-        kernel = resolve_attention(cfg.attention_impl)
-    hbm = HBM_GIB.get(kind) if not simulated else None
-    info = dict(topology=topology, device_kind=kind, simulated=simulated, devices=len(devices),
-                mesh=dict(mesh.shape), batch=batch, grad_accum=grad_accum, input_shape=list(x_shape), dtype=cfg.dtype,
-                ema=ema, attention_impl=cfg.attention_impl, attention_kernel=kernel,
-                params=sum(math.prod(a.shape) for a in jax.tree.leaves(abstract.params)))
-    log(f"{topology}: {len(devices)} x {kind}{' (SIMULATED: libtpu not installed)' if simulated else ''}; mesh "
-        f"{dict(mesh.shape)}; global batch {batch} in {grad_accum} micro-batches; input {x_shape}; "
-        f"{info['params']:,} parameters; compute {cfg.dtype}, attention {cfg.attention_impl} -> kernel {kernel}")
-    rows = []
+    rows, info = [], None
     for remat in remats:
-        hp = S.StepConfig(noise_std=0.3, remat=resolve_remat(remat), denoiser=cfg.learnable_self_denoiser,
-                          grad_accum=grad_accum)
-        step = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp),
-                       in_shardings=(shard, {k: v.sharding for k, v in data.items()}), out_shardings=(shard, None),
-                       donate_argnums=0)
+        config = config.copy_and_resolve_references()
+        config.train.remat = remat
+        program, batch = plan_program(config, devices)
+        cfg, mesh = program.cfg, program.mesh
+        x_shape = tuple(batch["image"].shape)
+        model_flops = train_step_flops(cfg, x_shape)
+        if info is None:
+            with compile_target(target):
+                kernel = resolve_attention(cfg.attention_impl)
+            info = dict(topology=topology, device_kind=kind, chip=chip, simulated=simulated, devices=len(devices),
+                        mesh=dict(mesh.shape), batch=x_shape[0], grad_accum=program.hp.grad_accum,
+                        input_shape=list(x_shape), dtype=cfg.dtype, ema=program.hp.ema_decay > 0,
+                        attention_impl=cfg.attention_impl, attention_kernel=kernel,
+                        params=sum(math.prod(a.shape) for a in jax.tree.leaves(program.abstract_state.params)))
+            log(f"{topology}: {len(devices)} x {kind}{' (SIMULATED: libtpu not installed)' if simulated else ''}; "
+                f"mesh {dict(mesh.shape)}; global batch {x_shape[0]} in {program.hp.grad_accum} micro-batches; "
+                f"input {x_shape}; {info['params']:,} parameters; compute {cfg.dtype}, attention "
+                f"{cfg.attention_impl} -> kernel {kernel}")
+        hbm = HBM_GIB.get(kind) if not simulated else None
         t = time.perf_counter()
         try:
             # activations keep their batch sharding (parallel.rules.constrain_batch); attention
             # kernels chosen and compiled for the target (splash on TPU), not this host
             with jax.set_mesh(mesh), compile_target(target):
-                compiled = step.lower(state, data).compile()
+                compiled = program.lower(program.abstract_state, batch).compile()
         except Exception as e:  # the TPU compiler refuses a program that does not fit its HBM
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             need = re.search(r"required for [^(]*\(([\d.]+)G\)", str(e))
             rows.append(dict(remat=remat, total_gib=float(need.group(1)) if need else None, hbm_gib=hbm, fits="False",
-                             compile_seconds=time.perf_counter() - t, tflops_per_step=flops / 1e12,
+                             compile_seconds=time.perf_counter() - t, model_tflops=model_flops / 1e12,
                              error=str(e).splitlines()[0][:300], **info))
             log(f"remat {remat}: does not fit: {str(e).splitlines()[0][:200]}")
             continue
@@ -157,24 +140,39 @@ def plan_rows(config, topology: str, mesh_sizes: dict, batch: int, remats: list[
         m = compiled.memory_analysis()
         total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
         total += m.generated_code_size_in_bytes
-        rows.append(dict(remat=remat, argument_gib=m.argument_size_in_bytes / GIB,
-                         output_gib=m.output_size_in_bytes / GIB, alias_gib=m.alias_size_in_bytes / GIB,
-                         temp_gib=m.temp_size_in_bytes / GIB, code_gib=m.generated_code_size_in_bytes / GIB,
-                         total_gib=total / GIB, hbm_gib=hbm, fits=None if hbm is None else str(total / GIB <= hbm),
-                         host_temp_gib=getattr(m, "host_temp_size_in_bytes", 0) / GIB,
-                         compile_seconds=seconds, tflops_per_step=flops / 1e12,
-                         flops_per_device=flops / len(devices), **info))
+        stats = hlo_stats(compiled.as_text())
+        row = dict(remat=remat, argument_gib=m.argument_size_in_bytes / GIB,
+                   output_gib=m.output_size_in_bytes / GIB, alias_gib=m.alias_size_in_bytes / GIB,
+                   temp_gib=m.temp_size_in_bytes / GIB, code_gib=m.generated_code_size_in_bytes / GIB,
+                   total_gib=total / GIB, hbm_gib=hbm, fits=None if hbm is None else str(total / GIB <= hbm),
+                   host_temp_gib=getattr(m, "host_temp_size_in_bytes", 0) / GIB,
+                   compile_seconds=seconds, model_tflops=model_flops / 1e12,
+                   hlo_tflops_per_device=stats.flops / 1e12, hbm_gb_per_device=stats.bytes_accessed / 1e9,
+                   collective_gb_per_device=stats.total_collective_bytes / 1e9,
+                   collective_gb=dict((k, v / 1e9) for k, v in stats.collective_bytes.items()),
+                   unknown_trip_counts=stats.unknown_trip_counts, kernels=stats.kernels, **info)
+        if chip is not None:
+            bound = roofline(stats, model_flops / len(devices), chip)
+            row.update(step_s_bound=bound["bound_s"], bound_by=bound["bound_by"], mfu_bound=bound["mfu_bound"],
+                       roofline=bound)
+        rows.append(row)
     return rows, info
 
 
 def run(args) -> int:
     config = load_config(args.config, args.overrides)
-    remats = [r.strip() for r in args.remat.split(",") if r.strip()]
-    rows, _ = plan_rows(config, args.topology, parse_mesh(args.mesh), args.batch, remats, args.dtype, args.ema,
-                        args.frames, args.grad_accum)
+    remats = [r.strip() for r in args.remat.split(",") if r.strip()] if args.remat else None
+    rows, info = plan_rows(config, args.topology, remats)
     print_table(rows, COLUMNS)
     print("per device: arguments (parameters, optimizer state, batch shard), outputs (the new state, aliased "
           "to the donated arguments), temporaries (activations, gradients), generated code; total = args + out "
-          "+ temp + code - aliased")
+          "+ temp + code - aliased. model_TFLOP: the step's model FLOPs (all devices, analytic); HLO_TFLOP/dev: "
+          "the compiled program's dot FLOPs per device (remat recomputation included); HBM_GB/dev: its "
+          "instructions' reads and writes; coll_GB/dev: its collectives' results; loops counted per iteration")
+    if info and info["chip"]:
+        c = CHIPS[info["chip"]]
+        print(f"roofline BOUND, not a measurement: step_s >= max(HLO FLOPs / {c['flops'] / 1e12:.0f} TFLOP/s, HBM "
+              f"bytes / {c['hbm_bw'] / 1e9:.0f} GB/s, collective bytes / {c['ici_bw'] / 1e9:.0f} GB/s ICI), the "
+              f"published peaks of one {info['chip']} chip; MFU_bound = model FLOPs per device / (step_s x peak)")
     write_json(args.json, rows)
     return 0

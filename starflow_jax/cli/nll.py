@@ -126,13 +126,14 @@ def _heldout_digits(args, config, model) -> int:
         raise ValueError("this workdir holds no training config: give --data")
     from starflow_jax.data.sources import make_data
     from starflow_jax.train import loop
+    from starflow_jax.train.program import step_settings
 
     data = make_data(config)
     heldout = data.heldout
     if heldout is None:
         raise ValueError("this run's data has no held-out split: give --data")
     graphdef, params = nnx.split(model)
-    bpd = loop.evaluate(config, graphdef, params, heldout, loop._hp(config, data.num_classes))
+    bpd = loop.evaluate(config, graphdef, params, heldout, step_settings(config, data.num_classes))
     print(f"examples: {len(heldout)}")
     t = config.train
     print(f"held-out bits per dim ({'uniform dequantisation, %d levels' % int(t.levels) if t.noise_type == 'uniform' else 'noise_std %g' % float(t.noise_std)}): {bpd:.6f}")

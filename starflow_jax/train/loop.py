@@ -1,4 +1,4 @@
-"""The training loop: data, model, optimizer, jitted step, logging, held-out bits per
+"""The training loop: data, the training program (train.program), logging, held-out bits per
 dimension, checkpoints (resume picks up the latest), sample grids."""
 from __future__ import annotations
 
@@ -18,48 +18,21 @@ from starflow_jax.config import check_training_config, model_config
 from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches, train_dataset
 from starflow_jax.data.sources import DataSpec, make_data
 from starflow_jax.flow.loss import bits_per_dim
-from starflow_jax.layers.transformer import resolve_remat
-from starflow_jax.model import StarFlow
 from starflow_jax.parallel.mesh import check_batch_split, make_mesh
-from starflow_jax.parallel.rules import batch_sharding, tree_shardings
-from starflow_jax.train import checkpoint, optimizer
+from starflow_jax.parallel.rules import batch_sharding
+from starflow_jax.train import checkpoint
 from starflow_jax.train import workdir as wd
 from starflow_jax.train.metrics_writer import MetricsWriter
+from starflow_jax.train.program import build_program
 from starflow_jax.train.termination import Termination, distributed_client
 from starflow_jax.train.workdir import WorkdirError, WorkdirLock
 from starflow_jax.train import step as S
-
-
-def _hp(config, num_classes: int) -> S.StepConfig:
-    t = config.train
-    return S.StepConfig(noise_std=float(t.noise_std), noise_type=str(t.noise_type), levels=int(t.levels),
-                        num_classes=num_classes,
-                        drop_label=float(t.drop_label), latent_norm_regularization=float(t.latent_norm_regularization),
-                        grad_clip=float(t.grad_clip), grad_skip=bool(t.grad_skip), ema_decay=float(t.ema_decay),
-                        remat=resolve_remat(t.remat), grad_accum=int(t.grad_accum),
-                        cond_noise_level=bool(t.cond_noise_level),
-                        denoiser=bool(config.model.learnable_self_denoiser))
 
 
 def data_scale(config) -> float:
     """The bin width's inverse in model space, for bits per dimension of discrete data."""
     t = config.train
     return t.levels / 2.0 if t.noise_type == "uniform" else 1.0
-
-
-def build(config):
-    cfg = model_config(config)
-    t = config.train
-    model = StarFlow(cfg, rngs=nnx.Rngs(int(t.seed)))
-    sched = optimizer.lr_schedule(float(t.lr), float(t.min_lr), int(t.warmup_steps), int(t.steps))
-    tx = optimizer.adamw(sched, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay),
-                         grad_clip=float(t.grad_clip))
-    if cfg.learnable_self_denoiser:
-        den_sched = optimizer.lr_schedule(float(t.denoiser_lr), float(t.denoiser_min_lr), int(t.warmup_steps),
-                                          int(t.steps))
-        tx = optimizer.flow_and_denoiser(tx, den_sched, weight_decay=float(t.weight_decay),
-                                         grad_clip=float(t.grad_clip))
-    return cfg, model, sched, tx
 
 
 @functools.lru_cache(maxsize=8)
@@ -217,27 +190,23 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
     if step is not None and not resume:
         raise WorkdirError(f"--step {step}: {workdir} holds no checkpoints to resume")
     t = config.train
-    cfg, model, sched, tx = build(config)
-    graphdef = nnx.graphdef(model)
-    hp = _hp(config, data.num_classes)
+    program = build_program(config, mesh, data.num_classes)
+    graphdef, hp = program.graphdef, program.hp
     if not resume and init_from is None and (workdir / "params").exists():
         init_from = workdir  # an imported workdir: its reference weights are where the run starts
+    params = None
     if init_from is not None and not resume:
-        nnx.update(model, init_params_from(init_from, config, nnx.state(model, nnx.Param), init_step, init_ema))
+        params = init_params_from(init_from, config, program.abstract_state.params, init_step, init_ema)
         log(f"initialised the parameters from {init_from} (fresh optimizer)")
-    state = S.init_state(model, tx, int(t.seed), hp.ema_decay > 0)
     ds = train_dataset(data.train, global_batch=int(t.batch_size), seed=int(t.seed))
     it = iter(ds.to_iter_dataset())
-    shard = tree_shardings(state, mesh)
     rec = data.train[0]
     bshard = {k: batch_sharding(mesh, np.ndim(rec[k]) + 1) for k in ("image", "label", "cond") if k in rec}
-    state = jax.device_put(state, shard)
     mgr = checkpoint.manager(workdir / "checkpoints", int(t.keep_checkpoints), int(t.checkpoint_every))
     start = 0
     if resume:
-        abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                                jax.eval_shape(lambda: state), shard)
-        found, restored, data_state = checkpoint.restore_newest_good(mgr, abstract, workdir, log, step, wd.barrier)
+        found, restored, data_state = checkpoint.restore_newest_good(mgr, program.abstract_state, workdir, log, step,
+                                                                     wd.barrier)
         if found is None:
             raise WorkdirError(f"no checkpoint in {workdir / 'checkpoints'} could be read (each was set aside to "
                                f"{workdir / checkpoint.SET_ASIDE}); pass --overwrite to start a new run there")
@@ -246,8 +215,9 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
         dropped = wd.truncate_metrics(workdir, start)
         log(f"resumed from {workdir / 'checkpoints'} at step {start}"
             + (f" (dropped {dropped} metrics rows logged after it)" if dropped else ""))
-    step_fn = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp, schedule=sched),
-                      in_shardings=(shard, bshard), out_shardings=(shard, None), donate_argnums=0)
+    else:
+        state = program.init_state(params)
+    step_fn = program.step
     run = _Run(config=config, workdir=workdir, hp=hp, data=data, mesh=mesh, bshard=bshard, mgr=mgr,
                graphdef=graphdef, log=log, term=term)
     with jax.set_mesh(mesh):  # activations keep their batch sharding (parallel.rules.constrain_batch)

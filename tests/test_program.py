@@ -99,3 +99,24 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
 """
     stats = hlo_stats(text)
     assert stats.flops == 5 * 2 * 4 * 8 * 8 and stats.kernels == 5 and stats.unknown_trip_counts == 0
+
+
+def test_bench_train_times_the_program_train_builds(monkeypatch, tmp_path):
+    from starflow_jax.bench import train_bench
+    from starflow_jax.cli.main import main
+    from starflow_jax.train import program as P
+
+    built = []
+
+    def spy(config, mesh, num_classes):
+        built.append(P.build_program(config, mesh, num_classes))
+        return built[-1]
+
+    monkeypatch.setattr(train_bench, "build_program", spy)
+    config = str(HERE.parent / "configs" / "tiny_cpu.py")
+    assert main(["bench", "train", "--config", config, "--batch", "2", "--steps", "1", "--peak-size", "128",
+                 "--remat", "full", "--json", str(tmp_path / "b.json")]) == 0
+    (program,) = built
+    # the config's model and the timed step's settings, through the builder train uses
+    assert program.config.train.batch_size == 2 and program.hp.remat == "full" and program.hp.grad_clip == 1.0
+    assert program.cfg.channels == 64 and json.loads((tmp_path / "b.json").read_text())[0]["remat"] == "full"

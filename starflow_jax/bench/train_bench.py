@@ -6,7 +6,6 @@ configuration, weights and batch in the same run; with ``--matmul-floor``, the s
 dense matmuls alone (``bench.matmul_floor``), the floor of the step time."""
 from __future__ import annotations
 
-import functools
 import math
 import resource
 import statistics
@@ -14,18 +13,18 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from starflow_jax.bench.common import (bench_argv, bench_setting, benchmark_model, print_table, reference_child_output,
                                        reference_rows_in_child, timed, write_json)
 from starflow_jax.bench.flops import train_step_flops
 from starflow_jax.config import load_config, model_config
+from starflow_jax.config.training import SECTIONS
 from starflow_jax.layers.attention import resolve_attention
-from starflow_jax.layers.transformer import resolve_remat
-from starflow_jax.train import optimizer
-from starflow_jax.train import step as S
+from starflow_jax.parallel.mesh import make_mesh
+from starflow_jax.train.program import build_program
 
 COLUMNS = [("impl", "impl", "s"), ("dtype", "dtype", "s"), ("remat", "remat", "s"), ("batch", "batch", "d"),
            ("seconds_per_step", "s/step", ".4f"), ("compile_seconds", "compile_s", ".2f"),
@@ -65,6 +64,20 @@ def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
+def bench_training_config(config, batch: int, seed: int, lr: float, clip: float, noise_std: float, remat: str | None):
+    """``config`` as a training config (sections it lacks take their defaults) with the timed
+    step's settings: ``batch``, a constant ``lr``, ``clip``, ``noise_std``, ``remat`` (None:
+    the config's), no EMA, no accumulation."""
+    config = config.copy_and_resolve_references()
+    for name, defaults in SECTIONS.items():
+        config[name] = ml_collections.ConfigDict({**defaults, **(config[name].to_dict() if name in config else {})})
+    config.train.update(batch_size=batch, seed=seed, lr=lr, min_lr=lr, warmup_steps=0, b1=0.9, b2=0.95,
+                        weight_decay=1e-4, grad_clip=clip, grad_skip=False, noise_type="gaussian",
+                        noise_std=noise_std, drop_label=0.0, ema_decay=0.0, grad_accum=1,
+                        latent_norm_regularization=0.0, remat=remat or config.train.remat)
+    return config
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -90,17 +103,18 @@ def run(args) -> int:
                    [_reference_row(args.reference, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens, flops)])
         return 0
 
-    # the reference's AdamW (b1 0.9, b2 0.95, weight decay 1e-4), gradient clipping; noise added in the step
-    tx = optimizer.adamw(optax.constant_schedule(lr), grad_clip=clip)
-    remat = resolve_remat(args.remat or (config.train.remat if "train" in config and "remat" in config.train
-                                         else "none"))
-    hp = S.StepConfig(noise_std=noise_std, noise_type="gaussian", remat=remat)
-    graphdef = nnx.graphdef(model)
-    state = S.init_state(model, tx, seed, ema=False)
-    step = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp), donate_argnums=0)
+    # the training program train builds (train.program) for this config, on this host's devices,
+    # with the reference step's recipe: AdamW at a constant lr (b1 0.9, b2 0.95, weight decay
+    # 1e-4), gradient clipping, Gaussian noise added in the step
+    config = bench_training_config(config, batch, seed, lr, clip, noise_std, args.remat)
+    program = build_program(config, make_mesh(dict(config.mesh)), num_classes=0)
+    remat = program.hp.remat
+    state = program.init_state(nnx.state(model, nnx.Param))
     data = dict(image=jnp.asarray(x)) | ({} if y is None else dict(cond=jnp.asarray(y)))
+    data = jax.device_put(data, program.batch_shardings(data))
     t = time.perf_counter()
-    compiled = step.lower(state, data).compile()
+    with jax.set_mesh(program.mesh):
+        compiled = program.lower(state, data).compile()
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     state, m = compiled(state, data)

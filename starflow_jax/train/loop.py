@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from starflow_jax import storage
 from starflow_jax.config import check_training_config, model_config
 from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches, train_dataset
 from starflow_jax.data.sources import DataSpec, make_data
@@ -191,8 +192,9 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     logs and writes the metrics, pictures and result.
 
     Everything that can be checked is checked before the workdir is touched: the train
-    settings, the data, the mesh and batch split."""
-    workdir = pathlib.Path(workdir)
+    settings, the data, the mesh and batch split. ``workdir`` may be on object storage
+    (``gs://bucket/run``: see ``starflow_jax.storage``; such a workdir is not locked)."""
+    workdir = storage.as_path(workdir)
     if not jax.process_index() == 0:
         log = lambda *a, **k: None  # noqa: E731
     check_training_config(config)

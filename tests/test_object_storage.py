@@ -49,6 +49,46 @@ def _steps(workdir, sub="checkpoints"):
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
 
 
+def test_workdir_files_on_gcs_without_training(gcs):
+    """The workdir's own files on gs:// (fast: no training): config.json and the replaced
+    config's history, metrics rows kept across writers and truncated, TensorBoard events,
+    a PNG, a step set aside, and no lock."""
+    from starflow_jax.config import load_config
+    from starflow_jax.sampling.visualize import save_png
+    from starflow_jax.train import checkpoint
+    from starflow_jax.train import workdir as wd
+    from starflow_jax.train.metrics_writer import MetricsWriter
+
+    root = storage.as_path(f"gs://{BUCKET}/files")
+    wd.WorkdirLock(root).release()
+    wd.prepare(root, load_config(TINY, FAST), overwrite=False, log=quiet)
+    logs = []
+    wd.prepare(root, load_config(TINY, FAST + ["train.steps=7"]), overwrite=False, log=logs.append)
+    assert json.loads((root / "config.json").read_text())["train"]["steps"] == 7
+    assert len((root / "config_history.jsonl").read_text().splitlines()) == 1 and "train.steps" in logs[0]
+    for steps in ([1, 2], [3, 4]):  # a second writer (a resumed run) keeps the first one's rows
+        writer = MetricsWriter(root)
+        for step in steps:
+            writer.write(step, dict(step=step, loss=1.0 / step))
+        writer.close()
+    assert [r["step"] for r in _rows(root)] == [1, 2, 3, 4]
+    assert wd.truncate_metrics(root, 2) == 2 and [r["step"] for r in _rows(root)] == [1, 2]
+    assert len([p for p in (root / "tensorboard").iterdir() if "tfevents" in p.name]) >= 1
+    save_png(root / "samples.png", np.zeros((4, 4, 1), np.uint8))
+    assert (root / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    (root / "checkpoints" / "3" / "state").mkdir(parents=True, exist_ok=True)
+    (root / "checkpoints" / "3" / "state" / "_METADATA").write_text("{}")
+    assert wd.has_checkpoints(root)
+    dst = checkpoint.set_aside(root, 3)
+    assert os.fspath(dst) == f"gs://{BUCKET}/files/checkpoints_set_aside/3"
+    assert (dst / "state" / "_METADATA").read_text() == "{}" and not (root / "checkpoints" / "3").exists()
+    assert os.fspath(checkpoint.set_aside(root, 3)).endswith("checkpoints_set_aside/3.1")  # never replaced
+    assert not list(root.glob(".lock.*"))
+    wd.prepare(root, load_config(TINY, FAST), overwrite=True, log=quiet)  # --overwrite: the run's files go
+    assert sorted(p.name for p in root.iterdir()) == ["config.json"]
+
+
+@pytest.mark.slow
 def test_a_run_on_gcs_writes_everything_there_resumes_and_is_read_back(gcs):
     from starflow_jax.config import load_config
     from starflow_jax.interop.checkpoints import load_params
@@ -101,3 +141,72 @@ def test_array_record_shards_on_gcs_are_read_through_a_local_copy(gcs, tmp_path,
     assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in (tmp_path / "shards").iterdir())
     with pytest.raises(ValueError, match="does not exist"):
         ArrayRecordSource(f"gs://{BUCKET}/nothing")
+
+
+def _spawn(args, env, **kw):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **env, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", STARFLOW_SIGTERM_GRACE_S="8")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, "-m", "starflow_jax.cli.main"] + args, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, **kw)
+
+
+def _train_two(workdir, env, extra):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["train", "--config", str(TINY), "--workdir", workdir] + sum((["--set", o] for o in FAST + extra), [])
+    return [_spawn(args + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                           str(i)], env) for i in range(2)]
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_gcs_are_stopped_resume_and_sample_and_export_read_it(gcs, tmp_path):
+    """The TPU-pod case: every process of a 2-process run writes its shards of the checkpoint
+    to gs://; SIGTERM to one stops both at one step with a checkpoint there; the rerun
+    resumes from gs:// and finishes; `sample` and `export` read the gs:// workdir."""
+    import signal
+    import time
+
+    workdir = f"gs://{BUCKET}/two"
+    extra = ["train.steps=20", "train.checkpoint_every=1000", "train.log_every=5", "sample.every=0"]
+    procs = _train_two(workdir, gcs, extra)
+    try:
+        lines, t0 = [], time.time()
+        while time.time() - t0 < 300:
+            line = procs[0].stdout.readline()
+            lines.append(line)
+            if not line or "step 5/" in line:
+                break
+        assert "step 5/" in lines[-1], "".join(lines[-30:])
+        procs[1].send_signal(signal.SIGTERM)
+        outs = ["".join(lines) + procs[0].communicate(timeout=120)[0], procs[1].communicate(timeout=120)[0]]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs[0][-2000:] + outs[1][-2000:]
+    stop = max(map(int, _steps(workdir)))
+    assert 5 <= stop < 20 and f"stopped by SIGTERM after step {stop}" in outs[0], outs[0][-2000:]
+    resumed = _train_two(workdir, gcs, extra)
+    outs = [p.communicate(timeout=300)[0] for p in resumed]
+    assert [p.returncode for p in resumed] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert f"resumed from {workdir}/checkpoints at step {stop}" in outs[0], outs[0][-2000:]
+    assert [r["step"] for r in _rows(workdir)] == [5, 10, 15, 20]
+    assert max(map(int, _steps(workdir))) == 20
+    assert json.loads((storage.as_path(workdir) / "result.json").read_text())["steps"] == 20
+
+    sample = _spawn(["sample", "--workdir", workdir, "--labels", "0,1", "--num", "2", "--out",
+                     str(tmp_path / "s.png")], gcs)
+    export = _spawn(["export", "--workdir", workdir, "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")],
+                    gcs)
+    for p in (sample, export):
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out[-2000:]
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "m.safetensors").stat().st_size > 0 and (tmp_path / "m.yaml").exists()

@@ -105,16 +105,6 @@ def move_tree(src, dst) -> None:
     fs.rm(os.fspath(src), recursive=True)
 
 
-def files_under(root) -> list[str]:
-    """The files under ``root`` (recursively), as paths relative to it."""
-    root = as_path(root)
-    out = []
-    for dirpath, _, names in root.walk():
-        rel = as_path(dirpath).relative_to(root) if os.fspath(dirpath) != os.fspath(root) else None
-        out += [str(rel / n) if rel is not None else n for n in names]
-    return sorted(out)
-
-
 def upload_tree(local: pathlib.Path, remote) -> None:
     """Copy every file under the local directory ``local`` to the same place under ``remote``
     (each file in one upload; files there that are not here are kept)."""

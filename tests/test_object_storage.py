@@ -78,6 +78,8 @@ def test_workdir_files_on_gcs_without_training(gcs):
     assert (root / "samples.png").read_bytes()[:4] == b"\x89PNG"
     (root / "checkpoints" / "3" / "state").mkdir(parents=True, exist_ok=True)
     (root / "checkpoints" / "3" / "state" / "_METADATA").write_text("{}")
+    assert not wd.has_checkpoints(root)  # a step orbax did not finish writing there (no commit_success.txt)
+    (root / "checkpoints" / "3" / "commit_success.txt").write_text("")
     assert wd.has_checkpoints(root)
     dst = checkpoint.set_aside(root, 3)
     assert os.fspath(dst) == f"gs://{BUCKET}/files/checkpoints_set_aside/3"
@@ -125,6 +127,12 @@ def test_outputs_to_gcs_are_refused_in_one_line(tmp_path):
 
     with pytest.raises(ValueError, match="outputs are written to local files"):
         check_outputs(["gs://b/out.png"], overwrite=False)
+    from starflow_jax.config import load_config
+    from starflow_jax.interop.checkpoints import CheckpointError, import_reference
+
+    with pytest.raises(CheckpointError, match="import writes a local workdir"):
+        import_reference(tmp_path / "w.pth", load_config(TINY, FAST), "gs://b/imported")
+    assert not (tmp_path / "gs:").exists() and not pathlib.Path("gs:").exists()
 
 
 def test_array_record_shards_on_gcs_are_read_through_a_local_copy(gcs, tmp_path, monkeypatch):

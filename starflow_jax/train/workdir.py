@@ -114,8 +114,15 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def has_checkpoints(workdir) -> bool:
+    """Whether ``checkpoints/`` holds a step. On object storage orbax writes a step in place
+    and marks it complete last (``commit_success.txt``): a step killed before that is none."""
     ckpt = workdir / "checkpoints"
-    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+    if not ckpt.is_dir():
+        return False
+    steps = [p for p in ckpt.iterdir() if p.name.isdigit()]
+    if storage.is_local(ckpt):
+        return bool(steps)
+    return any((p / "commit_success.txt").exists() for p in steps)
 
 
 def prepare(workdir, config, overwrite: bool, log) -> None:

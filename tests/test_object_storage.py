@@ -97,10 +97,11 @@ def test_a_run_on_gcs_writes_everything_there_resumes_and_is_read_back(gcs):
     from starflow_jax.train.loop import train
 
     workdir = f"gs://{BUCKET}/fast"
-    out = train(load_config(TINY, FAST), workdir, log=quiet, stop_after=3)
+    run = FAST + ["train.profile=[2, 1]"]  # (a profile of step 2, uploaded to WORKDIR/profile)
+    out = train(load_config(TINY, run), workdir, log=quiet, stop_after=3)
     assert out["stopped"] and max(map(int, _steps(workdir))) == 3
     logs = []
-    train(load_config(TINY, FAST), workdir, log=logs.append)
+    train(load_config(TINY, run), workdir, log=logs.append)
     assert any("resumed from gs://bucket/fast/checkpoints at step 3" in line for line in logs), logs
     wd = storage.as_path(workdir)
     assert [r["step"] for r in _rows(workdir)] == [1, 2, 3, 4, 5, 6]
@@ -109,8 +110,9 @@ def test_a_run_on_gcs_writes_everything_there_resumes_and_is_read_back(gcs):
     assert (wd / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in (wd / "tensorboard").iterdir() if p.name.startswith("events.out.tfevents.")]
     assert not list(wd.glob(".lock.*"))  # not locked there
+    assert [p for p in storage.as_path(workdir).glob("profile/plugins/profile/*/*") if "xplane" in p.name]
     # a resumed run with a changed config (more steps) back at step 3: config_history, set-aside
-    train(load_config(TINY, FAST + ["train.steps=7"]), workdir, log=quiet, step=3)
+    train(load_config(TINY, run + ["train.steps=7"]), workdir, log=quiet, step=3)
     assert {"3", "6", "7"} <= set(_steps(workdir))  # (6 written again by the resumed run)
     assert _steps(workdir, "checkpoints_set_aside") == ["6"]
     assert (wd / "checkpoints_set_aside" / "6" / "state" / "_METADATA").exists()

@@ -220,3 +220,29 @@ def test_two_processes_train_on_gcs_are_stopped_resume_and_sample_and_export_rea
         assert p.returncode == 0, out[-2000:]
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "m.safetensors").stat().st_size > 0 and (tmp_path / "m.yaml").exists()
+
+
+def test_training_data_under_a_gcs_prefix(gcs, tmp_path, monkeypatch):
+    """``data.path`` / ``data.heldout_path`` = gs:// prefixes: the sources the train loop
+    builds (``make_data``) read the shards through the local cache."""
+    from starflow_jax.config import data_section, load_config
+    from starflow_jax.data.array_record import write_shards
+    from starflow_jax.data.sources import make_data
+
+    rng = np.random.default_rng(0)
+    records = [dict(latent=rng.normal(size=(4, 8, 8)).astype(np.float32),
+                    text_emb=rng.normal(size=(3, 6)).astype(np.float32), caption=f"caption {i}") for i in range(20)]
+    write_shards(tmp_path / "shards", records[:16], records_per_shard=6)
+    write_shards(tmp_path / "held", records[16:])
+    storage.upload_tree(tmp_path / "shards", f"gs://{BUCKET}/t2i/train")
+    storage.upload_tree(tmp_path / "held", f"gs://{BUCKET}/t2i/held")
+    monkeypatch.setenv("STARFLOW_DATA_CACHE", str(tmp_path / "cache"))
+    config = load_config(TINY, FAST)
+    with config.unlocked():
+        config.data = data_section(name="array_record", path=f"gs://{BUCKET}/t2i/train",
+                                   heldout_path=f"gs://{BUCKET}/t2i/held")
+        config.model.in_channels, config.model.txt_size, config.model.txt_dim = 4, 3, 6
+    data = make_data(config)
+    assert (len(data.train), len(data.heldout)) == (16, 4)
+    np.testing.assert_array_equal(data.heldout[0]["image"], records[16]["latent"])
+    np.testing.assert_array_equal(data.train[15]["cond"], records[15]["text_emb"])

@@ -1,8 +1,8 @@
 """Paths that may lie on object storage: a workdir or a data prefix given as ``gs://bucket/run``
 (any scheme ``etils.epath`` reads, the path type orbax uses) or as a local path.
 
-Local paths behave exactly as plain files (atomic replacement by rename, appends, ``flock``);
-on object storage there is no rename, no append and no lock, so:
+Local paths are handled exactly as before (atomic replacement by rename, appends); on object
+storage there is no rename and no append (nor ``flock``: ``train.workdir.WorkdirLock``), so:
 
 * ``replace_text``: a local file is written beside and renamed into place; an object is
   written in one upload (readers see the old object or the new one, never a part);

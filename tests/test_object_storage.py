@@ -213,8 +213,8 @@ def test_two_processes_train_on_gcs_are_stopped_resume_and_sample_and_export_rea
 
     sample = _spawn(["sample", "--workdir", workdir, "--labels", "0,1", "--num", "2", "--out",
                      str(tmp_path / "s.png")], gcs)
-    export = _spawn(["export", "--workdir", workdir, "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")],
-                    gcs)
+    export = _spawn(["export", "--workdir", workdir, "--format", "safetensors", "--out",
+                     str(tmp_path / "m.safetensors")], gcs)
     for p in (sample, export):
         out = p.communicate(timeout=300)[0]
         assert p.returncode == 0, out[-2000:]

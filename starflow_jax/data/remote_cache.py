@@ -5,9 +5,8 @@ only, so the files directly under the prefix (the shards and ``index.json``) are
 to a cache directory on this machine and read from there. The cache is
 ``$STARFLOW_DATA_CACHE`` (default ``~/.cache/starflow-jax/data``) ``/<scheme>/<bucket>/<path>``;
 a file already there with the same size, fetched after the object was last written, is not
-fetched again. Each file is downloaded beside
-its place and renamed into it, so processes of one run sharing a host may fetch together.
-Every host needs room for the whole data set.
+fetched again. Each file is downloaded beside its place and renamed into it, so processes of
+one run sharing a host may fetch together. Every host needs room for the whole data set.
 """
 from __future__ import annotations
 

@@ -122,6 +122,9 @@ def test_a_run_on_gcs_writes_everything_there_resumes_and_is_read_back(gcs):
     import jax
 
     assert cfg.channels == 32 and all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(params))
+    from starflow_jax.cli.main import main
+
+    assert main(["nll", "--workdir", workdir, "--step", "6"]) == 0  # the held-out digits under step 6
 
 
 def test_outputs_to_gcs_are_refused_in_one_line(tmp_path):

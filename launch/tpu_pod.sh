@@ -9,10 +9,11 @@
 #   bash launch/tpu_pod.sh train CONFIG WORKDIR [train flags...]
 #   bash launch/tpu_pod.sh exec 'COMMAND'                 # any command on every worker
 #
-# WORKDIR must be one directory that every worker sees (a Filestore/NFS mount, or a bucket
-# mounted with gcsfuse at the same path on each worker): orbax writes each checkpoint
-# from all processes together. gs:// URLs are not accepted yet (the train loop writes
-# with local file paths).
+# WORKDIR must be one place that every worker sees: a gs://bucket/run URL (checkpoints
+# through orbax/TensorStore, the rest through etils.epath + gcsfs, which setup installs
+# (the gcs extra); such a workdir is not locked, so start one run per workdir), or a
+# Filestore/NFS mount at the same path on each worker: orbax writes each checkpoint from
+# all processes together.
 #
 # Environment:
 #   TPU_NAME, ZONE   the TPU VM (required); PROJECT: gcloud project (optional)
@@ -57,7 +58,7 @@ case $cmd in
     fi
     # One pip call, so that the resolver picks a jax[tpu] inside the project's range.
     on_all_workers "set -e; cd $REMOTE_DIR; $PYTHON -m venv .venv; . .venv/bin/activate;
-      pip install -q -U pip; pip install -q -e . $(printf %q "jax[tpu]$JAX_SPEC")"
+      pip install -q -U pip; pip install -q -e '.[gcs]' $(printf %q "jax[tpu]$JAX_SPEC")"
     ;;
   check)
     on_all_workers "cd $REMOTE_DIR && . .venv/bin/activate && python -c '
@@ -69,11 +70,6 @@ print(f\"process {jax.process_index()} of {jax.process_count()}: {jax.local_devi
     ;;
   train)
     [[ $# -ge 2 ]] || { echo "usage: $0 train CONFIG WORKDIR [train flags...]" >&2; exit 2; }
-    if [[ $2 == gs://* ]]; then
-      echo "WORKDIR $2: gs:// is not supported by the train loop yet; mount the bucket with gcsfuse on" \
-           "every worker (same path) or use a shared filesystem, and pass that path" >&2
-      exit 2
-    fi
     config=$1 workdir=$2
     shift 2
     # Quoted for the remote shell; the same command on every worker.

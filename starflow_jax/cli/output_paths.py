@@ -15,6 +15,8 @@ def check_outputs(paths, overwrite: bool) -> list[pathlib.Path]:
     for path in paths:
         if path is None:
             continue
+        if "://" in str(path):
+            raise ValueError(f"{path}: outputs are written to local files; copy them to object storage afterwards")
         path = pathlib.Path(path)
         if path.is_dir():
             raise ValueError(f"{path} is a directory, not an output file")

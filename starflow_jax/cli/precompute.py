@@ -71,6 +71,9 @@ def run(args) -> int:
     from starflow_jax.text import convert_t5
     from starflow_jax.text import prompts as P
 
+    if "://" in args.out:
+        raise ValueError(f"--out {args.out}: precompute writes local shards; copy them to the bucket afterwards "
+                         "(training reads data.path=gs://... through a local cache)")
     if args.images is not None and not args.captions:
         raise ValueError("--images needs --captions (a .tsv or .jsonl of file and caption)")
     if args.videos is not None:

@@ -138,13 +138,18 @@ class ArrayRecordSource:
     """Random access over all records of ArrayRecord shards: a directory (its ``*.array_record``
     files, sorted, checked against its ``index.json`` when there is one) or a list of shard
     paths, in order. Record ``i`` is the decoded dict, restricted to ``fields`` (stored names;
-    all when None) and with keys renamed by ``rename`` (stored name -> returned name)."""
+    all when None) and with keys renamed by ``rename`` (stored name -> returned name). A
+    directory on object storage (``gs://...``) is read from a local copy (``remote_cache``)."""
 
     def __init__(self, path_or_dir: str | Path | Sequence[str | Path], *, fields: Sequence[str] | None = None,
                  rename: Mapping[str, str] | None = None):
         import grain
 
         self.index: dict | None = None
+        if isinstance(path_or_dir, str) and "://" in path_or_dir:
+            from starflow_jax.data.remote_cache import local_copy
+
+            path_or_dir = local_copy(path_or_dir)
         if isinstance(path_or_dir, (str, Path)):
             root = Path(path_or_dir)
             if not root.exists():

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from starflow_jax import storage
 from starflow_jax.config import model_config, with_defaults
 from starflow_jax.config.model_config import ModelConfig
 from starflow_jax.config.reference_args import to_model_kwargs, to_yaml_arguments
@@ -35,7 +36,7 @@ class CheckpointError(ValueError):
 
 
 def read_workdir_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    path = pathlib.Path(workdir) / "config.json"
+    path = storage.as_path(workdir) / "config.json"
     if not path.exists():
         raise CheckpointError(f"{workdir} is not a starflow-jax workdir (no config.json)")
     # keys added to the schema since the run was written take their defaults
@@ -51,8 +52,9 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
     checkpoint (or ``step``), else the parameters ``starflow-jax import`` wrote. Every
     array is checked against the fingerprints saved with it; an unreadable newest step is
     reported through ``log`` and the previous one is used (an explicit ``step`` that
-    cannot be read is an error naming the problem)."""
-    workdir = pathlib.Path(workdir)
+    cannot be read is an error naming the problem). ``workdir`` may be on object storage
+    (``gs://...``)."""
+    workdir = storage.as_path(workdir)
     config = read_workdir_config(workdir)
     cfg = model_config(config)
     abstract_model = nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(0)))
@@ -65,7 +67,7 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
     ckpt_dir = workdir / "checkpoints"
     steps = []
     if ckpt_dir.is_dir():
-        mgr = ocp.CheckpointManager(ckpt_dir.resolve())
+        mgr = ocp.CheckpointManager(storage.for_orbax(ckpt_dir))
         steps = list(mgr.all_steps())
         if not steps and not imported.exists():
             raise CheckpointError(f"{ckpt_dir} holds no checkpoint")
@@ -98,7 +100,7 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
         if step is not None or ema:
             raise CheckpointError("an imported workdir holds one set of parameters: no --step / --ema")
         try:
-            params = ocp.StandardCheckpointer().restore(imported.resolve(), abstract_params)
+            params = ocp.StandardCheckpointer().restore(storage.for_orbax(imported), abstract_params)
         except Exception as e:  # noqa: BLE001
             silence_abandoned_reads()
             raise CheckpointUnreadable(f"the imported parameters in {imported} cannot be read: "
@@ -215,6 +217,9 @@ def import_reference(source: str | pathlib.Path, config: ml_collections.ConfigDi
     directory beside ``out`` and moved in at the very end, so that a failure leaves ``out``
     as it was. A non-empty ``out`` needs ``overwrite``, which replaces what a workdir holds
     (``WORKDIR_ENTRIES``) and keeps any other file there."""
+    if not storage.is_local(out):
+        raise CheckpointError(f"--out {out}: import writes a local workdir; copy it to object storage afterwards "
+                              "(e.g. gcloud storage cp -r)")
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory")

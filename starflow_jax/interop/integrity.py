@@ -9,13 +9,14 @@ changes it; a truncated file fails to read. Either way the step is reported as u
 """
 from __future__ import annotations
 
-import pathlib
 import sys
 import warnings
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from starflow_jax import storage
 
 INTEGRITY = "integrity"  # the item saved beside "state" and "data" in a checkpoint step
 
@@ -129,10 +130,10 @@ def verify(tree, saved: dict | None, where: str) -> None:
         raise CheckpointUnreadable(f"{where}: arrays {non_finite_leaves(tree)[:3]} hold NaN or Inf")
 
 
-def read_integrity(directory: pathlib.Path, step: int) -> dict | None:
+def read_integrity(directory, step: int) -> dict | None:
     """The fingerprints saved with ``step`` (None for checkpoints written before they
     were); CheckpointUnreadable when the step lacks the files every restore needs."""
-    root = pathlib.Path(directory) / str(step)
+    root = storage.as_path(directory) / str(step)
     if not (root / "state" / "_METADATA").exists():
         raise CheckpointUnreadable(f"checkpoint step {step} in {directory}: state/_METADATA is missing (an incomplete "
                                    "or damaged checkpoint)")
@@ -140,12 +141,12 @@ def read_integrity(directory: pathlib.Path, step: int) -> dict | None:
     if not path.exists():
         return None
     try:
-        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path.resolve())
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(storage.for_orbax(path))
     except Exception as e:  # noqa: BLE001 - any failure to read it is a damaged checkpoint
         raise CheckpointUnreadable(f"step {step}: its integrity record cannot be read ({first_line(e)})") from None
 
 
-def newest_readable(directory: pathlib.Path, steps, read, log, step: int | None = None):
+def newest_readable(directory, steps, read, log, step: int | None = None):
     """For commands that only read a workdir: ``read(step)`` of ``step`` (an error naming
     the problem when it fails) or of the newest step that reads back (each failure
     reported). Nothing is moved."""

@@ -45,6 +45,16 @@ def _pil(img: np.ndarray, scale: int):
 
 
 def save_png(path: str | pathlib.Path, img: np.ndarray, scale: int = 1) -> None:
+    """A PNG at ``path``, a local file or an object (``gs://...``, written in one upload)."""
+    if "://" in str(path):
+        import io
+
+        from etils import epath
+
+        buf = io.BytesIO()
+        _pil(img, scale).save(buf, format="PNG")
+        epath.Path(path).write_bytes(buf.getvalue())
+        return
     _pil(img, scale).save(str(path), format="PNG")
 
 

@@ -3,12 +3,10 @@ integrity record (``interop.integrity``): a state holding NaN or Inf is never sa
 step that does not read back as saved is set aside and the previous one is used."""
 from __future__ import annotations
 
-import pathlib
-import shutil
-
 import jax
 import orbax.checkpoint as ocp
 
+from starflow_jax import storage
 from starflow_jax.interop.integrity import (CheckpointUnreadable, first_line, fingerprints, non_finite_leaves,
                                              read_integrity, silence_abandoned_reads, verify)
 
@@ -19,13 +17,13 @@ class NonFiniteState(ValueError):
     """A train state holding NaN or Inf: never saved."""
 
 
-def manager(directory: pathlib.Path, keep: int, every: int) -> ocp.CheckpointManager:
+def manager(directory, keep: int, every: int) -> ocp.CheckpointManager:
     if int(keep) < 1:
         raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(int(every), 1),
                                            enable_async_checkpointing=True, create=True,
                                            cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(directory.resolve(), options=options)
+    return ocp.CheckpointManager(storage.for_orbax(directory), options=options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict, force: bool = False) -> bool:
@@ -47,7 +45,7 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
     """``(state, data iterator state)`` of ``step``, verified; CheckpointUnreadable
     (one line naming the problem) when the step cannot be read back as saved."""
     where = f"checkpoint step {step} in {mgr.directory}"
-    saved = read_integrity(pathlib.Path(mgr.directory), step)
+    saved = read_integrity(mgr.directory, step)
     try:
         out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                         data=ocp.args.JsonRestore()))
@@ -58,7 +56,7 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
     return out.state, out.data
 
 
-def set_aside(workdir: pathlib.Path, step: int) -> pathlib.Path:
+def set_aside(workdir, step: int):
     """Move ``checkpoints/<step>`` to ``checkpoints_set_aside/<step>[.n]`` (process 0):
     out of the run, kept for the user."""
     src = workdir / "checkpoints" / str(step)
@@ -69,11 +67,11 @@ def set_aside(workdir: pathlib.Path, step: int) -> pathlib.Path:
         dst, n = dst_root / f"{step}.{n}", n + 1
     if jax.process_index() == 0 and src.exists():
         dst_root.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(src), str(dst))
+        storage.move_tree(src, dst)
     return dst
 
 
-def restore_newest_good(mgr: ocp.CheckpointManager, abstract_state, workdir: pathlib.Path, log,
+def restore_newest_good(mgr: ocp.CheckpointManager, abstract_state, workdir, log,
                         step: int | None = None, barrier=lambda name: None):
     """The newest checkpoint that reads back as saved (``step``: that one, and the newer
     ones are set aside so that the run continues from it). Unreadable steps are reported

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import shutil
 import time
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from starflow_jax import storage
 from starflow_jax.config import check_training_config, model_config
 from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches, train_dataset
 from starflow_jax.data.sources import DataSpec, make_data
@@ -164,8 +166,9 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     logs and writes the metrics, pictures and result.
 
     Everything that can be checked is checked before the workdir is touched: the train
-    settings, the data, the mesh and batch split."""
-    workdir = pathlib.Path(workdir)
+    settings, the data, the mesh and batch split. ``workdir`` may be on object storage
+    (``gs://bucket/run``: see ``starflow_jax.storage``; such a workdir is not locked)."""
+    workdir = storage.as_path(workdir)
     if not jax.process_index() == 0:
         log = lambda *a, **k: None  # noqa: E731
     check_training_config(config)
@@ -284,14 +287,18 @@ def _stop_message(run: _Run, why: str, before: int | None = None) -> str:
 
 class _Trace:
     """A ``jax.profiler`` trace of steps ``first .. first + steps - 1`` (TensorBoard's
-    profile plugin / xprof read ``directory``); every process traces its own host."""
+    profile plugin / xprof read ``directory``); every process traces its own host. A
+    ``directory`` on object storage: traced to a local directory, uploaded when it ends."""
 
     def __init__(self, directory: pathlib.Path, first: int, steps: int, log):
         self.directory, self.first, self.last, self.log, self.on = directory, first, first + steps - 1, log, False
+        self.local = None
 
     def before(self, step: int) -> None:
         if step == self.first and self.last >= self.first:
-            jax.profiler.start_trace(str(self.directory))
+            remote = not storage.is_local(self.directory)
+            self.local = storage.local_staging_dir("starflow-profile-") if remote else self.directory
+            jax.profiler.start_trace(str(self.local))
             self.on = True
 
     def after(self, step: int, state) -> None:
@@ -305,6 +312,9 @@ class _Trace:
         if self.on:
             jax.profiler.stop_trace()
             self.on = False
+            if self.local != self.directory:
+                storage.upload_tree(self.local, self.directory)
+                shutil.rmtree(self.local, ignore_errors=True)
 
 
 def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) -> dict:

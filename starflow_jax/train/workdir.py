@@ -6,18 +6,21 @@ Layout (written by ``train``): ``config.json``, ``checkpoints/<step>/`` (orbax),
 ``config_history.jsonl`` (configs a resumed run replaced), ``metrics.jsonl``,
 ``tensorboard/``, ``samples*.png``, ``result.json``; ``params/`` when the workdir was made
 by ``starflow-jax import`` (a run trained there starts from those parameters).
+
+A workdir may lie on object storage (``gs://bucket/run``: ``starflow_jax.storage``); there it
+is not locked (see WorkdirLock).
 """
 from __future__ import annotations
 
 import json
 import os
 import pathlib
-import shutil
 import socket
 import time
 
 import jax
 
+from starflow_jax import storage
 from starflow_jax.config import with_defaults
 from starflow_jax.interop.checkpoints import WORKDIR_ENTRIES
 
@@ -40,11 +43,18 @@ def barrier(name: str) -> None:
 
 class WorkdirLock:
     """An exclusive lock on a workdir for one run (``.lock.<process>``, ``flock``: released
-    by the kernel when the process dies, so a killed run never leaves a stale lock)."""
+    by the kernel when the process dies, so a killed run never leaves a stale lock).
+
+    A workdir on object storage (``gs://...``) is not locked: an object store has no lock
+    that a killed process releases, so two runs started on one such workdir are not
+    stopped from writing into it together; start one run per workdir there."""
 
     def __init__(self, workdir: pathlib.Path):
         import fcntl
 
+        self.fd = None
+        if not storage.is_local(workdir):
+            return
         workdir.mkdir(parents=True, exist_ok=True)
         self.path = workdir / f".lock.{jax.process_index()}"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -103,12 +113,19 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def has_checkpoints(workdir: pathlib.Path) -> bool:
+def has_checkpoints(workdir) -> bool:
+    """Whether ``checkpoints/`` holds a step. On object storage orbax writes a step in place
+    and marks it complete last (``commit_success.txt``): a step killed before that is none."""
     ckpt = workdir / "checkpoints"
-    return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+    if not ckpt.is_dir():
+        return False
+    steps = [p for p in ckpt.iterdir() if p.name.isdigit()]
+    if storage.is_local(ckpt):
+        return bool(steps)
+    return any((p / "commit_success.txt").exists() for p in steps)
 
 
-def prepare(workdir: pathlib.Path, config, overwrite: bool, log) -> None:
+def prepare(workdir, config, overwrite: bool, log) -> None:
     """Write the run's ``config.json`` (process 0; the others wait). A workdir whose run
     has another model or data is refused unless ``overwrite``, which discards that run's
     checkpoints, metrics and pictures (files the run did not write are kept). Other
@@ -130,19 +147,14 @@ def prepare(workdir: pathlib.Path, config, overwrite: bool, log) -> None:
     if jax.process_index() == 0:
         if overwrite:
             for p in sorted({p for pattern in DISCARDED for p in workdir.glob(pattern)}):
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
+                storage.remove(p)
         elif old is not None and old != new:
             changes = changed_keys(old, new)
             log("config changed since this workdir's last run: " + "; ".join(changes))
-            with open(workdir / "config_history.jsonl", "a") as f:
-                f.write(json.dumps(dict(replaced=time.strftime("%Y-%m-%dT%H:%M:%S"), config=old)) + "\n")
+            storage.append_text(workdir / "config_history.jsonl",
+                                json.dumps(dict(replaced=time.strftime("%Y-%m-%dT%H:%M:%S"), config=old)) + "\n")
         workdir.mkdir(parents=True, exist_ok=True)
-        tmp = cfg_file.with_name(".config.json.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, cfg_file)
+        storage.replace_text(cfg_file, text)
     barrier("starflow_workdir_ready")
 
 
@@ -153,7 +165,7 @@ def _row_step(line: str) -> float:
         return float("inf")
 
 
-def truncate_metrics(workdir: pathlib.Path, step: int) -> int:
+def truncate_metrics(workdir, step: int) -> int:
     """Drop the ``metrics.jsonl`` rows after ``step`` (a resumed run logs those steps
     again); returns how many were dropped. Process 0."""
     path = workdir / "metrics.jsonl"
@@ -163,7 +175,5 @@ def truncate_metrics(workdir: pathlib.Path, step: int) -> int:
     keep = [line for line in lines if _row_step(line) <= step]
     if len(keep) == len(lines):
         return 0
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    storage.replace_text(path, "".join(line + "\n" for line in keep))
     return len(lines) - len(keep)

@@ -15,7 +15,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from starflow_jax.config import check_training_config, model_config
-from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches, train_dataset
+from starflow_jax.data.mixture import check_secondary_split, train_batches
+from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches
 from starflow_jax.data.sources import DataSpec, make_data
 from starflow_jax.flow.loss import bits_per_dim
 from starflow_jax.layers.transformer import resolve_remat
@@ -200,6 +201,7 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     data = make_data(config)
     mesh = make_mesh(dict(config.mesh))
     check_batch_split(int(t.batch_size), int(t.grad_accum), mesh, "train.batch_size", "train.grad_accum")
+    check_secondary_split(config, mesh)
     lock = WorkdirLock(workdir)
     try:
         with Termination(client=distributed_client(), process=jax.process_index(),
@@ -226,11 +228,9 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
         nnx.update(model, init_params_from(init_from, config, nnx.state(model, nnx.Param), init_step, init_ema))
         log(f"initialised the parameters from {init_from} (fresh optimizer)")
     state = S.init_state(model, tx, int(t.seed), hp.ema_decay > 0)
-    ds = train_dataset(data.train, global_batch=int(t.batch_size), seed=int(t.seed))
-    it = iter(ds.to_iter_dataset())
+    it = train_batches(data, config)  # buckets / secondary data: batches of several shapes
     shard = tree_shardings(state, mesh)
-    rec = data.train[0]
-    bshard = {k: batch_sharding(mesh, np.ndim(rec[k]) + 1) for k in ("image", "label", "cond") if k in rec}
+    bshard = {n: batch_sharding(mesh, n) for n in range(1, 6)}  # by rank: image / video batches share the step
     state = jax.device_put(state, shard)
     mgr = checkpoint.manager(workdir / "checkpoints", int(t.keep_checkpoints), int(t.checkpoint_every))
     start = 0
@@ -247,7 +247,7 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
         log(f"resumed from {workdir / 'checkpoints'} at step {start}"
             + (f" (dropped {dropped} metrics rows logged after it)" if dropped else ""))
     step_fn = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp, schedule=sched),
-                      in_shardings=(shard, bshard), out_shardings=(shard, None), donate_argnums=0)
+                      in_shardings=(shard, None), out_shardings=(shard, None), donate_argnums=0)
     run = _Run(config=config, workdir=workdir, hp=hp, data=data, mesh=mesh, bshard=bshard, mgr=mgr,
                graphdef=graphdef, log=log, term=term)
     with jax.set_mesh(mesh):  # activations keep their batch sharding (parallel.rules.constrain_batch)
@@ -357,9 +357,10 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
             trace.before(s + 1)
             local = next(it)  # this process's rows of the global batch
             if drop_image > 0:  # the whole global batch, decided from (seed, step): resumes decide the same
-                local = drop_first_frame(local, drop_image_decision(int(t.seed), s, drop_image))
-            batch = {k: jax.make_array_from_process_local_data(run.bshard[k], np.asarray(v))
-                     for k, v in local.items() if k in run.bshard}
+                video = np.ndim(local["image"]) == 5  # image batches (secondary data) keep all of theirs
+                local = drop_first_frame(local, video and drop_image_decision(int(t.seed), s, drop_image))
+            batch = {k: jax.make_array_from_process_local_data(run.bshard[np.ndim(v)], np.asarray(v))
+                     for k, v in local.items() if k in ("image", "label", "cond")}
             state, m = step_fn(state, batch)
             done = s + 1
             trace.after(done, state)

@@ -1,0 +1,49 @@
+"""Aspect-ratio buckets (the reference's ``mix_aspect``): nine width:height ratios, each
+with a frame size of about the square's area, and the folder name a bucket's shards get.
+
+The reference (``dataset.py``) sizes bucket ``w:h`` for a base side ``s`` as
+``h = round(s / sqrt(w/h) / m) * m``, ``w = round(s * sqrt(w/h) / m) * m`` (``m``: the
+multiple each side must be; ``m`` = the VAE factor here, so latents have whole sides), crops
+each picture to the bucket's ratio and resizes it, and appends
+``"\\n in a {w:h} aspect ratio.\\n"`` to its caption (``prepare_prompts(aspect_ratio=)``).
+A batch holds one bucket.
+"""
+from __future__ import annotations
+
+import math
+
+ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")  # width:height
+
+
+def parse_ratio(ratio: str) -> tuple[int, int]:
+    """``"16:9"`` -> ``(16, 9)``; a ratio outside ASPECT_RATIOS is an error."""
+    if ratio not in ASPECT_RATIOS:
+        raise ValueError(f"aspect ratio {ratio!r} is not a bucket; the buckets are {', '.join(ASPECT_RATIOS)}")
+    w, h = ratio.split(":")
+    return int(w), int(h)
+
+
+def bucket_size(side: int, ratio: str, multiple: int) -> tuple[int, int]:
+    """``(height, width)`` of bucket ``ratio`` for a square of ``side``: about ``side**2``
+    pixels, each side a multiple of ``multiple``."""
+    if side < 1 or multiple < 1:
+        raise ValueError(f"side and multiple must be >= 1, got {side}, {multiple}")
+    w, h = parse_ratio(ratio)
+    r = w / h
+    return (max(multiple, round(side / math.sqrt(r) / multiple) * multiple),
+            max(multiple, round(side * math.sqrt(r) / multiple) * multiple))
+
+
+def bucket_dir(ratio: str) -> str:
+    """The folder name of a bucket's shards: ``"16:9"`` -> ``"16x9"``."""
+    w, h = parse_ratio(ratio)
+    return f"{w}x{h}"
+
+
+def ratio_of_dir(name: str) -> str:
+    """The inverse of ``bucket_dir``; a folder named otherwise is an error."""
+    ratio = name.replace("x", ":", 1)
+    if ratio not in ASPECT_RATIOS:
+        raise ValueError(f"folder {name!r} is not an aspect-ratio bucket: expected one of "
+                         f"{', '.join(bucket_dir(r) for r in ASPECT_RATIOS)}")
+    return ratio

@@ -18,6 +18,7 @@
   ``data.secondary_path``: image shards (``(c, h, w)`` latents; bucket folders too with
   ``data.mix_aspect``) that a video model trains on in ``train.secondary_ratio`` of the
   steps (``data.mixture``), as the reference feeds its secondary image data: 4-d batches.
+  ``data.heldout_path`` is one folder of shards (one bucket) either way.
 """
 from __future__ import annotations
 

@@ -73,6 +73,9 @@ def test_mixture_batches_have_one_shape_and_resume_exactly():
         assert np.array_equal(rows, next(whole)["image"])
     with pytest.raises(ValueError, match="buckets"):
         again.set_state({"step": 1, "counts": {"primary/1:1": 1}})
+    # read ahead by threads or on demand: the same batches
+    eager, lazy = _mixture(prefetch=3), _mixture(prefetch=0)
+    assert all(np.array_equal(next(eager)["image"], next(lazy)["image"]) for _ in range(12))
 
 
 def test_bucket_sizes_follow_the_reference_rule():

@@ -13,7 +13,9 @@ on any number of processes.
 """
 from __future__ import annotations
 
+import collections
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -52,10 +54,11 @@ class MixtureBatches:
     """This process's rows of each global batch, drawn as the module says. ``groups``:
     ``{"primary": {bucket: source}, "secondary": {bucket: source}}`` (the secondary one
     optional); ``batch_sizes``: the global batch of each group. ``last`` is ``(group,
-    bucket)`` of the batch given last."""
+    bucket)`` of the batch given last. The next ``prefetch`` batches are read ahead by as
+    many threads (the order is known in advance; 0: read on demand)."""
 
     def __init__(self, groups: dict, batch_sizes: dict, *, seed: int, secondary_ratio: float = 0.0,
-                 process_index: int | None = None, process_count: int | None = None):
+                 process_index: int | None = None, process_count: int | None = None, prefetch: int = 4):
         if PRIMARY not in groups or not groups[PRIMARY]:
             raise ValueError("a mixture needs primary buckets")
         if secondary_ratio > 0 and not groups.get(SECONDARY):
@@ -73,6 +76,10 @@ class MixtureBatches:
         self.step = 0
         self.counts = {k: 0 for k in self._datasets}
         self.last: tuple[str, str] | None = None
+        self._prefetch = int(prefetch)
+        self._pool = ThreadPoolExecutor(self._prefetch, "mixture-read") if self._prefetch > 0 else None
+        self._ahead: collections.deque = collections.deque()  # (group, bucket, future) of the next steps
+        self._planned = (self.step, dict(self.counts))  # the step and counts after the last planned batch
 
     def choose(self, step: int) -> tuple[str, str]:
         """``(group, bucket)`` of global batch ``step``."""
@@ -82,10 +89,26 @@ class MixtureBatches:
     def __iter__(self):
         return self
 
+    def _plan_one(self):
+        """Queue the read of the batch after the last planned one."""
+        step, counts = self._planned
+        g, b = self.choose(step)
+        key = f"{g}/{b}"
+        self._ahead.append((g, b, self._pool.submit(self._datasets[key].__getitem__, counts[key])))
+        counts[key] += 1
+        self._planned = (step + 1, counts)
+
     def __next__(self) -> dict:
         g, b = self.choose(self.step)
         key = f"{g}/{b}"
-        batch = self._datasets[key][self.counts[key]]
+        if self._pool is None:
+            batch = self._datasets[key][self.counts[key]]
+        else:
+            while len(self._ahead) < self._prefetch:
+                self._plan_one()
+            g_, b_, future = self._ahead.popleft()
+            assert (g_, b_) == (g, b)
+            batch = future.result()
         self.counts[key] += 1
         self.step += 1
         self.last = (g, b)
@@ -103,6 +126,10 @@ class MixtureBatches:
                              f"reads {sorted(self.counts)}")
         self.step = int(state["step"])
         self.counts = {k: int(v) for k, v in state["counts"].items()}
+        for _, _, future in self._ahead:  # read ahead from the old position
+            future.cancel()
+        self._ahead.clear()
+        self._planned = (self.step, dict(self.counts))
 
 
 def uses_mixture(data) -> bool:

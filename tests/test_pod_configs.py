@@ -113,6 +113,20 @@ def test_pod_recipe_values():
     assert latent_frames(c7) == 21  # 81 frames through the Wan VAE's temporal factor 4
 
 
+@pytest.mark.parametrize("name,chips", [("starflow_3b_t2i_256", 64), ("starflow_v_7b_t2v_480p", 128)])
+def test_pod_meshes_split_every_batch(name, chips):
+    """v5p-128 (64 chips) for 3B, v5p-256 (128 chips) for 7B: FSDP over every chip, and each
+    kind of batch divides over the mesh's data x fsdp."""
+    from starflow_jax.data.mixture import batch_sizes
+    from starflow_jax.parallel.mesh import mesh_shape
+
+    config = load_config(CONFIGS / f"{name}.py")
+    data, fsdp, tensor = mesh_shape(dict(config.mesh), chips)
+    assert data == 1 and fsdp * tensor == chips
+    sizes = batch_sizes(config)
+    assert all(b % (data * fsdp) == 0 for b in sizes.values()), (sizes, data * fsdp)
+
+
 # ------------------------------------------------------------------ tiny twins, trained
 TXT = (16, 2048)
 

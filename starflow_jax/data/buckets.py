@@ -6,7 +6,9 @@ The reference (``dataset.py``) sizes bucket ``w:h`` for a base side ``s`` as
 multiple each side must be; ``m`` = the VAE factor here, so latents have whole sides), crops
 each picture to the bucket's ratio and resizes it, and appends
 ``"\\n in a {w:h} aspect ratio.\\n"`` to its caption (``prepare_prompts(aspect_ratio=)``).
-A batch holds one bucket.
+A batch holds one bucket. (The reference names a secondary image batch's ratio by the
+primary data's bucket sizes, which a different base side never matches, so its image
+captions say 1:1 whatever their shape; here every bucket's captions name its own ratio.)
 """
 from __future__ import annotations
 

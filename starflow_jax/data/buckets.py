@@ -12,9 +12,7 @@ captions say 1:1 whatever their shape; here every bucket's captions name its own
 """
 from __future__ import annotations
 
-import math
-
-ASPECT_RATIOS = ("1:1", "2:3", "3:2", "16:9", "9:16", "4:5", "5:4", "21:9", "9:21")  # width:height
+from starflow_jax.sampling.shapes import ASPECT_RATIOS, size_for_aspect_ratio  # width:height; the size rule
 
 
 def parse_ratio(ratio: str) -> tuple[int, int]:
@@ -27,13 +25,10 @@ def parse_ratio(ratio: str) -> tuple[int, int]:
 
 def bucket_size(side: int, ratio: str, multiple: int) -> tuple[int, int]:
     """``(height, width)`` of bucket ``ratio`` for a square of ``side``: about ``side**2``
-    pixels, each side a multiple of ``multiple``."""
-    if side < 1 or multiple < 1:
-        raise ValueError(f"side and multiple must be >= 1, got {side}, {multiple}")
-    w, h = parse_ratio(ratio)
-    r = w / h
-    return (max(multiple, round(side / math.sqrt(r) / multiple) * multiple),
-            max(multiple, round(side * math.sqrt(r) / multiple) * multiple))
+    pixels, each side a multiple of ``multiple`` (the sizes ``starflow-jax sample
+    --aspect-ratio`` draws)."""
+    parse_ratio(ratio)
+    return size_for_aspect_ratio(int(side), ratio, int(multiple))
 
 
 def bucket_dir(ratio: str) -> str:

@@ -279,3 +279,63 @@ def test_tiny_7b_trains_on_buckets_and_images_and_resumes_the_same(video_shards,
     assert shapes == first
     a, b = _rows(tmp_path / "a"), _rows(tmp_path / "b")
     assert a[3]["loss"] == b[3]["loss"] and np.isfinite(a[3]["loss"])
+
+
+def _shards(path, latent_shape, n=2):
+    from starflow_jax.data.array_record import write_shards
+
+    write_shards(path, ({"latent": np.zeros(latent_shape, np.float32), "text_emb": np.zeros(TXT, np.float32)}
+                        for _ in range(n)))
+    return path
+
+
+def test_bucket_and_secondary_layouts_are_checked(tmp_path):
+    from starflow_jax.data.sources import make_data
+
+    flat = _shards(tmp_path / "flat", (3, 48, 4, 4))
+    _shards(tmp_path / "buckets" / "16x9", (3, 48, 3, 5))
+    _shards(tmp_path / "images" / "16x9", (48, 3, 5))
+    _shards(tmp_path / "odd" / "misc", (3, 48, 4, 4))
+
+    def data(path, secondary="", ratio=0.0, mix=True):
+        return make_data(load_config(CONFIGS / "starflow_v_7b_t2v_480p_tiny.py", [
+            f"data.path={path}", f"data.secondary_path={secondary}", f"train.secondary_ratio={ratio}",
+            f"data.mix_aspect={mix}", "train.drop_image=0"]))
+
+    spec = data(tmp_path / "buckets", tmp_path / "images", 0.2)
+    assert sorted(spec.train_buckets) == ["16:9"] and sorted(spec.secondary_buckets) == ["16:9"]
+    with pytest.raises(ValueError, match="holds shards, data.mix_aspect=True wants one folder per aspect-ratio"):
+        data(flat)
+    with pytest.raises(ValueError, match="holds no shards but folders .* set data.mix_aspect=True"):
+        data(tmp_path / "buckets", mix=False)
+    with pytest.raises(ValueError, match="'misc' is not an aspect-ratio bucket"):
+        data(tmp_path / "odd")
+    with pytest.raises(ValueError, match="joint image \\+ video training needs both"):
+        data(tmp_path / "buckets", ratio=0.2)
+    with pytest.raises(ValueError, match="joint image \\+ video training needs both"):
+        data(tmp_path / "buckets", tmp_path / "images")
+    with pytest.raises(ValueError, match="data.secondary_path must hold images"):
+        data(tmp_path / "buckets", tmp_path / "buckets", 0.2)
+    wrong = _shards(tmp_path / "wrong" / "1x1", (3, 4, 4, 4))
+    with pytest.raises(ValueError, match=r"latents in .*1x1 have shape \(3, 4, 4, 4\), the model expects images "
+                                         r"\(48, h, w\) or video clips \(frames, 48, h, w\) \(h, w multiples of 1\)$"):
+        data(wrong.parent)
+    with pytest.raises(ValueError, match="needs text_emb_extend"):  # the recipe's drop_image reads it from the clips
+        make_data(load_config(CONFIGS / "starflow_v_7b_t2v_480p_tiny.py", [
+            f"data.path={tmp_path / 'buckets'}", f"data.secondary_path={tmp_path / 'images'}"]))
+
+
+def test_secondary_batch_must_split_over_the_mesh():
+    import types
+
+    from starflow_jax.data.mixture import check_secondary_split
+
+    mesh = types.SimpleNamespace(shape={"data": 2, "fsdp": 4, "tensor": 1})
+    config = load_config(CONFIGS / "starflow_v_7b_t2v_480p_tiny.py", ["data.secondary_path=x"])
+    check_secondary_split(config, mesh)  # 8 images over 8
+    config.train.secondary_batch_size = 12
+    with pytest.raises(ValueError, match=r"train.secondary_batch_size=12 is not divisible by the mesh's data x fsdp = 8"):
+        check_secondary_split(config, mesh)
+    config.train.secondary_batch_size = 0  # 0: train.batch_size (4), which does not split over 8 either
+    with pytest.raises(ValueError, match=r"train.secondary_batch_size=4 is not divisible"):
+        check_secondary_split(config, mesh)

@@ -205,9 +205,9 @@ def _checked_source(config, path: str, *, extend: bool, square: bool, images: bo
     spatial_ok = shape[-3:] == want if square else (len(shape) >= 3 and shape[-3] == c and shape[-2] % p == 0
                                                     and shape[-1] % p == 0)
     if len(shape) not in (3, 4) or not spatial_ok:
-        expect = f"({', '.join(map(str, want))})" if square else f"({c}, h, w) with h, w multiples of {p}"
-        raise ValueError(f"latents in {path} have shape {shape}, the model expects images {expect} or video clips "
-                         f"(frames, {expect[1:-1]})")
+        dims, note = (", ".join(map(str, want)), "") if square else (f"{c}, h, w", f" (h, w multiples of {p})")
+        raise ValueError(f"latents in {path} have shape {shape}, the model expects images ({dims}) or video clips "
+                         f"(frames, {dims}){note}")
     frames = latent_frames(config)
     if images:
         if len(shape) != 3:

@@ -56,8 +56,9 @@ def test_mixture_batches_have_one_shape_and_resume_exactly():
     for _ in range(40):
         b = next(it)
         g, bucket = it.last
-        shape = {(PRIMARY, "1:1"): (2, 2, 1, 4, 4), (PRIMARY, "16:9"): (2, 2, 1, 3, 5), (SECONDARY, "1:1"): (4, 1, 4, 4)}
-        assert b["image"].shape == shape[g, bucket]
+        shape = {(PRIMARY, "1:1"): (2, 2, 1, 4, 4), (PRIMARY, "16:9"): (2, 2, 1, 3, 5),
+                 (SECONDARY, "1:1"): (4, 1, 4, 4)}[g, bucket]
+        assert b["image"].shape == shape
         seen.append((g, bucket))
     assert set(seen) == {(PRIMARY, "1:1"), (PRIMARY, "16:9"), (SECONDARY, "1:1")}
     state = json.loads(json.dumps(it.get_state()))  # what the checkpoint stores
@@ -334,7 +335,7 @@ def test_secondary_batch_must_split_over_the_mesh():
     config = load_config(CONFIGS / "starflow_v_7b_t2v_480p_tiny.py", ["data.secondary_path=x"])
     check_secondary_split(config, mesh)  # 8 images over 8
     config.train.secondary_batch_size = 12
-    with pytest.raises(ValueError, match=r"train.secondary_batch_size=12 is not divisible by the mesh's data x fsdp = 8"):
+    with pytest.raises(ValueError, match=r"secondary_batch_size=12 is not divisible by the mesh's data x fsdp = 8"):
         check_secondary_split(config, mesh)
     config.train.secondary_batch_size = 0  # 0: train.batch_size (4), which does not split over 8 either
     with pytest.raises(ValueError, match=r"train.secondary_batch_size=4 is not divisible"):

@@ -70,9 +70,9 @@ class MixtureBatches:
         for g, names in self.buckets.items():
             for b in names:
                 key = f"{g}/{b}"
-                self._datasets[key] = train_dataset(
-                    groups[g][b], global_batch=int(batch_sizes[g]), seed=(self.seed * 1000003 + zlib.crc32(key.encode()))
-                    % 2 ** 31, process_index=process_index, process_count=process_count)
+                bucket_seed = (self.seed * 1000003 + zlib.crc32(key.encode())) % 2 ** 31  # its own shuffle
+                self._datasets[key] = train_dataset(groups[g][b], global_batch=int(batch_sizes[g]), seed=bucket_seed,
+                                                    process_index=process_index, process_count=process_count)
         self.step = 0
         self.counts = {k: 0 for k in self._datasets}
         self.last: tuple[str, str] | None = None

@@ -187,7 +187,8 @@ def temporal_video_encoder(encode: Callable[[np.ndarray], np.ndarray]) -> Callab
 def precompute_videos(source, out_dir: str | pathlib.Path, *, encode_video: Callable[[np.ndarray], np.ndarray],
                       encode_texts: Callable[[list[str]], np.ndarray], fps_cond: bool = False,
                       extend: bool = False, batch_size: int = 8, records_per_shard: int = 256,
-                      templates: dict | None = None, settings: dict | None = None, overwrite: bool = False, log=print) -> list[pathlib.Path]:
+                      templates: dict | None = None, settings: dict | None = None, overwrite: bool = False,
+                      log=print) -> list[pathlib.Path]:
     """One clip per video of ``source`` (records ``{"video": (t, c, h, w) in [-1, 1],
     "caption", "fps"}``, e.g. ``data.video.VideoFolderSource``) into shards of records
 

@@ -246,6 +246,7 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
         dropped = wd.truncate_metrics(workdir, start)
         log(f"resumed from {workdir / 'checkpoints'} at step {start}"
             + (f" (dropped {dropped} metrics rows logged after it)" if dropped else ""))
+    # the batch keeps its arrays' shardings (bshard, by rank): image and video batches share the step
     step_fn = jax.jit(functools.partial(S.train_step, graphdef=graphdef, tx=tx, hp=hp, schedule=sched),
                       in_shardings=(shard, None), out_shardings=(shard, None), donate_argnums=0)
     run = _Run(config=config, workdir=workdir, hp=hp, data=data, mesh=mesh, bshard=bshard, mgr=mgr,

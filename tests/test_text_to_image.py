@@ -137,3 +137,32 @@ def test_precompute_train_and_sample_from_a_prompt(checkpoints, tmp_path):
                  "--text-encoder", str(text_dir), "--vae", str(root / "vae"), "--cfg", "2", "--out", str(out)]) == 0
     img = Image.open(out)
     assert img.mode == "RGB" and img.size == (2 * 17 + 1, 17 + 1)  # two 16x16 decoded pictures
+
+
+def test_precompute_an_aspect_ratio_bucket_with_the_templates(checkpoints, tmp_path, capsys):
+    """--aspect-ratio 16:9: pictures cropped to the bucket's size (multiples of the VAE
+    factor), captions through the image fps, noise-level and aspect-ratio templates."""
+    from starflow_jax.data.array_record import ArrayRecordSource
+    from starflow_jax.data.buckets import bucket_size
+    from starflow_jax.text import encode_prompts, load_tokenizer, prepare_prompts, t5_from_transformers
+
+    root, text_dir = checkpoints
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(
+        tmp_path / "imgs" / "0.png")
+    (tmp_path / "captions.tsv").write_text("0.png\ta wide picture\n")
+    out = tmp_path / "buckets" / "16x9"
+    assert main(["precompute", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "captions.tsv"),
+                 "--vae", str(root / "vae"), "--text-encoder", str(text_dir), "--out", str(out), "--image-size",
+                 "32", "--txt-size", "6", "--aspect-ratio", "16:9", "--fps-cond", "--noise-level-cond", "0.5"]) == 0
+    h, w = bucket_size(32, "16:9", 2)
+    assert (h, w) == (24, 42) and "latents (4, 12, 21)" in capsys.readouterr().out
+    rec = ArrayRecordSource(out)[0]
+    assert rec["latent"].shape == (4, 12, 21) and tuple(rec["size"]) == (24, 42)
+    text = prepare_prompts(["a wide picture"], fps=0, noise_std=0.5, aspect_ratio="16:9")
+    want = encode_prompts(t5_from_transformers(str(text_dir)), load_tokenizer(text_dir), text, 6)
+    np.testing.assert_allclose(rec["text_emb"], np.asarray(want)[0], rtol=1e-5, atol=1e-6)
+    assert main(["precompute", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "captions.tsv"),
+                 "--vae", str(root / "vae"), "--text-encoder", str(text_dir), "--out", str(tmp_path / "x"),
+                 "--aspect-ratio", "7:5"]) == 2
+    assert "not a bucket" in capsys.readouterr().err

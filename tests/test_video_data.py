@@ -364,6 +364,10 @@ def test_precompute_cli_videos(clips, tmp_path, capsys):
     np.testing.assert_allclose(rec["text_emb_extend"],
                                np.asarray(encode_prompts(enc, tok, ["(extend) " + CAPTION], 6, fps=5))[0],
                                rtol=1e-5, atol=1e-6)
+    o = args.index("--out")  # an aspect-ratio bucket: frames cropped to 12 x 22 (16:9 of 16^2, even sides)
+    wide = args[:o + 1] + [str(tmp_path / "wide")] + args[o + 2:] + ["--aspect-ratio", "16:9"]
+    assert main(wide) == 0 and "latents (3, 4, 6, 11)" in capsys.readouterr().out
+    assert ArrayRecordSource(tmp_path / "wide")[0]["latent"].shape == (3, 4, 6, 11)
     i = args.index("--num-frames")
     bad = args[:i] + args[i + 2:]
     assert main(bad) == 2 and "--videos needs --num-frames" in capsys.readouterr().err

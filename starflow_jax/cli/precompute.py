@@ -21,6 +21,15 @@ def add_parser(sub):
     p.add_argument("--out", required=True, help="directory of the shards (rerun with the same settings to resume)")
     p.add_argument("--image-size", type=int, default=256, help="side of the centre crop fed to the VAE")
     p.add_argument("--txt-size", type=int, default=128, help="tokens per caption (the model's txt_size)")
+    p.add_argument("--aspect-ratio", help="an aspect-ratio bucket W:H (1:1 2:3 3:2 16:9 9:16 4:5 5:4 21:9 9:21): "
+                                          "pictures cropped to it at about --image-size squared pixels, captions "
+                                          "with its template; write each bucket to DIR/WxH (data.mix_aspect)")
+    p.add_argument("--fps-cond", action="store_true",
+                   help="captions through the fps template: 'A video with {fps} fps:\\n{caption}\\n' "
+                        "(--images: 'An image:\\n{caption}\\n', for a video model's secondary images)")
+    p.add_argument("--noise-level-cond", type=float, metavar="NOISE_STD",
+                   help="captions through the noise-level template 'Noise Level {int(1000 NOISE_STD)}:\\n' "
+                        "(models trained with train.cond_noise_level and train.noise_std=NOISE_STD)")
     p.add_argument("--batch-size", type=int, default=8, help="images (videos: frames and captions) per encoder call")
     p.add_argument("--records-per-shard", type=int, default=1024)
     p.add_argument("--sample-posterior", action="store_true",
@@ -31,8 +40,6 @@ def add_parser(sub):
     v.add_argument("--num-frames", type=int, help="frames per clip (required with --videos)")
     v.add_argument("--fps", type=float, help="clip frame rate: frames src_fps/fps apart when lower than the video's "
                                              "(default: each video's own rate, consecutive frames)")
-    v.add_argument("--fps-cond", action="store_true",
-                   help="embed captions through the fps template 'A video with {fps} fps:\\n{caption}\\n'")
     v.add_argument("--drop-image", action="store_true",
                    help="also store text_emb_extend, the embedding of '(extend) ' + caption, which training "
                         "with train.drop_image > 0 needs")
@@ -79,8 +86,8 @@ def run(args) -> int:
     if args.videos is not None:
         if args.num_frames is None:
             raise ValueError("--videos needs --num-frames (frames per clip)")
-    elif args.num_frames is not None or args.fps is not None or args.fps_cond or args.drop_image:
-        raise ValueError("--num-frames, --fps, --fps-cond and --drop-image are for --videos")
+    elif args.num_frames is not None or args.fps is not None or args.drop_image:
+        raise ValueError("--num-frames, --fps and --drop-image are for --videos")
     if args.images is not None:
         from starflow_jax.data.precompute import read_captions
 
@@ -115,13 +122,26 @@ def run(args) -> int:
                     txt_size=args.txt_size, sample_posterior=args.sample_posterior, seed=args.seed,
                     captions=str(pathlib.Path(args.captions).resolve()) if args.captions else None)
     side = args.image_size // factor
+    size, templates = args.image_size, {}
+    if args.aspect_ratio:
+        from starflow_jax.data.buckets import bucket_size
+
+        size = bucket_size(args.image_size, args.aspect_ratio, factor)
+        templates["aspect_ratio"] = args.aspect_ratio
+    if args.noise_level_cond is not None:
+        templates["noise_std"] = args.noise_level_cond
+    settings.update(templates)
+    hw = (size, size) if isinstance(size, int) else size
+    if args.videos is not None:
+        videos.size = tuple(hw)  # the bucket's frame size, known once the VAE's factor is
     if args.images is not None:
         from starflow_jax.data.precompute import precompute
 
         shards = precompute(pairs, args.out, encode_images=encode_images, encode_texts=encode_texts,
-                            image_size=args.image_size, channels=ae.pixel_channels, batch_size=args.batch_size,
-                            records_per_shard=args.records_per_shard, settings=settings, overwrite=args.overwrite)
-        n, latent = len(pairs), f"({ae.latent_channels}, {side}, {side})"
+                            image_size=size, channels=ae.pixel_channels, batch_size=args.batch_size,
+                            records_per_shard=args.records_per_shard, settings=settings, overwrite=args.overwrite,
+                            templates=dict(templates, fps=0) if args.fps_cond else templates)
+        n, latent = len(pairs), f"({ae.latent_channels}, {hw[0] // factor}, {hw[1] // factor})"
     else:
         from starflow_jax.data.precompute import framewise_video_encoder, precompute_videos, temporal_video_encoder
 
@@ -133,10 +153,10 @@ def run(args) -> int:
                         image_size=args.image_size, encoder="temporal" if ae.kind == "video" else "framewise")
         shards = precompute_videos(videos, args.out, encode_video=encode_video, encode_texts=encode_texts,
                                    fps_cond=args.fps_cond, extend=args.drop_image, batch_size=args.batch_size,
-                                   records_per_shard=args.records_per_shard, settings=settings,
+                                   records_per_shard=args.records_per_shard, templates=templates, settings=settings,
                                    overwrite=args.overwrite)
         t = 1 + (args.num_frames - 1) // ae.temporal if ae.kind == "video" else args.num_frames
-        n, latent = len(videos), f"({t}, {ae.latent_channels}, {side}, {side})"
+        n, latent = len(videos), f"({t}, {ae.latent_channels}, {hw[0] // factor}, {hw[1] // factor})"
     print(f"wrote {n} records in {len(shards)} shards to {args.out}: latents {latent}, text embeddings "
           f"({args.txt_size}, {encoder.config.d_model}){' and text_emb_extend' if args.drop_image else ''}; "
           f"train on them with data.name='array_record', data.path={args.out}")

@@ -24,6 +24,8 @@ DATA_DEFAULTS = dict(
     heldout_fraction=0.05,  # image_folder: held-out share of root's images when heldout_root is ""
     path="",  # array_record: the directory of training shards (`starflow-jax precompute`)
     heldout_path="",  # array_record: held-out shards ("" : no held-out evaluation)
+    mix_aspect=False,  # array_record: path (and secondary_path) hold one shard folder per aspect-ratio bucket
+    secondary_path="",  # array_record: image shards for joint image + video training ("" : none)
 )
 
 SAMPLE_DEFAULTS = dict(
@@ -56,6 +58,8 @@ TRAIN_DEFAULTS = dict(
     noise_std=0.3,  # standard deviation of the Gaussian noise augmentation
     levels=256,  # grey levels of discrete data (uniform dequantisation, bits per dimension)
     drop_label=0.1,  # probability of dropping the label / caption (classifier-free guidance)
+    secondary_batch_size=0,  # global batch of the steps drawn from data.secondary_path (0: batch_size)
+    secondary_ratio=0.0,  # probability that a step trains on a data.secondary_path batch
     drop_image=0.0,  # video: probability of dropping the first frame's conditioning (the reference's drop_image)
     latent_norm_regularization=0.0,  # weight of the latent-norm penalty
     ema_decay=0.0,  # EMA of the parameters (0: no EMA kept)
@@ -144,12 +148,12 @@ def check_training_config(config) -> None:
     for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
                 "max_consecutive_skips", "levels"):
         _int(t, key, 1)
-    for key in ("warmup_steps", "eval_every", "seed"):
+    for key in ("warmup_steps", "eval_every", "seed", "secondary_batch_size"):
         _int(t, key, 0)
     for key in ("lr", "min_lr", "weight_decay", "grad_clip", "noise_std", "latent_norm_regularization",
                 "denoiser_lr", "denoiser_min_lr"):
         _float(t, key, 0.0)
-    for key in ("drop_label", "drop_image", "ema_decay"):
+    for key in ("drop_label", "drop_image", "ema_decay", "secondary_ratio"):
         _float(t, key, 0.0, 1.0)
     _float(t, "b1", 0.0, 1.0)
     _float(t, "b2", 0.0, 1.0)
@@ -158,6 +162,9 @@ def check_training_config(config) -> None:
         raise ConfigError(f"train.profile must be (first step, number of steps), two integers >= 0, got {t.profile!r}")
     if t.noise_type not in ("gaussian", "uniform"):
         raise ConfigError(f"train.noise_type must be 'gaussian' or 'uniform', got {t.noise_type!r}")
+    if t.secondary_batch_size % t.grad_accum:
+        raise ConfigError(f"train.secondary_batch_size={t.secondary_batch_size} does not split into "
+                          f"train.grad_accum={t.grad_accum} micro-batches")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.batch_size={t.batch_size} does not split into train.grad_accum={t.grad_accum} "
                           "micro-batches")

@@ -14,8 +14,9 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def load_image(path: str | Path, image_size: int, channels: int = 3) -> np.ndarray:
-    """One image: short side resized to ``image_size`` (bicubic), centre crop, (C, H, W) in [-1, 1]."""
+def load_image(path: str | Path, image_size, channels: int = 3) -> np.ndarray:
+    """One image: resized (bicubic) to cover ``image_size`` (a side, or ``(height, width)``),
+    centre crop to it, (C, H, W) in [-1, 1]."""
     from PIL import Image, ImageOps
 
     try:
@@ -24,13 +25,14 @@ def load_image(path: str | Path, image_size: int, channels: int = 3) -> np.ndarr
             im = im.convert("RGB" if channels == 3 else "L")
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise ValueError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+    out_h, out_w = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(image_size)
     w, h = im.size
-    scale = image_size / min(w, h)
-    nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    scale = max(out_w / w, out_h / h)
+    nw, nh = max(out_w, round(w * scale)), max(out_h, round(h * scale))
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - image_size) // 2, (nh - image_size) // 2
-    im = im.crop((left, top, left + image_size, top + image_size))
+    left, top = (nw - out_w) // 2, (nh - out_h) // 2
+    im = im.crop((left, top, left + out_w, top + out_h))
     a = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 

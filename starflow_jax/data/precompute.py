@@ -115,28 +115,41 @@ def _write_resumable(out: pathlib.Path, n_items: int, records_per_shard: int, re
 
 def precompute(pairs: Sequence[tuple[pathlib.Path, str]], out_dir: str | pathlib.Path, *,
                encode_images: Callable[[np.ndarray], np.ndarray], encode_texts: Callable[[list[str]], np.ndarray],
-               image_size: int, channels: int = 3, batch_size: int = 8, records_per_shard: int = 1024,
-               settings: dict | None = None, overwrite: bool = False, log=print) -> list[pathlib.Path]:
-    """Encode ``pairs`` batch by batch (``encode_images``: ``(b, c, s, s)`` in [-1, 1] to
+               image_size, channels: int = 3, batch_size: int = 8, records_per_shard: int = 1024,
+               templates: dict | None = None, settings: dict | None = None, overwrite: bool = False,
+               log=print) -> list[pathlib.Path]:
+    """Encode ``pairs`` batch by batch (``encode_images``: ``(b, c, h, w)`` in [-1, 1] to
     latents; ``encode_texts``: captions to ``(b, txt_size, d)`` embeddings) into shards of
-    records ``{latent, text_emb, caption, size}`` under ``out_dir``; returns the shards."""
+    records ``{latent, text_emb, caption, size}`` under ``out_dir``; returns the shards.
+    ``image_size``: a side or ``(h, w)`` (an aspect-ratio bucket, ``data.buckets``);
+    ``templates``: ``prepare_prompts`` keywords the captions go through first (``fps=0``:
+    the reference's ``"An image:"`` template of fps-conditioned models, ``aspect_ratio``,
+    ``noise_std``)."""
+    from starflow_jax.text.prompts import prepare_prompts
+
     if batch_size < 1 or records_per_shard < 1:
         raise ValueError("batch_size and records_per_shard must be >= 1")
     out = pathlib.Path(out_dir)
-    _check_settings(out, dict(settings or {}, image_size=image_size, channels=channels, num_images=len(pairs),
-                              records_per_shard=records_per_shard), overwrite)
+    size = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(int(v) for v in image_size)
+    templates = dict(templates or {})
+    _check_settings(out, dict(settings or {}, image_size=image_size if np.ndim(image_size) == 0 else list(size),
+                              channels=channels, num_images=len(pairs), records_per_shard=records_per_shard,
+                              **({"templates": templates} if templates else {})), overwrite)
 
     def records(lo, hi):
         part = pairs[lo:hi]
         for j in range(0, len(part), batch_size):
             chunk = part[j:j + batch_size]
-            images = np.stack([load_image(p, image_size, channels) for p, _ in chunk])
+            images = np.stack([load_image(p, size, channels) for p, _ in chunk])
             latents = np.asarray(encode_images(images), np.float32)
-            texts = np.asarray(encode_texts([c for _, c in chunk]), np.float32)
+            captions = [c for _, c in chunk]
+            texts = np.asarray(encode_texts(prepare_prompts(captions, **templates) if templates else captions),
+                               np.float32)
             if not (np.all(np.isfinite(latents)) and np.all(np.isfinite(texts))):
                 raise ValueError(f"encoding {chunk[0][0]} .. {chunk[-1][0]} gave NaN or Inf")
             for (p, caption), lat, emb in zip(chunk, latents, texts):
-                yield dict(latent=lat, text_emb=emb, caption=caption, size=np.int32(image_size))
+                yield dict(latent=lat, text_emb=emb, caption=caption,
+                           size=np.int32(image_size) if np.ndim(image_size) == 0 else np.asarray(size, np.int32))
 
     return _write_resumable(out, len(pairs), records_per_shard, records, log, "images")
 
@@ -174,7 +187,8 @@ def temporal_video_encoder(encode: Callable[[np.ndarray], np.ndarray]) -> Callab
 def precompute_videos(source, out_dir: str | pathlib.Path, *, encode_video: Callable[[np.ndarray], np.ndarray],
                       encode_texts: Callable[[list[str]], np.ndarray], fps_cond: bool = False,
                       extend: bool = False, batch_size: int = 8, records_per_shard: int = 256,
-                      settings: dict | None = None, overwrite: bool = False, log=print) -> list[pathlib.Path]:
+                      templates: dict | None = None, settings: dict | None = None, overwrite: bool = False,
+                      log=print) -> list[pathlib.Path]:
     """One clip per video of ``source`` (records ``{"video": (t, c, h, w) in [-1, 1],
     "caption", "fps"}``, e.g. ``data.video.VideoFolderSource``) into shards of records
 
@@ -187,8 +201,9 @@ def precompute_videos(source, out_dir: str | pathlib.Path, *, encode_video: Call
       (its ``(h, w)``, int32).
 
     ``encode_texts`` maps prompts to ``(b, txt_size, d)`` embeddings without templates of
-    its own; captions are encoded ``batch_size`` videos at a time. Resumable like
-    ``precompute``."""
+    its own; captions are encoded ``batch_size`` videos at a time. ``templates``: further
+    ``prepare_prompts`` keywords (``aspect_ratio`` of a bucket, ``noise_std``). Resumable
+    like ``precompute``."""
     from starflow_jax.text.prompts import prepare_prompts
 
     if batch_size < 1 or records_per_shard < 1:
@@ -196,12 +211,14 @@ def precompute_videos(source, out_dir: str | pathlib.Path, *, encode_video: Call
     if len(source) == 0:
         raise ValueError("no videos to precompute")
     out = pathlib.Path(out_dir)
+    templates = dict(templates or {})
     _check_settings(out, dict(settings or {}, fps_cond=bool(fps_cond), extend=bool(extend), num_videos=len(source),
-                              records_per_shard=records_per_shard), overwrite)
+                              records_per_shard=records_per_shard, **({"templates": templates} if templates else {})),
+                    overwrite)
     shape: list = []  # the first clip's latent shape: every clip must match it
 
     def embed(captions, fps):
-        texts = prepare_prompts(captions, fps=[int(f) for f in fps] if fps_cond else None)
+        texts = prepare_prompts(captions, fps=[int(f) for f in fps] if fps_cond else None, **templates)
         return np.asarray(encode_texts(texts), np.float32)
 
     def records(lo, hi):

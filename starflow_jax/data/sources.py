@@ -13,6 +13,12 @@
   ``data.num_frames`` or, failing that, ``data.vid_size``'s frames through
   ``autoencoder.temporal_downsample_factor``). ``train.drop_image > 0`` also reads
   ``text_emb_extend`` (as ``cond_extend``, see ``pipeline.drop_first_frame``).
+  ``data.mix_aspect``: ``data.path`` holds one folder of shards per aspect-ratio bucket
+  (``16x9``, ... see ``data.buckets``; latents of any side), each batch from one bucket.
+  ``data.secondary_path``: image shards (``(c, h, w)`` latents; bucket folders too with
+  ``data.mix_aspect``) that a video model trains on in ``train.secondary_ratio`` of the
+  steps (``data.mixture``), as the reference feeds its secondary image data: 4-d batches.
+  ``data.heldout_path`` is one folder of shards (one bucket) either way.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ class DataSpec:
     num_classes: int  # > 0: records carry class labels; 0: records carry 'cond' embeddings
     train_images: np.ndarray | None = None  # digits only (for the Gaussian baselines)
     heldout_images: np.ndarray | None = None
+    train_buckets: dict | None = None  # data.mix_aspect: aspect ratio -> source (train is one of them)
+    secondary_buckets: dict | None = None  # data.secondary_path: aspect ratio (or "all") -> image source
 
 
 class Subset:
@@ -111,6 +119,35 @@ def latent_frames(config) -> int | None:
     return None
 
 
+def _bucket_dirs(path: str, mix_aspect: bool, what: str) -> dict:
+    """``{bucket: directory}``: with ``mix_aspect`` the bucket folders under ``path``, else
+    ``{"all": path}``; a layout that does not match the setting is an error."""
+    from pathlib import Path
+
+    from starflow_jax.data.array_record import SHARD_SUFFIX
+    from starflow_jax.data.buckets import ratio_of_dir
+
+    root = Path(path)
+    if not mix_aspect and not root.is_dir():
+        return {"all": str(root)}  # a shard file, or a path ArrayRecordSource reports as missing
+    if not root.is_dir():
+        raise ValueError(f"{what} {root} is not a directory (data.mix_aspect=True wants a folder of buckets)")
+    flat = any(root.glob(f"*{SHARD_SUFFIX}"))
+    if not mix_aspect:
+        if not flat and any(p.is_dir() for p in root.iterdir()):
+            raise ValueError(f"{what} {root} holds no shards but folders (aspect-ratio buckets?): set "
+                             "data.mix_aspect=True to train on bucket folders")
+        return {"all": str(root)}
+    if flat:
+        raise ValueError(f"{what} {root} holds shards, data.mix_aspect=True wants one folder per aspect-ratio "
+                         "bucket (precompute --aspect-ratio R --out DIR/WxH)")
+    dirs = {ratio_of_dir(p.name): str(p) for p in sorted(root.iterdir()) if p.is_dir()}
+    if not dirs:
+        raise ValueError(f"{what} {root} has no aspect-ratio bucket folders (precompute --aspect-ratio R "
+                         "--out DIR/WxH)")
+    return dirs
+
+
 def _array_record_data(config) -> DataSpec:
     from starflow_jax.data.array_record import TRAIN_STEP_KEYS, ArrayRecordSource
 
@@ -121,45 +158,77 @@ def _array_record_data(config) -> DataSpec:
     drop = float(config.train.drop_image) if "train" in config else 0.0
     if not 0 <= drop <= 1:
         raise ValueError(f"train.drop_image is a probability in [0, 1], got {drop}")
+    ratio = float(config.train.get("secondary_ratio", 0.0)) if "train" in config else 0.0
+    if bool(ratio > 0) != bool(d.get("secondary_path", "")):
+        raise ValueError(f"train.secondary_ratio={ratio} and data.secondary_path={d.get('secondary_path', '')!r}: "
+                         "joint image + video training needs both (set data.secondary_path=DIR of image shards), "
+                         "training without it neither")
+    mix = bool(d.get("mix_aspect", False))
+    buckets = {b: _checked_source(config, p, extend=drop > 0, square=not mix)
+               for b, p in _bucket_dirs(d.path, mix, "data.path").items()}
+    train = buckets.get("1:1", next(iter(buckets.values())))
+    held = None
+    if d.heldout_path:
+        held = ArrayRecordSource(d.heldout_path, fields=list(TRAIN_STEP_KEYS), rename=dict(TRAIN_STEP_KEYS))
+    secondary = None
+    if d.get("secondary_path", ""):
+        if not int(m.get("temporal_causal", 0) or 0):
+            raise ValueError("data.secondary_path adds image batches to a video model's training: the model must "
+                             "be a video model (model.temporal_causal > 0)")
+        secondary = {b: _checked_source(config, p, extend=False, square=not mix, images=True)
+                     for b, p in _bucket_dirs(d.secondary_path, mix, "data.secondary_path").items()}
+    return DataSpec(train, held, 0, train_buckets=buckets if mix else None, secondary_buckets=secondary)
 
-    def open_(path, extend=False):
-        fields, rename = list(TRAIN_STEP_KEYS), dict(TRAIN_STEP_KEYS)
-        if extend:
-            fields.append("text_emb_extend")
-            rename["text_emb_extend"] = "cond_extend"
-        return ArrayRecordSource(path, fields=fields, rename=rename)
 
-    if drop > 0:
-        stored = ArrayRecordSource(d.path)[0]
+def _checked_source(config, path: str, *, extend: bool, square: bool, images: bool = False):
+    """The ArrayRecordSource of ``path`` after checking its records against the model: latent
+    channels (and side, when ``square``), frames, text embedding shape, and ``text_emb_extend``
+    when ``extend``; ``images``: the latents must be images (secondary data)."""
+    from starflow_jax.data.array_record import TRAIN_STEP_KEYS, ArrayRecordSource
+
+    d, m = config.data, config.model
+    drop = float(config.train.drop_image) if "train" in config else 0.0
+    fields, rename = list(TRAIN_STEP_KEYS), dict(TRAIN_STEP_KEYS)
+    if extend:
+        stored = ArrayRecordSource(path)[0]
         if "text_emb_extend" not in stored:
             raise ValueError(f"train.drop_image={drop} needs text_emb_extend (the '(extend) ' caption embeddings) "
-                             f"in the records of {d.path}, which have {sorted(stored)}: precompute them with "
+                             f"in the records of {path}, which have {sorted(stored)}: precompute them with "
                              "--videos ... --drop-image, or set train.drop_image=0")
-    train = open_(d.path, extend=drop > 0)
-    rec = train[0]
+        fields.append("text_emb_extend")
+        rename["text_emb_extend"] = "cond_extend"
+    src = ArrayRecordSource(path, fields=fields, rename=rename)
+    rec = src[0]
     shape = tuple(rec["image"].shape)
-    want = (int(m.in_channels), int(m.img_size), int(m.img_size))
-    if len(shape) not in (3, 4) or shape[-3:] != want:
-        raise ValueError(f"latents in {d.path} have shape {shape}, the model expects images "
-                         f"({', '.join(map(str, want))}) or video clips (frames, {', '.join(map(str, want))})")
+    c, side, p = int(m.in_channels), int(m.img_size), int(m.patch_size)
+    want = (c, side, side)
+    spatial_ok = shape[-3:] == want if square else (len(shape) >= 3 and shape[-3] == c and shape[-2] % p == 0
+                                                    and shape[-1] % p == 0)
+    if len(shape) not in (3, 4) or not spatial_ok:
+        dims, note = (", ".join(map(str, want)), "") if square else (f"{c}, h, w", f" (h, w multiples of {p})")
+        raise ValueError(f"latents in {path} have shape {shape}, the model expects images ({dims}) or video clips "
+                         f"(frames, {dims}){note}")
     frames = latent_frames(config)
-    if len(shape) == 4:
+    if images:
+        if len(shape) != 3:
+            raise ValueError(f"latents in {path} have shape {shape}: data.secondary_path must hold images (c, h, w)")
+    elif len(shape) == 4:
         if not int(m.get("temporal_causal", 0) or 0):
-            raise ValueError(f"latents in {d.path} are video clips {shape} (frames, c, h, w): train them with a "
+            raise ValueError(f"latents in {path} are video clips {shape} (frames, c, h, w): train them with a "
                              "video model (model.temporal_causal > 0)")
         if frames is not None and shape[0] != frames:
-            raise ValueError(f"latents in {d.path} have {shape[0]} frames, the config asks for {frames} "
+            raise ValueError(f"latents in {path} have {shape[0]} frames, the config asks for {frames} "
                              "(data.num_frames, or data.vid_size through the autoencoder's temporal factor)")
     elif frames is not None:
-        raise ValueError(f"latents in {d.path} are images {shape}, the config asks for clips of {frames} frames")
-    if drop > 0:
+        raise ValueError(f"latents in {path} are images {shape}, the config asks for clips of {frames} frames")
+    if extend:
         if len(shape) != 4 or shape[0] < 2:
             raise ValueError(f"train.drop_image={drop} drops the first frame of video latents (frames >= 2), "
-                             f"the latents in {d.path} have shape {shape}")
+                             f"the latents in {path} have shape {shape}")
         if tuple(rec["cond_extend"].shape) != tuple(rec["cond"].shape):
-            raise ValueError(f"text_emb_extend in {d.path} has shape {rec['cond_extend'].shape}, text_emb "
+            raise ValueError(f"text_emb_extend in {path} has shape {rec['cond_extend'].shape}, text_emb "
                              f"{rec['cond'].shape}")
     if tuple(rec["cond"].shape) != (int(m.txt_size), int(m.txt_dim)):
-        raise ValueError(f"text embeddings in {d.path} have shape {rec['cond'].shape}, the model expects "
+        raise ValueError(f"text embeddings in {path} have shape {rec['cond'].shape}, the model expects "
                          f"({m.txt_size}, {m.txt_dim})")
-    return DataSpec(train, open_(d.heldout_path) if d.heldout_path else None, 0)
+    return src

@@ -17,7 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from starflow_jax import storage
 from starflow_jax.config import check_training_config, model_config
-from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches, train_dataset
+from starflow_jax.data.mixture import check_secondary_split, train_batches
+from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches
 from starflow_jax.data.sources import DataSpec, make_data
 from starflow_jax.flow.loss import bits_per_dim
 from starflow_jax.parallel.mesh import check_batch_split, make_mesh
@@ -176,6 +177,7 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     data = make_data(config)
     mesh = make_mesh(dict(config.mesh))
     check_batch_split(int(t.batch_size), int(t.grad_accum), mesh, "train.batch_size", "train.grad_accum")
+    check_secondary_split(config, mesh)
     lock = WorkdirLock(workdir)
     try:
         with Termination(client=distributed_client(), process=jax.process_index(),
@@ -201,10 +203,8 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
     if init_from is not None and not resume:
         params = init_params_from(init_from, config, program.abstract_state.params, init_step, init_ema)
         log(f"initialised the parameters from {init_from} (fresh optimizer)")
-    ds = train_dataset(data.train, global_batch=int(t.batch_size), seed=int(t.seed))
-    it = iter(ds.to_iter_dataset())
-    rec = data.train[0]
-    bshard = {k: batch_sharding(mesh, np.ndim(rec[k]) + 1) for k in ("image", "label", "cond") if k in rec}
+    it = train_batches(data, config)  # buckets / secondary data: batches of several shapes
+    bshard = {n: batch_sharding(mesh, n) for n in range(1, 6)}  # by rank: image / video batches share the step
     mgr = checkpoint.manager(workdir / "checkpoints", int(t.keep_checkpoints), int(t.checkpoint_every))
     start = 0
     if resume:
@@ -220,7 +220,7 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
             + (f" (dropped {dropped} metrics rows logged after it)" if dropped else ""))
     else:
         state = program.init_state(params)
-    step_fn = program.step
+    step_fn = program.step  # one compilation per batch layout (image / video batches share the state)
     run = _Run(config=config, workdir=workdir, hp=hp, data=data, mesh=mesh, bshard=bshard, mgr=mgr,
                graphdef=graphdef, log=log, term=term)
     with jax.set_mesh(mesh):  # activations keep their batch sharding (parallel.rules.constrain_batch)
@@ -337,9 +337,10 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
             trace.before(s + 1)
             local = next(it)  # this process's rows of the global batch
             if drop_image > 0:  # the whole global batch, decided from (seed, step): resumes decide the same
-                local = drop_first_frame(local, drop_image_decision(int(t.seed), s, drop_image))
-            batch = {k: jax.make_array_from_process_local_data(run.bshard[k], np.asarray(v))
-                     for k, v in local.items() if k in run.bshard}
+                video = np.ndim(local["image"]) == 5  # image batches (secondary data) keep all of theirs
+                local = drop_first_frame(local, video and drop_image_decision(int(t.seed), s, drop_image))
+            batch = {k: jax.make_array_from_process_local_data(run.bshard[np.ndim(v)], np.asarray(v))
+                     for k, v in local.items() if k in ("image", "label", "cond")}
             state, m = step_fn(state, batch)
             done = s + 1
             trace.after(done, state)

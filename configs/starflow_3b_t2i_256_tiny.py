@@ -25,7 +25,7 @@ def get_config():
     # each section: the defaults of starflow_jax/config/training.py, changed only where named
     config.data = data_section(name="array_record")  # set data.path: `starflow-jax precompute` shards
     config.train = train_section(steps=2000, warmup_steps=20, batch_size=8, lr=6.4e-5, min_lr=1e-6, noise_std=0.3,
-                                 drop_label=0.1, latent_norm_regularization=1e-4, grad_clip=0.0, remat="none",
+                                 drop_label=0.1, latent_norm_regularization=1e-4, grad_clip=0.0, remat="full",
                                  log_every=50, eval_every=500, checkpoint_every=500)
     config.mesh = mesh_section(data=1, fsdp=-1)
     config.sample = sample_section(num=4, cfg=2.5)

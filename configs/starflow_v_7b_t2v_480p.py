@@ -50,7 +50,9 @@ def get_config():
         layers_per_block=(2, 2, 2, 2, 2, 24), head_dim=64, rope=True, pt_seq_len=32, sos=True, txt_size=256,
         txt_dim=2048, cond_top_only=True, use_softplus=True, use_final_norm=True, soft_clip=4.0,
         seq_order="L2R", learnable_self_denoiser=True, conditional_denoiser=True, denoiser_window=10,
-        temporal_causal=2, shallow_block_local=True)
+        temporal_causal=2, shallow_block_local=True,
+        dtype="bfloat16")  # matmuls in bfloat16, parameters and Adam state in float32 (the reference trains
+    # under bfloat16 autocast)
     config.autoencoder = ml_collections.ConfigDict(dict(
         name="Wan-AI/Wan2.2-TI2V-5B-Diffusers", downsample_factor=16, temporal_downsample_factor=4,
         temporal_scale=0.6, finetuned="none"))

@@ -51,3 +51,23 @@ def test_plan_rejects_a_batch_that_does_not_split(tmp_path):
     proc, _ = _plan(tmp_path, "--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--set", "train.grad_accum=3",
                     "--set", "train.batch_size=9")
     assert proc.returncode == 2 and "must split into train.grad_accum 3 micro-batches" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (the tpu extra)")
+@pytest.mark.parametrize("name,topology", [("starflow_3b_t2i_256", "v5p:4x4x4"), ("starflow_v_7b_t2v_480p", "v5p:4x4x8")])
+def test_released_configs_compile_for_their_pods_and_fit(name, topology, tmp_path):
+    """The released recipes as `train` would run them (their mesh, batch, remat, bfloat16,
+    accumulation), compiled by the TPU compiler for the slice their docstrings name."""
+    out = tmp_path / "plan.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "starflow_jax.cli.main", "plan", "--config",
+                           str(ROOT / "configs" / f"{name}.py"), "--topology", topology, "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["device_kind"].startswith("TPU") and row["dtype"] == "bfloat16" and row["attention_kernel"] == "splash"
+    assert row["fits"] == "True" and 0 < row["total_gib"] < row["hbm_gib"] == 95.0, row
+    assert row["hlo_tflops_per_device"] > 0 and row["collective_gb_per_device"] > 0 and row["unknown_trip_counts"] == 0
+    assert 0 < row["step_s_bound"] and 0 < row["mfu_bound"] <= 1
+    assert "roofline BOUND, not a measurement" in proc.stdout

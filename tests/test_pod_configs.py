@@ -241,6 +241,7 @@ def test_precomputed_buckets_have_their_shapes_and_templates(video_shards):
     assert np.array_equal(img["text_emb"], _text_encoder(want)[0])
 
 
+@pytest.mark.slow
 def test_tiny_7b_trains_on_buckets_and_images_and_resumes_the_same(video_shards, tmp_path, monkeypatch):
     from starflow_jax.data.mixture import train_batches
     from starflow_jax.data.sources import make_data

@@ -249,3 +249,26 @@ def test_training_data_under_a_gcs_prefix(gcs, tmp_path, monkeypatch):
     assert (len(data.train), len(data.heldout)) == (16, 4)
     np.testing.assert_array_equal(data.heldout[0]["image"], records[16]["latent"])
     np.testing.assert_array_equal(data.train[15]["cond"], records[15]["text_emb"])
+
+
+def test_aspect_ratio_buckets_under_a_gcs_prefix(gcs, tmp_path, monkeypatch):
+    """``data.mix_aspect`` with ``data.path`` a gs:// prefix of bucket folders: each bucket
+    is found there and read through the local cache."""
+    from starflow_jax.config import data_section, load_config
+    from starflow_jax.data.array_record import write_shards
+    from starflow_jax.data.sources import make_data
+
+    rng = np.random.default_rng(1)
+    for name, (h, w), n in (("1x1", (8, 8), 5), ("16x9", (6, 10), 3)):
+        recs = [dict(latent=rng.normal(size=(4, h, w)).astype(np.float32),
+                     text_emb=rng.normal(size=(3, 6)).astype(np.float32)) for _ in range(n)]
+        write_shards(tmp_path / name, recs)
+        storage.upload_tree(tmp_path / name, f"gs://{BUCKET}/buckets/{name}")
+    monkeypatch.setenv("STARFLOW_DATA_CACHE", str(tmp_path / "cache"))
+    config = load_config(TINY, FAST)
+    with config.unlocked():
+        config.data = data_section(name="array_record", path=f"gs://{BUCKET}/buckets", mix_aspect=True)
+        config.model.in_channels, config.model.txt_size, config.model.txt_dim = 4, 3, 6
+    data = make_data(config)
+    assert {b: len(s) for b, s in data.train_buckets.items()} == {"1:1": 5, "16:9": 3}
+    assert data.train_buckets["16:9"][2]["image"].shape == (4, 6, 10)

@@ -122,14 +122,15 @@ def latent_frames(config) -> int | None:
 def _bucket_dirs(path: str, mix_aspect: bool, what: str) -> dict:
     """``{bucket: directory}``: with ``mix_aspect`` the bucket folders under ``path``, else
     ``{"all": path}``; a layout that does not match the setting is an error."""
-    from pathlib import Path
+    import os
 
+    from starflow_jax import storage
     from starflow_jax.data.array_record import SHARD_SUFFIX
     from starflow_jax.data.buckets import ratio_of_dir
 
-    root = Path(path)
+    root = storage.as_path(path)  # a local path or an object-storage prefix (gs://...)
     if not mix_aspect and not root.is_dir():
-        return {"all": str(root)}  # a shard file, or a path ArrayRecordSource reports as missing
+        return {"all": str(path)}  # a shard file, or a path ArrayRecordSource reports as missing
     if not root.is_dir():
         raise ValueError(f"{what} {root} is not a directory (data.mix_aspect=True wants a folder of buckets)")
     flat = any(root.glob(f"*{SHARD_SUFFIX}"))
@@ -137,11 +138,11 @@ def _bucket_dirs(path: str, mix_aspect: bool, what: str) -> dict:
         if not flat and any(p.is_dir() for p in root.iterdir()):
             raise ValueError(f"{what} {root} holds no shards but folders (aspect-ratio buckets?): set "
                              "data.mix_aspect=True to train on bucket folders")
-        return {"all": str(root)}
+        return {"all": str(path)}
     if flat:
         raise ValueError(f"{what} {root} holds shards, data.mix_aspect=True wants one folder per aspect-ratio "
                          "bucket (precompute --aspect-ratio R --out DIR/WxH)")
-    dirs = {ratio_of_dir(p.name): str(p) for p in sorted(root.iterdir()) if p.is_dir()}
+    dirs = {ratio_of_dir(p.name): os.fspath(p) for p in sorted(root.iterdir()) if p.is_dir()}
     if not dirs:
         raise ValueError(f"{what} {root} has no aspect-ratio bucket folders (precompute --aspect-ratio R "
                          "--out DIR/WxH)")

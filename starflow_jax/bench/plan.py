@@ -21,8 +21,7 @@ from starflow_jax.bench.hlo_stats import CHIPS, chip_of, hlo_stats, roofline
 from starflow_jax.config import check_training_config, load_config
 from starflow_jax.layers.attention import resolve_attention
 from starflow_jax.layers.splash import compile_target
-from starflow_jax.parallel.mesh import check_batch_split, make_mesh
-from starflow_jax.train.program import batch_layout, build_program
+from starflow_jax.train.program import batch_layout, build_program, training_mesh
 
 # HBM per chip (GiB) by the device kind the topology reports
 HBM_GIB = {"TPU v5": 95.0, "TPU v5p": 95.0, "TPU v5 lite": 16.0, "TPU v5e": 16.0, "TPU v4": 32.0, "TPU v6 lite": 32.0,
@@ -86,8 +85,7 @@ def plan_program(config, devices):
     ``jax.ShapeDtypeStruct``s: ``(program, batch)``."""
     t = config.train
     check_training_config(config)
-    mesh = make_mesh(dict(config.mesh), devices)
-    check_batch_split(int(t.batch_size), int(t.grad_accum), mesh, "train.batch_size", "train.grad_accum")
+    mesh = training_mesh(config, devices)
     num_classes, layout = batch_layout(config)
     program = build_program(config, mesh, num_classes)
     batch = {k: jax.ShapeDtypeStruct((int(t.batch_size),) + shape, dtype) for k, (shape, dtype) in layout.items()}

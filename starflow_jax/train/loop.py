@@ -17,16 +17,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from starflow_jax import storage
 from starflow_jax.config import check_training_config, model_config
-from starflow_jax.data.mixture import check_secondary_split, train_batches
+from starflow_jax.data.mixture import train_batches
 from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches
 from starflow_jax.data.sources import DataSpec, make_data
 from starflow_jax.flow.loss import bits_per_dim
-from starflow_jax.parallel.mesh import check_batch_split, make_mesh
-from starflow_jax.parallel.rules import batch_sharding
 from starflow_jax.train import checkpoint
 from starflow_jax.train import workdir as wd
 from starflow_jax.train.metrics_writer import MetricsWriter
-from starflow_jax.train.program import build_program
+from starflow_jax.train.program import Program, build_program, training_mesh
 from starflow_jax.train.termination import Termination, distributed_client
 from starflow_jax.train.workdir import WorkdirError, WorkdirLock
 from starflow_jax.train import step as S
@@ -173,11 +171,8 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     if not jax.process_index() == 0:
         log = lambda *a, **k: None  # noqa: E731
     check_training_config(config)
-    t = config.train
     data = make_data(config)
-    mesh = make_mesh(dict(config.mesh))
-    check_batch_split(int(t.batch_size), int(t.grad_accum), mesh, "train.batch_size", "train.grad_accum")
-    check_secondary_split(config, mesh)
+    mesh = training_mesh(config)
     lock = WorkdirLock(workdir)
     try:
         with Termination(client=distributed_client(), process=jax.process_index(),
@@ -204,7 +199,6 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
         params = init_params_from(init_from, config, program.abstract_state.params, init_step, init_ema)
         log(f"initialised the parameters from {init_from} (fresh optimizer)")
     it = train_batches(data, config)  # buckets / secondary data: batches of several shapes
-    bshard = {n: batch_sharding(mesh, n) for n in range(1, 6)}  # by rank: image / video batches share the step
     mgr = checkpoint.manager(workdir / "checkpoints", int(t.keep_checkpoints), int(t.checkpoint_every))
     start = 0
     if resume:
@@ -221,7 +215,7 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
     else:
         state = program.init_state(params)
     step_fn = program.step  # one compilation per batch layout (image / video batches share the state)
-    run = _Run(config=config, workdir=workdir, hp=hp, data=data, mesh=mesh, bshard=bshard, mgr=mgr,
+    run = _Run(config=config, workdir=workdir, hp=hp, data=data, mesh=mesh, program=program, mgr=mgr,
                graphdef=graphdef, log=log, term=term)
     with jax.set_mesh(mesh):  # activations keep their batch sharding (parallel.rules.constrain_batch)
         try:
@@ -245,7 +239,7 @@ class _Run:
     hp: S.StepConfig
     data: DataSpec
     mesh: object
-    bshard: dict
+    program: Program  # its batch_shardings place each process's rows of the global batch
     mgr: object
     graphdef: object
     log: object
@@ -339,8 +333,9 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
             if drop_image > 0:  # the whole global batch, decided from (seed, step): resumes decide the same
                 video = np.ndim(local["image"]) == 5  # image batches (secondary data) keep all of theirs
                 local = drop_first_frame(local, video and drop_image_decision(int(t.seed), s, drop_image))
-            batch = {k: jax.make_array_from_process_local_data(run.bshard[np.ndim(v)], np.asarray(v))
-                     for k, v in local.items() if k in ("image", "label", "cond")}
+            local = {k: np.asarray(v) for k, v in local.items() if k in ("image", "label", "cond")}
+            batch = {k: jax.make_array_from_process_local_data(sh, local[k])
+                     for k, sh in run.program.batch_shardings(local).items()}
             state, m = step_fn(state, batch)
             done = s + 1
             trace.after(done, state)

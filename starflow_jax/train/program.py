@@ -15,6 +15,7 @@ from starflow_jax.config import model_config
 from starflow_jax.config.model_config import ModelConfig
 from starflow_jax.layers.transformer import resolve_remat
 from starflow_jax.model import StarFlow
+from starflow_jax.parallel.mesh import check_batch_split, make_mesh
 from starflow_jax.parallel.rules import batch_sharding, tree_shardings
 from starflow_jax.train import optimizer
 from starflow_jax.train import step as S
@@ -65,8 +66,7 @@ class Program:
 
     def batch_shardings(self, batch: dict) -> dict:
         """The batch is split along its first axis over ``(data, fsdp)``, whatever its rank."""
-        return {k: batch_sharding(self.mesh, np.ndim(v) if not hasattr(v, "shape") else len(v.shape))
-                for k, v in batch.items()}
+        return {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
 
     @functools.cached_property
     def _jitted(self) -> dict:
@@ -75,7 +75,7 @@ class Program:
     def jitted_step(self, layout: tuple):
         """The jitted step for a batch layout ``((key, rank), ...)``."""
         if layout not in self._jitted:
-            bshard = {k: batch_sharding(self.mesh, ndim) for k, ndim in layout}
+            bshard = {k: batch_sharding(self.mesh, ndim) for k, ndim in layout}  # as batch_shardings gives
             self._jitted[layout] = jax.jit(
                 functools.partial(S.train_step, graphdef=self.graphdef, tx=self.tx, hp=self.hp, schedule=self.schedule),
                 in_shardings=(self.state_shardings, bshard), out_shardings=(self.state_shardings, None),
@@ -84,8 +84,7 @@ class Program:
 
     @staticmethod
     def layout(batch: dict) -> tuple:
-        return tuple(sorted((k, len(np.shape(v)) if not hasattr(v, "shape") else len(v.shape))
-                            for k, v in batch.items()))
+        return tuple(sorted((k, np.ndim(v)) for k, v in batch.items()))
 
     def step(self, state, batch: dict):
         return self.jitted_step(self.layout(batch))(state, batch)
@@ -106,6 +105,19 @@ class Program:
             return S.init_state(model, self.tx, int(t.seed), self.hp.ema_decay > 0)
 
         return jax.jit(make, out_shardings=self.state_shardings)(params)
+
+
+def training_mesh(config, devices=None):
+    """The mesh of ``config.mesh`` over ``devices`` (default: all), after checking that every
+    global batch the run feeds (``train.batch_size``, the secondary data's) splits over it
+    into ``train.grad_accum`` micro-batches."""
+    from starflow_jax.data.mixture import check_secondary_split
+
+    t = config.train
+    mesh = make_mesh(dict(config.mesh), devices)
+    check_batch_split(int(t.batch_size), int(t.grad_accum), mesh, "train.batch_size", "train.grad_accum")
+    check_secondary_split(config, mesh)
+    return mesh
 
 
 def build_program(config, mesh, num_classes: int) -> Program:

@@ -11,13 +11,7 @@ import pytest
 
 from starflow_jax import storage
 from gcs_emulator import BUCKET, gcs_emulator
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny_cpu.py"
-FAST = ["model.channels=32", "model.layers_per_block=[1, 0, 1]", "train.batch_size=16", "train.steps=6",
-        "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=3",
-        "sample.per_class=1", "sample.scale=1"]
-quiet = lambda *a, **k: None  # noqa: E731
+from fast_run import FAST, ROOT, TINY, quiet
 
 
 @pytest.fixture(scope="module")

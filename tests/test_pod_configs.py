@@ -5,7 +5,6 @@ their tiny twins trained a few steps on CPU from shards precomputed here."""
 import json
 import pathlib
 
-import ml_collections
 import numpy as np
 import pytest
 

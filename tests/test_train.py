@@ -1,7 +1,6 @@
 """Training: the step's skip rule, workdir protection, the train CLI, fine-tuning (exact
 resume: tests/test_resume.py)."""
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -14,12 +13,7 @@ from starflow_jax.model import StarFlow
 from starflow_jax.train import optimizer
 from starflow_jax.train import step as S
 from starflow_jax.train.loop import WorkdirError, train
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny_cpu.py"
-FAST = ["model.channels=32", "model.layers_per_block=[1, 0, 1]", "train.batch_size=16", "train.steps=6",
-        "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=3",
-        "sample.per_class=1", "sample.scale=1"]
+from fast_run import FAST, ROOT, TINY
 
 
 def test_nan_batch_is_skipped_and_counted():

@@ -27,6 +27,7 @@ chip, and the lowest roofline bound of the policies that fit, 1.10 s per step ag
 
 Expected result: not measured here (the reference reports its released checkpoint's samples only).
 """
+
 import ml_collections
 
 from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
@@ -36,18 +37,44 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.name = "starflow_3b_t2i_256"
     config.model = model_section(
-        in_channels=4, img_size=32, patch_size=1, channels=3072, num_blocks=6,
-        layers_per_block=(2, 2, 2, 2, 2, 24), head_dim=64, rope=True, sos=True, txt_size=128, txt_dim=2048,
-        cond_top_only=True, use_softplus=True, use_final_norm=True, soft_clip=4.0, seq_order="L2R",
-        dtype="bfloat16")  # matmuls in bfloat16, parameters and Adam state in float32 (the reference trains
+        in_channels=4,
+        img_size=32,
+        patch_size=1,
+        channels=3072,
+        num_blocks=6,
+        layers_per_block=(2, 2, 2, 2, 2, 24),
+        head_dim=64,
+        rope=True,
+        sos=True,
+        txt_size=128,
+        txt_dim=2048,
+        cond_top_only=True,
+        use_softplus=True,
+        use_final_norm=True,
+        soft_clip=4.0,
+        seq_order="L2R",
+        dtype="bfloat16",
+    )  # matmuls in bfloat16, parameters and Adam state in float32 (the reference trains
     # under bfloat16 autocast)
     config.autoencoder = ml_collections.ConfigDict(dict(name="stabilityai/sd-vae-ft-ema", downsample_factor=8))
     config.text_encoder = ml_collections.ConfigDict(dict(name="google/flan-t5-xl", width=2048))
     # each section: the defaults of starflow_jax/config/training.py, changed only where named
     config.data = data_section(name="array_record")  # set data.path: `starflow-jax precompute` shards
-    config.train = train_section(steps=48_000, warmup_steps=48, batch_size=1024, lr=6.4e-5, min_lr=1e-6,
-                                 noise_std=0.3, drop_label=0.1, latent_norm_regularization=1e-4, grad_clip=0.0,
-                                 remat="full", log_every=100, eval_every=4800, checkpoint_every=1000)
+    config.train = train_section(
+        steps=48_000,
+        warmup_steps=48,
+        batch_size=1024,
+        lr=6.4e-5,
+        min_lr=1e-6,
+        noise_std=0.3,
+        drop_label=0.1,
+        latent_norm_regularization=1e-4,
+        grad_clip=0.0,
+        remat="full",
+        log_every=100,
+        eval_every=4800,
+        checkpoint_every=1000,
+    )
     config.mesh = mesh_section(data=1, fsdp=-1)
     config.sample = sample_section(num=16, cfg=2.5, every=480)
     return config

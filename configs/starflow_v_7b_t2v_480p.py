@@ -37,6 +37,7 @@ its gradient_checkpoint and gradient_checkpoint_mlp), previews at guidance 2.5.
 (128 chips, 4x4x8) as FSDP 64 x tensor 2, so that 192 clips split (3 per batch shard);
 check the fit with ``starflow-jax plan``. Expected result: not measured here.
 """
+
 import ml_collections
 
 from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
@@ -46,25 +47,66 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.name = "starflow_v_7b_t2v_480p"
     config.model = model_section(
-        in_channels=48, img_size=40, patch_size=1, channels=3072, top_block_channels=4096, num_blocks=6,
-        layers_per_block=(2, 2, 2, 2, 2, 24), head_dim=64, rope=True, pt_seq_len=32, sos=True, txt_size=256,
-        txt_dim=2048, cond_top_only=True, use_softplus=True, use_final_norm=True, soft_clip=4.0,
-        seq_order="L2R", learnable_self_denoiser=True, conditional_denoiser=True, denoiser_window=10,
-        temporal_causal=2, shallow_block_local=True,
-        dtype="bfloat16")  # matmuls in bfloat16, parameters and Adam state in float32 (the reference trains
+        in_channels=48,
+        img_size=40,
+        patch_size=1,
+        channels=3072,
+        top_block_channels=4096,
+        num_blocks=6,
+        layers_per_block=(2, 2, 2, 2, 2, 24),
+        head_dim=64,
+        rope=True,
+        pt_seq_len=32,
+        sos=True,
+        txt_size=256,
+        txt_dim=2048,
+        cond_top_only=True,
+        use_softplus=True,
+        use_final_norm=True,
+        soft_clip=4.0,
+        seq_order="L2R",
+        learnable_self_denoiser=True,
+        conditional_denoiser=True,
+        denoiser_window=10,
+        temporal_causal=2,
+        shallow_block_local=True,
+        dtype="bfloat16",
+    )  # matmuls in bfloat16, parameters and Adam state in float32 (the reference trains
     # under bfloat16 autocast)
-    config.autoencoder = ml_collections.ConfigDict(dict(
-        name="Wan-AI/Wan2.2-TI2V-5B-Diffusers", downsample_factor=16, temporal_downsample_factor=4,
-        temporal_scale=0.6, finetuned="none"))
+    config.autoencoder = ml_collections.ConfigDict(
+        dict(
+            name="Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            downsample_factor=16,
+            temporal_downsample_factor=4,
+            temporal_scale=0.6,
+            finetuned="none",
+        )
+    )
     config.text_encoder = ml_collections.ConfigDict(dict(name="google/flan-t5-xl", width=2048))
     # each section: the defaults of starflow_jax/config/training.py, changed only where named
     # set data.path (clip buckets) and data.secondary_path (image buckets): `starflow-jax precompute` shards
     config.data = data_section(name="array_record", vid_size="81:16", mix_aspect=True)
-    config.train = train_section(steps=260_000, warmup_steps=260, batch_size=192, secondary_batch_size=1536,
-                                 secondary_ratio=0.2, lr=5e-5, min_lr=1e-6, denoiser_lr=1e-4, denoiser_min_lr=1e-6,
-                                 noise_std=0.5, cond_noise_level=True, drop_label=0.1, drop_image=0.25,
-                                 grad_clip=1.0, grad_skip=True, remat="full", log_every=100, eval_every=10_000,
-                                 checkpoint_every=1000)
+    config.train = train_section(
+        steps=260_000,
+        warmup_steps=260,
+        batch_size=192,
+        secondary_batch_size=1536,
+        secondary_ratio=0.2,
+        lr=5e-5,
+        min_lr=1e-6,
+        denoiser_lr=1e-4,
+        denoiser_min_lr=1e-6,
+        noise_std=0.5,
+        cond_noise_level=True,
+        drop_label=0.1,
+        drop_image=0.25,
+        grad_clip=1.0,
+        grad_skip=True,
+        remat="full",
+        log_every=100,
+        eval_every=10_000,
+        checkpoint_every=1000,
+    )
     config.mesh = mesh_section(data=1, fsdp=-1, tensor=2)
     config.sample = sample_section(num=4, per_class=1, cfg=2.5)
     return config

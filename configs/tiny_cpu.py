@@ -12,6 +12,7 @@ one-hot labels (txt_size 1, txt_dim 11: the reference's label embedding has
 num_classes + 1 rows, the last one the null label used for guidance), two shallow
 blocks and a deep block.
 """
+
 import ml_collections
 
 from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
@@ -21,12 +22,28 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.name = "tiny_cpu"
     config.model = model_section(
-        in_channels=1, img_size=8, patch_size=2, channels=64, num_blocks=3, layers_per_block=(1, 1, 2),
-        head_dim=32, rope=True, sos=True, txt_size=1, txt_dim=11, cond_top_only=True, use_softplus=True,
-        use_final_norm=True, soft_clip=4.0, seq_order="L2R")
+        in_channels=1,
+        img_size=8,
+        patch_size=2,
+        channels=64,
+        num_blocks=3,
+        layers_per_block=(1, 1, 2),
+        head_dim=32,
+        rope=True,
+        sos=True,
+        txt_size=1,
+        txt_dim=11,
+        cond_top_only=True,
+        use_softplus=True,
+        use_final_norm=True,
+        soft_clip=4.0,
+        seq_order="L2R",
+    )
     # each section: the defaults of starflow_jax/config/training.py, changed only where named
     config.data = data_section(name="digits")
-    config.train = train_section(steps=3000, batch_size=128, warmup_steps=200, noise_type="uniform", noise_std=0.0, levels=17)
+    config.train = train_section(
+        steps=3000, batch_size=128, warmup_steps=200, noise_type="uniform", noise_std=0.0, levels=17
+    )
     config.mesh = mesh_section()
     config.sample = sample_section()
     return config

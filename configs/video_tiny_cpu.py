@@ -13,6 +13,7 @@ uniform dequantisation, one-hot labels (txt_size 1, txt_dim 11 with the null lab
 frame-local shallow blocks and a time-causal deep block (the STARFlow-V layout), so the
 deep block's attention window can slide over longer videos.
 """
+
 import ml_collections
 
 from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
@@ -22,9 +23,25 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.name = "video_tiny_cpu"
     config.model = model_section(
-        in_channels=1, img_size=8, patch_size=2, channels=64, num_blocks=3, layers_per_block=(1, 1, 2),
-        head_dim=32, rope=True, sos=True, txt_size=1, txt_dim=11, cond_top_only=True, use_softplus=True,
-        use_final_norm=True, soft_clip=4.0, seq_order="L2R", temporal_causal=1, shallow_block_local=True)
+        in_channels=1,
+        img_size=8,
+        patch_size=2,
+        channels=64,
+        num_blocks=3,
+        layers_per_block=(1, 1, 2),
+        head_dim=32,
+        rope=True,
+        sos=True,
+        txt_size=1,
+        txt_dim=11,
+        cond_top_only=True,
+        use_softplus=True,
+        use_final_norm=True,
+        soft_clip=4.0,
+        seq_order="L2R",
+        temporal_causal=1,
+        shallow_block_local=True,
+    )
     # each section: the defaults of starflow_jax/config/training.py, changed only where named
     config.data = data_section(name="moving_digits", num_frames=4)
     config.train = train_section(steps=2000, warmup_steps=200, noise_type="uniform", noise_std=0.0, levels=17)

@@ -17,6 +17,7 @@ cache is turned off (unless configured otherwise): TensorStore writes and other 
 change the bucket behind its back, and a stale listing made orbax see a checkpoint step that
 had been set aside.
 """
+
 from __future__ import annotations
 
 import os

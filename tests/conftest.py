@@ -1,5 +1,6 @@
 """Shared test helpers, and one fixture for the whole suite: compiled programs are dropped
 after every test module."""
+
 import gc
 import json
 
@@ -36,16 +37,51 @@ def make_t5_tokenizer(root):
     import transformers
 
     rng = random.Random(0)
-    syllables = ["ka", "to", "ri", "mel", "sun", "dor", "pa", "lex", "qui", "vo", "an", "be", "ce", "di", "fo",
-                 "gu", "ho", "ja", "ne", "sto", "pre", "tra", "ing", "ed", "ly"]
+    syllables = [
+        "ka",
+        "to",
+        "ri",
+        "mel",
+        "sun",
+        "dor",
+        "pa",
+        "lex",
+        "qui",
+        "vo",
+        "an",
+        "be",
+        "ce",
+        "di",
+        "fo",
+        "gu",
+        "ho",
+        "ja",
+        "ne",
+        "sto",
+        "pre",
+        "tra",
+        "ing",
+        "ed",
+        "ly",
+    ]
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)]
     words += ["cat", "dog", "red", "a", "the", "video", "image", "fps", "Noise", "Level", "aspect", "ratio", "in"]
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice(["", ".", ":"])
-             for _ in range(3000)] + [str(i) for i in range(1000)]
+    lines = [
+        " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) + rng.choice(["", ".", ":"]) for _ in range(3000)
+    ] + [str(i) for i in range(1000)]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=200,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   character_coverage=1.0, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=200,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
     (root / "spm").mkdir()
     (root / "spm" / "spiece.model").write_bytes(model.getvalue())
     # from the directory holding spiece.model (transformers 5 ignores T5Tokenizer(vocab_file=...))

@@ -8,6 +8,7 @@ tests, and the environment that points every client of this project at it:
 * ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: gcsfs skips asking the storage-control API
   (which the emulator lacks) whether a bucket is zonal.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,12 @@ def _free_port() -> int:
 
 
 def emulator_env(url: str) -> dict[str, str]:
-    return {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    return {
+        "STORAGE_EMULATOR_HOST": url,
+        "TENSORSTORE_GCS_HTTP_URL": url,
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
 
 
 @contextlib.contextmanager
@@ -42,9 +47,29 @@ def gcs_emulator(log_path=os.devnull):
     os.mkdir(os.path.join(seed, BUCKET))  # (a folder of -data: a bucket)
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                                 "-port", str(port), "-external-url", url, "-public-host", f"127.0.0.1:{port}",
-                                 "-data", seed, "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                str(_get_binary_path()),
+                "-scheme",
+                "http",
+                "-backend",
+                "memory",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(port),
+                "-external-url",
+                url,
+                "-public-host",
+                f"127.0.0.1:{port}",
+                "-data",
+                seed,
+                "-log-level",
+                "warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         t0 = time.time()
         while True:

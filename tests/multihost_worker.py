@@ -2,6 +2,7 @@
 Each process joins ``jax.distributed`` on localhost (CPU collectives over gloo), feeds its
 share of every global batch from the per-process grain pipeline, and runs three sharded
 train steps on a mesh over all processes' devices; prints the losses as JSON."""
+
 import os
 import sys
 
@@ -43,19 +44,28 @@ def main():
     shard = tree_shardings(state, mesh)
     bshard = dict(image=batch_sharding(mesh, 4), label=batch_sharding(mesh, 1))
     state = jax.device_put(state, shard)
-    step = jax.jit(functools.partial(S.train_step, graphdef=nnx.graphdef(model), tx=tx, hp=hp),
-                   in_shardings=(shard, bshard), out_shardings=(shard, None))
+    step = jax.jit(
+        functools.partial(S.train_step, graphdef=nnx.graphdef(model), tx=tx, hp=hp),
+        in_shardings=(shard, bshard),
+        out_shardings=(shard, None),
+    )
     train, _ = load_digits_splits()
-    it = iter(train_dataset(ArraySource(image=train.images, label=train.labels), global_batch=16, seed=0)
-              .to_iter_dataset())
+    it = iter(
+        train_dataset(ArraySource(image=train.images, label=train.labels), global_batch=16, seed=0).to_iter_dataset()
+    )
     losses = []
     for _ in range(3):
         local = next(it)
         batch = {k: jax.make_array_from_process_local_data(bshard[k], np.asarray(v)) for k, v in local.items()}
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
-    print("LOSSES " + json.dumps(dict(process=jax.process_index(), count=jax.process_count(),
-                                      devices=len(jax.devices()), losses=losses)), flush=True)
+    print(
+        "LOSSES "
+        + json.dumps(
+            dict(process=jax.process_index(), count=jax.process_count(), devices=len(jax.devices()), losses=losses)
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Run by tests/test_program.py in a fresh process with 8 simulated CPU devices: ``train``
 runs one step of a config while the step's inputs and outputs are recorded, then ``plan``
 builds the same config's program for the same 8 devices; prints both as a JSON REPORT."""
+
 import json
 import os
 import sys
@@ -23,8 +24,12 @@ def describe(tree):
     for path, a in jax.tree_util.tree_flatten_with_path(tree)[0]:
         sh = a.sharding
         spec = list(sh.spec) + [None] * (len(a.shape) - len(sh.spec))
-        out[jax.tree_util.keystr(path)] = dict(shape=list(a.shape), dtype=str(a.dtype), mesh=dict(sh.mesh.shape),
-                                               spec=[list(s) if isinstance(s, tuple) else s for s in spec])
+        out[jax.tree_util.keystr(path)] = dict(
+            shape=list(a.shape),
+            dtype=str(a.dtype),
+            mesh=dict(sh.mesh.shape),
+            spec=[list(s) if isinstance(s, tuple) else s for s in spec],
+        )
     return out
 
 
@@ -52,9 +57,11 @@ def main(config_path, overrides):
     def with_shardings(structs, shardings):
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), structs, shardings)
 
-    planned = dict(state=describe(with_shardings(program.abstract_state, state_in)),
-                   batch=describe(with_shardings(batch, batch_in)),
-                   new_state=describe(with_shardings(program.abstract_state, state_out)))
+    planned = dict(
+        state=describe(with_shardings(program.abstract_state, state_in)),
+        batch=describe(with_shardings(batch, batch_in)),
+        new_state=describe(with_shardings(program.abstract_state, state_out)),
+    )
     print("REPORT " + json.dumps(dict(train=seen, plan=planned, devices=len(jax.devices()))))
 
 

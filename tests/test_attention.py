@@ -4,6 +4,7 @@ against a plain softmax(QK^T)V in float32, values and gradients, for the masks t
 uses: causal (with a text prefix), the sliding window over frames, the video denoiser's
 block-causal window, none; grouped-query heads; and a whole model with blocked and with
 splash attention."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +31,10 @@ CASES = {
     "full": (False, None),
     # index rules (IndexMask): splash evaluates them in the kernel, the others materialise them
     "denoiser_window": (False, block_causal_mask(frames=3, frame_tokens=9, txt_len=5, lookahead=2, window=1)),
-    "denoiser_window_numpy": (False, np.asarray(block_causal_mask(frames=3, frame_tokens=9, txt_len=5,
-                                                                  lookahead=2, window=1))),
+    "denoiser_window_numpy": (
+        False,
+        np.asarray(block_causal_mask(frames=3, frame_tokens=9, txt_len=5, lookahead=2, window=1)),
+    ),
     "sliding_window_text_prefix": (True, local_window_mask(frames=5, frame_tokens=6, txt_len=4, window=2)),
 }
 
@@ -50,8 +53,12 @@ def test_attention_paths_match_the_plain_computation(impl, case):
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v)))
 
-    ours = lambda q, k, v: dot_product_attention(q, k, v, scale=0.25, causal=causal, mask=m, impl=impl, block=8)
-    want = lambda q, k, v: plain(q, k, v, 0.25, causal, None if m is None else jnp.asarray(np.asarray(m)))
+    def ours(q, k, v):
+        return dot_product_attention(q, k, v, scale=0.25, causal=causal, mask=m, impl=impl, block=8)
+
+    def want(q, k, v):
+        return plain(q, k, v, 0.25, causal, None if m is None else jnp.asarray(np.asarray(m)))
+
     np.testing.assert_allclose(np.asarray(ours(q, k, v)), np.asarray(want(q, k, v)), rtol=1e-5, atol=1e-5)
     g_ours = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(q, k, v)
     g_want = jax.grad(lambda *a: loss(want, *a), argnums=(0, 1, 2))(q, k, v)
@@ -75,7 +82,8 @@ def test_splash_refuses_a_traced_mask():
     x = jnp.zeros((1, 8, 2, 8))
     with pytest.raises(ValueError, match="known when the program is traced"):
         jax.jit(lambda x, m: dot_product_attention(x, x, x, scale=1.0, causal=True, mask=m, impl="splash"))(
-            x, jnp.ones((8, 8), bool))
+            x, jnp.ones((8, 8), bool)
+        )
 
 
 def test_index_masks_materialise_as_the_rules_say():

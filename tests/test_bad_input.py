@@ -1,5 +1,6 @@
 """Bad input gets a clear error that names the problem: model inputs, configurations,
 reference arguments and YAML files, reference state dicts."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +10,29 @@ from flax import nnx
 from starflow_jax.config import ConfigError, ModelConfig
 from starflow_jax.config.reference_args import from_model_kwargs, read_yaml_arguments
 from starflow_jax.interop import reference_cases as rc
-from starflow_jax.interop.state_dict import (StateDictMismatch, from_reference, is_deprecated_buffer,
-                                             load_reference_model, to_reference)
+from starflow_jax.interop.state_dict import (
+    StateDictMismatch,
+    from_reference,
+    is_deprecated_buffer,
+    load_reference_model,
+    to_reference,
+)
 from starflow_jax.model import StarFlow
 
-TINY = dict(in_channels=3, img_size=8, patch_size=2, channels=32, num_blocks=2, layers_per_block=(1, 1),
-            head_dim=32, rope=True, sos=True, txt_size=2, txt_dim=5, use_softplus=True)
+TINY = dict(
+    in_channels=3,
+    img_size=8,
+    patch_size=2,
+    channels=32,
+    num_blocks=2,
+    layers_per_block=(1, 1),
+    head_dim=32,
+    rope=True,
+    sos=True,
+    txt_size=2,
+    txt_dim=5,
+    use_softplus=True,
+)
 
 
 def build(cfg: ModelConfig) -> StarFlow:
@@ -34,20 +52,35 @@ def test_good_input_is_accepted(model):
     assert out.z.shape == (2, 3, 8, 8)
 
 
-@pytest.mark.parametrize("x_shape,y_shape,message", [
-    ((2, 3, 8), (2, 2, 5), r"image batch \(b, c, h, w\) or a video batch .* got rank 3"),
-    ((2, 3, 8, 8, 8, 8), (2, 2, 5), r"got rank 6"),
-    ((2, 4, 8, 8), (2, 2, 5), r"x has 4 channels .* expects in_channels=3"),
-    ((2, 3, 4, 8, 8), (2, 2, 5), r"x has 4 channels \(axis 2 of shape \(2, 3, 4, 8, 8\)\)"),
-    ((2, 3, 9, 9), (2, 2, 5), r"spatial size 9x9 is not divisible by patch_size=2"),
-    ((2, 3, 8, 7), (2, 2, 5), r"spatial size 8x7 is not divisible by patch_size=2"),
-    ((2, 3, 8, 8), (2, 2, 6), r"conditioning y has shape \(2, 2, 6\), expected \(b, txt_size=2, txt_dim=5\)"),
-    ((2, 3, 8, 8), (2, 3, 5), r"conditioning y has shape \(2, 3, 5\), expected \(b, txt_size=2"),
-    ((2, 3, 8, 8), (2, 10), r"conditioning y has shape \(2, 10\)"),
-    ((2, 3, 8, 8), (3, 2, 5), r"conditioning y has batch 3 but x has batch 2"),
-    ((2, 3, 8, 8), None, r"the model is conditioned \(txt_dim=5\); pass y of shape \(b, 2, 5\)"),
-], ids=["rank3", "rank6", "channels", "video-channels", "patch", "patch-w", "y-width", "y-length", "y-rank",
-        "y-batch", "y-missing"])
+@pytest.mark.parametrize(
+    "x_shape,y_shape,message",
+    [
+        ((2, 3, 8), (2, 2, 5), r"image batch \(b, c, h, w\) or a video batch .* got rank 3"),
+        ((2, 3, 8, 8, 8, 8), (2, 2, 5), r"got rank 6"),
+        ((2, 4, 8, 8), (2, 2, 5), r"x has 4 channels .* expects in_channels=3"),
+        ((2, 3, 4, 8, 8), (2, 2, 5), r"x has 4 channels \(axis 2 of shape \(2, 3, 4, 8, 8\)\)"),
+        ((2, 3, 9, 9), (2, 2, 5), r"spatial size 9x9 is not divisible by patch_size=2"),
+        ((2, 3, 8, 7), (2, 2, 5), r"spatial size 8x7 is not divisible by patch_size=2"),
+        ((2, 3, 8, 8), (2, 2, 6), r"conditioning y has shape \(2, 2, 6\), expected \(b, txt_size=2, txt_dim=5\)"),
+        ((2, 3, 8, 8), (2, 3, 5), r"conditioning y has shape \(2, 3, 5\), expected \(b, txt_size=2"),
+        ((2, 3, 8, 8), (2, 10), r"conditioning y has shape \(2, 10\)"),
+        ((2, 3, 8, 8), (3, 2, 5), r"conditioning y has batch 3 but x has batch 2"),
+        ((2, 3, 8, 8), None, r"the model is conditioned \(txt_dim=5\); pass y of shape \(b, 2, 5\)"),
+    ],
+    ids=[
+        "rank3",
+        "rank6",
+        "channels",
+        "video-channels",
+        "patch",
+        "patch-w",
+        "y-width",
+        "y-length",
+        "y-rank",
+        "y-batch",
+        "y-missing",
+    ],
+)
 def test_bad_model_inputs(model, x_shape, y_shape, message):
     x = jnp.zeros(x_shape)
     y = None if y_shape is None else jnp.zeros(y_shape)
@@ -56,8 +89,9 @@ def test_bad_model_inputs(model, x_shape, y_shape, message):
 
 
 def test_bad_inputs_of_the_denoiser():
-    model = build(ModelConfig(**{**TINY, "learnable_self_denoiser": True, "conditional_denoiser": True,
-                                 "denoiser_layers": 1}))
+    model = build(
+        ModelConfig(**{**TINY, "learnable_self_denoiser": True, "conditional_denoiser": True, "denoiser_layers": 1})
+    )
     with pytest.raises(ValueError, match=r"x has 4 channels"):
         model.denoise(jnp.zeros((2, 4, 8, 8)), jnp.zeros((2, 2, 5)))
     with pytest.raises(ValueError, match=r"pass y of shape"):
@@ -77,26 +111,33 @@ def test_video_with_rope_needs_text_positions():
 
 
 # ------------------------------------------------------------------ configurations
-@pytest.mark.parametrize("change,message", [
-    (dict(colour=3), r"unknown model config keys: \['colour'\]"),
-    (dict(colour=3, depth=2), r"unknown model config keys: \['colour', 'depth'\]"),
-    (dict(layers_per_block=(1, 1, 1)), r"layers_per_block has 3 entries but num_blocks=2"),
-    (dict(layers_per_block="1 1 1"), r"layers_per_block has 3 entries but num_blocks=2"),
-    (dict(shallow_block_local=True), r"shallow_block_local requires cond_top_only"),
-    (dict(channels=32, head_dim=8, num_kv_heads=3, rope=False), r"num_heads=4 is not a multiple of num_kv_heads=3"),
-    (dict(num_heads=6, num_kv_heads=4), r"num_heads=6 is not a multiple of num_kv_heads=4"),
-    (dict(channels=64, top_block_channels=96, num_kv_heads=2), r"num_heads=3 is not a multiple of num_kv_heads=2 \(top_block"),
-    (dict(norm_type="batch_norm"), r"norm_type must be one of"),
-    (dict(seq_order="T2B"), r"seq_order must be one of"),
-    (dict(dtype="float8"), r"dtype must be one of"),
-    (dict(img_size=9), r"img_size=9 is not divisible by patch_size=2"),
-    (dict(layers_per_block=(1, 0)), r"top \(last\) block must have at least one layer"),
-    (dict(layers_per_block=(-1, 1)), r"layers_per_block must be >= 0"),
-    (dict(channels=0), r"channels must be a positive integer"),
-    (dict(txt_size=0), r"txt_dim=5 needs txt_size > 0"),
-    (dict(temporal_causal=1), r"seq_order must be L2R when temporal_causal is set"),
-    (dict(head_dim=16), r"rope with text positions needs head_dim > 16"),
-], ids=lambda v: "+".join(v) if isinstance(v, dict) else "")
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(colour=3), r"unknown model config keys: \['colour'\]"),
+        (dict(colour=3, depth=2), r"unknown model config keys: \['colour', 'depth'\]"),
+        (dict(layers_per_block=(1, 1, 1)), r"layers_per_block has 3 entries but num_blocks=2"),
+        (dict(layers_per_block="1 1 1"), r"layers_per_block has 3 entries but num_blocks=2"),
+        (dict(shallow_block_local=True), r"shallow_block_local requires cond_top_only"),
+        (dict(channels=32, head_dim=8, num_kv_heads=3, rope=False), r"num_heads=4 is not a multiple of num_kv_heads=3"),
+        (dict(num_heads=6, num_kv_heads=4), r"num_heads=6 is not a multiple of num_kv_heads=4"),
+        (
+            dict(channels=64, top_block_channels=96, num_kv_heads=2),
+            r"num_heads=3 is not a multiple of num_kv_heads=2 \(top_block",
+        ),
+        (dict(norm_type="batch_norm"), r"norm_type must be one of"),
+        (dict(seq_order="T2B"), r"seq_order must be one of"),
+        (dict(dtype="float8"), r"dtype must be one of"),
+        (dict(img_size=9), r"img_size=9 is not divisible by patch_size=2"),
+        (dict(layers_per_block=(1, 0)), r"top \(last\) block must have at least one layer"),
+        (dict(layers_per_block=(-1, 1)), r"layers_per_block must be >= 0"),
+        (dict(channels=0), r"channels must be a positive integer"),
+        (dict(txt_size=0), r"txt_dim=5 needs txt_size > 0"),
+        (dict(temporal_causal=1), r"seq_order must be L2R when temporal_causal is set"),
+        (dict(head_dim=16), r"rope with text positions needs head_dim > 16"),
+    ],
+    ids=lambda v: "+".join(v) if isinstance(v, dict) else "",
+)
 def test_bad_configs(change, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict({**TINY, **change})
@@ -179,8 +220,7 @@ def test_state_dict_wrong_shape(t2i):
     sd["blocks.0.proj_in.bias"] = np.zeros((3,), np.float32)
     sd["blocks.1.proj_out.weight"] = sd["blocks.1.proj_out.weight"].T  # a kernel given in our (in, out) layout
     err = _mismatch(state, sd, r"mis-shaped keys \(2\): .*blocks\.0\.proj_in\.bias: got \(3,\), expected \(64,\)")
-    assert err.mismatched == [("blocks.0.proj_in.bias", (3,), (64,)),
-                              ("blocks.1.proj_out.weight", (64, 8), (8, 64))]
+    assert err.mismatched == [("blocks.0.proj_in.bias", (3,), (64,)), ("blocks.1.proj_out.weight", (64, 8), (8, 64))]
     assert "blocks.1.proj_out.weight: got (64, 8), expected (8, 64)" in str(err)
     assert not err.missing and not err.unexpected
 
@@ -208,16 +248,27 @@ def test_all_problems_are_listed_together(t2i):
     sd["blocks.2.proj_out.bias"] = np.full_like(sd["blocks.2.proj_out.bias"], np.nan)
     err = _mismatch(state, sd, r"missing keys \(1\)")
     text = str(err)
-    for phrase in ("missing keys (1)", "unexpected keys (1)", "mis-shaped keys (1)", "keys with NaN or Inf (1)",
-                   "blocks.0.proj_in.weight", "extra.weight", "blocks.0.proj_in.bias", "blocks.2.proj_out.bias"):
+    for phrase in (
+        "missing keys (1)",
+        "unexpected keys (1)",
+        "mis-shaped keys (1)",
+        "keys with NaN or Inf (1)",
+        "blocks.0.proj_in.weight",
+        "extra.weight",
+        "blocks.0.proj_in.bias",
+        "blocks.2.proj_out.bias",
+    ):
         assert phrase in text, phrase
 
 
 def test_state_dict_of_another_architecture(t2i):
     case, cfg, _ = t2i
     other = from_model_kwargs({**case.meta["model_kwargs"], "channels": 96})
-    with pytest.raises(StateDictMismatch, match=r"mis-shaped keys .*blocks\.0\.proj_in\.weight: got \(64, 4\), "
-                                                 r"expected \(96, 4\)") as info:
+    with pytest.raises(
+        StateDictMismatch,
+        match=r"mis-shaped keys .*blocks\.0\.proj_in\.weight: got \(64, 4\), "
+        r"expected \(96, 4\)",
+    ) as info:
         load_reference_model(other, case.params())
     assert len(info.value.mismatched) > 10
     assert not info.value.missing and not info.value.unexpected
@@ -238,8 +289,16 @@ def test_deprecated_buffers_are_ignored_and_reported(t2i):
     case, _, state = t2i
     sd = case.params()
     buffers = sorted(k for k in sd if is_deprecated_buffer(k))
-    assert buffers == sorted(["var", "feat_rope.freqs_cos", "feat_rope.freqs_sin", "blocks.0.attn_mask",
-                              "blocks.1.attn_mask", "blocks.2.attn_mask"])
+    assert buffers == sorted(
+        [
+            "var",
+            "feat_rope.freqs_cos",
+            "feat_rope.freqs_sin",
+            "blocks.0.attn_mask",
+            "blocks.1.attn_mask",
+            "blocks.2.attn_mask",
+        ]
+    )
     report = []
     loaded = to_reference(from_reference(state, sd, report=report))
     assert report == buffers

@@ -1,4 +1,5 @@
 """Config files, overrides and the ``starflow-jax`` CLI (info, parity)."""
+
 import json
 import pathlib
 
@@ -17,8 +18,9 @@ STARFLOW_3B = dict(total=3_858_281_544, top=2_725_205_004, denoiser=0)
 STARFLOW_V_7B = dict(total=6_890_096_528, top=4_842_107_024, denoiser=912_884_784)
 
 
-@pytest.mark.parametrize("name,expected", [("starflow_3b_t2i_256.py", STARFLOW_3B),
-                                           ("starflow_v_7b_t2v_480p.py", STARFLOW_V_7B)])
+@pytest.mark.parametrize(
+    "name,expected", [("starflow_3b_t2i_256.py", STARFLOW_3B), ("starflow_v_7b_t2v_480p.py", STARFLOW_V_7B)]
+)
 def test_full_size_parameter_counts(name, expected):
     counts = parameter_counts(model_config(load_config(CONFIGS / name)))
     assert counts["total"] == expected["total"]
@@ -26,8 +28,9 @@ def test_full_size_parameter_counts(name, expected):
     assert counts["denoiser"] == expected["denoiser"]
 
 
-@pytest.mark.parametrize("name,expected", [("starflow_3b_t2i_256.py", STARFLOW_3B),
-                                           ("starflow_v_7b_t2v_480p.py", STARFLOW_V_7B)])
+@pytest.mark.parametrize(
+    "name,expected", [("starflow_3b_t2i_256.py", STARFLOW_3B), ("starflow_v_7b_t2v_480p.py", STARFLOW_V_7B)]
+)
 def test_info_prints_counts(name, expected, capsys, tmp_path):
     out_json = tmp_path / "counts.json"
     assert main(["info", "--config", str(CONFIGS / name), "--json", str(out_json)]) == 0
@@ -67,13 +70,36 @@ def test_missing_config_file_is_an_error(capsys):
 
 
 def test_reference_yaml_config_through_the_cli(tmp_path, capsys):
-    yaml_text = "\n".join([
-        "arguments:", "- img_size: 640", "- txt_size: 256", "- vid_size: '81:16'", "- channel_size: 48",
-        "- patch_size: 1", "- channels: 3072", "- top_block_channels: 4096", "- blocks: 6",
-        "- layers_per_block: 2 2 2 2 2 24", "- rope: 1", "- sos: 1", "- seq_order: L2R", "- pt_seq_len: 32",
-        "- use_softplus: 1", "- cond_top_only: 1", "- use_final_norm: 1", "- learnable_self_denoiser: 1",
-        "- conditional_denoiser: 1", "- denoiser_window: 10", "- temporal_causal: 2", "- shallow_block_local: 1",
-        "- vae: Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6", "- text: google/flan-t5-xl", "- soft_clip: 4", ""])
+    yaml_text = "\n".join(
+        [
+            "arguments:",
+            "- img_size: 640",
+            "- txt_size: 256",
+            "- vid_size: '81:16'",
+            "- channel_size: 48",
+            "- patch_size: 1",
+            "- channels: 3072",
+            "- top_block_channels: 4096",
+            "- blocks: 6",
+            "- layers_per_block: 2 2 2 2 2 24",
+            "- rope: 1",
+            "- sos: 1",
+            "- seq_order: L2R",
+            "- pt_seq_len: 32",
+            "- use_softplus: 1",
+            "- cond_top_only: 1",
+            "- use_final_norm: 1",
+            "- learnable_self_denoiser: 1",
+            "- conditional_denoiser: 1",
+            "- denoiser_window: 10",
+            "- temporal_causal: 2",
+            "- shallow_block_local: 1",
+            "- vae: Wan-AI/Wan2.2-TI2V-5B-Diffusers:0.6",
+            "- text: google/flan-t5-xl",
+            "- soft_clip: 4",
+            "",
+        ]
+    )
     path = tmp_path / "starflow-v.yaml"
     path.write_text(yaml_text)
     cfg = model_config(load_config(path))
@@ -108,8 +134,26 @@ def test_nll_cli_reproduces_the_reference_loss(tmp_path, capsys):
     np.save(tmp_path / "x.npy", case.arrays["input/x"])
     np.save(tmp_path / "y.npy", case.arrays["input/y"])
     out_json = tmp_path / "nll.json"
-    assert main(["nll", "--config", str(cfg_file), "--weights", str(path), "--data", str(tmp_path / "x.npy"),
-                 "--cond", str(tmp_path / "y.npy"), "--batch-size", "1", "--json", str(out_json)]) == 0
+    assert (
+        main(
+            [
+                "nll",
+                "--config",
+                str(cfg_file),
+                "--weights",
+                str(path),
+                "--data",
+                str(tmp_path / "x.npy"),
+                "--cond",
+                str(tmp_path / "y.npy"),
+                "--batch-size",
+                "1",
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out_json.read_text())
     expected = float(case.arrays["forward/loss"])
     assert abs(res["nll"] - expected) <= 1e-4 * abs(expected)
@@ -123,9 +167,9 @@ def test_nll_cli_reproduces_the_reference_loss(tmp_path, capsys):
 def test_config_dot_flags_are_overrides(capsys):
     from starflow_jax.cli.main import config_flags_to_overrides
 
-    assert config_flags_to_overrides(["info", "--config", "c.py", "--config.model.channels=96", "--config.model.sos",
-                                      "false"]) == ["info", "--config", "c.py", "--set", "model.channels=96",
-                                                    "--set", "model.sos=false"]
+    assert config_flags_to_overrides(
+        ["info", "--config", "c.py", "--config.model.channels=96", "--config.model.sos", "false"]
+    ) == ["info", "--config", "c.py", "--set", "model.channels=96", "--set", "model.sos=false"]
     assert main(["info", "--config", str(CONFIGS / "tiny_cpu.py"), "--config.model.channels=32"]) == 0
     assert "total: 52,580" in capsys.readouterr().out  # the 32-wide model, not the 64-wide default
     assert main(["info", "--config", str(CONFIGS / "tiny_cpu.py"), "--config.model.widht=32"]) == 2

@@ -1,4 +1,5 @@
 """Training input sources: an image folder and ArrayRecord shards, alone and through train_dataset."""
+
 import json
 
 import numpy as np
@@ -18,9 +19,9 @@ def _thirds(size, colours, vertical=False):
     a = np.zeros((h, w, 3), np.uint8)
     for k, c in enumerate(colours):
         if vertical:
-            a[k * h // 3:(k + 1) * h // 3] = c
+            a[k * h // 3 : (k + 1) * h // 3] = c
         else:
-            a[:, k * w // 3:(k + 1) * w // 3] = c
+            a[:, k * w // 3 : (k + 1) * w // 3] = c
     return Image.fromarray(a)
 
 
@@ -92,10 +93,15 @@ def test_image_folder_errors(tmp_path, folder):
 
 def _records(n=10):
     rng = np.random.default_rng(0)
-    return [{"latent": rng.normal(size=(4, 2, 2)).astype(np.float32),
-             "text_emb": rng.normal(size=(3, 5)).astype(np.float32),
-             "caption": f"caption {i} " + "é" * (i % 3),
-             "size": np.array([16, 16 + i], np.int32)} for i in range(n)]
+    return [
+        {
+            "latent": rng.normal(size=(4, 2, 2)).astype(np.float32),
+            "text_emb": rng.normal(size=(3, 5)).astype(np.float32),
+            "caption": f"caption {i} " + "é" * (i % 3),
+            "size": np.array([16, 16 + i], np.int32),
+        }
+        for i in range(n)
+    ]
 
 
 def test_array_record_round_trip(tmp_path):
@@ -180,7 +186,11 @@ def _check_pipeline(src, keys_shapes):
 def test_train_dataset_over_sources(tmp_path, folder):
     _check_pipeline(ImageFolderSource(folder, image_size=8), {"image": (4, 3, 8, 8), "label": (4,)})
     write_shards(tmp_path / "ar", _records(), records_per_shard=4)
-    _check_pipeline(ArrayRecordSource(tmp_path / "ar"),
-                    {"latent": (4, 4, 2, 2), "text_emb": (4, 3, 5), "caption": (4,), "size": (4, 2)})
-    _check_pipeline(ArrayRecordSource(tmp_path / "ar", fields=["latent", "text_emb"], rename=TRAIN_STEP_KEYS),
-                    {"image": (4, 4, 2, 2), "cond": (4, 3, 5)})
+    _check_pipeline(
+        ArrayRecordSource(tmp_path / "ar"),
+        {"latent": (4, 4, 2, 2), "text_emb": (4, 3, 5), "caption": (4,), "size": (4, 2)},
+    )
+    _check_pipeline(
+        ArrayRecordSource(tmp_path / "ar", fields=["latent", "text_emb"], rename=TRAIN_STEP_KEYS),
+        {"image": (4, 4, 2, 2), "cond": (4, 3, 5)},
+    )

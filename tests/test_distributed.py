@@ -1,6 +1,7 @@
 """How a process decides to join a multi-process run (arguments, STARFLOW_* and SLURM
 variables, TPU discovery) and the errors for inconsistent settings. No second process is
 started here (tests/test_multihost.py runs real ones)."""
+
 import pathlib
 
 import jax
@@ -39,31 +40,38 @@ def test_arguments():
 
 
 def test_environment_and_arguments_override_it():
-    env = {"STARFLOW_COORDINATOR": "node7:5000", "STARFLOW_NUM_PROCESSES": "8", "STARFLOW_PROCESS_ID": "5",
-           "STARFLOW_LOCAL_DEVICE_IDS": "2"}
+    env = {
+        "STARFLOW_COORDINATOR": "node7:5000",
+        "STARFLOW_NUM_PROCESSES": "8",
+        "STARFLOW_PROCESS_ID": "5",
+        "STARFLOW_LOCAL_DEVICE_IDS": "2",
+    }
     assert R(env=env) == Plan("explicit", "node7:5000", 8, 5, (2,))
     # per-field: the flag wins, the rest comes from the environment
     assert R(process_id=6, env=env) == Plan("explicit", "node7:5000", 8, 6, (2,))
     assert R("other:1", 2, 0, env=env) == Plan("explicit", "other:1", 2, 0, (2,))
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(coordinator_address="h:1", num_processes=2), "process id .* is not"),
-    (dict(coordinator_address="h:1", process_id=1), "number of processes .* is not"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=2), "out of range for 2 processes"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=-1), "must be >= 0"),
-    (dict(coordinator_address="h:1", num_processes=0, process_id=0), "must be >= 1"),
-    (dict(num_processes=2, process_id=0), "need a coordinator address"),
-    (dict(coordinator_address="h:1"), "without the number of processes"),
-    (dict(coordinator_address="h", num_processes=2, process_id=0), "must be host:port"),
-    (dict(coordinator_address=":1234", num_processes=2, process_id=0), "must be host:port"),
-    (dict(coordinator_address="h:port", num_processes=2, process_id=0), "port must be a number"),
-    (dict(coordinator_address="h:0", num_processes=2, process_id=0), "port must be a number"),
-    (dict(coordinator_address="h:65536", num_processes=2, process_id=0), "port must be a number"),
-    (dict(coordinator_address="grpc://h:1", num_processes=2, process_id=0), "must be host:port"),
-    (dict(coordinator_address="::1:80", num_processes=2, process_id=0), "must be host:port"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=0, local_device_ids="0,x"), "local device ids"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(coordinator_address="h:1", num_processes=2), "process id .* is not"),
+        (dict(coordinator_address="h:1", process_id=1), "number of processes .* is not"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=2), "out of range for 2 processes"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=-1), "must be >= 0"),
+        (dict(coordinator_address="h:1", num_processes=0, process_id=0), "must be >= 1"),
+        (dict(num_processes=2, process_id=0), "need a coordinator address"),
+        (dict(coordinator_address="h:1"), "without the number of processes"),
+        (dict(coordinator_address="h", num_processes=2, process_id=0), "must be host:port"),
+        (dict(coordinator_address=":1234", num_processes=2, process_id=0), "must be host:port"),
+        (dict(coordinator_address="h:port", num_processes=2, process_id=0), "port must be a number"),
+        (dict(coordinator_address="h:0", num_processes=2, process_id=0), "port must be a number"),
+        (dict(coordinator_address="h:65536", num_processes=2, process_id=0), "port must be a number"),
+        (dict(coordinator_address="grpc://h:1", num_processes=2, process_id=0), "must be host:port"),
+        (dict(coordinator_address="::1:80", num_processes=2, process_id=0), "must be host:port"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=0, local_device_ids="0,x"), "local device ids"),
+    ],
+)
 def test_invalid_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         R(**kw)
@@ -76,10 +84,17 @@ def test_invalid_environment_names_the_variable():
         R(env={"STARFLOW_COORDINATOR": "nohost", "STARFLOW_NUM_PROCESSES": "2", "STARFLOW_PROCESS_ID": "0"})
 
 
-@pytest.mark.parametrize("nodelist, host", [
-    ("node001", "node001"), ("node001,node002", "node001"), ("node[003-006]", "node003"),
-    ("node[007,009-012],gpu1", "node007"), ("gpu-a100-[01-04]", "gpu-a100-01"), ("rack[2-3]-n[05-08]", "rack2-n05"),
-])
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("node001", "node001"),
+        ("node001,node002", "node001"),
+        ("node[003-006]", "node003"),
+        ("node[007,009-012],gpu1", "node007"),
+        ("gpu-a100-[01-04]", "gpu-a100-01"),
+        ("rack[2-3]-n[05-08]", "rack2-n05"),
+    ],
+)
 def test_first_slurm_host(nodelist, host):
     assert first_slurm_host(nodelist) == host
 
@@ -130,8 +145,16 @@ def test_initialize_calls_jax_with_resolved_values(clean_env):
     clean_env.setenv("STARFLOW_PROCESS_ID", "1")
     info = D.initialize("127.0.0.1:5555", 2)
     assert info == D.DistributedInfo(1, 2, "127.0.0.1:5555", "explicit")
-    assert calls == [dict(coordinator_address="127.0.0.1:5555", num_processes=2, process_id=1, local_device_ids=None,
-                          cluster_detection_method="deactivate", initialization_timeout=300)]
+    assert calls == [
+        dict(
+            coordinator_address="127.0.0.1:5555",
+            num_processes=2,
+            process_id=1,
+            local_device_ids=None,
+            cluster_detection_method="deactivate",
+            initialization_timeout=300,
+        )
+    ]
     assert jax.config.jax_cpu_collectives_implementation == "gloo"
     with pytest.raises(ValueError, match="process id 2 is out of range"):
         D.initialize("127.0.0.1:5555", 2, 2)
@@ -152,8 +175,19 @@ def test_train_cli_reports_bad_settings(clean_env, tmp_path, capsys):
     from starflow_jax.cli.main import main
 
     config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.py"
-    rc = main(["train", "--config", str(config), "--workdir", str(tmp_path / "w"),
-               "--num-processes", "2", "--process-id", "0"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--num-processes",
+            "2",
+            "--process-id",
+            "0",
+        ]
+    )
     assert rc == 2 and "need a coordinator address" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
 

@@ -1,4 +1,5 @@
 """Checkpoints both ways: export to the reference's formats, import reference weights."""
+
 import os
 import pathlib
 
@@ -58,8 +59,22 @@ def test_export_refuses_to_overwrite_and_import_refuses_another_architecture(tmp
     assert main(["export", "--workdir", str(tmp_path / "wd"), "--format", "safetensors", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and out.read_text() == "precious"
     # another architecture: the mismatch is listed
-    assert main(["import", "--torch", str(src), "--config", str(cfg_file), "--set", "model.channels=96",
-                 "--out", str(tmp_path / "wd2")]) == 2
+    assert (
+        main(
+            [
+                "import",
+                "--torch",
+                str(src),
+                "--config",
+                str(cfg_file),
+                "--set",
+                "model.channels=96",
+                "--out",
+                str(tmp_path / "wd2"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "mis-shaped keys" in err and "blocks.0.proj_in.weight" in err
 
@@ -68,13 +83,33 @@ def test_training_checkpoint_exports_and_imports_exactly(tmp_path):
 
     from starflow_jax.train.loop import train
 
-    fast = ["model.channels=32", "train.batch_size=16", "train.steps=3", "train.eval_every=0",
-            "train.checkpoint_every=3", "sample.per_class=1", "sample.scale=1"]
+    fast = [
+        "model.channels=32",
+        "train.batch_size=16",
+        "train.steps=3",
+        "train.eval_every=0",
+        "train.checkpoint_every=3",
+        "sample.per_class=1",
+        "sample.scale=1",
+    ]
     train(load_config(ROOT / "configs" / "tiny_cpu.py", fast), str(tmp_path / "run"), log=lambda *a: None)
     out = tmp_path / "run.safetensors"
     assert main(["export", "--workdir", str(tmp_path / "run"), "--format", "safetensors", "--out", str(out)]) == 0
-    assert main(["import", "--torch", str(out), "--config", str(ROOT / "configs" / "tiny_cpu.py"),
-                 *sum((["--set", o] for o in fast), []), "--out", str(tmp_path / "imp")]) == 0
+    assert (
+        main(
+            [
+                "import",
+                "--torch",
+                str(out),
+                "--config",
+                str(ROOT / "configs" / "tiny_cpu.py"),
+                *sum((["--set", o] for o in fast), []),
+                "--out",
+                str(tmp_path / "imp"),
+            ]
+        )
+        == 0
+    )
     _, _, p_run = ck.load_params(tmp_path / "run")
     _, _, p_imp = ck.load_params(tmp_path / "imp")
     import jax
@@ -88,15 +123,31 @@ def test_pth_import_reproduces_the_forward(tmp_path):
     case = rc.load_case([p for p in CASES if p.stem == "video_small"][0])
     src = tmp_path / "case.pth"
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in case.params().items()}, src)
-    assert main(["import", "--torch", str(src), "--config", str(_case_config_file(tmp_path, case)),
-                 "--out", str(tmp_path / "wd")]) == 0
+    assert (
+        main(
+            [
+                "import",
+                "--torch",
+                str(src),
+                "--config",
+                str(_case_config_file(tmp_path, case)),
+                "--out",
+                str(tmp_path / "wd"),
+            ]
+        )
+        == 0
+    )
     _, model = ck.model_from_workdir(tmp_path / "wd")
     out = model(jnp.asarray(case.arrays["input/x"]), jnp.asarray(case.arrays["input/y"]))
     assert rc.relative_error(out.z, case.arrays["forward/z"]) < 1e-4
     # and back to .pth, bfloat16 on request
     pth = tmp_path / "out.pth"
-    assert main(["export", "--workdir", str(tmp_path / "wd"), "--format", "torch", "--dtype", "bfloat16",
-                 "--out", str(pth)]) == 0
+    assert (
+        main(
+            ["export", "--workdir", str(tmp_path / "wd"), "--format", "torch", "--dtype", "bfloat16", "--out", str(pth)]
+        )
+        == 0
+    )
     sd = torch.load(pth, weights_only=True)
     assert set(sd) == set(case.params()) and all(v.dtype == torch.bfloat16 for v in sd.values())
 
@@ -104,8 +155,10 @@ def test_pth_import_reproduces_the_forward(tmp_path):
 REFERENCE_REPO = os.environ.get("STARFLOW_REFERENCE_REPO")
 
 
-@pytest.mark.skipif(not REFERENCE_REPO, reason="STARFLOW_REFERENCE_REPO is unset: no apple/ml-starflow checkout "
-                                               "to load the exported .pth into")
+@pytest.mark.skipif(
+    not REFERENCE_REPO,
+    reason="STARFLOW_REFERENCE_REPO is unset: no apple/ml-starflow checkout to load the exported .pth into",
+)
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
 def test_exported_pth_loads_strictly_into_the_reference(path, tmp_path):
     pytest.importorskip("torch")

@@ -1,5 +1,6 @@
 """Pure flow math: the affine step and its log-determinant, scales, soft clipping,
 the right shift, reading orders, the loss and bits per dimension."""
+
 import math
 
 import jax
@@ -7,9 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from starflow_jax.flow import (FLIP, IDENTITY, INV_SOFTPLUS_1, affine_forward, affine_inverse, bits_per_dim,
-                               block_orders, nll_loss, nll_per_example, permute, scale_from_raw, shift_right,
-                               soft_clip, split_raw)
+from starflow_jax.flow import (
+    FLIP,
+    IDENTITY,
+    INV_SOFTPLUS_1,
+    affine_forward,
+    affine_inverse,
+    bits_per_dim,
+    block_orders,
+    nll_loss,
+    nll_per_example,
+    permute,
+    scale_from_raw,
+    shift_right,
+    soft_clip,
+    split_raw,
+)
 from starflow_jax.flow.permutation import token_index
 
 
@@ -26,8 +40,7 @@ def test_affine_forward_and_inverse_are_inverses(use_softplus):
     assert scale.dtype == jnp.float32 and bool(jnp.all(scale > 0))
     z, logdet = affine_forward(x, scale, b)
     assert z.dtype == jnp.float32 and z.shape == shape and logdet.shape == shape
-    np.testing.assert_allclose(np.asarray(z), (np.asarray(x) - np.asarray(b)) / np.asarray(scale),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(z), (np.asarray(x) - np.asarray(b)) / np.asarray(scale), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(affine_inverse(z, scale, b), x, rtol=1e-5, atol=1e-5)
     # and the other way round: noise -> data -> noise
     x2 = affine_inverse(x, scale, b)
@@ -57,8 +70,7 @@ def test_scale_from_raw():
     assert abs(math.log(math.e - 1) - INV_SOFTPLUS_1) < 1e-12
     a = jnp.array([-3.0, -0.5, 0.7, 2.0])
     np.testing.assert_allclose(scale_from_raw(a, False), np.exp(np.asarray(a)), rtol=1e-6)
-    np.testing.assert_allclose(scale_from_raw(a, True), np.log1p(np.exp(np.asarray(a) + INV_SOFTPLUS_1)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(scale_from_raw(a, True), np.log1p(np.exp(np.asarray(a) + INV_SOFTPLUS_1)), rtol=1e-6)
     # computed in float32 whatever the raw dtype
     assert scale_from_raw(a.astype(jnp.bfloat16), True).dtype == jnp.float32
 
@@ -148,9 +160,9 @@ def test_block_orders():
 
 # ------------------------------------------------------------------ loss
 def test_nll_loss_on_a_hand_computed_example():
-    z = jnp.array([[[1.0, 3.0]], [[0.0, 2.0]]])           # (b=2, n=1, c=2)
-    ld_a = jnp.array([[[0.5, 0.5]], [[1.0, 0.0]]])        # mean per example: 0.5, 0.5
-    ld_b = jnp.array([[[-1.0, 0.0]], [[2.0, 2.0]]])       # mean per example: -0.5, 2.0
+    z = jnp.array([[[1.0, 3.0]], [[0.0, 2.0]]])  # (b=2, n=1, c=2)
+    ld_a = jnp.array([[[0.5, 0.5]], [[1.0, 0.0]]])  # mean per example: 0.5, 0.5
+    ld_b = jnp.array([[[-1.0, 0.0]], [[2.0, 2.0]]])  # mean per example: -0.5, 2.0
     # example 0: 0.5 * (1 + 9) / 2 - 0.5 + 0.5 = 2.5 ; example 1: 0.5 * 4 / 2 - 0.5 - 2.0 = -1.5
     np.testing.assert_allclose(nll_per_example(z, [ld_a, ld_b]), [2.5, -1.5], rtol=1e-6)
     np.testing.assert_allclose(nll_loss(z, [ld_a, ld_b]), 0.5, rtol=1e-6)
@@ -166,8 +178,7 @@ def test_nll_loss_is_the_gaussian_nll_minus_constant():
     z = _random((3, 4, 5), 13)
     lds = [0.1 * _random((3, 4, 5), 14), 0.1 * _random((3, 4, 5), 15)]
     zz, l1, l2 = (np.asarray(a, np.float64) for a in (z, *lds))
-    expected = np.mean(0.5 * np.mean(zz.reshape(3, -1) ** 2, 1) - l1.reshape(3, -1).mean(1)
-                       - l2.reshape(3, -1).mean(1))
+    expected = np.mean(0.5 * np.mean(zz.reshape(3, -1) ** 2, 1) - l1.reshape(3, -1).mean(1) - l2.reshape(3, -1).mean(1))
     np.testing.assert_allclose(float(nll_loss(z, lds)), expected, rtol=1e-5)
 
 
@@ -175,8 +186,11 @@ def test_nll_loss_is_the_gaussian_nll_minus_constant():
 def test_bits_per_dim(loss_value, data_scale):
     expected = (loss_value + 0.5 * math.log(2 * math.pi) + math.log(data_scale)) / math.log(2)
     np.testing.assert_allclose(float(bits_per_dim(loss_value, data_scale)), expected, rtol=1e-6)
-    np.testing.assert_allclose(float(bits_per_dim(jnp.asarray(loss_value))),
-                               (loss_value + 0.5 * math.log(2 * math.pi)) / math.log(2), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(bits_per_dim(jnp.asarray(loss_value))),
+        (loss_value + 0.5 * math.log(2 * math.pi)) / math.log(2),
+        rtol=1e-6,
+    )
 
 
 def test_bits_per_dim_of_a_standard_normal():

@@ -1,5 +1,6 @@
 """``keep_freed_host_memory``: a compiled program's per-execution temporaries stop
 page-faulting once glibc keeps freed memory (counted in page faults, never in time)."""
+
 import os
 import subprocess
 import sys

@@ -1,6 +1,7 @@
 """Model-level properties of tiny random models: the exact log-determinant, causality of
 every block in its reading order and of video models in time, bfloat16 compute, stacked
 layer parameters, identity blocks and the learnable denoiser."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,15 +52,27 @@ def normal(shape, seed):
 
 
 # 8 dimensions: 2x2 grid of 2-channel tokens
-TINY = dict(in_channels=2, img_size=2, patch_size=1, channels=32, num_blocks=3, layers_per_block=(1, 1, 1),
-            head_dim=16, soft_clip=2.0)
+TINY = dict(
+    in_channels=2,
+    img_size=2,
+    patch_size=1,
+    channels=32,
+    num_blocks=3,
+    layers_per_block=(1, 1, 1),
+    head_dim=16,
+    soft_clip=2.0,
+)
 
 
 # ------------------------------------------------------------------ (a) exact log-determinant
-@pytest.mark.parametrize("extra", [
-    dict(rope=True, sos=True, use_softplus=True, seq_order="R2L"),
-    dict(rope=False, sos=False, use_softplus=False, seq_order="L2R", layers_per_block=(2, 1, 1)),
-], ids=["rope-sos-softplus-R2L", "learned-pos-shift-exp-L2R"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(rope=True, sos=True, use_softplus=True, seq_order="R2L"),
+        dict(rope=False, sos=False, use_softplus=False, seq_order="L2R", layers_per_block=(2, 1, 1)),
+    ],
+    ids=["rope-sos-softplus-R2L", "learned-pos-shift-exp-L2R"],
+)
 def test_log_determinant_equals_log_abs_det_of_the_jacobian(extra):
     cfg = ModelConfig(**{**TINY, **extra})
     model = make(cfg, seed=1, std=0.3)
@@ -85,11 +98,15 @@ def test_log_determinant_equals_log_abs_det_of_the_jacobian(extra):
 
 
 # ------------------------------------------------------------------ (b) causality of a block
-@pytest.mark.parametrize("extra", [
-    dict(rope=True, sos=True, use_softplus=True),
-    dict(rope=False, sos=False, use_softplus=False),
-    dict(rope=True, sos=True, use_softplus=True, txt_size=3, txt_dim=5, head_dim=32),
-], ids=["sos", "no-sos", "text"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(rope=True, sos=True, use_softplus=True),
+        dict(rope=False, sos=False, use_softplus=False),
+        dict(rope=True, sos=True, use_softplus=True, txt_size=3, txt_dim=5, head_dim=32),
+    ],
+    ids=["sos", "no-sos", "text"],
+)
 def test_block_is_causal_in_its_reading_order(extra):
     cfg = ModelConfig(**{**TINY, "img_size": 4, "num_blocks": 2, "layers_per_block": (1, 1), **extra})
     model = make(cfg, seed=3)
@@ -114,19 +131,36 @@ def test_block_is_causal_in_its_reading_order(extra):
             np.testing.assert_array_equal(np.asarray(seq_z1[:, :t]), np.asarray(seq_z0[:, :t]))
             # the affine transform of token t depends only on the tokens before it: its scale
             # (log-det) is unchanged and z_t moves by exactly delta / scale
-            np.testing.assert_allclose(np.asarray(ld1[:, :t + 1]), np.asarray(ld0[:, :t + 1]), atol=1e-6, rtol=0)
-            np.testing.assert_allclose(np.asarray(seq_z1[:, t] - seq_z0[:, t]), 1.5 * np.exp(np.asarray(ld0[:, t])),
-                                       rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(ld1[:, : t + 1]), np.asarray(ld0[:, : t + 1]), atol=1e-6, rtol=0)
+            np.testing.assert_allclose(
+                np.asarray(seq_z1[:, t] - seq_z0[:, t]), 1.5 * np.exp(np.asarray(ld0[:, t])), rtol=1e-4, atol=1e-5
+            )
             # token t itself and (through the Transformer) the later tokens do change
             assert float(jnp.max(jnp.abs(seq_z1[:, t] - seq_z0[:, t]))) > 1e-3
             if t < n - 1:
-                assert float(jnp.max(jnp.abs(seq_z1[:, t + 1:] - seq_z0[:, t + 1:]))) > 1e-4
+                assert float(jnp.max(jnp.abs(seq_z1[:, t + 1 :] - seq_z0[:, t + 1 :]))) > 1e-4
 
 
 # ------------------------------------------------------------------ (c) video model
-VIDEO = dict(in_channels=2, img_size=2, patch_size=1, channels=32, num_blocks=3, layers_per_block=(1, 1, 1),
-             head_dim=32, rope=True, sos=True, txt_size=3, txt_dim=5, cond_top_only=True, use_softplus=True,
-             soft_clip=2.0, temporal_causal=1, shallow_block_local=True, seq_order="L2R")
+VIDEO = dict(
+    in_channels=2,
+    img_size=2,
+    patch_size=1,
+    channels=32,
+    num_blocks=3,
+    layers_per_block=(1, 1, 1),
+    head_dim=32,
+    rope=True,
+    sos=True,
+    txt_size=3,
+    txt_dim=5,
+    cond_top_only=True,
+    use_softplus=True,
+    soft_clip=2.0,
+    temporal_causal=1,
+    shallow_block_local=True,
+    seq_order="L2R",
+)
 
 
 @pytest.mark.parametrize("local", [True, False], ids=["shallow_block_local", "shallow_blocks_global"])
@@ -167,15 +201,13 @@ def test_video_model_shapes_and_causality_in_time(local):
 def test_video_flip_order_follows_temporal_causal(temporal_causal):
     """A ``flip`` block reverses each frame of a time-causal video model (frames stay in
     time order) and the whole sequence otherwise, as the reference's two permutations do."""
-    cfg = ModelConfig(**{**VIDEO, "temporal_causal": temporal_causal, "shallow_block_local": False,
-                         "seq_order": "L2R"})
-    block = FlowBlock(cfg, channels=32, num_heads=1, num_layers=1, order="flip", conditioned=False,
-                      rngs=nnx.Rngs(0))
+    cfg = ModelConfig(**{**VIDEO, "temporal_causal": temporal_causal, "shallow_block_local": False, "seq_order": "L2R"})
+    block = FlowBlock(cfg, channels=32, num_heads=1, num_layers=1, order="flip", conditioned=False, rngs=nnx.Rngs(0))
     b, t, n = 1, 3, 4
     x = jnp.arange(b * t * n, dtype=jnp.float32).reshape(b, t, 2, 2, 1)
     seq, frames = block.tokens(x)
     got = np.asarray(seq[0, :, 0]).astype(int).tolist()
-    want = ([3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8] if temporal_causal else list(range(11, -1, -1)))
+    want = [3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8] if temporal_causal else list(range(11, -1, -1))
     assert frames == t and got == want
     assert block.keeps_frame_order(t) == bool(temporal_causal)
     np.testing.assert_array_equal(np.asarray(block.untokens(seq, x.shape, frames)), np.asarray(x))
@@ -203,8 +235,18 @@ def matmul_operand_dtypes(fn, *args) -> list[tuple[str, ...]]:
 
 
 def test_bfloat16_compute_keeps_float32_params_and_matches_float32():
-    cfg = ModelConfig(**{**TINY, "img_size": 4, "rope": True, "sos": True, "use_softplus": True,
-                         "txt_size": 2, "txt_dim": 3, "head_dim": 32})
+    cfg = ModelConfig(
+        **{
+            **TINY,
+            "img_size": 4,
+            "rope": True,
+            "sos": True,
+            "use_softplus": True,
+            "txt_size": 2,
+            "txt_dim": 3,
+            "head_dim": 32,
+        }
+    )
     model32 = make(cfg, seed=9, std=0.1)
     cfg16 = cfg.replace(dtype="bfloat16")
     abstract16 = nnx.eval_shape(lambda: StarFlow(cfg16, rngs=nnx.Rngs(0)))
@@ -228,7 +270,7 @@ def test_bfloat16_compute_keeps_float32_params_and_matches_float32():
     dots = {}
     for name, m in (("f32", model32), ("bf16", model16)):
         graphdef, state = nnx.split(m)
-        dots[name] = matmul_operand_dtypes(lambda s, x, y: nnx.merge(graphdef, s)(x, y), state, x, y)
+        dots[name] = matmul_operand_dtypes(lambda s, x, y: nnx.merge(graphdef, s)(x, y), state, x, y)  # noqa: B023 (called at once)
     assert len(dots["bf16"]) == len(dots["f32"]) >= 4 * cfg.num_blocks
     assert all(d == ("float32", "float32") for d in dots["f32"])
     assert all(d == ("bfloat16", "bfloat16") for d in dots["bf16"]), dots["bf16"]
@@ -246,8 +288,11 @@ def test_layer_parameters_are_stacked():
         assert any(leaf.shape == (n, cfg.channels) for leaf in leaves)
     # a real initialisation draws every layer of a stack independently
     real = nnx.jit(lambda: StarFlow(cfg.replace(num_blocks=1, layers_per_block=(3,)), rngs=nnx.Rngs(0)))()
-    qkv = [leaf for path, leaf in nnx.to_flat_state(nnx.state(real.blocks[0].attn_blocks, nnx.Param))
-           if "qkv" in [str(p) for p in path] and str(path[-1]) == "kernel"]
+    qkv = [
+        leaf
+        for path, leaf in nnx.to_flat_state(nnx.state(real.blocks[0].attn_blocks, nnx.Param))
+        if "qkv" in [str(p) for p in path] and str(path[-1]) == "kernel"
+    ]
     assert len(qkv) == 1
     w = np.asarray(qkv[0][...])
     assert w.shape == (3, cfg.channels, 3 * cfg.channels)
@@ -275,8 +320,9 @@ def test_identity_block():
     ref_state = nnx.State({"blocks": {0: nnx.state(model.blocks[0]), 1: nnx.state(model.blocks[3])}})
     ref_out = jitted(nnx.merge(nnx.graphdef(ref), ref_state))(x)
     np.testing.assert_allclose(np.asarray(ref_out.z), np.asarray(out.z), atol=1e-6, rtol=0)
-    np.testing.assert_allclose(float(nll_loss(ref_out.z, ref_out.logdets)), float(nll_loss(out.z, out.logdets)),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        float(nll_loss(ref_out.z, ref_out.logdets)), float(nll_loss(out.z, out.logdets)), rtol=1e-6
+    )
 
 
 def test_identity_block_in_a_local_video_model():
@@ -292,8 +338,9 @@ def test_identity_block_in_a_local_video_model():
 
 # ------------------------------------------------------------------ (g) learnable denoiser
 def test_denoiser_output_shape_image():
-    cfg = ModelConfig(**{**TINY, "img_size": 4, "patch_size": 2, "rope": True, "learnable_self_denoiser": True,
-                         "denoiser_layers": 2})
+    cfg = ModelConfig(
+        **{**TINY, "img_size": 4, "patch_size": 2, "rope": True, "learnable_self_denoiser": True, "denoiser_layers": 2}
+    )
     denoise = jitted(make(cfg, seed=17), "denoise")
     x = normal((2, 2, 4, 4), 18)
     out = denoise(x)
@@ -305,18 +352,27 @@ def test_denoiser_output_shape_image():
 
 
 def test_denoiser_output_shape_video_conditional():
-    cfg = ModelConfig(**{**VIDEO, "learnable_self_denoiser": True, "conditional_denoiser": True,
-                         "denoiser_window": 1, "denoiser_layers": 1})
+    cfg = ModelConfig(
+        **{
+            **VIDEO,
+            "learnable_self_denoiser": True,
+            "conditional_denoiser": True,
+            "denoiser_window": 1,
+            "denoiser_layers": 1,
+        }
+    )
     denoise = jitted(make(cfg, seed=19), "denoise")
     x = normal((2, 3, 2, 2, 2), 20)
     y = normal((2, 3, 5), 21)
     out = denoise(x, y)
     assert out.shape == x.shape
     assert bool(jnp.all(jnp.isfinite(out)))
+
     # block-causal in time with a window of 1 frame back: frame f reads frames f-1 and f
     def frame_diffs(x2):
         o = denoise(x2, y)
         return [float(jnp.max(jnp.abs(o[:, f] - out[:, f]))) for f in range(3)]
+
     d0 = frame_diffs(x.at[:, 0].add(1.0))
     assert d0[0] > 1e-4 and d0[1] > 1e-4 and d0[2] == 0.0
     d2 = frame_diffs(x.at[:, 2].add(1.0))

@@ -1,6 +1,7 @@
 """Moving digits (the video main job's data): clips are the digit rolled by a constant
 velocity, deterministic per index; a video model trains on them through the usual loop
 (held-out bits per dimension, the Gaussian baselines, a sample grid of frames)."""
+
 import pathlib
 
 import numpy as np
@@ -31,8 +32,7 @@ def test_source_is_deterministic_and_moves():
     np.testing.assert_array_equal(a["image"], b["image"])
     assert a["image"].shape == (4, 1, 8, 8) and int(a["label"]) == 2
     # every frame is the first one rolled by k times one of the velocities
-    v = [tuple(d) for d in VELOCITIES if np.array_equal(np.roll(a["image"][0], tuple(d), axis=(-2, -1)),
-                                                         a["image"][1])]
+    v = [tuple(d) for d in VELOCITIES if np.array_equal(np.roll(a["image"][0], tuple(d), axis=(-2, -1)), a["image"][1])]
     assert len(v) >= 1
     np.testing.assert_array_equal(a["image"][3], np.roll(a["image"][0], (3 * v[0][0], 3 * v[0][1]), axis=(-2, -1)))
     with pytest.raises(ValueError, match="num_frames"):
@@ -46,9 +46,20 @@ def test_moving_digits_need_a_video_model():
 
 
 def test_video_main_job_trains_a_few_steps(tmp_path):
-    config = load_config(VIDEO_TINY, ["train.steps=4", "train.batch_size=8", "train.warmup_steps=1",
-                                      "train.log_every=2", "train.eval_every=4", "train.checkpoint_every=4",
-                                      "data.num_train=200", "model.channels=32", "sample.scale=1"])
+    config = load_config(
+        VIDEO_TINY,
+        [
+            "train.steps=4",
+            "train.batch_size=8",
+            "train.warmup_steps=1",
+            "train.log_every=2",
+            "train.eval_every=4",
+            "train.checkpoint_every=4",
+            "data.num_train=200",
+            "model.channels=32",
+            "sample.scale=1",
+        ],
+    )
     result = train(config, str(tmp_path), log=lambda *a: None)
     assert np.isfinite(result["heldout_bpd"]) and "gaussian_full_cov_bpd" in result
     # one row of 4 frames per class: 10 rows x 4 columns of 8x8 with 1-pixel padding

@@ -1,5 +1,6 @@
 """Two processes on localhost (jax.distributed, CPU collectives) train on a 2-process mesh:
 they agree on the loss, and it equals a one-process run of the same global batches."""
+
 import json
 import os
 import pathlib
@@ -22,15 +23,22 @@ def _run(nproc: int) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(port), str(nproc), str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(nproc)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "multihost_worker.py"), str(port), str(nproc), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(nproc)
+    ]
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
         lines = [l for l in stdout.splitlines() if l.startswith("LOSSES ")]
         assert p.returncode == 0 and lines, stderr[-3000:]
-        out.append(json.loads(lines[-1][len("LOSSES "):]))
+        out.append(json.loads(lines[-1][len("LOSSES ") :]))
     return out
 
 

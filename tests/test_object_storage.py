@@ -2,16 +2,17 @@
 writes its checkpoints, metrics, TensorBoard events, pictures and result there, resumes from
 there, sets checkpoints aside there; ``load_params`` (sample / nll / export) reads it; ArrayRecord
 shards under a ``gs://`` prefix are read through a local copy."""
+
 import json
 import os
 import pathlib
 
 import numpy as np
 import pytest
+from fast_run import FAST, ROOT, TINY, quiet
+from gcs_emulator import BUCKET, gcs_emulator
 
 from starflow_jax import storage
-from gcs_emulator import BUCKET, gcs_emulator
-from fast_run import FAST, ROOT, TINY, quiet
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +155,23 @@ def _spawn(args, env, **kw):
     import subprocess
     import sys
 
-    env = dict(os.environ, **env, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", STARFLOW_SIGTERM_GRACE_S="8")
+    env = dict(
+        os.environ,
+        **env,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        STARFLOW_SIGTERM_GRACE_S="8",
+    )
     env.pop("XLA_FLAGS", None)
-    return subprocess.Popen([sys.executable, "-m", "starflow_jax.cli.main"] + args, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "starflow_jax.cli.main"] + args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        **kw,
+    )
 
 
 def _train_two(workdir, env, extra):
@@ -168,8 +181,12 @@ def _train_two(workdir, env, extra):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["train", "--config", str(TINY), "--workdir", workdir] + sum((["--set", o] for o in FAST + extra), [])
-    return [_spawn(args + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
-                           str(i)], env) for i in range(2)]
+    return [
+        _spawn(
+            args + ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)], env
+        )
+        for i in range(2)
+    ]
 
 
 @pytest.mark.slow
@@ -208,10 +225,12 @@ def test_two_processes_train_on_gcs_are_stopped_resume_and_sample_and_export_rea
     assert max(map(int, _steps(workdir))) == 20
     assert json.loads((storage.as_path(workdir) / "result.json").read_text())["steps"] == 20
 
-    sample = _spawn(["sample", "--workdir", workdir, "--labels", "0,1", "--num", "2", "--out",
-                     str(tmp_path / "s.png")], gcs)
-    export = _spawn(["export", "--workdir", workdir, "--format", "safetensors", "--out",
-                     str(tmp_path / "m.safetensors")], gcs)
+    sample = _spawn(
+        ["sample", "--workdir", workdir, "--labels", "0,1", "--num", "2", "--out", str(tmp_path / "s.png")], gcs
+    )
+    export = _spawn(
+        ["export", "--workdir", workdir, "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")], gcs
+    )
     for p in (sample, export):
         out = p.communicate(timeout=300)[0]
         assert p.returncode == 0, out[-2000:]
@@ -227,8 +246,14 @@ def test_training_data_under_a_gcs_prefix(gcs, tmp_path, monkeypatch):
     from starflow_jax.data.sources import make_data
 
     rng = np.random.default_rng(0)
-    records = [dict(latent=rng.normal(size=(4, 8, 8)).astype(np.float32),
-                    text_emb=rng.normal(size=(3, 6)).astype(np.float32), caption=f"caption {i}") for i in range(20)]
+    records = [
+        dict(
+            latent=rng.normal(size=(4, 8, 8)).astype(np.float32),
+            text_emb=rng.normal(size=(3, 6)).astype(np.float32),
+            caption=f"caption {i}",
+        )
+        for i in range(20)
+    ]
     write_shards(tmp_path / "shards", records[:16], records_per_shard=6)
     write_shards(tmp_path / "held", records[16:])
     storage.upload_tree(tmp_path / "shards", f"gs://{BUCKET}/t2i/train")
@@ -236,8 +261,9 @@ def test_training_data_under_a_gcs_prefix(gcs, tmp_path, monkeypatch):
     monkeypatch.setenv("STARFLOW_DATA_CACHE", str(tmp_path / "cache"))
     config = load_config(TINY, FAST)
     with config.unlocked():
-        config.data = data_section(name="array_record", path=f"gs://{BUCKET}/t2i/train",
-                                   heldout_path=f"gs://{BUCKET}/t2i/held")
+        config.data = data_section(
+            name="array_record", path=f"gs://{BUCKET}/t2i/train", heldout_path=f"gs://{BUCKET}/t2i/held"
+        )
         config.model.in_channels, config.model.txt_size, config.model.txt_dim = 4, 3, 6
     data = make_data(config)
     assert (len(data.train), len(data.heldout)) == (16, 4)
@@ -254,8 +280,13 @@ def test_aspect_ratio_buckets_under_a_gcs_prefix(gcs, tmp_path, monkeypatch):
 
     rng = np.random.default_rng(1)
     for name, (h, w), n in (("1x1", (8, 8), 5), ("16x9", (6, 10), 3)):
-        recs = [dict(latent=rng.normal(size=(4, h, w)).astype(np.float32),
-                     text_emb=rng.normal(size=(3, 6)).astype(np.float32)) for _ in range(n)]
+        recs = [
+            dict(
+                latent=rng.normal(size=(4, h, w)).astype(np.float32),
+                text_emb=rng.normal(size=(3, 6)).astype(np.float32),
+            )
+            for _ in range(n)
+        ]
         write_shards(tmp_path / name, recs)
         storage.upload_tree(tmp_path / name, f"gs://{BUCKET}/buckets/{name}")
     monkeypatch.setenv("STARFLOW_DATA_CACHE", str(tmp_path / "cache"))

@@ -1,6 +1,7 @@
 """`starflow-jax plan`: the training step compiled ahead of time for a small TPU slice with
 the TPU compiler (libtpu, the `tpu` extra; CI installs it), per-device memory and whether
 it fits; without libtpu, on simulated CPU devices, saying so."""
+
 import importlib.util
 import json
 import os
@@ -16,9 +17,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def _plan(tmp_path, *extra):
     out = tmp_path / "plan.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "starflow_jax.cli.main", "plan", "--config",
-                           str(ROOT / "configs" / "tiny_cpu.py"), "--topology", "v5p:2x2x1",
-                           "--set", "train.batch_size=8", "--json", str(out), *extra], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "starflow_jax.cli.main",
+            "plan",
+            "--config",
+            str(ROOT / "configs" / "tiny_cpu.py"),
+            "--topology",
+            "v5p:2x2x1",
+            "--set",
+            "train.batch_size=8",
+            "--json",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     return proc, out
 
 
@@ -48,22 +67,48 @@ def test_plan_rejects_a_mesh_that_does_not_fit(tmp_path):
 
 
 def test_plan_rejects_a_batch_that_does_not_split(tmp_path):
-    proc, _ = _plan(tmp_path, "--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--set", "train.grad_accum=3",
-                    "--set", "train.batch_size=9")
+    proc, _ = _plan(
+        tmp_path,
+        "--set",
+        "mesh.data=2",
+        "--set",
+        "mesh.fsdp=2",
+        "--set",
+        "train.grad_accum=3",
+        "--set",
+        "train.batch_size=9",
+    )
     assert proc.returncode == 2 and "must split into train.grad_accum 3 micro-batches" in proc.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (the tpu extra)")
-@pytest.mark.parametrize("name,topology", [("starflow_3b_t2i_256", "v5p:4x4x4"), ("starflow_v_7b_t2v_480p", "v5p:4x4x8")])
+@pytest.mark.parametrize(
+    "name,topology", [("starflow_3b_t2i_256", "v5p:4x4x4"), ("starflow_v_7b_t2v_480p", "v5p:4x4x8")]
+)
 def test_released_configs_compile_for_their_pods_and_fit(name, topology, tmp_path):
     """The released recipes as `train` would run them (their mesh, batch, remat, bfloat16,
     accumulation), compiled by the TPU compiler for the slice their docstrings name."""
     out = tmp_path / "plan.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "starflow_jax.cli.main", "plan", "--config",
-                           str(ROOT / "configs" / f"{name}.py"), "--topology", topology, "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "starflow_jax.cli.main",
+            "plan",
+            "--config",
+            str(ROOT / "configs" / f"{name}.py"),
+            "--topology",
+            topology,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())
     assert row["device_kind"].startswith("TPU") and row["dtype"] == "bfloat16" and row["attention_kernel"] == "splash"

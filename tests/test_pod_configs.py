@@ -2,6 +2,7 @@
 what the 7B one needs: aspect-ratio buckets and joint image + video batches
 (data.mixture), decided from (seed, step) so that a resumed run draws the same batches;
 their tiny twins trained a few steps on CPU from shards precomputed here."""
+
 import json
 import pathlib
 
@@ -44,8 +45,10 @@ def _mixture(**kw):
     def src(n, shape, offset):
         return ArraySource(image=np.arange(n * np.prod(shape), dtype=np.float32).reshape((n,) + shape) + offset)
 
-    groups = {PRIMARY: {"1:1": src(10, (2, 1, 4, 4), 0), "16:9": src(6, (2, 1, 3, 5), 1e4)},
-              SECONDARY: {"1:1": src(12, (1, 4, 4), 2e4)}}
+    groups = {
+        PRIMARY: {"1:1": src(10, (2, 1, 4, 4), 0), "16:9": src(6, (2, 1, 3, 5), 1e4)},
+        SECONDARY: {"1:1": src(12, (1, 4, 4), 2e4)},
+    }
     return MixtureBatches(groups, {PRIMARY: 2, SECONDARY: 4}, seed=1, secondary_ratio=0.3, **kw)
 
 
@@ -55,8 +58,11 @@ def test_mixture_batches_have_one_shape_and_resume_exactly():
     for _ in range(40):
         b = next(it)
         g, bucket = it.last
-        shape = {(PRIMARY, "1:1"): (2, 2, 1, 4, 4), (PRIMARY, "16:9"): (2, 2, 1, 3, 5),
-                 (SECONDARY, "1:1"): (4, 1, 4, 4)}[g, bucket]
+        shape = {
+            (PRIMARY, "1:1"): (2, 2, 1, 4, 4),
+            (PRIMARY, "16:9"): (2, 2, 1, 3, 5),
+            (SECONDARY, "1:1"): (4, 1, 4, 4),
+        }[g, bucket]
         assert b["image"].shape == shape
         seen.append((g, bucket))
     assert set(seen) == {(PRIMARY, "1:1"), (PRIMARY, "16:9"), (SECONDARY, "1:1")}
@@ -101,12 +107,22 @@ def test_pod_configs_are_training_configs(name, tmp_path, capsys):
 
 def test_pod_recipe_values():
     t3 = load_config(CONFIGS / "starflow_3b_t2i_256.py").train
-    assert (t3.batch_size, t3.lr, t3.min_lr, t3.latent_norm_regularization, t3.grad_clip) == (1024, 6.4e-5, 1e-6,
-                                                                                                1e-4, 0.0)
+    assert (t3.batch_size, t3.lr, t3.min_lr, t3.latent_norm_regularization, t3.grad_clip) == (
+        1024,
+        6.4e-5,
+        1e-6,
+        1e-4,
+        0.0,
+    )
     c7 = load_config(CONFIGS / "starflow_v_7b_t2v_480p.py")
     t7 = c7.train
     assert (t7.batch_size, t7.secondary_batch_size, t7.secondary_ratio, t7.drop_image, t7.remat) == (
-        192, 1536, 0.2, 0.25, "full")
+        192,
+        1536,
+        0.2,
+        0.25,
+        "full",
+    )
     assert c7.data.mix_aspect and t7.cond_noise_level and t7.grad_skip
     from starflow_jax.data.sources import latent_frames
 
@@ -148,6 +164,7 @@ def _pool_vae(factor, channels):
         b, c, h, w = images.shape
         pooled = images.reshape(b, c, h // factor, factor, w // factor, factor).mean((3, 5))
         return np.einsum("oc,bchw->bohw", proj, pooled)
+
     return encode
 
 
@@ -174,10 +191,18 @@ def test_tiny_3b_trains_three_steps_on_precomputed_shards(tmp_path):
     from starflow_jax.train.loop import train
 
     imgs = _images(tmp_path / "imgs", 8)
-    precompute(read_captions(imgs, imgs / "captions.tsv"), tmp_path / "shards", encode_images=_pool_vae(8, 4),
-               encode_texts=_text_encoder, image_size=64, log=lambda *a: None)
-    config = load_config(CONFIGS / "starflow_3b_t2i_256_tiny.py",
-                         [f"data.path={tmp_path / 'shards'}", "train.steps=3", "train.log_every=1"])
+    precompute(
+        read_captions(imgs, imgs / "captions.tsv"),
+        tmp_path / "shards",
+        encode_images=_pool_vae(8, 4),
+        encode_texts=_text_encoder,
+        image_size=64,
+        log=lambda *a: None,
+    )
+    config = load_config(
+        CONFIGS / "starflow_3b_t2i_256_tiny.py",
+        [f"data.path={tmp_path / 'shards'}", "train.steps=3", "train.log_every=1"],
+    )
     result = train(config, str(tmp_path / "wd"), log=lambda *a: None)
     rows = _rows(tmp_path / "wd")
     assert result["steps"] == 3 and sorted(rows) == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows.values())
@@ -198,8 +223,13 @@ def video_shards(tmp_path_factory):
     clips.mkdir()
     rng = np.random.default_rng(1)
     for i in range(3):
-        iio.imwrite(clips / f"{i}.mp4", rng.integers(0, 255, (12, 64, 96, 3), dtype=np.uint8), plugin="pyav",
-                    codec="libx264", fps=10)
+        iio.imwrite(
+            clips / f"{i}.mp4",
+            rng.integers(0, 255, (12, 64, 96, 3), dtype=np.uint8),
+            plugin="pyav",
+            codec="libx264",
+            fps=10,
+        )
         (clips / f"{i}.txt").write_text(f"clip number {i}")
     imgs = _images(root / "imgs", 6)
     vae = _pool_vae(16, 48)
@@ -211,20 +241,42 @@ def video_shards(tmp_path_factory):
     for ratio in ("1:1", "16:9"):
         size = bucket_size(64, ratio, 16)
         templates = dict(aspect_ratio=ratio, noise_std=0.5)
-        precompute_videos(VideoFolderSource(clips, 9, size), root / "clips_shards" / bucket_dir(ratio),
-                          encode_video=temporal_video_encoder(encode_clip), encode_texts=_text_encoder,
-                          fps_cond=True, extend=True, templates=templates, log=lambda *a: None)
-        precompute(read_captions(imgs, imgs / "captions.tsv"), root / "image_shards" / bucket_dir(ratio),
-                   encode_images=vae, encode_texts=_text_encoder, image_size=size,
-                   templates=dict(templates, fps=0), log=lambda *a: None)
+        precompute_videos(
+            VideoFolderSource(clips, 9, size),
+            root / "clips_shards" / bucket_dir(ratio),
+            encode_video=temporal_video_encoder(encode_clip),
+            encode_texts=_text_encoder,
+            fps_cond=True,
+            extend=True,
+            templates=templates,
+            log=lambda *a: None,
+        )
+        precompute(
+            read_captions(imgs, imgs / "captions.tsv"),
+            root / "image_shards" / bucket_dir(ratio),
+            encode_images=vae,
+            encode_texts=_text_encoder,
+            image_size=size,
+            templates=dict(templates, fps=0),
+            log=lambda *a: None,
+        )
     return root
 
 
 def _tiny_7b(shards, seed, *extra):
-    return load_config(CONFIGS / "starflow_v_7b_t2v_480p_tiny.py",
-                       [f"data.path={shards / 'clips_shards'}", f"data.secondary_path={shards / 'image_shards'}",
-                        "train.steps=3", "train.log_every=1", "train.checkpoint_every=1", f"train.seed={seed}",
-                        "train.secondary_ratio=0.4", *extra])
+    return load_config(
+        CONFIGS / "starflow_v_7b_t2v_480p_tiny.py",
+        [
+            f"data.path={shards / 'clips_shards'}",
+            f"data.secondary_path={shards / 'image_shards'}",
+            "train.steps=3",
+            "train.log_every=1",
+            "train.checkpoint_every=1",
+            f"train.seed={seed}",
+            "train.secondary_ratio=0.4",
+            *extra,
+        ],
+    )
 
 
 def test_precomputed_buckets_have_their_shapes_and_templates(video_shards):
@@ -285,8 +337,9 @@ def test_tiny_7b_trains_on_buckets_and_images_and_resumes_the_same(video_shards,
 def _shards(path, latent_shape, n=2):
     from starflow_jax.data.array_record import write_shards
 
-    write_shards(path, ({"latent": np.zeros(latent_shape, np.float32), "text_emb": np.zeros(TXT, np.float32)}
-                        for _ in range(n)))
+    write_shards(
+        path, ({"latent": np.zeros(latent_shape, np.float32), "text_emb": np.zeros(TXT, np.float32)} for _ in range(n))
+    )
     return path
 
 
@@ -299,9 +352,18 @@ def test_bucket_and_secondary_layouts_are_checked(tmp_path):
     _shards(tmp_path / "odd" / "misc", (3, 48, 4, 4))
 
     def data(path, secondary="", ratio=0.0, mix=True):
-        return make_data(load_config(CONFIGS / "starflow_v_7b_t2v_480p_tiny.py", [
-            f"data.path={path}", f"data.secondary_path={secondary}", f"train.secondary_ratio={ratio}",
-            f"data.mix_aspect={mix}", "train.drop_image=0"]))
+        return make_data(
+            load_config(
+                CONFIGS / "starflow_v_7b_t2v_480p_tiny.py",
+                [
+                    f"data.path={path}",
+                    f"data.secondary_path={secondary}",
+                    f"train.secondary_ratio={ratio}",
+                    f"data.mix_aspect={mix}",
+                    "train.drop_image=0",
+                ],
+            )
+        )
 
     spec = data(tmp_path / "buckets", tmp_path / "images", 0.2)
     assert sorted(spec.train_buckets) == ["16:9"] and sorted(spec.secondary_buckets) == ["16:9"]
@@ -318,12 +380,19 @@ def test_bucket_and_secondary_layouts_are_checked(tmp_path):
     with pytest.raises(ValueError, match="data.secondary_path must hold images"):
         data(tmp_path / "buckets", tmp_path / "buckets", 0.2)
     wrong = _shards(tmp_path / "wrong" / "1x1", (3, 4, 4, 4))
-    with pytest.raises(ValueError, match=r"latents in .*1x1 have shape \(3, 4, 4, 4\), the model expects images "
-                                         r"\(48, h, w\) or video clips \(frames, 48, h, w\) \(h, w multiples of 1\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"latents in .*1x1 have shape \(3, 4, 4, 4\), the model expects images "
+        r"\(48, h, w\) or video clips \(frames, 48, h, w\) \(h, w multiples of 1\)$",
+    ):
         data(wrong.parent)
     with pytest.raises(ValueError, match="needs text_emb_extend"):  # the recipe's drop_image reads it from the clips
-        make_data(load_config(CONFIGS / "starflow_v_7b_t2v_480p_tiny.py", [
-            f"data.path={tmp_path / 'buckets'}", f"data.secondary_path={tmp_path / 'images'}"]))
+        make_data(
+            load_config(
+                CONFIGS / "starflow_v_7b_t2v_480p_tiny.py",
+                [f"data.path={tmp_path / 'buckets'}", f"data.secondary_path={tmp_path / 'images'}"],
+            )
+        )
 
 
 def test_secondary_batch_must_split_over_the_mesh():

@@ -2,6 +2,7 @@
 simulated CPU devices the step ``train`` runs and the step ``plan`` compiles take the same
 state and batch (shapes, dtypes, shardings) and give the same new state. The compiled
 program's FLOPs and collectives (``bench.hlo_stats``) count loop bodies per iteration."""
+
 import json
 import os
 import pathlib
@@ -20,14 +21,27 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 @pytest.mark.slow
 def test_plan_and_train_build_the_same_program():
-    overrides = ["mesh.data=2", "mesh.fsdp=4", "train.batch_size=16", "train.grad_accum=2", "train.remat=full",
-                 "train.ema_decay=0.999", "train.steps=1", "sample.per_class=1"]
+    overrides = [
+        "mesh.data=2",
+        "mesh.fsdp=4",
+        "train.batch_size=16",
+        "train.grad_accum=2",
+        "train.remat=full",
+        "train.ema_decay=0.999",
+        "train.steps=1",
+        "sample.per_class=1",
+    ]
     env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(HERE / "program_worker.py"), str(HERE.parent / "configs" / "tiny_cpu.py"),
-                           *overrides], capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "program_worker.py"), str(HERE.parent / "configs" / "tiny_cpu.py"), *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    report = json.loads(lines[-1][len("REPORT "):])
+    report = json.loads(lines[-1][len("REPORT ") :])
     assert report["devices"] == 8
     train, plan = report["train"], report["plan"]
     for part in ("state", "batch", "new_state"):
@@ -41,7 +55,8 @@ def test_plan_and_train_build_the_same_program():
 
 
 def _scan_program(devices):
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = Mesh(np.asarray(devices).reshape(len(devices)), ("f",))
 
@@ -114,8 +129,27 @@ def test_bench_train_times_the_program_train_builds(monkeypatch, tmp_path):
 
     monkeypatch.setattr(train_bench, "build_program", spy)
     config = str(HERE.parent / "configs" / "tiny_cpu.py")
-    assert main(["bench", "train", "--config", config, "--batch", "2", "--steps", "1", "--peak-size", "128",
-                 "--remat", "full", "--json", str(tmp_path / "b.json")]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "train",
+                "--config",
+                config,
+                "--batch",
+                "2",
+                "--steps",
+                "1",
+                "--peak-size",
+                "128",
+                "--remat",
+                "full",
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     (program,) = built
     # the config's model and the timed step's settings, through the builder train uses
     assert program.config.train.batch_size == 2 and program.hp.remat == "full" and program.hp.grad_clip == 1.0

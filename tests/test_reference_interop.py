@@ -1,5 +1,6 @@
 """Reference interop beyond the parity cases: the case format's failure modes,
 reference kwargs round trips, .pth loading, rematerialisation."""
+
 import json
 
 import jax
@@ -28,8 +29,11 @@ def _write_case(path, case, ops):
 
 def test_unknown_op_kind_is_a_failure(tmp_path):
     case = _case("pixel_classcond")
-    fake = _write_case(tmp_path / "fake.npz", case, [{"op": "teleport", "name": "teleport", "kwargs": {},
-                                                      "inputs": [], "outputs": ["teleport/x"]}])
+    fake = _write_case(
+        tmp_path / "fake.npz",
+        case,
+        [{"op": "teleport", "name": "teleport", "kwargs": {}, "inputs": [], "outputs": ["teleport/x"]}],
+    )
     with pytest.raises(KeyError, match="unknown op kind 'teleport'"):
         rc.evaluate_op(fake, fake.ops[0])
 

@@ -1,5 +1,6 @@
 """Parity with the PyTorch reference on every case in $STARFLOW_REFERENCE_CASES
 (default ../shared/reference beside the checkout): one test per (case, op)."""
+
 import pytest
 
 from starflow_jax.interop import reference_cases as rc
@@ -17,8 +18,9 @@ def _params():
 
 
 def test_cases_directory_has_cases():
-    assert CASE_FILES, (f"no parity cases (*.npz) found in {rc.cases_dir()}; set ${rc.ENV_VAR} "
-                        "to a directory of reference cases")
+    assert CASE_FILES, (
+        f"no parity cases (*.npz) found in {rc.cases_dir()}; set ${rc.ENV_VAR} to a directory of reference cases"
+    )
 
 
 _MODELS = {}
@@ -38,8 +40,9 @@ def test_reference_op(path, op_name):
     results = rc.evaluate_op(case, op, _model(path))
     assert results, f"op {op_name} of case {case.name} lists no outputs"
     worst = max(results, key=lambda r: r.err / r.tol)
-    print(f"\n[{case.name}-{op_name}] {len(results)} outputs, worst {worst.key}: err {worst.err:.3e} "
-          f"(tolerance {worst.tol:.1e})")
+    print(
+        f"\n[{case.name}-{op_name}] {len(results)} outputs, worst {worst.key}: err {worst.err:.3e} "
+        f"(tolerance {worst.tol:.1e})"
+    )
     failed = [r for r in results if not r.ok]
-    assert not failed, "outputs over tolerance: " + ", ".join(
-        f"{r.key}: {r.err:.3e} > {r.tol:.1e}" for r in failed)
+    assert not failed, "outputs over tolerance: " + ", ".join(f"{r.key}: {r.err:.3e} > {r.tol:.1e}" for r in failed)

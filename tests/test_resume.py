@@ -1,11 +1,13 @@
 """Training interrupted after step k and resumed gives the same losses at steps k+1..n as
 an uninterrupted run, bit for bit, data order included."""
+
 import json
 import pathlib
 
+from fast_run import FAST, TINY
+
 from starflow_jax.config import load_config
 from starflow_jax.train.loop import train
-from fast_run import FAST, TINY
 
 
 def _metrics(workdir):

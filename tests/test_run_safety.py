@@ -3,6 +3,7 @@ resumes from the previous good one exactly; a diverging run stops before it save
 an error or Ctrl-C mid-run finishes the checkpoint being written; configs are checked
 before the workdir is touched; a workdir is locked; SIGTERM stops a run (and a process
 whose peer is gone) promptly."""
+
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from fast_run import FAST, ROOT, TINY, quiet
 
 from starflow_jax.cli.main import main
 from starflow_jax.config import ConfigError, load_config
@@ -24,7 +26,6 @@ from starflow_jax.train import loop
 from starflow_jax.train.checkpoint import SET_ASIDE
 from starflow_jax.train.loop import TrainingStopped, train
 from starflow_jax.train.workdir import WorkdirError, WorkdirLock
-from fast_run import FAST, ROOT, TINY, quiet
 
 
 def _rows(workdir):
@@ -64,8 +65,7 @@ def _copy(src, dst):
 
 
 @pytest.mark.parametrize("damage", [_flip_bytes, _truncate], ids=["flipped-bytes", "truncated"])
-def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous_one(finished, tmp_path, damage,
-                                                                                   capsys):
+def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous_one(finished, tmp_path, damage, capsys):
     full, losses = finished
     workdir = _copy(full, tmp_path / "run")
     for f in _array_files(workdir, 6):
@@ -73,7 +73,9 @@ def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous_o
     # commands that only read the workdir fall back too, saying so; an explicit --step names the problem
     _, _, params = load_params(workdir)
     assert "checkpoint step 6" in capsys.readouterr().err
-    with pytest.raises(CheckpointUnreadable, match="checkpoint step 6 in .* (differ from what was saved|cannot be read)"):
+    with pytest.raises(
+        CheckpointUnreadable, match="checkpoint step 6 in .* (differ from what was saved|cannot be read)"
+    ):
         load_params(workdir, step=6)
     logs = []
     train(load_config(TINY, FAST), str(workdir), log=logs.append)
@@ -102,8 +104,9 @@ def test_resume_an_earlier_step_and_extend_a_finished_run(finished, tmp_path):
     assert any("train.steps: 6 -> 7" in line for line in logs), logs
     rows = _rows(workdir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
-    assert (workdir / "config_history.jsonl").exists() and json.loads((workdir / "config.json").read_text())[
-        "train"]["steps"] == 7
+    assert (workdir / "config_history.jsonl").exists() and json.loads((workdir / "config.json").read_text())["train"][
+        "steps"
+    ] == 7
     # another model is refused, naming the difference
     with pytest.raises(WorkdirError, match=r"model.channels: 32 there, 48 here"):
         train(load_config(TINY, FAST + ["model.channels=48"]), str(workdir), log=quiet)
@@ -112,11 +115,24 @@ def test_resume_an_earlier_step_and_extend_a_finished_run(finished, tmp_path):
 
 
 def test_a_diverging_run_stops_and_never_saves_nan(tmp_path):
-    config = load_config(TINY, FAST + ["train.steps=30", "train.lr=1e6", "train.warmup_steps=0", "train.grad_clip=0.0",
-                                       "train.checkpoint_every=1", "train.keep_checkpoints=30",
-                                       "train.max_consecutive_skips=3"])
-    with pytest.raises(TrainingStopped, match=r"updates since step (\d+) were all skipped.*last good checkpoint is "
-                                              r"step \d+"):
+    config = load_config(
+        TINY,
+        FAST
+        + [
+            "train.steps=30",
+            "train.lr=1e6",
+            "train.warmup_steps=0",
+            "train.grad_clip=0.0",
+            "train.checkpoint_every=1",
+            "train.keep_checkpoints=30",
+            "train.max_consecutive_skips=3",
+        ],
+    )
+    with pytest.raises(
+        TrainingStopped,
+        match=r"updates since step (\d+) were all skipped.*last good checkpoint is "
+        r"step \d+",
+    ):
         train(config, str(tmp_path), log=quiet)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and max(steps) < 30
@@ -156,17 +172,20 @@ def test_an_error_mid_run_finishes_the_checkpoint_being_written(tmp_path, monkey
     assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.batch_size=-4", r"train.batch_size must be an integer >= 1, got -4"),
-    ("train.batch_size=0", r"train.batch_size must be an integer >= 1, got 0"),
-    ("train.log_every=0", r"train.log_every must be an integer >= 1"),
-    ("train.keep_checkpoints=0", r"train.keep_checkpoints must be an integer >= 1"),
-    ("train.grad_accum=3", r"does not split into train.grad_accum=3"),
-    ("train.drop_label=1.5", r"train.drop_label must be a number in \[0.0, 1.0\]"),
-    ("train.noise_type=gauss", r"train.noise_type must be 'gaussian' or 'uniform'"),
-    ("mesh.data=3", r"mesh .* does not fit"),
-    ("train.steps=abc", r"train.steps is of type int \(now 6\), got 'abc'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.batch_size=-4", r"train.batch_size must be an integer >= 1, got -4"),
+        ("train.batch_size=0", r"train.batch_size must be an integer >= 1, got 0"),
+        ("train.log_every=0", r"train.log_every must be an integer >= 1"),
+        ("train.keep_checkpoints=0", r"train.keep_checkpoints must be an integer >= 1"),
+        ("train.grad_accum=3", r"does not split into train.grad_accum=3"),
+        ("train.drop_label=1.5", r"train.drop_label must be a number in \[0.0, 1.0\]"),
+        ("train.noise_type=gauss", r"train.noise_type must be 'gaussian' or 'uniform'"),
+        ("mesh.data=3", r"mesh .* does not fit"),
+        ("train.steps=abc", r"train.steps is of type int \(now 6\), got 'abc'"),
+    ],
+)
 def test_bad_settings_are_refused_before_the_workdir_is_touched(tmp_path, capsys, override, message):
     workdir = tmp_path / "run"
     args = ["train", "--config", str(TINY), "--workdir", str(workdir)] + sum((["--set", o] for o in FAST), [])
@@ -180,8 +199,17 @@ def test_bad_settings_are_refused_before_the_workdir_is_touched(tmp_path, capsys
 
 
 def test_numbers_are_numbers_and_text_is_text():
-    config = load_config(TINY, ["train.lr=3e-4", "train.min_lr=1E-6", "train.steps=10", "train.seed=1_000",
-                                "data.vid_size=81:16", "train.remat=dots"])
+    config = load_config(
+        TINY,
+        [
+            "train.lr=3e-4",
+            "train.min_lr=1E-6",
+            "train.steps=10",
+            "train.seed=1_000",
+            "data.vid_size=81:16",
+            "train.remat=dots",
+        ],
+    )
     assert config.train.lr == 3e-4 and config.train.min_lr == 1e-6 and config.train.steps == 10
     assert config.train.seed == 1000 and config.data.vid_size == "81:16" and config.train.remat == "dots"
     with pytest.raises(ConfigError, match="no key"):
@@ -199,27 +227,38 @@ def test_a_workdir_is_locked(tmp_path):
 
 
 def test_training_an_imported_workdir_starts_from_its_weights(tmp_path, capsys):
+    from flax import nnx
+
     from starflow_jax.config import model_config
     from starflow_jax.interop.state_dict import to_reference
     from starflow_jax.model import StarFlow
-    from flax import nnx
 
     config = load_config(TINY, FAST)
     model = StarFlow(model_config(config), rngs=nnx.Rngs(7))
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v) for k, v in to_reference(nnx.state(model, nnx.Param)).items()},
-              str(tmp_path / "w.safetensors"))
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in to_reference(nnx.state(model, nnx.Param)).items()},
+        str(tmp_path / "w.safetensors"),
+    )
     workdir = tmp_path / "run"
-    assert main(["import", "--torch", str(tmp_path / "w.safetensors"), "--config", str(TINY), "--out", str(workdir)]
-                + sum((["--set", o] for o in FAST[:2]), [])) == 0
+    assert (
+        main(
+            ["import", "--torch", str(tmp_path / "w.safetensors"), "--config", str(TINY), "--out", str(workdir)]
+            + sum((["--set", o] for o in FAST[:2]), [])
+        )
+        == 0
+    )
     damaged = _copy(workdir, tmp_path / "damaged")  # imported parameters carry fingerprints too
     _flip_bytes(max((f for f in (damaged / "params").rglob("d/*") if f.is_file()), key=lambda f: f.stat().st_size))
     with pytest.raises(CheckpointUnreadable, match=r"imported parameters .* differ from what was saved"):
         load_params(damaged)
     logs = []
-    train(load_config(TINY, FAST + ["train.steps=1", "train.lr=0.0", "train.min_lr=0.0", "train.checkpoint_every=1"]),
-          str(workdir), log=logs.append)
+    train(
+        load_config(TINY, FAST + ["train.steps=1", "train.lr=0.0", "train.min_lr=0.0", "train.checkpoint_every=1"]),
+        str(workdir),
+        log=logs.append,
+    )
     assert any(f"initialised the parameters from {workdir}" in line for line in logs), logs
     capsys.readouterr()
     _, _, trained = load_params(workdir)  # the run's checkpoint (lr 0: the imported weights), said so
@@ -236,8 +275,13 @@ def _free_port() -> int:
 
 
 def _spawn(workdir, extra, nproc=1, pid=0, port=0):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
-               PYTHONUNBUFFERED="1", STARFLOW_SIGTERM_GRACE_S="8")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        STARFLOW_SIGTERM_GRACE_S="8",
+    )
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "starflow_jax.cli.main", "train", "--config", str(TINY), "--workdir", str(workdir)]
     cmd += sum((["--set", o] for o in FAST + extra), [])

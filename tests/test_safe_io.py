@@ -1,6 +1,7 @@
 """Files in and out, safely (issue #21): an import that fails leaves the workdir as it was,
 outputs are checked before any work and never overwritten without --overwrite, inputs that
 would give a silently different model are refused, and bad files get one clear line."""
+
 import json
 import os
 import pathlib
@@ -23,8 +24,18 @@ from starflow_jax.model import StarFlow
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_CPU = str(ROOT / "configs" / "tiny_cpu.py")
 # unconditional, so that the data alone is the model's input
-TINY = dict(in_channels=3, img_size=8, patch_size=2, channels=32, num_blocks=2, layers_per_block=[1, 1],
-            head_dim=32, rope=True, sos=True, use_softplus=True)
+TINY = dict(
+    in_channels=3,
+    img_size=8,
+    patch_size=2,
+    channels=32,
+    num_blocks=2,
+    layers_per_block=[1, 1],
+    head_dim=32,
+    rope=True,
+    sos=True,
+    use_softplus=True,
+)
 MISSING = "blocks.1.attn_blocks.0.mlp.main.0.weight"
 
 
@@ -219,14 +230,18 @@ RELEASED_YAML_KEYS = (
     "gradient_checkpoint gradient_checkpoint_mlp img_size latent_norm_regularization layers_per_block "
     "learnable_self_denoiser loss_scaling lr min_lr mix_aspect no_flip noise_std nvp patch_size pt_seq_len rope "
     "sample_freq secondary_batch_size secondary_img_size secondary_ratio seq_order shallow_block_local soft_clip "
-    "sos temporal_causal text top_block_channels txt_size use_final_norm use_softplus vae vid_size wds").split()
+    "sos temporal_causal text top_block_channels txt_size use_final_norm use_softplus vae vid_size wds"
+).split()
 
 
 def test_misspelt_yaml_key_is_an_error_with_a_suggestion(tmp_path, capsys):
     path = tmp_path / "typo.yaml"
     path.write_text("arguments:\n- img_size: 32\n- chanels: 64\n- layers_per_blok: 2\n")
-    with pytest.raises(ConfigError, match=r"typo.yaml: unknown reference train.py arguments: 'chanels' \(did you "
-                                          r"mean 'channels'\?\), 'layers_per_blok' \(did you mean 'layers_per_block'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"typo.yaml: unknown reference train.py arguments: 'chanels' \(did you "
+        r"mean 'channels'\?\), 'layers_per_blok' \(did you mean 'layers_per_block'",
+    ):
         load_config(path)
     assert main(["info", "--config", str(path)]) == 2
     one_line_error(capsys, "info", "'chanels' (did you mean 'channels'?)")
@@ -240,8 +255,12 @@ def test_every_train_py_argument_and_the_test_fixtures_load(tmp_path):
     from test_state_dict import STARFLOW_3B_YAML
 
     path = tmp_path / "fixture.yaml"
-    path.write_text(STARFLOW_3B_YAML + "".join(f"- {k}: 1\n" for k in ("no_flip", "fsdp", "wds", "nvp", "adaln",
-                                                                          "gradient_checkpoint", "sample_freq")))
+    path.write_text(
+        STARFLOW_3B_YAML
+        + "".join(
+            f"- {k}: 1\n" for k in ("no_flip", "fsdp", "wds", "nvp", "adaln", "gradient_checkpoint", "sample_freq")
+        )
+    )
     assert model_config(load_config(path)).channels == 3072
 
 
@@ -251,10 +270,18 @@ def _nll(files, data, *extra):
     return main(["nll", "--config", str(cfg), "--weights", str(weights), "--data", str(data), *extra])
 
 
-@pytest.mark.parametrize("shape,layout", [
-    ((2, 3, 4, 4), "image"), ((2, 1, 8, 8), "image"), ((2, 2, 3, 8, 8), "image"), ((0, 3, 8, 8), "image"),
-    ((2, 3, 8), "image"), ((), "image"),
-], ids=["size", "channels", "frames", "empty", "rank3", "0-d"])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((2, 3, 4, 4), "image"),
+        ((2, 1, 8, 8), "image"),
+        ((2, 2, 3, 8, 8), "image"),
+        ((0, 3, 8, 8), "image"),
+        ((2, 3, 8), "image"),
+        ((), "image"),
+    ],
+    ids=["size", "channels", "frames", "empty", "rank3", "0-d"],
+)
 def test_nll_refuses_data_of_another_shape_before_any_work(tmp_path, files, capsys, monkeypatch, shape, layout):
     np.save(tmp_path / "x.npy", np.zeros(shape, np.float32))
     monkeypatch.setattr(model_source, "load_model", boom)
@@ -294,8 +321,23 @@ def test_nll_bad_files_get_one_line(tmp_path, files, capsys):
 # ------------------------------------------------------------------ 10d, 11: sample
 def test_sample_refuses_frames_for_an_image_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(model_source, "load_model", boom)
-    assert main(["sample", "--config", TINY_CPU, "--random-init", "--labels", "1", "--num-frames", "4",
-                 "--out", str(tmp_path / "x.gif")]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                TINY_CPU,
+                "--random-init",
+                "--labels",
+                "1",
+                "--num-frames",
+                "4",
+                "--out",
+                str(tmp_path / "x.gif"),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "sample", "--num-frames needs a video model", "temporal_causal=0")
     assert not (tmp_path / "x.gif").exists()
 
@@ -357,16 +399,33 @@ def test_a_malicious_pickle_is_refused_in_one_line(tmp_path, files, capsys):
     marker = tmp_path / "pwned"
     torch.save({"blocks.0.proj_in.weight": _Payload(marker)}, src)
     assert main(["import", "--torch", str(src), "--config", str(files[0]), "--out", str(tmp_path / "wd")]) == 2
-    one_line_error(capsys, "import", str(src), "torch.load(weights_only=True), which runs no pickled code",
-                   "GLOBAL", "open")
+    one_line_error(
+        capsys, "import", str(src), "torch.load(weights_only=True), which runs no pickled code", "GLOBAL", "open"
+    )
     assert not marker.exists() and not (tmp_path / "wd").exists()
     (tmp_path / "junk.pth").write_bytes(b"\x00" * 100)
-    assert main(["import", "--torch", str(tmp_path / "junk.pth"), "--config", str(files[0]),
-                 "--out", str(tmp_path / "wd")]) == 2
+    assert (
+        main(
+            ["import", "--torch", str(tmp_path / "junk.pth"), "--config", str(files[0]), "--out", str(tmp_path / "wd")]
+        )
+        == 2
+    )
     one_line_error(capsys, "import", "junk.pth")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 100)
-    assert main(["import", "--torch", str(tmp_path / "junk.safetensors"), "--config", str(files[0]),
-                 "--out", str(tmp_path / "wd")]) == 2
+    assert (
+        main(
+            [
+                "import",
+                "--torch",
+                str(tmp_path / "junk.safetensors"),
+                "--config",
+                str(files[0]),
+                "--out",
+                str(tmp_path / "wd"),
+            ]
+        )
+        == 2
+    )
     one_line_error(capsys, "import", "junk.safetensors: not a readable safetensors file")
 
 

@@ -1,4 +1,5 @@
 """``starflow-jax sample``: pictures from a random tiny model and from reference weights."""
+
 import pathlib
 
 import jax.numpy as jnp
@@ -16,8 +17,27 @@ TINY = str(ROOT / "configs" / "tiny_cpu.py")
 
 def test_sample_random_tiny_model_writes_png(tmp_path, capsys):
     out = tmp_path / "grid.png"
-    assert main(["sample", "--config", TINY, "--random-init", "--labels", "0,1,2,3", "--num", "4",
-                 "--cfg", "1.0", "--out", str(out), "--save-npy", str(tmp_path / "x.npy")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                TINY,
+                "--random-init",
+                "--labels",
+                "0,1,2,3",
+                "--num",
+                "4",
+                "--cfg",
+                "1.0",
+                "--out",
+                str(out),
+                "--save-npy",
+                str(tmp_path / "x.npy"),
+            ]
+        )
+        == 0
+    )
     img = Image.open(out)
     # 2x2 grid of 8x8 single-channel images with 1-pixel padding
     assert img.size == (2 * 9 + 1, 2 * 9 + 1) and img.mode == "L"
@@ -34,26 +54,52 @@ def test_sample_from_reference_weights_matches_the_library(tmp_path):
     cfg_file = write_case_config(tmp_path, case)
     np.save(tmp_path / "y.npy", case.arrays["input/y"])
     out = tmp_path / "ref.png"
-    assert main(["sample", "--config", str(cfg_file), "--weights", str(path), "--cond", str(tmp_path / "y.npy"),
-                 "--num", "2", "--seed", "3", "--jacobi", "--jacobi-th", "1e-8", "--out", str(out),
-                 "--save-npy", str(tmp_path / "x.npy")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                str(cfg_file),
+                "--weights",
+                str(path),
+                "--cond",
+                str(tmp_path / "y.npy"),
+                "--num",
+                "2",
+                "--seed",
+                "3",
+                "--jacobi",
+                "--jacobi-th",
+                "1e-8",
+                "--out",
+                str(out),
+                "--save-npy",
+                str(tmp_path / "x.npy"),
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == (2 * 9 + 1, 9 + 1)
     model, _ = rc.build_model(case)
     import jax
+
     noise = jax.random.normal(jax.random.key(3), (2, 4, 8, 8), jnp.float32)
     expected = sample(model, noise, jnp.asarray(case.arrays["input/y"]), SamplingOptions())
     assert rc.relative_error(np.load(tmp_path / "x.npy"), np.asarray(expected)) < 1e-4
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--out", "x.jpg"], "must end in .png, .gif or .mp4"),
-    (["--out", "x.gif", "--labels", "1"], "written as a .png grid"),
-    (["--out", "x.png", "--labels", "1", "--fps", "0"], "--fps must be > 0"),
-    (["--out", "x.png"], "give exactly one of --labels, --cond or --prompt"),
-    (["--out", "x.png", "--labels", "0,11"], "labels must lie in"),
-    (["--out", "x.png", "--labels", "a,b"], "comma-separated integers"),
-    (["--out", "x.png", "--labels", "1", "--cfg", "-1"], "--cfg must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--out", "x.jpg"], "must end in .png, .gif or .mp4"),
+        (["--out", "x.gif", "--labels", "1"], "written as a .png grid"),
+        (["--out", "x.png", "--labels", "1", "--fps", "0"], "--fps must be > 0"),
+        (["--out", "x.png"], "give exactly one of --labels, --cond or --prompt"),
+        (["--out", "x.png", "--labels", "0,11"], "labels must lie in"),
+        (["--out", "x.png", "--labels", "a,b"], "comma-separated integers"),
+        (["--out", "x.png", "--labels", "1", "--cfg", "-1"], "--cfg must be >= 0"),
+    ],
+)
 def test_sample_bad_arguments(extra, message, capsys, tmp_path):
     args = ["sample", "--config", TINY, "--random-init"] + extra
     args[args.index("--out") + 1] = str(tmp_path / args[args.index("--out") + 1])
@@ -62,8 +108,22 @@ def test_sample_bad_arguments(extra, message, capsys, tmp_path):
 
 
 def test_sample_missing_weights(capsys, tmp_path):
-    assert main(["sample", "--config", TINY, "--weights", str(tmp_path / "nope.pth"), "--labels", "1",
-                 "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                TINY,
+                "--weights",
+                str(tmp_path / "nope.pth"),
+                "--labels",
+                "1",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -77,9 +137,30 @@ def test_sample_video_writes_frames_that_decode(tmp_path, suffix):
     y = np.random.default_rng(0).normal(size=(2, 5, 12)).astype(np.float32)
     np.save(tmp_path / "y.npy", y)
     out = tmp_path / f"video{suffix}"
-    assert main(["sample", "--config", str(cfg_file), "--random-init", "--cond", str(tmp_path / "y.npy"),
-                 "--num", "2", "--num-frames", "3", "--no-denoise", "--scale", "3", "--fps", "4",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                str(cfg_file),
+                "--random-init",
+                "--cond",
+                str(tmp_path / "y.npy"),
+                "--num",
+                "2",
+                "--num-frames",
+                "3",
+                "--no-denoise",
+                "--scale",
+                "3",
+                "--fps",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     if suffix == ".mp4":
         from starflow_jax.sampling.visualize import read_video_frames
 
@@ -111,8 +192,17 @@ def test_bench_sample_cli(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "sample", "--config", TINY, "--batch", "2", "--repeats", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    keys = {"impl", "mode", "guidance", "jacobi_th", "batch", "seconds", "passes", "max_abs_diff_vs_sequential",
-            "rel_rms_diff_vs_sequential"}
+    keys = {
+        "impl",
+        "mode",
+        "guidance",
+        "jacobi_th",
+        "batch",
+        "seconds",
+        "passes",
+        "max_abs_diff_vs_sequential",
+        "rel_rms_diff_vs_sequential",
+    }
     assert all(keys <= set(r) and r["impl"] == "jax" and r["batch"] == 2 for r in rows)
     for g in (0.0, 2.0):  # tiny_cpu has no bench section: guidance 2 by default
         seq = [r for r in rows if r["mode"] == "sequential" and r["guidance"] == g]
@@ -127,11 +217,22 @@ def test_bench_sample_cli(tmp_path, capsys):
     from starflow_jax.config import load_config, model_config
 
     cfg = model_config(load_config(TINY))
-    tokens = cfg.seq_side ** 2
+    tokens = cfg.seq_side**2
     heads = cfg.channels // cfg.head_dim
-    per_token = sum(n * layer_flops(1, cfg.channels, heads, cfg.num_kv_heads or heads, cfg.head_dim,
-                                    int(cfg.channels * cfg.expansion), cfg.use_swiglu, 0)
-                    for n in cfg.layers_per_block)
+    per_token = sum(
+        n
+        * layer_flops(
+            1,
+            cfg.channels,
+            heads,
+            cfg.num_kv_heads or heads,
+            cfg.head_dim,
+            int(cfg.channels * cfg.expansion),
+            cfg.use_swiglu,
+            0,
+        )
+        for n in cfg.layers_per_block
+    )
     seq0 = [r for r in rows if r["mode"] == "sequential" and r["guidance"] == 0.0][0]
     assert seq0["dense_flops"] == pytest.approx(2 * tokens * per_token)
     assert seq0["passes_per_block"] == [tokens if n else 0 for n in reversed(cfg.layers_per_block)]
@@ -150,16 +251,37 @@ def test_sample_long_video_from_a_random_video_model(tmp_path, capsys):
     from starflow_jax.sampling.visualize import read_video_frames
 
     out = tmp_path / "long.mp4"
-    common = ["sample", "--config", VIDEO_TINY, "--random-init", "--labels", "3,7", "--num", "2", "--seed", "5",
-              "--no-denoise"]
-    assert main(common + ["--num-frames", "3", "--target-length", "7", "--out", str(out),
-                          "--save-npy", str(tmp_path / "long.npy")]) == 0
+    common = [
+        "sample",
+        "--config",
+        VIDEO_TINY,
+        "--random-init",
+        "--labels",
+        "3,7",
+        "--num",
+        "2",
+        "--seed",
+        "5",
+        "--no-denoise",
+    ]
+    assert (
+        main(
+            common
+            + ["--num-frames", "3", "--target-length", "7", "--out", str(out), "--save-npy", str(tmp_path / "long.npy")]
+        )
+        == 0
+    )
     assert read_video_frames(out).shape[0] == 7
     long = np.load(tmp_path / "long.npy")
     assert long.shape == (2, 7, 1, 8, 8) and np.all(np.isfinite(long))
     assert "sampling frames" in capsys.readouterr().err
-    assert main(common + ["--num-frames", "3", "--out", str(tmp_path / "short.gif"),
-                          "--save-npy", str(tmp_path / "short.npy")]) == 0
+    assert (
+        main(
+            common
+            + ["--num-frames", "3", "--out", str(tmp_path / "short.gif"), "--save-npy", str(tmp_path / "short.npy")]
+        )
+        == 0
+    )
     short = np.load(tmp_path / "short.npy")
     # the noise of the first 3 frames differs (drawn for another shape): compare via the
     # library instead, same noise
@@ -182,9 +304,30 @@ def test_sample_long_video_from_a_random_video_model(tmp_path, capsys):
 def test_sample_image_to_video_keeps_the_image(tmp_path):
     img = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
     Image.fromarray(img, mode="L").save(tmp_path / "first.png")
-    assert main(["sample", "--config", VIDEO_TINY, "--random-init", "--labels", "1", "--num", "2",
-                 "--num-frames", "3", "--input-image", str(tmp_path / "first.png"), *EXACT,
-                 "--out", str(tmp_path / "i2v.mp4"), "--save-npy", str(tmp_path / "x.npy")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                VIDEO_TINY,
+                "--random-init",
+                "--labels",
+                "1",
+                "--num",
+                "2",
+                "--num-frames",
+                "3",
+                "--input-image",
+                str(tmp_path / "first.png"),
+                *EXACT,
+                "--out",
+                str(tmp_path / "i2v.mp4"),
+                "--save-npy",
+                str(tmp_path / "x.npy"),
+            ]
+        )
+        == 0
+    )
     x = np.load(tmp_path / "x.npy")
     want = img.astype(np.float32) / 127.5 - 1.0
     np.testing.assert_array_equal(x[:, 0, 0], np.broadcast_to(want, (2, 8, 8)))
@@ -197,23 +340,77 @@ def test_sample_video_to_video_keeps_the_clip(tmp_path):
     clip = [np.full((8, 8, 3), v, np.uint8) for v in (30, 120, 220)]
     save_mp4(tmp_path / "in.mp4", clip, fps=4)
     decoded = read_video_frames(tmp_path / "in.mp4")
-    assert main(["sample", "--config", VIDEO_TINY, "--random-init", "--labels", "2", "--num", "1",
-                 "--num-frames", "4", "--input-video", str(tmp_path / "in.mp4"), "--input-frames", "2", *EXACT,
-                 "--out", str(tmp_path / "v2v.gif"), "--save-npy", str(tmp_path / "x.npy")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                VIDEO_TINY,
+                "--random-init",
+                "--labels",
+                "2",
+                "--num",
+                "1",
+                "--num-frames",
+                "4",
+                "--input-video",
+                str(tmp_path / "in.mp4"),
+                "--input-frames",
+                "2",
+                *EXACT,
+                "--out",
+                str(tmp_path / "v2v.gif"),
+                "--save-npy",
+                str(tmp_path / "x.npy"),
+            ]
+        )
+        == 0
+    )
     x = np.load(tmp_path / "x.npy")
     grey = np.asarray([Image.fromarray(f).convert("L") for f in decoded[:2]], np.float32) / 127.5 - 1.0
     np.testing.assert_array_equal(x[0, :2, 0], grey)
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--config", TINY, "--labels", "1", "--target-length", "5", "--out", "x.png"], "needs a video model"),
-    (["--config", TINY, "--labels", "1", "--input-image", "x.png", "--out", "x.png"], "need a video model"),
-    (["--config", VIDEO_TINY, "--labels", "1", "--num-frames", "3", "--input-image", "nope.png", "--out", "x.gif"],
-     "does not exist"),
-    (["--config", VIDEO_TINY, "--labels", "1", "--num-frames", "3", "--target-length", "6", "--context-frames",
-      "3", "--out", "x.gif"], "context_frames must lie in"),
-    (["--config", VIDEO_TINY, "--labels", "1", "--num-frames", "0", "--out", "x.gif"], "--num-frames must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--config", TINY, "--labels", "1", "--target-length", "5", "--out", "x.png"], "needs a video model"),
+        (["--config", TINY, "--labels", "1", "--input-image", "x.png", "--out", "x.png"], "need a video model"),
+        (
+            [
+                "--config",
+                VIDEO_TINY,
+                "--labels",
+                "1",
+                "--num-frames",
+                "3",
+                "--input-image",
+                "nope.png",
+                "--out",
+                "x.gif",
+            ],
+            "does not exist",
+        ),
+        (
+            [
+                "--config",
+                VIDEO_TINY,
+                "--labels",
+                "1",
+                "--num-frames",
+                "3",
+                "--target-length",
+                "6",
+                "--context-frames",
+                "3",
+                "--out",
+                "x.gif",
+            ],
+            "context_frames must lie in",
+        ),
+        (["--config", VIDEO_TINY, "--labels", "1", "--num-frames", "0", "--out", "x.gif"], "--num-frames must be >= 1"),
+    ],
+)
 def test_sample_video_bad_arguments(extra, message, capsys, tmp_path):
     args = ["sample", "--random-init"] + extra
     args[args.index("--out") + 1] = str(tmp_path / args[args.index("--out") + 1])

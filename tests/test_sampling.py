@@ -1,4 +1,5 @@
 """Sampling beyond the parity cases: Jacobi vs sequential, schedules, denoising, errors."""
+
 import math
 
 import jax
@@ -48,9 +49,14 @@ def test_jacobi_matches_sequential_and_saves_passes():
     model, _ = rc.build_model(case)
     noise, y = jnp.asarray(case.arrays["input/noise"]), jnp.asarray(case.arrays["input/y"])
     seq, p_seq = sample(model, noise, y, SamplingOptions(), return_passes=True)
-    jac, p_jac = sample(model, noise, y, SamplingOptions(jacobi=True, jacobi_block_size=16, jacobi_th=1e-6,
-                                                         jacobi_max_iter=32), return_passes=True)
-    rel_rms = float(jnp.sqrt(jnp.mean((jac - seq) ** 2) / jnp.mean(seq ** 2)))
+    jac, p_jac = sample(
+        model,
+        noise,
+        y,
+        SamplingOptions(jacobi=True, jacobi_block_size=16, jacobi_th=1e-6, jacobi_max_iter=32),
+        return_passes=True,
+    )
+    rel_rms = float(jnp.sqrt(jnp.mean((jac - seq) ** 2) / jnp.mean(seq**2)))
     assert rel_rms < 1e-3
     assert p_seq == [64, 64, 64] and sum(p_jac) < sum(p_seq)
 
@@ -94,8 +100,12 @@ def test_sampling_errors():
     nosos, _ = rc.build_model(_case("pixel_classcond"))
     c2 = _case("pixel_classcond")
     with pytest.raises(ValueError, match="SOS"):
-        sample(nosos, jnp.asarray(c2.arrays["input/noise"]), jnp.asarray(c2.arrays["input/y"]),
-               SamplingOptions(jacobi=True))
+        sample(
+            nosos,
+            jnp.asarray(c2.arrays["input/noise"]),
+            jnp.asarray(c2.arrays["input/y"]),
+            SamplingOptions(jacobi=True),
+        )
 
 
 @pytest.mark.parametrize("jacobi", [False, True])
@@ -109,8 +119,15 @@ def test_layer_loop_variants_agree(jacobi):
     y2 = jnp.concatenate([y, jnp.zeros_like(y)])
     outs = []
     for unroll, segments, splits in [(False, 1, None), (True, 1, 1), (True, 3, 2), (True, 1, 3)]:
-        opts = SamplingOptions(guidance=1.5, jacobi=jacobi, jacobi_block_size=8, jacobi_th=1e-6,
-                               unroll_layers=unroll, cache_segments=segments, matmul_splits=splits)
+        opts = SamplingOptions(
+            guidance=1.5,
+            jacobi=jacobi,
+            jacobi_block_size=8,
+            jacobi_th=1e-6,
+            unroll_layers=unroll,
+            cache_segments=segments,
+            matmul_splits=splits,
+        )
         outs.append(np.asarray(sample(model, noise, y2, opts)))
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], rtol=1e-5, atol=1e-5)

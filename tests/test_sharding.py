@@ -1,5 +1,6 @@
 """One train step on meshes of 8 simulated CPU devices equals the one-device step, and every
 parameter / optimizer leaf carries the sharding its rule names."""
+
 import json
 import os
 import pathlib
@@ -33,11 +34,16 @@ def test_rules():
     from starflow_jax.parallel.rules import param_spec
 
     mesh = SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 2})
-    path = lambda *names: tuple(DictKey(n) for n in names)
-    assert param_spec(path("blocks", "attn_blocks", "attention", "qkv", "kernel"), (3, 64, 192), mesh) == \
-        P(None, "fsdp", "tensor")
-    assert param_spec(path("blocks", "attn_blocks", "mlp", "fc2", "kernel"), (3, 256, 64), mesh) == \
-        P(None, "tensor", "fsdp")
+
+    def path(*names):
+        return tuple(DictKey(n) for n in names)
+
+    assert param_spec(path("blocks", "attn_blocks", "attention", "qkv", "kernel"), (3, 64, 192), mesh) == P(
+        None, "fsdp", "tensor"
+    )
+    assert param_spec(path("blocks", "attn_blocks", "mlp", "fc2", "kernel"), (3, 256, 64), mesh) == P(
+        None, "tensor", "fsdp"
+    )
     assert param_spec(path("blocks", "proj_in", "kernel"), (5, 64), mesh) == P(None, None)  # 5 not divisible
     assert param_spec(path("blocks", "attn_blocks", "attention", "norm", "weight"), (3, 64), mesh) == P(None, None)
 
@@ -45,11 +51,12 @@ def test_rules():
 @pytest.mark.slow
 def test_sharded_train_step_equals_one_device():
     env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(HERE / "sharding_worker.py")], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "sharding_worker.py")], capture_output=True, text=True, env=env, timeout=600
+    )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    report = json.loads(lines[-1][len("REPORT "):])
+    report = json.loads(lines[-1][len("REPORT ") :])
     assert report["devices"] == 8
     for m in report["meshes"]:
         print(m)

@@ -1,5 +1,6 @@
 """Reference names both ways: exact round trips, expected shapes, deprecated buffers, and the
 conversion of a reference YAML configuration."""
+
 import os
 import pathlib
 
@@ -11,8 +12,13 @@ from flax import nnx
 from starflow_jax.config import load_config, model_config
 from starflow_jax.config.reference_args import from_model_kwargs, model_config_from_yaml
 from starflow_jax.interop import reference_cases as rc
-from starflow_jax.interop.state_dict import (expected_reference_shapes, from_reference, is_deprecated_buffer,
-                                             reference_buffers, to_reference)
+from starflow_jax.interop.state_dict import (
+    expected_reference_shapes,
+    from_reference,
+    is_deprecated_buffer,
+    reference_buffers,
+    to_reference,
+)
 from starflow_jax.model import StarFlow
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -61,8 +67,9 @@ def test_round_trip_transposes_kernels_and_stacks_layers():
     assert qkv.shape[0] == cfg.layers_per_block[2] == 2
     for j in range(2):
         np.testing.assert_array_equal(qkv[j], params[f"blocks.2.attn_blocks.{j}.attention.qkv.weight"].T)
-    np.testing.assert_array_equal(flat[("blocks", "2", "attn_blocks", "mlp", "fc1", "bias")][1],
-                                  params["blocks.2.attn_blocks.1.mlp.main.0.bias"])
+    np.testing.assert_array_equal(
+        flat[("blocks", "2", "attn_blocks", "mlp", "fc1", "bias")][1], params["blocks.2.attn_blocks.1.mlp.main.0.bias"]
+    )
 
 
 def test_round_trip_from_our_side():

@@ -1,6 +1,7 @@
 """Text to image end to end: `starflow-jax sample --prompt ... --text-encoder DIR --vae DIR`
 on a tiny random flow, a small random T5 (with a tokenizer built offline) and a small
 random diffusers VAE, with guidance, Jacobi and an aspect ratio: a PNG of decoded pixels."""
+
 import json
 
 import numpy as np
@@ -23,16 +24,40 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("t2i")
     tok_dir = make_t5_tokenizer(root)
     torch.manual_seed(0)
-    t5 = transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=200, d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, feed_forward_proj="gated-gelu"))
+    t5 = transformers.T5EncoderModel(
+        transformers.T5Config(
+            vocab_size=200, d_model=32, d_kv=8, num_heads=4, num_layers=2, d_ff=64, feed_forward_proj="gated-gelu"
+        )
+    )
     t5.save_pretrained(str(tok_dir))  # the tokenizer files and the weights in one directory, as on the hub
-    vae = diffusers.AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
-                                  latent_channels=4, sample_size=16)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+        sample_size=16,
+    )
     vae.save_pretrained(str(root / "vae"))
-    model = dict(in_channels=4, img_size=8, patch_size=1, channels=64, num_blocks=2, layers_per_block=[1, 1],
-                 head_dim=32, rope=1, sos=1, txt_size=6, txt_dim=32, cond_top_only=1, use_softplus=1,
-                 use_final_norm=1, soft_clip=4.0, seq_order="L2R")
+    model = dict(
+        in_channels=4,
+        img_size=8,
+        patch_size=1,
+        channels=64,
+        num_blocks=2,
+        layers_per_block=[1, 1],
+        head_dim=32,
+        rope=1,
+        sos=1,
+        txt_size=6,
+        txt_dim=32,
+        cond_top_only=1,
+        use_softplus=1,
+        use_final_norm=1,
+        soft_clip=4.0,
+        seq_order="L2R",
+    )
     (root / "flow.json").write_text(json.dumps(model))
     return root, tok_dir
 
@@ -40,10 +65,40 @@ def checkpoints(tmp_path_factory):
 def test_prompt_to_png_through_t5_and_the_vae(checkpoints, capsys):
     root, text_dir = checkpoints
     out = root / "t2i.png"
-    assert main(["sample", "--config", str(root / "flow.json"), "--random-init", "--prompt", "a red cat",
-                 "--prompt", "the dog", "--num", "2", "--text-encoder", str(text_dir), "--vae", str(root / "vae"),
-                 "--cfg", "1.5", "--jacobi", "--jacobi-block-size", "8", "--aspect-ratio", "16:9",
-                 "--noise-std", "0.3", "--out", str(out), "--save-npy", str(root / "x.npy")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                str(root / "flow.json"),
+                "--random-init",
+                "--prompt",
+                "a red cat",
+                "--prompt",
+                "the dog",
+                "--num",
+                "2",
+                "--text-encoder",
+                str(text_dir),
+                "--vae",
+                str(root / "vae"),
+                "--cfg",
+                "1.5",
+                "--jacobi",
+                "--jacobi-block-size",
+                "8",
+                "--aspect-ratio",
+                "16:9",
+                "--noise-std",
+                "0.3",
+                "--out",
+                str(out),
+                "--save-npy",
+                str(root / "x.npy"),
+            ]
+        )
+        == 0
+    )
     h, w = size_for_aspect_ratio(8 * 2, "16:9", 2)  # latent 8x8, VAE factor 2: pixel sides multiples of 2
     assert (h, w) == (12, 22)
     x = np.load(root / "x.npy")
@@ -53,14 +108,31 @@ def test_prompt_to_png_through_t5_and_the_vae(checkpoints, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--prompt", "a cat"], "need --text-encoder"),
-    (["--prompt", "a cat", "--labels", "1"], "give exactly one of --labels, --cond or --prompt"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--prompt", "a cat"], "need --text-encoder"),
+        (["--prompt", "a cat", "--labels", "1"], "give exactly one of --labels, --cond or --prompt"),
+    ],
+)
 def test_prompt_errors(checkpoints, tmp_path, capsys, extra, message):
     root, _ = checkpoints
-    assert main(["sample", "--config", str(root / "flow.json"), "--random-init", "--num", "1",
-                 "--out", str(tmp_path / "x.png")] + extra) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                str(root / "flow.json"),
+                "--random-init",
+                "--num",
+                "1",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+            + extra
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
 
 
@@ -68,8 +140,25 @@ def test_text_encoder_width_must_match(checkpoints, tmp_path, capsys):
     root, text_dir = checkpoints
     cfg = json.loads((root / "flow.json").read_text())
     (tmp_path / "flow.json").write_text(json.dumps(dict(cfg, txt_dim=48)))
-    assert main(["sample", "--config", str(tmp_path / "flow.json"), "--random-init", "--num", "1",
-                 "--prompt", "a cat", "--text-encoder", str(text_dir), "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--config",
+                str(tmp_path / "flow.json"),
+                "--random-init",
+                "--num",
+                "1",
+                "--prompt",
+                "a cat",
+                "--text-encoder",
+                str(text_dir),
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 2
+    )
     assert "gives 32-dim embeddings, the model reads txt_dim=48" in capsys.readouterr().err
 
 
@@ -89,9 +178,27 @@ def test_precompute_writes_training_shards_and_resumes(checkpoints, tmp_path, ca
         Image.fromarray(rng.integers(0, 255, (20 + i, 18, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
         lines.append(f"{i}.png\ta picture number {i}")
     (tmp_path / "captions.tsv").write_text("\n".join(lines) + "\n")
-    args = ["precompute", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "captions.tsv"),
-            "--vae", str(root / "vae"), "--text-encoder", str(text_dir), "--out", str(tmp_path / "shards"),
-            "--image-size", "16", "--txt-size", "6", "--batch-size", "2", "--records-per-shard", "2"]
+    args = [
+        "precompute",
+        "--images",
+        str(tmp_path / "imgs"),
+        "--captions",
+        str(tmp_path / "captions.tsv"),
+        "--vae",
+        str(root / "vae"),
+        "--text-encoder",
+        str(text_dir),
+        "--out",
+        str(tmp_path / "shards"),
+        "--image-size",
+        "16",
+        "--txt-size",
+        "6",
+        "--batch-size",
+        "2",
+        "--records-per-shard",
+        "2",
+    ]
     assert main(args) == 0
     src = ArrayRecordSource(tmp_path / "shards", fields=list(TRAIN_STEP_KEYS), rename=TRAIN_STEP_KEYS)
     assert len(src) == 5 and src[0]["image"].shape == (4, 8, 8) and src[0]["cond"].shape == (6, 32)
@@ -99,8 +206,9 @@ def test_precompute_writes_training_shards_and_resumes(checkpoints, tmp_path, ca
     want = np.asarray(encode_latents(vae, load_image(tmp_path / "imgs" / "3.png", 16, 3)[None]))[0]
     np.testing.assert_allclose(src[3]["image"], want, rtol=1e-5, atol=1e-6)
     enc, tok = t5_from_transformers(str(text_dir)), load_tokenizer(text_dir)
-    np.testing.assert_allclose(src[3]["cond"], np.asarray(encode_prompts(enc, tok, ["a picture number 3"], 6))[0],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        src[3]["cond"], np.asarray(encode_prompts(enc, tok, ["a picture number 3"], 6))[0], rtol=1e-5, atol=1e-6
+    )
     assert str(ArrayRecordSource(tmp_path / "shards")[4]["caption"]) == "a picture number 4"
     capsys.readouterr()
     assert main(args) == 0  # resume: everything is there
@@ -120,21 +228,94 @@ def test_precompute_train_and_sample_from_a_prompt(checkpoints, tmp_path):
     captions = ["a red square", "a blue circle", "the green cat", "a dog"]
     for i in range(8):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.jpg")
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"file": f"{i}.jpg", "caption": captions[i % 4]}) + "\n"
-                                              for i in range(8)))
-    assert main(["precompute", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "c.jsonl"),
-                 "--vae", str(root / "vae"), "--text-encoder", str(text_dir), "--out", str(tmp_path / "shards"),
-                 "--image-size", "16", "--txt-size", "6", "--batch-size", "4"]) == 0
+    (tmp_path / "c.jsonl").write_text(
+        "".join(json.dumps({"file": f"{i}.jpg", "caption": captions[i % 4]}) + "\n" for i in range(8))
+    )
+    assert (
+        main(
+            [
+                "precompute",
+                "--images",
+                str(tmp_path / "imgs"),
+                "--captions",
+                str(tmp_path / "c.jsonl"),
+                "--vae",
+                str(root / "vae"),
+                "--text-encoder",
+                str(text_dir),
+                "--out",
+                str(tmp_path / "shards"),
+                "--image-size",
+                "16",
+                "--txt-size",
+                "6",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "t2i_latents_tiny.py")
-    assert main(["train", "--config", config, "--workdir", str(tmp_path / "run"),
-                 "--set", f"data.path={tmp_path / 'shards'}", "--set", "model.txt_dim=32", "--set", "model.txt_size=6",
-                 "--set", "model.channels=64", "--set", "model.layers_per_block=[1, 0, 1]", "--set", "train.steps=3",
-                 "--set", "train.batch_size=4", "--set", "train.warmup_steps=1", "--set", "train.log_every=1",
-                 "--set", "train.checkpoint_every=3", "--set", "sample.num=2", "--set", "sample.scale=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                config,
+                "--workdir",
+                str(tmp_path / "run"),
+                "--set",
+                f"data.path={tmp_path / 'shards'}",
+                "--set",
+                "model.txt_dim=32",
+                "--set",
+                "model.txt_size=6",
+                "--set",
+                "model.channels=64",
+                "--set",
+                "model.layers_per_block=[1, 0, 1]",
+                "--set",
+                "train.steps=3",
+                "--set",
+                "train.batch_size=4",
+                "--set",
+                "train.warmup_steps=1",
+                "--set",
+                "train.log_every=1",
+                "--set",
+                "train.checkpoint_every=3",
+                "--set",
+                "sample.num=2",
+                "--set",
+                "sample.scale=1",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "run" / "samples.png").exists()
     out = tmp_path / "cat.png"
-    assert main(["sample", "--workdir", str(tmp_path / "run"), "--prompt", "the green cat", "--num", "2",
-                 "--text-encoder", str(text_dir), "--vae", str(root / "vae"), "--cfg", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--workdir",
+                str(tmp_path / "run"),
+                "--prompt",
+                "the green cat",
+                "--num",
+                "2",
+                "--text-encoder",
+                str(text_dir),
+                "--vae",
+                str(root / "vae"),
+                "--cfg",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     img = Image.open(out)
     assert img.mode == "RGB" and img.size == (2 * 17 + 1, 17 + 1)  # two 16x16 decoded pictures
 
@@ -149,12 +330,37 @@ def test_precompute_an_aspect_ratio_bucket_with_the_templates(checkpoints, tmp_p
     root, text_dir = checkpoints
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(
-        tmp_path / "imgs" / "0.png")
+        tmp_path / "imgs" / "0.png"
+    )
     (tmp_path / "captions.tsv").write_text("0.png\ta wide picture\n")
     out = tmp_path / "buckets" / "16x9"
-    assert main(["precompute", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "captions.tsv"),
-                 "--vae", str(root / "vae"), "--text-encoder", str(text_dir), "--out", str(out), "--image-size",
-                 "32", "--txt-size", "6", "--aspect-ratio", "16:9", "--fps-cond", "--noise-level-cond", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "precompute",
+                "--images",
+                str(tmp_path / "imgs"),
+                "--captions",
+                str(tmp_path / "captions.tsv"),
+                "--vae",
+                str(root / "vae"),
+                "--text-encoder",
+                str(text_dir),
+                "--out",
+                str(out),
+                "--image-size",
+                "32",
+                "--txt-size",
+                "6",
+                "--aspect-ratio",
+                "16:9",
+                "--fps-cond",
+                "--noise-level-cond",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     h, w = bucket_size(32, "16:9", 2)
     assert (h, w) == (24, 42) and "latents (4, 12, 21)" in capsys.readouterr().out
     rec = ArrayRecordSource(out)[0]
@@ -162,7 +368,24 @@ def test_precompute_an_aspect_ratio_bucket_with_the_templates(checkpoints, tmp_p
     text = prepare_prompts(["a wide picture"], fps=0, noise_std=0.5, aspect_ratio="16:9")
     want = encode_prompts(t5_from_transformers(str(text_dir)), load_tokenizer(text_dir), text, 6)
     np.testing.assert_allclose(rec["text_emb"], np.asarray(want)[0], rtol=1e-5, atol=1e-6)
-    assert main(["precompute", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "captions.tsv"),
-                 "--vae", str(root / "vae"), "--text-encoder", str(text_dir), "--out", str(tmp_path / "x"),
-                 "--aspect-ratio", "7:5"]) == 2
+    assert (
+        main(
+            [
+                "precompute",
+                "--images",
+                str(tmp_path / "imgs"),
+                "--captions",
+                str(tmp_path / "captions.tsv"),
+                "--vae",
+                str(root / "vae"),
+                "--text-encoder",
+                str(text_dir),
+                "--out",
+                str(tmp_path / "x"),
+                "--aspect-ratio",
+                "7:5",
+            ]
+        )
+        == 2
+    )
     assert "not a bucket" in capsys.readouterr().err

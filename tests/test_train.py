@@ -1,10 +1,12 @@
 """Training: the step's skip rule, workdir protection, the train CLI, fine-tuning (exact
 resume: tests/test_resume.py)."""
+
 import json
 
 import jax
 import numpy as np
 import pytest
+from fast_run import FAST, ROOT, TINY
 from flax import nnx
 
 from starflow_jax.cli.main import main
@@ -13,7 +15,6 @@ from starflow_jax.model import StarFlow
 from starflow_jax.train import optimizer
 from starflow_jax.train import step as S
 from starflow_jax.train.loop import WorkdirError, train
-from fast_run import FAST, ROOT, TINY
 
 
 def test_nan_batch_is_skipped_and_counted():
@@ -43,8 +44,13 @@ def test_workdir_with_another_config_is_protected(tmp_path):
     with pytest.raises(WorkdirError, match="different config"):
         train(load_config(TINY, FAST + ["model.channels=64"]), str(tmp_path), log=lambda *a: None)
     # --overwrite discards the old run
-    out = train(load_config(TINY, FAST + ["model.channels=64"]), str(tmp_path), overwrite=True, log=lambda *a: None,
-                stop_after=1)
+    out = train(
+        load_config(TINY, FAST + ["model.channels=64"]),
+        str(tmp_path),
+        overwrite=True,
+        log=lambda *a: None,
+        stop_after=1,
+    )
     assert out["steps"] == 1
 
 
@@ -60,8 +66,16 @@ def test_train_cli(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_short_digits_run_beats_a_full_covariance_gaussian(tmp_path):
-    config = load_config(TINY, ["train.steps=300", "train.eval_every=0", "train.log_every=100",
-                                "train.checkpoint_every=300", "sample.per_class=1"])
+    config = load_config(
+        TINY,
+        [
+            "train.steps=300",
+            "train.eval_every=0",
+            "train.log_every=100",
+            "train.checkpoint_every=300",
+            "sample.per_class=1",
+        ],
+    )
     result = train(config, str(tmp_path), log=lambda *a: None)
     assert 2.9 < result["gaussian_full_cov_bpd"] < 3.0 and 3.3 < result["gaussian_diag_bpd"] < 3.45
     assert result["heldout_bpd"] < result["gaussian_full_cov_bpd"]

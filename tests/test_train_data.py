@@ -1,6 +1,7 @@
 """The training loop on the other inputs: an image folder (class labels) and ArrayRecord
 shards of latents and text embeddings (with the learnable denoiser); metrics go to
 metrics.jsonl and TensorBoard."""
+
 import json
 import pathlib
 
@@ -15,8 +16,16 @@ from starflow_jax.train.metrics_writer import read_scalars
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.py"
-SHORT = ["train.batch_size=8", "train.steps=4", "train.warmup_steps=1", "train.log_every=2", "train.eval_every=4",
-         "train.checkpoint_every=4", "sample.per_class=1", "sample.scale=1"]
+SHORT = [
+    "train.batch_size=8",
+    "train.steps=4",
+    "train.warmup_steps=1",
+    "train.log_every=2",
+    "train.eval_every=4",
+    "train.checkpoint_every=4",
+    "sample.per_class=1",
+    "sample.scale=1",
+]
 
 
 def _config(overrides, data: dict, model: dict):
@@ -35,9 +44,11 @@ def test_train_on_an_image_folder(tmp_path):
         for i in range(6):
             a = np.clip(rng.normal(80 * c, 30, (12, 10, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(a).save(tmp_path / "imgs" / name / f"{i}.png")
-    config = _config(["model.channels=32", "model.layers_per_block=[1, 0, 1]"],
-                     dict(name="image_folder", root=str(tmp_path / "imgs"), heldout_fraction=0.2, split_seed=0),
-                     dict(in_channels=3, txt_dim=4))
+    config = _config(
+        ["model.channels=32", "model.layers_per_block=[1, 0, 1]"],
+        dict(name="image_folder", root=str(tmp_path / "imgs"), heldout_fraction=0.2, split_seed=0),
+        dict(in_channels=3, txt_dim=4),
+    )
     result = train(config, str(tmp_path / "run"), log=lambda *a: None)
     assert np.isfinite(result["heldout_bpd"])
     assert Image.open(tmp_path / "run" / "samples.png").size[0] == 3 * 9 + 1  # one column per class
@@ -59,15 +70,21 @@ def test_image_folder_class_count_must_match_the_model(tmp_path):
 
 def test_train_on_latent_shards_with_the_denoiser(tmp_path):
     rng = np.random.default_rng(0)
-    records = [dict(latent=rng.normal(size=(4, 8, 8)).astype(np.float32),
-                    text_emb=rng.normal(size=(3, 6)).astype(np.float32), caption=f"caption {i}")
-               for i in range(20)]
+    records = [
+        dict(
+            latent=rng.normal(size=(4, 8, 8)).astype(np.float32),
+            text_emb=rng.normal(size=(3, 6)).astype(np.float32),
+            caption=f"caption {i}",
+        )
+        for i in range(20)
+    ]
     write_shards(tmp_path / "shards", records[:16], records_per_shard=6)
     write_shards(tmp_path / "held", records[16:])
-    config = _config(["model.channels=32", "model.layers_per_block=[1, 0, 1]", "train.noise_type=gaussian",
-                      "train.noise_std=0.3"],
-                     dict(name="array_record", path=str(tmp_path / "shards"), heldout_path=str(tmp_path / "held")),
-                     dict(in_channels=4, txt_size=3, txt_dim=6, learnable_self_denoiser=True))
+    config = _config(
+        ["model.channels=32", "model.layers_per_block=[1, 0, 1]", "train.noise_type=gaussian", "train.noise_std=0.3"],
+        dict(name="array_record", path=str(tmp_path / "shards"), heldout_path=str(tmp_path / "held")),
+        dict(in_channels=4, txt_size=3, txt_dim=6, learnable_self_denoiser=True),
+    )
     with config.unlocked():
         config.sample.num = 2
     result = train(config, str(tmp_path / "run"), log=lambda *a: None)
@@ -79,8 +96,9 @@ def test_train_on_latent_shards_with_the_denoiser(tmp_path):
 
 
 def test_latent_shards_must_match_the_model(tmp_path):
-    write_shards(tmp_path / "shards", [dict(latent=np.zeros((4, 8, 8), np.float32),
-                                            text_emb=np.zeros((2, 6), np.float32))] * 2)
+    write_shards(
+        tmp_path / "shards", [dict(latent=np.zeros((4, 8, 8), np.float32), text_emb=np.zeros((2, 6), np.float32))] * 2
+    )
     config = _config([], dict(name="array_record", path=str(tmp_path / "shards")), dict(in_channels=4))
     with pytest.raises(ValueError, match="text embeddings in .* have shape \\(2, 6\\), the model expects \\(1, 11\\)"):
         train(config, str(tmp_path / "run"), log=lambda *a: None)

@@ -1,5 +1,6 @@
 """The train step's options: gradient accumulation, rematerialisation policies, the
 noise-level loss weight, and the learnable denoiser trained by flow-score matching."""
+
 import pathlib
 
 import jax
@@ -24,8 +25,9 @@ def _tiny():
     config = load_config(TINY, ["model.channels=32", "model.layers_per_block=[1, 0, 2]"])
     model = StarFlow(model_config(config), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
-    batch = dict(image=rng.uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32),
-                 label=rng.integers(0, 10, 8).astype(np.int32))
+    batch = dict(
+        image=rng.uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32), label=rng.integers(0, 10, 8).astype(np.int32)
+    )
     return model, batch
 
 
@@ -106,8 +108,9 @@ def test_denoiser_learns_the_flow_score_and_leaves_the_flow_alone():
     labels = optimizer.param_labels(new.params)
     old = nnx.state(model, nnx.Param)
     moved = {lab: [] for lab in ("flow", "denoiser")}
-    for a, b, p, lab in zip(jax.tree.leaves(new.params), jax.tree.leaves(plain.params), jax.tree.leaves(old),
-                            jax.tree.leaves(labels)):
+    for a, b, p, lab in zip(
+        jax.tree.leaves(new.params), jax.tree.leaves(plain.params), jax.tree.leaves(old), jax.tree.leaves(labels)
+    ):
         if lab == "flow":
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
         moved[lab].append(float(np.max(np.abs(np.asarray(a) - np.asarray(p)))))

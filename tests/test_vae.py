@@ -4,6 +4,7 @@ conversion from a ``save_pretrained`` directory; clear errors for bad state dict
 
 Nothing is downloaded: the diffusers models are built from a config with random weights.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,14 +17,27 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from starflow_jax.autoencoders import (AutoencoderKL, VAEConfig, VAEConfigError, decode_latents,  # noqa: E402
-                                       encode_latents, vae_from_diffusers)
+from starflow_jax.autoencoders import (
+    AutoencoderKL,
+    VAEConfig,
+    VAEConfigError,
+    decode_latents,  # noqa: E402
+    encode_latents,
+    vae_from_diffusers,
+)
 from starflow_jax.interop.state_dict import StateDictMismatch  # noqa: E402
 
 RTOL = 1e-4
-SMALL = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
-             latent_channels=4, sample_size=32, shift_factor=0.0625)
+SMALL = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=32,
+    shift_factor=0.0625,
+)
 
 
 def _randomize(model) -> None:
@@ -72,8 +86,11 @@ def test_posterior_and_decoder_match_diffusers(torch_vae, jax_vae, images):
     decode = nnx.jit(lambda m, z: m.decode(z))
     mean, logvar = encode(jax_vae, jnp.asarray(images))
     out = decode(jax_vae, jnp.asarray(z.numpy()))
-    errs = {"mean": rel_err(mean, post.mean.numpy()), "logvar": rel_err(logvar, post.logvar.numpy()),
-            "decoded": rel_err(out, dec.numpy())}
+    errs = {
+        "mean": rel_err(mean, post.mean.numpy()),
+        "logvar": rel_err(logvar, post.logvar.numpy()),
+        "decoded": rel_err(out, dec.numpy()),
+    }
     print("\nVAE parity (max abs diff / max abs expected):", errs)
     assert mean.dtype == logvar.dtype == out.dtype == jnp.float32
     assert all(e < RTOL for e in errs.values()), errs
@@ -128,8 +145,9 @@ def test_deprecated_attention_names(torch_vae, jax_vae, images):
         sd[k] = v
     assert any(".proj_attn.weight" in k for k in sd)
     vae = vae_from_diffusers(sd, dict(torch_vae.config))
-    np.testing.assert_array_equal(np.asarray(vae.decode(jnp.ones((1, 4, 16, 16)))),
-                                  np.asarray(jax_vae.decode(jnp.ones((1, 4, 16, 16)))))
+    np.testing.assert_array_equal(
+        np.asarray(vae.decode(jnp.ones((1, 4, 16, 16)))), np.asarray(jax_vae.decode(jnp.ones((1, 4, 16, 16))))
+    )
 
 
 def test_bad_state_dict_raises_one_clear_error(torch_vae):
@@ -179,8 +197,7 @@ def test_bfloat16_compute_float32_params(torch_vae, jax_vae, images):
 
 
 def test_bad_input_shapes():
-    vae = AutoencoderKL(VAEConfig(**{k: v for k, v in SMALL.items() if "block_types" not in k}),
-                        rngs=nnx.Rngs(0))
+    vae = AutoencoderKL(VAEConfig(**{k: v for k, v in SMALL.items() if "block_types" not in k}), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="channels"):
         vae.encode(jnp.zeros((1, 4, 32, 32)))
     with pytest.raises(ValueError, match="rank 3"):

@@ -2,6 +2,7 @@
 decoding clips with imageio/PyAV, a folder of captioned videos as a grain source, video
 precompute into ArrayRecord shards (latents (t, c, h, w), text_emb_extend), and training
 on video latents with drop_image."""
+
 import json
 import pathlib
 
@@ -14,8 +15,11 @@ av = pytest.importorskip("av")
 
 from starflow_jax.data.array_record import ArrayRecordSource, write_shards  # noqa: E402
 from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision  # noqa: E402
-from starflow_jax.data.precompute import (framewise_video_encoder, precompute_videos,  # noqa: E402
-                                          temporal_video_encoder)
+from starflow_jax.data.precompute import (
+    framewise_video_encoder,
+    precompute_videos,  # noqa: E402
+    temporal_video_encoder,
+)
 from starflow_jax.data.video import VideoFolderSource, clip_indices, read_clip, video_info  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,7 +30,7 @@ def _square_frames(n, h=32, w=48):
     """``n`` frames of an 8x8 white square on black whose left edge is at x = 2i in frame i."""
     frames = np.zeros((n, h, w, 3), np.uint8)
     for i in range(n):
-        frames[i, 12:20, 2 * i:2 * i + 8] = 255
+        frames[i, 12:20, 2 * i : 2 * i + 8] = 255
     return frames
 
 
@@ -88,8 +92,12 @@ def test_clip_indices_hand_computed():
     assert clip_indices(1, 10.0, 3, None, 0).tolist() == [0, 0, 0]
     # deterministic for a generator state
     assert clip_indices(50, 10, 4, 5, 7).tolist() == clip_indices(50, 10, 4, 5, 7).tolist()
-    for bad, msg in [((0, 10.0, 4, None), "at least 1 frame"), ((10, 10.0, 0, None), "num_frames must be >= 1"),
-                     ((10, 0.0, 4, None), "source frame rate"), ((10, 10.0, 4, -1.0), "out_fps must be positive")]:
+    for bad, msg in [
+        ((0, 10.0, 4, None), "at least 1 frame"),
+        ((10, 10.0, 0, None), "num_frames must be >= 1"),
+        ((10, 0.0, 4, None), "source frame rate"),
+        ((10, 10.0, 4, -1.0), "out_fps must be positive"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             clip_indices(*bad, 0)
 
@@ -132,9 +140,13 @@ def test_video_folder_source_errors(clips, tmp_path):
         VideoFolderSource(tmp_path / "empty", 4, 16)
     with pytest.raises(ValueError, match="does not exist"):
         VideoFolderSource(tmp_path / "nowhere", 4, 16)
-    for nf, size, msg in [(0, 16, "num_frames must be a positive integer"), (2.5, 16, "num_frames"),
-                          (4, 0, "size must be positive"), (4, "big", "size must be an int or"),
-                          (4, (16, -2), "size must be positive")]:
+    for nf, size, msg in [
+        (0, 16, "num_frames must be a positive integer"),
+        (2.5, 16, "num_frames"),
+        (4, 0, "size must be positive"),
+        (4, "big", "size must be an int or"),
+        (4, (16, -2), "size must be positive"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             VideoFolderSource(clips, nf, size)
     with pytest.raises(ValueError, match="fps must be positive"):
@@ -165,6 +177,7 @@ def test_video_folder_source_errors(clips, tmp_path):
 
 def _fake_text_encoder(seen):
     """Prompts to (b, 6, 8) embeddings that depend on every character; records the prompts."""
+
     def encode(texts):
         seen.extend(texts)
         out = np.zeros((len(texts), 6, 8), np.float32)
@@ -172,6 +185,7 @@ def _fake_text_encoder(seen):
             codes = np.frombuffer(t.encode(), np.uint8).astype(np.float32)
             out[k] = np.resize(np.cumsum(codes) % 97, 48).reshape(6, 8) / 97
         return out
+
     return encode
 
 
@@ -194,9 +208,17 @@ def test_precompute_videos(clips, tmp_path):
         calls.append(x.shape[0])
         return _pool_encoder(x)
 
-    shards = precompute_videos(src, tmp_path / "shards", encode_video=framewise_video_encoder(images, 3),
-                               encode_texts=_fake_text_encoder(seen), fps_cond=True, extend=True, batch_size=2,
-                               records_per_shard=1, log=lambda *a: None)
+    shards = precompute_videos(
+        src,
+        tmp_path / "shards",
+        encode_video=framewise_video_encoder(images, 3),
+        encode_texts=_fake_text_encoder(seen),
+        fps_cond=True,
+        extend=True,
+        batch_size=2,
+        records_per_shard=1,
+        log=lambda *a: None,
+    )
     assert len(shards) == 2 and calls == [3, 1, 3, 1]  # frame by frame, 3 frames per encoder call
     out = ArrayRecordSource(tmp_path / "shards")
     rec = out[0]
@@ -205,8 +227,12 @@ def test_precompute_videos(clips, tmp_path):
     assert str(rec["caption"]) == CAPTION and float(rec["fps"]) == 5.0
     assert int(rec["num_frames"]) == 4 and rec["size"].tolist() == [16, 16]
     # one record per shard: each shard embeds its caption, then the "(extend) " one, through the fps template
-    assert seen == [*prepare_prompts([CAPTION], fps=5), "A video with 5 fps:\n(extend) " + CAPTION + "\n",
-                    *prepare_prompts(["a short clip"], fps=5), "A video with 5 fps:\n(extend) a short clip\n"]
+    assert seen == [
+        *prepare_prompts([CAPTION], fps=5),
+        "A video with 5 fps:\n(extend) " + CAPTION + "\n",
+        *prepare_prompts(["a short clip"], fps=5),
+        "A video with 5 fps:\n(extend) a short clip\n",
+    ]
     enc = _fake_text_encoder([])
     np.testing.assert_array_equal(rec["text_emb"], enc(seen[:1])[0])
     np.testing.assert_array_equal(rec["text_emb_extend"], enc(seen[1:2])[0])
@@ -214,17 +240,29 @@ def test_precompute_videos(clips, tmp_path):
     assert json.loads((tmp_path / "shards" / "index.json").read_text())["num_records"] == 2
     # a temporal video encoder (b, t, c, h, w) -> (b, t', c', h', w') plugs in as one function
     seen.clear()
-    precompute_videos(src, tmp_path / "t", encode_video=temporal_video_encoder(lambda x: x[:, ::2, :, ::4, ::4]),
-                      encode_texts=_fake_text_encoder(seen), log=lambda *a: None)
+    precompute_videos(
+        src,
+        tmp_path / "t",
+        encode_video=temporal_video_encoder(lambda x: x[:, ::2, :, ::4, ::4]),
+        encode_texts=_fake_text_encoder(seen),
+        log=lambda *a: None,
+    )
     rec = ArrayRecordSource(tmp_path / "t")[1]
     assert rec["latent"].shape == (2, 3, 4, 4) and "text_emb_extend" not in rec
     assert seen == [CAPTION, "a short clip"]  # no fps template without fps_cond
     with pytest.raises(ValueError, match="other settings"):  # resuming needs the same settings
-        precompute_videos(src, tmp_path / "t", encode_video=temporal_video_encoder(lambda x: x),
-                          encode_texts=_fake_text_encoder([]), extend=True, log=lambda *a: None)
+        precompute_videos(
+            src,
+            tmp_path / "t",
+            encode_video=temporal_video_encoder(lambda x: x),
+            encode_texts=_fake_text_encoder([]),
+            extend=True,
+            log=lambda *a: None,
+        )
     with pytest.raises(ValueError, match="expected \\(t', c', h', w'\\)"):
-        precompute_videos(src, tmp_path / "u", encode_video=lambda v: v[0], encode_texts=_fake_text_encoder([]),
-                          log=lambda *a: None)
+        precompute_videos(
+            src, tmp_path / "u", encode_video=lambda v: v[0], encode_texts=_fake_text_encoder([]), log=lambda *a: None
+        )
 
 
 def test_drop_image_decision_and_batch():
@@ -251,8 +289,12 @@ def _video_shards(path, n=8, t=3, extend=True):
     rng = np.random.default_rng(0)
     recs = []
     for i in range(n):
-        r = dict(latent=rng.normal(size=(t, 4, 8, 8)).astype(np.float32),
-                 text_emb=rng.normal(size=(3, 32)).astype(np.float32), caption=f"clip {i}", fps=np.float32(8))
+        r = dict(
+            latent=rng.normal(size=(t, 4, 8, 8)).astype(np.float32),
+            text_emb=rng.normal(size=(3, 32)).astype(np.float32),
+            caption=f"clip {i}",
+            fps=np.float32(8),
+        )
         if extend:
             r["text_emb_extend"] = rng.normal(size=(3, 32)).astype(np.float32)
         recs.append(r)
@@ -262,11 +304,27 @@ def _video_shards(path, n=8, t=3, extend=True):
 def _video_config(path, overrides=()):
     from starflow_jax.config import load_config
 
-    config = load_config(ROOT / "configs" / "t2v_latents_tiny.py", [
-        f"data.path={path}", "data.num_frames=3", "model.txt_size=3", "model.txt_dim=32", "model.channels=32",
-        "model.layers_per_block=[1, 0, 1]", "train.steps=4", "train.batch_size=2", "train.warmup_steps=1",
-        "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=2", "sample.num=1", "sample.scale=1",
-        "train.drop_image=0", *overrides])
+    config = load_config(
+        ROOT / "configs" / "t2v_latents_tiny.py",
+        [
+            f"data.path={path}",
+            "data.num_frames=3",
+            "model.txt_size=3",
+            "model.txt_dim=32",
+            "model.channels=32",
+            "model.layers_per_block=[1, 0, 1]",
+            "train.steps=4",
+            "train.batch_size=2",
+            "train.warmup_steps=1",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "train.checkpoint_every=2",
+            "sample.num=1",
+            "sample.scale=1",
+            "train.drop_image=0",
+            *overrides,
+        ],
+    )
     return config
 
 
@@ -288,14 +346,16 @@ def test_array_record_video_latents_are_checked(tmp_path):
         make_data(_video_config(tmp_path / "v", ["model.temporal_causal=0", "model.shallow_block_local=false"]))
     with pytest.raises(ValueError, match=r"have shape \(3, 4, 8, 8\), the model expects images \(3, 8, 8\) or video"):
         make_data(_video_config(tmp_path / "v", ["model.in_channels=3"]))
-    write_shards(tmp_path / "img", [dict(latent=np.zeros((4, 8, 8), np.float32),
-                                         text_emb=np.zeros((3, 32), np.float32))] * 2)
+    write_shards(
+        tmp_path / "img", [dict(latent=np.zeros((4, 8, 8), np.float32), text_emb=np.zeros((3, 32), np.float32))] * 2
+    )
     with pytest.raises(ValueError, match="are images .* clips of 3 frames"):
         make_data(_video_config(tmp_path / "img"))
     from starflow_jax.config import data_section
 
-    cfg = ml_collections.ConfigDict(dict(data=data_section(vid_size="81:16"),
-                                         autoencoder=dict(temporal_downsample_factor=4)))
+    cfg = ml_collections.ConfigDict(
+        dict(data=data_section(vid_size="81:16"), autoencoder=dict(temporal_downsample_factor=4))
+    )
     assert latent_frames(cfg) == 21
     assert latent_frames(ml_collections.ConfigDict(dict(data=data_section(vid_size="16:8")))) == 16
 
@@ -342,15 +402,45 @@ def test_precompute_cli_videos(clips, tmp_path, capsys):
 
     tok_dir = make_t5_tokenizer(tmp_path)
     torch.manual_seed(0)
-    transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=200, d_model=16, d_kv=8, num_heads=2, num_layers=1, d_ff=32, feed_forward_proj="gated-gelu"
-    )).save_pretrained(str(tok_dir))
-    diffusers.AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
-                            latent_channels=4, sample_size=16).save_pretrained(str(tmp_path / "vae"))
-    args = ["precompute", "--videos", str(clips), "--vae", str(tmp_path / "vae"), "--text-encoder", str(tok_dir),
-            "--out", str(tmp_path / "shards"), "--image-size", "16", "--txt-size", "6", "--num-frames", "3",
-            "--fps", "5", "--fps-cond", "--drop-image", "--batch-size", "3", "--seed", "4"]
+    transformers.T5EncoderModel(
+        transformers.T5Config(
+            vocab_size=200, d_model=16, d_kv=8, num_heads=2, num_layers=1, d_ff=32, feed_forward_proj="gated-gelu"
+        )
+    ).save_pretrained(str(tok_dir))
+    diffusers.AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=16,
+    ).save_pretrained(str(tmp_path / "vae"))
+    args = [
+        "precompute",
+        "--videos",
+        str(clips),
+        "--vae",
+        str(tmp_path / "vae"),
+        "--text-encoder",
+        str(tok_dir),
+        "--out",
+        str(tmp_path / "shards"),
+        "--image-size",
+        "16",
+        "--txt-size",
+        "6",
+        "--num-frames",
+        "3",
+        "--fps",
+        "5",
+        "--fps-cond",
+        "--drop-image",
+        "--batch-size",
+        "3",
+        "--seed",
+        "4",
+    ]
     assert main(args) == 0
     assert "latents (3, 4, 8, 8)" in capsys.readouterr().out
     rec = ArrayRecordSource(tmp_path / "shards")[0]
@@ -359,17 +449,21 @@ def test_precompute_cli_videos(clips, tmp_path, capsys):
     want = np.asarray(encode_latents(vae_from_diffusers(str(tmp_path / "vae")), clip))
     np.testing.assert_allclose(rec["latent"], want, rtol=1e-5, atol=1e-5)
     enc, tok = t5_from_transformers(str(tok_dir)), load_tokenizer(tok_dir)
-    np.testing.assert_allclose(rec["text_emb"], np.asarray(encode_prompts(enc, tok, [CAPTION], 6, fps=5))[0],
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(rec["text_emb_extend"],
-                               np.asarray(encode_prompts(enc, tok, ["(extend) " + CAPTION], 6, fps=5))[0],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        rec["text_emb"], np.asarray(encode_prompts(enc, tok, [CAPTION], 6, fps=5))[0], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        rec["text_emb_extend"],
+        np.asarray(encode_prompts(enc, tok, ["(extend) " + CAPTION], 6, fps=5))[0],
+        rtol=1e-5,
+        atol=1e-6,
+    )
     o = args.index("--out")  # an aspect-ratio bucket: frames cropped to 12 x 22 (16:9 of 16^2, even sides)
-    wide = args[:o + 1] + [str(tmp_path / "wide")] + args[o + 2:] + ["--aspect-ratio", "16:9"]
+    wide = args[: o + 1] + [str(tmp_path / "wide")] + args[o + 2 :] + ["--aspect-ratio", "16:9"]
     assert main(wide) == 0 and "latents (3, 4, 6, 11)" in capsys.readouterr().out
     assert ArrayRecordSource(tmp_path / "wide")[0]["latent"].shape == (3, 4, 6, 11)
     i = args.index("--num-frames")
-    bad = args[:i] + args[i + 2:]
+    bad = args[:i] + args[i + 2 :]
     assert main(bad) == 2 and "--videos needs --num-frames" in capsys.readouterr().err
     bad = ["precompute", "--images", str(clips), "--vae", "v", "--text-encoder", "t", "--out", str(tmp_path / "o")]
     assert main(bad) == 2 and "--images needs --captions" in capsys.readouterr().err

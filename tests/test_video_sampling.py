@@ -2,6 +2,7 @@
 window with context re-encoding), image-to-video / video-to-video (a given prefix kept
 exactly), chunk-wise denoising; and, with a checkout of apple/ml-starflow in
 ``$STARFLOW_REFERENCE_REPO``, the same samples from the reference on the same weights."""
+
 from __future__ import annotations
 
 import os
@@ -15,16 +16,32 @@ from flax import nnx
 from starflow_jax.config import ModelConfig
 from starflow_jax.model import StarFlow
 from starflow_jax.model.patchify import patchify
-from starflow_jax.sampling import SamplingOptions, sample
-from starflow_jax.sampling import invert
+from starflow_jax.sampling import SamplingOptions, invert, sample
 from starflow_jax.sampling.denoise import denoise, denoise_video
 from starflow_jax.sampling.invert import window_plan
 
 # frames of 2x2 tokens (frame = 4 tokens), a 3-frame attention window
-VIDEO = dict(in_channels=2, img_size=2, patch_size=1, channels=32, num_blocks=3, layers_per_block=(1, 1, 2),
-             head_dim=32, rope=True, sos=True, txt_size=3, txt_dim=5, cond_top_only=True, use_softplus=True,
-             use_final_norm=True, soft_clip=2.0, temporal_causal=1, shallow_block_local=True, seq_order="L2R",
-             local_attn_window=3)
+VIDEO = dict(
+    in_channels=2,
+    img_size=2,
+    patch_size=1,
+    channels=32,
+    num_blocks=3,
+    layers_per_block=(1, 1, 2),
+    head_dim=32,
+    rope=True,
+    sos=True,
+    txt_size=3,
+    txt_dim=5,
+    cond_top_only=True,
+    use_softplus=True,
+    use_final_norm=True,
+    soft_clip=2.0,
+    temporal_causal=1,
+    shallow_block_local=True,
+    seq_order="L2R",
+    local_attn_window=3,
+)
 
 
 def make(seed: int = 0, **over) -> StarFlow:
@@ -87,8 +104,8 @@ def test_long_video_windows_are_fresh_sequences_over_their_context():
     x, passes = invert.sequential(deep, z, y, window=w, context=c)
     # windows: frames [0, 3), then [2, 5) with frame 2 as context, then [4, 6) with frame 4
     for base, end in ((2, 5), (4, 6)):
-        sub, _ = invert.sequential(deep, z[:, base:end], y, x[:, base:base + c])
-        assert rel(x[:, base + c:end], sub[:, c:]) < 1e-5
+        sub, _ = invert.sequential(deep, z[:, base:end], y, x[:, base : base + c])
+        assert rel(x[:, base + c : end], sub[:, c:]) < 1e-5
     xj, _ = invert.jacobi(deep, z, y, window=w, context=c, block_size=2, threshold=1e-10, max_iter=64)
     assert rel(xj, x) < 1e-4
     assert int(passes) == 24 + 2
@@ -103,8 +120,7 @@ def test_image_to_video_keeps_the_given_frame_and_inverts_the_rest(jacobi, guida
     y = normal((b, 3, 5), 9)
     y_in = jnp.concatenate([y, jnp.zeros_like(y)]) if guidance else y
     first = normal((b, 1, 2, 2, 2), 10)
-    opts = SamplingOptions(guidance=guidance, jacobi=jacobi, jacobi_block_size=2, jacobi_th=1e-9,
-                           jacobi_max_iter=64)
+    opts = SamplingOptions(guidance=guidance, jacobi=jacobi, jacobi_block_size=2, jacobi_th=1e-9, jacobi_max_iter=64)
     x = sample(model, noise, y_in, opts, given=first)
     np.testing.assert_array_equal(np.asarray(x[:, :1]), np.asarray(first))
     if guidance == 0:
@@ -154,23 +170,31 @@ def test_chunked_denoising_follows_the_overlap_rule():
     out = denoise_video(model, x, y, noise_std=0.3, window=w)
     # the first window is denoised whole; frame k >= w by the window ending at it, whose
     # earlier frames are the already denoised ones
-    np.testing.assert_allclose(np.asarray(out[:, :w]), np.asarray(denoise(model, x[:, :w], y, noise_std=0.3)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out[:, :w]), np.asarray(denoise(model, x[:, :w], y, noise_std=0.3)), atol=1e-6
+    )
     for k in range(w, t):
-        ctx = jnp.concatenate([out[:, k - w + 1:k], x[:, k:k + 1]], axis=1)
-        np.testing.assert_allclose(np.asarray(out[:, k]), np.asarray(denoise(model, ctx, y, noise_std=0.3)[:, -1]),
-                                   atol=1e-6)
+        ctx = jnp.concatenate([out[:, k - w + 1 : k], x[:, k : k + 1]], axis=1)
+        np.testing.assert_allclose(
+            np.asarray(out[:, k]), np.asarray(denoise(model, ctx, y, noise_std=0.3)[:, -1]), atol=1e-6
+        )
     # a video within the window is denoised whole
-    np.testing.assert_allclose(np.asarray(denoise_video(model, x[:, :w], y, noise_std=0.3, window=w)),
-                               np.asarray(denoise(model, x[:, :w], y, noise_std=0.3)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(denoise_video(model, x[:, :w], y, noise_std=0.3, window=w)),
+        np.asarray(denoise(model, x[:, :w], y, noise_std=0.3)),
+        atol=1e-6,
+    )
 
 
 # ------------------------------------------------------------ the reference, same weights
 REFERENCE_REPO = os.environ.get("STARFLOW_REFERENCE_REPO")
 
 
-@pytest.mark.skipif(not REFERENCE_REPO, reason="STARFLOW_REFERENCE_REPO is unset: no apple/ml-starflow checkout "
-                                               "to compare long-video and image-to-video sampling with")
+@pytest.mark.skipif(
+    not REFERENCE_REPO,
+    reason="STARFLOW_REFERENCE_REPO is unset: no apple/ml-starflow checkout "
+    "to compare long-video and image-to-video sampling with",
+)
 def test_long_video_and_image_to_video_match_the_reference():
     import torch
 
@@ -191,17 +215,33 @@ def test_long_video_and_image_to_video_match_the_reference():
     with torch.no_grad():
         # long video: 6 frames through a 3-frame window, context 1 frame, guidance 1
         want = ref(T(noise), torch.cat([T(y), T(yn)]), reverse=True, guidance=1.0, context_length=1, **kw).numpy()
-        got = sample(model, noise, jnp.concatenate([y, yn]),
-                     SamplingOptions(guidance=1.0, jacobi=True, jacobi_block_size=2, jacobi_th=1e-9,
-                                     jacobi_max_iter=64, context_frames=1))
+        got = sample(
+            model,
+            noise,
+            jnp.concatenate([y, yn]),
+            SamplingOptions(
+                guidance=1.0, jacobi=True, jacobi_block_size=2, jacobi_th=1e-9, jacobi_max_iter=64, context_frames=1
+            ),
+        )
         errs["long_video"] = rel(got, want)
         # image to video (3 frames, guidance), the reference's forward_context then sampling
         caches = ref(T(first), torch.cat([T(y), T(yn)]), context=True)
-        want = ref(T(noise[:, :3]), torch.cat([T(y), T(yn)]), reverse=True, guidance=1.0, kv_caches=caches,
-                   context_length=c, **kw).numpy()
-        got = sample(model, noise[:, :3], jnp.concatenate([y, yn]),
-                     SamplingOptions(guidance=1.0, jacobi=True, jacobi_block_size=2, jacobi_th=1e-9,
-                                     jacobi_max_iter=64), given=first)
+        want = ref(
+            T(noise[:, :3]),
+            torch.cat([T(y), T(yn)]),
+            reverse=True,
+            guidance=1.0,
+            kv_caches=caches,
+            context_length=c,
+            **kw,
+        ).numpy()
+        got = sample(
+            model,
+            noise[:, :3],
+            jnp.concatenate([y, yn]),
+            SamplingOptions(guidance=1.0, jacobi=True, jacobi_block_size=2, jacobi_th=1e-9, jacobi_max_iter=64),
+            given=first,
+        )
         errs["image_to_video"] = rel(got, want)
     print("largest relative difference vs the reference:", errs)
     assert max(errs.values()) < 1e-4, errs

@@ -6,6 +6,7 @@ whole and chunk by chunk; the latent normalisation and temporal scale; conversio
 
 Nothing is downloaded: the diffusers models are built from a config with random weights.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,23 +19,46 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from starflow_jax.autoencoders import (AutoencoderKLWan, WanVAEConfig, WanVAEConfigError,  # noqa: E402
-                                       decode_video, encode_video, split_vae_name, wan_from_diffusers)
+from starflow_jax.autoencoders import (
+    AutoencoderKLWan,
+    WanVAEConfig,
+    WanVAEConfigError,  # noqa: E402
+    decode_video,
+    encode_video,
+    split_vae_name,
+    wan_from_diffusers,
+)
 from starflow_jax.autoencoders.wan_vae import apply_temporal_scale, encode_moments, split_moments  # noqa: E402
 from starflow_jax.interop.state_dict import StateDictMismatch  # noqa: E402
 
 RTOL = 1e-4
 _rng = np.random.default_rng(3)
 FORMS = {
-    "wan2.1": dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                   temperal_downsample=[False, True, True], scale_factor_spatial=8,
-                   latents_mean=_rng.normal(0, 0.5, 4).round(4).tolist(),
-                   latents_std=_rng.uniform(0.5, 2.5, 4).round(4).tolist()),
-    "wan2.2": dict(base_dim=8, decoder_base_dim=12, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                   temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
-                   in_channels=12, out_channels=12, scale_factor_spatial=16,
-                   latents_mean=_rng.normal(0, 0.5, 8).round(4).tolist(),
-                   latents_std=_rng.uniform(0.5, 2.5, 8).round(4).tolist()),
+    "wan2.1": dict(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        scale_factor_spatial=8,
+        latents_mean=_rng.normal(0, 0.5, 4).round(4).tolist(),
+        latents_std=_rng.uniform(0.5, 2.5, 4).round(4).tolist(),
+    ),
+    "wan2.2": dict(
+        base_dim=8,
+        decoder_base_dim=12,
+        z_dim=8,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        scale_factor_spatial=16,
+        latents_mean=_rng.normal(0, 0.5, 8).round(4).tolist(),
+        latents_std=_rng.uniform(0.5, 2.5, 8).round(4).tolist(),
+    ),
 }
 B, T, S = 2, 9, 32  # videos (B, T, 3, S, S): 1 + 4k frames, 3 latent frames
 
@@ -77,8 +101,10 @@ def from_torch(x):
 
 def _stats(cfg):
     shape = (1, 1, cfg.z_dim, 1, 1)
-    return (np.reshape(cfg.latents_mean, shape).astype(np.float32),
-            np.reshape(cfg.latents_std, shape).astype(np.float32))
+    return (
+        np.reshape(cfg.latents_mean, shape).astype(np.float32),
+        np.reshape(cfg.latents_std, shape).astype(np.float32),
+    )
 
 
 def test_video_matches_diffusers(pair, video):
@@ -97,12 +123,18 @@ def test_video_matches_diffusers(pair, video):
     latents = encode_video(vae, jnp.asarray(video))  # chunked, normalised
     z_bt = from_torch(z)
     decoded = decode_video(vae, (z_bt - m) / s)  # chunked: one latent frame at a time
-    errs = {"mean": rel_err(mean, want_mean), "logvar": rel_err(logvar, want_logvar),
-            "mean (chunked)": rel_err(chunk_mean, want_mean), "logvar (chunked)": rel_err(chunk_logvar, want_logvar),
-            "latents (chunked, normalised)": rel_err(latents, (want_mean - m) / s),
-            "decoded (chunked)": rel_err(decoded, want_dec)}
-    print(f"\nWan VAE parity, {'2.2' if vae.cfg.is_residual else '2.1'} video (max abs diff / max abs expected):",
-          {k: f"{v:.1e}" for k, v in errs.items()})
+    errs = {
+        "mean": rel_err(mean, want_mean),
+        "logvar": rel_err(logvar, want_logvar),
+        "mean (chunked)": rel_err(chunk_mean, want_mean),
+        "logvar (chunked)": rel_err(chunk_logvar, want_logvar),
+        "latents (chunked, normalised)": rel_err(latents, (want_mean - m) / s),
+        "decoded (chunked)": rel_err(decoded, want_dec),
+    }
+    print(
+        f"\nWan VAE parity, {'2.2' if vae.cfg.is_residual else '2.1'} video (max abs diff / max abs expected):",
+        {k: f"{v:.1e}" for k, v in errs.items()},
+    )
     assert latents.shape == (B, 3, vae.cfg.z_dim, S // vae.cfg.spatial_compression, S // vae.cfg.spatial_compression)
     assert decoded.shape == video.shape and decoded.dtype == jnp.float32
     assert float(jnp.abs(decoded).max()) <= 1.0
@@ -120,7 +152,9 @@ def test_images_match_diffusers(pair, video):
     latents = encode_video(vae, jnp.asarray(images))
     decoded = decode_video(vae, (z.numpy() - m) / s)
     errs = {"latents": rel_err(latents, (mean.numpy() - m) / s), "decoded": rel_err(decoded, dec.numpy())}
-    print(f"\nWan VAE parity, {'2.2' if vae.cfg.is_residual else '2.1'} images:", {k: f"{v:.1e}" for k, v in errs.items()})
+    print(
+        f"\nWan VAE parity, {'2.2' if vae.cfg.is_residual else '2.1'} images:", {k: f"{v:.1e}" for k, v in errs.items()}
+    )
     assert latents.ndim == 4 and decoded.shape == images.shape
     assert all(e < RTOL for e in errs.values()), errs
 
@@ -152,13 +186,19 @@ def test_temporal_latent_scale(pair, video):
     scaled = encode_video(vae, jnp.asarray(video), temporal_scale=0.6)
     np.testing.assert_allclose(np.asarray(scaled[:, 0]), np.asarray(plain[:, 0]), rtol=0, atol=0)
     np.testing.assert_allclose(np.asarray(scaled[:, 1:]), 0.6 * np.asarray(plain[:, 1:]), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(decode_video(vae, scaled, temporal_scale=0.6)),
-                               np.asarray(decode_video(vae, plain)), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(apply_temporal_scale(scaled, 0.6, inverse=True)), np.asarray(plain),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(decode_video(vae, scaled, temporal_scale=0.6)),
+        np.asarray(decode_video(vae, plain)),
+        rtol=0,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        np.asarray(apply_temporal_scale(scaled, 0.6, inverse=True)), np.asarray(plain), rtol=1e-6, atol=1e-6
+    )
     cfg = wan_from_diffusers(model, temporal_latent_scale=0.6).cfg
-    assert cfg.temporal_latent_scale == 0.6 and cfg == WanVAEConfig(**{**FORMS[_form(vae)],
-                                                                       "temporal_latent_scale": 0.6})
+    assert cfg.temporal_latent_scale == 0.6 and cfg == WanVAEConfig(
+        **{**FORMS[_form(vae)], "temporal_latent_scale": 0.6}
+    )
 
 
 def _form(vae) -> str:
@@ -222,22 +262,27 @@ def test_bad_inputs(pair):
 
 
 def test_config_validation():
-    cfg = WanVAEConfig.from_diffusers_config({**FORMS["wan2.2"], "_class_name": "AutoencoderKLWan",
-                                              "clip_output": False, "attn_scales": [], "dropout": 0.0})
+    cfg = WanVAEConfig.from_diffusers_config(
+        {**FORMS["wan2.2"], "_class_name": "AutoencoderKLWan", "clip_output": False, "attn_scales": [], "dropout": 0.0}
+    )
     assert (cfg.spatial_compression, cfg.temporal_compression, cfg.pixel_channels) == (16, 4, 3)
     assert cfg.decoder_dims() == [24, 24, 24, 24, 12]
     assert WanVAEConfig.from_diffusers_config(cfg.to_diffusers_config()) == cfg
     default = WanVAEConfig()  # diffusers' defaults: the Wan2.1 VAE
     assert (default.z_dim, default.spatial_compression, len(default.latents_mean)) == (16, 8, 16)
-    bad = [({"norm_type": "x"}, "unknown keys \\['norm_type'\\]"),
-           ({"attn_scales": [1.0]}, "attn_scales"),
-           ({"temperal_downsample": [True, True]}, "one entry per downsampling level"),
-           ({"temperal_downsample": [True, True, True], "scale_factor_temporal": 8}, "at most 2"),
-           ({"latents_mean": [0.0] * 3}, "latents_mean"),
-           ({"scale_factor_spatial": 8}, "scale_factor_spatial"),
-           ({"in_channels": 3}, "patch_size"),
-           ({"dim_mult": [1, 2], "temperal_downsample": [True], "scale_factor_temporal": 2,
-             "scale_factor_spatial": 4}, "shortcut")]
+    bad = [
+        ({"norm_type": "x"}, "unknown keys \\['norm_type'\\]"),
+        ({"attn_scales": [1.0]}, "attn_scales"),
+        ({"temperal_downsample": [True, True]}, "one entry per downsampling level"),
+        ({"temperal_downsample": [True, True, True], "scale_factor_temporal": 8}, "at most 2"),
+        ({"latents_mean": [0.0] * 3}, "latents_mean"),
+        ({"scale_factor_spatial": 8}, "scale_factor_spatial"),
+        ({"in_channels": 3}, "patch_size"),
+        (
+            {"dim_mult": [1, 2], "temperal_downsample": [True], "scale_factor_temporal": 2, "scale_factor_spatial": 4},
+            "shortcut",
+        ),
+    ]
     for change, match in bad:
         with pytest.raises(WanVAEConfigError, match=match):
             WanVAEConfig.from_diffusers_config({**FORMS["wan2.2"], **change})

@@ -6,13 +6,15 @@ kernels ``(in, out)`` (torch: ``(out, in)``). Checkpoints written before diffuse
 renamed the attention (``query``/``key``/``value``/``proj_attn``, sometimes as 1x1
 convolution weights) are read too.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,13 +24,20 @@ from starflow_jax.autoencoders.vae import AutoencoderKL
 from starflow_jax.autoencoders.vae_config import VAEConfig
 from starflow_jax.interop.state_dict import StateDictMismatch, gather_named
 
-__all__ = ["vae_from_diffusers", "load_diffusers_checkpoint", "read_weights", "fill_state",
-           "normalize_state_dict", "diffusers_name", "fill_named_state", "StateDictMismatch"]
+__all__ = [
+    "vae_from_diffusers",
+    "load_diffusers_checkpoint",
+    "read_weights",
+    "fill_state",
+    "normalize_state_dict",
+    "diffusers_name",
+    "fill_named_state",
+    "StateDictMismatch",
+]
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 _DEPRECATED_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-_ATTN_KEY = re.compile(
-    r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$")
+_ATTN_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$")
 
 
 def diffusers_name(path: tuple, renames: Mapping[str, str] | None = None) -> str:
@@ -91,8 +100,9 @@ def _read_bin(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"reading {path} needs torch; install starflow-jax[torch] "
-                          "(or convert the checkpoint to safetensors)") from e
+        raise ImportError(
+            f"reading {path} needs torch; install starflow-jax[torch] (or convert the checkpoint to safetensors)"
+        ) from e
     sd = torch.load(path, map_location="cpu", weights_only=True)
     return {k: _as_numpy(v) for k, v in sd.items()}
 
@@ -125,12 +135,18 @@ def load_diffusers_checkpoint(directory: str) -> tuple[dict[str, Any], dict[str,
         raise FileNotFoundError(f"{directory!r} has no config.json: not a diffusers model directory")
     with open(config_path) as f:
         config = json.load(f)
-    for name in (f"{WEIGHTS_NAME}.safetensors", f"{WEIGHTS_NAME}.safetensors.index.json",
-                 f"{WEIGHTS_NAME}.bin", f"{WEIGHTS_NAME}.bin.index.json"):
+    for name in (
+        f"{WEIGHTS_NAME}.safetensors",
+        f"{WEIGHTS_NAME}.safetensors.index.json",
+        f"{WEIGHTS_NAME}.bin",
+        f"{WEIGHTS_NAME}.bin.index.json",
+    ):
         if os.path.isfile(os.path.join(directory, name)):
             return config, read_weights(os.path.join(directory, name))
-    raise FileNotFoundError(f"{directory!r} has no {WEIGHTS_NAME}.safetensors or {WEIGHTS_NAME}.bin "
-                            f"(found: {sorted(os.listdir(directory))})")
+    raise FileNotFoundError(
+        f"{directory!r} has no {WEIGHTS_NAME}.safetensors or {WEIGHTS_NAME}.bin "
+        f"(found: {sorted(os.listdir(directory))})"
+    )
 
 
 def _resolve_config(config, dtype: str | None) -> VAEConfig:
@@ -145,6 +161,7 @@ def _resolve_config(config, dtype: str | None) -> VAEConfig:
 def fill_state(state: nnx.State, state_dict: Mapping[str, Any], *, check_finite: bool = True) -> nnx.State:
     """Our (possibly abstract) parameter state filled from a diffusers state dict; raises one
     ``StateDictMismatch`` listing missing, unexpected, mis-shaped and non-finite keys."""
+
     def names_of(path, shape):
         layout = {4: (2, 3, 1, 0), 2: True}.get(len(shape), False)  # OIHW -> HWIO, (out, in) -> (in, out)
         return [(diffusers_name(path), None, layout)]
@@ -152,8 +169,9 @@ def fill_state(state: nnx.State, state_dict: Mapping[str, Any], *, check_finite:
     return fill_named_state(state, normalize_state_dict(state_dict), names_of, check_finite=check_finite)
 
 
-def fill_named_state(state: nnx.State, state_dict: Mapping[str, Any], names_of, *,
-                     check_finite: bool = True) -> nnx.State:
+def fill_named_state(
+    state: nnx.State, state_dict: Mapping[str, Any], names_of, *, check_finite: bool = True
+) -> nnx.State:
     """``state`` (possibly abstract) filled through ``gather_named`` from ``state_dict``,
     ``names_of(path, shape)`` giving each leaf's source name and layout; one
     ``StateDictMismatch`` lists every missing, unexpected, mis-shaped and non-finite key."""
@@ -162,14 +180,23 @@ def fill_named_state(state: nnx.State, state_dict: Mapping[str, Any], names_of, 
     def leaf(var):
         return var.get_value() if hasattr(var, "get_value") else var
 
-    arrays = gather_named([(path, tuple(leaf(var).shape), leaf(var).dtype) for path, var in flat], names_of, state_dict,
-                          check_finite=check_finite)
-    return nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path])) if hasattr(var, "replace")
-                                 else jnp.asarray(arrays[path])) for path, var in flat])
+    arrays = gather_named(
+        [(path, tuple(leaf(var).shape), leaf(var).dtype) for path, var in flat],
+        names_of,
+        state_dict,
+        check_finite=check_finite,
+    )
+    return nnx.from_flat_state(
+        [
+            (path, var.replace(jnp.asarray(arrays[path])) if hasattr(var, "replace") else jnp.asarray(arrays[path]))
+            for path, var in flat
+        ]
+    )
 
 
-def vae_from_diffusers(path_or_state_dict, config=None, *, dtype: str | None = None,
-                       check_finite: bool = True) -> AutoencoderKL:
+def vae_from_diffusers(
+    path_or_state_dict, config=None, *, dtype: str | None = None, check_finite: bool = True
+) -> AutoencoderKL:
     """An ``AutoencoderKL`` holding the weights of a diffusers ``AutoencoderKL``.
 
     ``path_or_state_dict``: a diffusers model directory (``config.json`` + weights), or a
@@ -181,16 +208,18 @@ def vae_from_diffusers(path_or_state_dict, config=None, *, dtype: str | None = N
     if isinstance(path_or_state_dict, Mapping):
         state_dict = path_or_state_dict
         if config is None:
-            raise ValueError("converting an in-memory state dict needs its config "
-                             "(a diffusers config dict or a VAEConfig)")
+            raise ValueError(
+                "converting an in-memory state dict needs its config (a diffusers config dict or a VAEConfig)"
+            )
     elif isinstance(path_or_state_dict, (str, os.PathLike)):
         file_config, state_dict = load_diffusers_checkpoint(os.fspath(path_or_state_dict))
         config = file_config if config is None else config
     else:
-        raise TypeError("path_or_state_dict must be a diffusers model directory or a state dict mapping, "
-                        f"got {type(path_or_state_dict).__name__}")
+        raise TypeError(
+            "path_or_state_dict must be a diffusers model directory or a state dict mapping, "
+            f"got {type(path_or_state_dict).__name__}"
+        )
     cfg = _resolve_config(config, dtype)
     abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     return nnx.merge(graphdef, fill_state(state, state_dict, check_finite=check_finite))
-

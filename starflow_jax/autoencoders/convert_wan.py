@@ -5,11 +5,13 @@ Our parameter paths are diffusers' state-dict names with ``kernel`` for ``weight
 channels-last: 3D ``DHWIO`` (torch: ``OIDHW``), 2D ``HWIO`` (torch: ``OIHW``); the RMS norms'
 ``gamma`` is ``(c,)`` (torch: ``(c, 1, 1, 1)`` or ``(c, 1, 1)``).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flax import nnx
 
@@ -41,6 +43,7 @@ def _squeeze_gammas(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def fill_wan_state(state: nnx.State, state_dict: Mapping[str, Any], *, check_finite: bool = True) -> nnx.State:
     """Our (possibly abstract) parameter state filled from a diffusers state dict; raises one
     ``StateDictMismatch`` listing missing, unexpected, mis-shaped and non-finite keys."""
+
     def names_of(path, shape):
         return [(wan_diffusers_name(path), None, _LAYOUT.get(len(shape), False))]
 
@@ -55,8 +58,14 @@ def _resolve_config(config, overrides: dict) -> WanVAEConfig:
     raise TypeError(f"config must be a diffusers config dict or a WanVAEConfig, got {type(config).__name__}")
 
 
-def wan_from_diffusers(source, config=None, *, dtype: str | None = None,
-                       temporal_latent_scale: float | None = None, check_finite: bool = True) -> AutoencoderKLWan:
+def wan_from_diffusers(
+    source,
+    config=None,
+    *,
+    dtype: str | None = None,
+    temporal_latent_scale: float | None = None,
+    check_finite: bool = True,
+) -> AutoencoderKLWan:
     """An ``AutoencoderKLWan`` holding the weights of a diffusers ``AutoencoderKLWan``.
 
     ``source``: a diffusers model directory (``config.json`` + weights, as written by
@@ -71,8 +80,9 @@ def wan_from_diffusers(source, config=None, *, dtype: str | None = None,
     if isinstance(source, Mapping):
         state_dict = source
         if config is None:
-            raise ValueError("converting an in-memory state dict needs its config "
-                             "(a diffusers config dict or a WanVAEConfig)")
+            raise ValueError(
+                "converting an in-memory state dict needs its config (a diffusers config dict or a WanVAEConfig)"
+            )
     elif isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "vae")):
@@ -85,10 +95,11 @@ def wan_from_diffusers(source, config=None, *, dtype: str | None = None,
         state_dict = source.state_dict()
         config = dict(source.config) if config is None else config
     else:
-        raise TypeError("source must be a diffusers model directory, a diffusers AutoencoderKLWan or a state "
-                        f"dict mapping, got {type(source).__name__}")
-    overrides = {k: v for k, v in (("dtype", dtype), ("temporal_latent_scale", temporal_latent_scale))
-                 if v is not None}
+        raise TypeError(
+            "source must be a diffusers model directory, a diffusers AutoencoderKLWan or a state "
+            f"dict mapping, got {type(source).__name__}"
+        )
+    overrides = {k: v for k, v in (("dtype", dtype), ("temporal_latent_scale", temporal_latent_scale)) if v is not None}
     cfg = _resolve_config(config, overrides)
     abstract = nnx.eval_shape(lambda: AutoencoderKLWan(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)

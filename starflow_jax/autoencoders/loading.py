@@ -1,6 +1,7 @@
 """Open the autoencoder a diffusers directory holds, whichever kind it is: the SD-VAE
 (``AutoencoderKL``, images; videos frame by frame) or the Wan video VAE
 (``AutoencoderKLWan``, causal in time), with one interface for sampling and precompute."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,7 +58,7 @@ class Autoencoder:
 
         dec = nnx.jit(decode_latents)
         flat = z.reshape((-1,) + z.shape[-3:])
-        out = np.concatenate([np.asarray(dec(self.model, flat[i:i + batch])) for i in range(0, flat.shape[0], batch)])
+        out = np.concatenate([np.asarray(dec(self.model, flat[i : i + batch])) for i in range(0, flat.shape[0], batch)])
         return out.reshape(z.shape[:-3] + out.shape[-3:])
 
 
@@ -89,12 +90,14 @@ def load_autoencoder(spec: str) -> Autoencoder:
         from starflow_jax.autoencoders.convert_wan import wan_from_diffusers
 
         m = wan_from_diffusers(path, temporal_latent_scale=scale)
-        return Autoencoder("video", m, m.cfg.z_dim, m.cfg.spatial_compression, m.cfg.temporal_compression,
-                           m.cfg.pixel_out_channels)
+        return Autoencoder(
+            "video", m, m.cfg.z_dim, m.cfg.spatial_compression, m.cfg.temporal_compression, m.cfg.pixel_out_channels
+        )
     if name == "AutoencoderKL":
         if scale is not None:
-            raise ValueError(f"a temporal latent scale (':{scale}') applies to a Wan video VAE, {path} holds an "
-                             "AutoencoderKL")
+            raise ValueError(
+                f"a temporal latent scale (':{scale}') applies to a Wan video VAE, {path} holds an AutoencoderKL"
+            )
         from starflow_jax.autoencoders.convert_vae import vae_from_diffusers
 
         vae_dir = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "vae")

@@ -7,6 +7,7 @@ mean and log-variance (float32), ``decode`` the image (float32); the latents the
 generator models are ``(z - shift_factor) * scaling_factor`` (``encode_latents`` /
 ``decode_latents``).
 """
+
 from __future__ import annotations
 
 import jax
@@ -14,8 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from starflow_jax.autoencoders.vae_config import VAEConfig
-from starflow_jax.autoencoders.vae_layers import (Downsample, GroupNorm, MidBlock, ResnetBlock, Upsample,
-                                                  conv2d)
+from starflow_jax.autoencoders.vae_layers import Downsample, GroupNorm, MidBlock, ResnetBlock, Upsample, conv2d
 
 __all__ = ["VAEConfig", "AutoencoderKL", "Encoder", "Decoder", "encode_latents", "decode_latents"]
 
@@ -29,11 +29,25 @@ def _dtypes(cfg: VAEConfig) -> dict:
 class DownBlock(nnx.Module):
     """``num_layers`` resnets, then (except at the lowest resolution) a downsampler."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, add_downsample: bool, *,
-                 groups: int, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        add_downsample: bool,
+        *,
+        groups: int,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([ResnetBlock(in_channels if i == 0 else out_channels, out_channels,
-                                             groups=groups, **kw) for i in range(num_layers)])
+        self.resnets = nnx.List(
+            [
+                ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups=groups, **kw)
+                for i in range(num_layers)
+            ]
+        )
         self.downsamplers = nnx.List([Downsample(out_channels, **kw)] if add_downsample else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -45,11 +59,25 @@ class DownBlock(nnx.Module):
 class UpBlock(nnx.Module):
     """``num_layers`` resnets, then (except at the highest resolution) an upsampler."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_layers: int, add_upsample: bool, *,
-                 groups: int, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        add_upsample: bool,
+        *,
+        groups: int,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([ResnetBlock(in_channels if i == 0 else out_channels, out_channels,
-                                             groups=groups, **kw) for i in range(num_layers)])
+        self.resnets = nnx.List(
+            [
+                ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups=groups, **kw)
+                for i in range(num_layers)
+            ]
+        )
         self.upsamplers = nnx.List([Upsample(out_channels, **kw)] if add_upsample else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -64,9 +92,12 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
         kw, chans, g = dict(**_dtypes(cfg), rngs=rngs), cfg.block_out_channels, cfg.norm_num_groups
         self.conv_in = conv2d(cfg.in_channels, chans[0], 3, **kw)
-        self.down_blocks = nnx.List([
-            DownBlock(chans[max(i - 1, 0)], c, cfg.layers_per_block, i < len(chans) - 1, groups=g, **kw)
-            for i, c in enumerate(chans)])
+        self.down_blocks = nnx.List(
+            [
+                DownBlock(chans[max(i - 1, 0)], c, cfg.layers_per_block, i < len(chans) - 1, groups=g, **kw)
+                for i, c in enumerate(chans)
+            ]
+        )
         self.mid_block = MidBlock(chans[-1], groups=g, add_attention=cfg.mid_block_add_attention, **kw)
         self.conv_norm_out = GroupNorm(g, chans[-1], param_dtype=kw["param_dtype"])
         self.conv_out = conv2d(chans[-1], 2 * cfg.latent_channels, 3, **kw)
@@ -87,9 +118,12 @@ class Decoder(nnx.Module):
         chans = tuple(reversed(cfg.block_out_channels))
         self.conv_in = conv2d(cfg.latent_channels, chans[0], 3, **kw)
         self.mid_block = MidBlock(chans[0], groups=g, add_attention=cfg.mid_block_add_attention, **kw)
-        self.up_blocks = nnx.List([
-            UpBlock(chans[max(i - 1, 0)], c, cfg.layers_per_block + 1, i < len(chans) - 1, groups=g, **kw)
-            for i, c in enumerate(chans)])
+        self.up_blocks = nnx.List(
+            [
+                UpBlock(chans[max(i - 1, 0)], c, cfg.layers_per_block + 1, i < len(chans) - 1, groups=g, **kw)
+                for i, c in enumerate(chans)
+            ]
+        )
         self.conv_norm_out = GroupNorm(g, chans[-1], param_dtype=kw["param_dtype"])
         self.conv_out = conv2d(chans[-1], cfg.out_channels, 3, **kw)
 
@@ -114,11 +148,11 @@ class AutoencoderKL(nnx.Module):
 
     def _check(self, x: jax.Array, channels: int, what: str) -> None:
         if x.ndim != 4:
-            raise ValueError(f"{what} must be a batch (b, c, h, w); got rank {x.ndim}, "
-                             f"shape {tuple(x.shape)}")
+            raise ValueError(f"{what} must be a batch (b, c, h, w); got rank {x.ndim}, shape {tuple(x.shape)}")
         if x.shape[1] != channels:
-            raise ValueError(f"{what} has {x.shape[1]} channels (axis 1 of shape {tuple(x.shape)}), "
-                             f"the VAE expects {channels}")
+            raise ValueError(
+                f"{what} has {x.shape[1]} channels (axis 1 of shape {tuple(x.shape)}), the VAE expects {channels}"
+            )
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Image ``(b, in_channels, h, w)`` to the posterior ``(mean, logvar)``, each

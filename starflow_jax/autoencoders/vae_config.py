@@ -4,10 +4,12 @@
 Field names follow diffusers' ``config.json`` so that a checkpoint's config moves
 over without renaming (``VAEConfig.from_diffusers_config``).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16")
 ACT_FNS = ("silu", "swish")
@@ -71,8 +73,10 @@ class VAEConfig:
         for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
             v = getattr(self, name)
             need(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
-        need(len(self.block_out_channels) > 0 and all(c > 0 for c in self.block_out_channels),
-             f"block_out_channels must be non-empty positive integers, got {self.block_out_channels}")
+        need(
+            len(self.block_out_channels) > 0 and all(c > 0 for c in self.block_out_channels),
+            f"block_out_channels must be non-empty positive integers, got {self.block_out_channels}",
+        )
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         need(not bad, f"block_out_channels {bad} are not divisible by norm_num_groups={self.norm_num_groups}")
         need(self.act_fn in ACT_FNS, f"act_fn must be one of {ACT_FNS} (SiLU), got {self.act_fn!r}")
@@ -86,7 +90,7 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any], **overrides) -> "VAEConfig":
+    def from_diffusers_config(cls, config: Mapping[str, Any], **overrides) -> VAEConfig:
         """A diffusers ``AutoencoderKL`` config (the dict of its ``config.json``) to a
         ``VAEConfig``; ``overrides`` set our own fields (e.g. ``dtype="bfloat16"``).
 
@@ -103,12 +107,16 @@ class VAEConfig:
         if any(t != UP_BLOCK for t in up):
             problems.append(f"up_block_types must all be {UP_BLOCK!r}, got {list(up)}")
         if len(down) != n or len(up) != n:
-            problems.append(f"down_block_types ({len(down)}) and up_block_types ({len(up)}) must have one "
-                            f"entry per block_out_channels ({n})")
+            problems.append(
+                f"down_block_types ({len(down)}) and up_block_types ({len(up)}) must have one "
+                f"entry per block_out_channels ({n})"
+            )
         for key in ("latents_mean", "latents_std"):
             if cfg.pop(key, None) is not None:
-                problems.append(f"{key} (per-channel latent normalisation) is not supported; "
-                                "only scaling_factor and shift_factor are")
+                problems.append(
+                    f"{key} (per-channel latent normalisation) is not supported; "
+                    "only scaling_factor and shift_factor are"
+                )
         fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
         unknown = sorted(set(cfg) - fields)
         if unknown:

@@ -7,6 +7,7 @@ Attribute names follow diffusers' module names (``norm1``, ``conv1``,
 renaming plus layout changes. Convolutions and dense layers run in ``dtype``; the
 norms and the attention softmax compute in float32.
 """
+
 from __future__ import annotations
 
 import jax
@@ -16,8 +17,17 @@ from flax import nnx
 from starflow_jax.layers.linear import TORCH_KERNEL_INIT, dense
 
 
-def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
-           padding=None, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+def conv2d(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding=None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
     """A convolution initialised like ``torch.nn.Conv2d``; its ``kernel`` is HWIO.
 
     ``padding`` defaults to ``kernel_size // 2`` on every side (torch's ``padding=k//2``)."""
@@ -29,9 +39,19 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, stride: int
     def bias_init(key, shape, dtype=param_dtype):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=stride,
-                    padding=padding, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=TORCH_KERNEL_INIT, bias_init=bias_init, precision=None, rngs=rngs)
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        (kernel_size, kernel_size),
+        strides=stride,
+        padding=padding,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=TORCH_KERNEL_INIT,
+        bias_init=bias_init,
+        precision=None,
+        rngs=rngs,
+    )
 
 
 class GroupNorm(nnx.Module):
@@ -58,15 +78,22 @@ class ResnetBlock(nnx.Module):
     """norm1 -> SiLU -> conv1 -> norm2 -> SiLU -> conv2, plus the input (through a 1x1
     ``conv_shortcut`` when the channel count changes). No time embedding, no dropout."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, groups: int, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        groups: int,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = GroupNorm(groups, in_channels, param_dtype=param_dtype)
         self.conv1 = conv2d(in_channels, out_channels, 3, **kw)
         self.norm2 = GroupNorm(groups, out_channels, param_dtype=param_dtype)
         self.conv2 = conv2d(out_channels, out_channels, 3, **kw)
-        self.conv_shortcut = (conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels
-                              else None)
+        self.conv_shortcut = conv2d(in_channels, out_channels, 1, **kw) if in_channels != out_channels else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -80,8 +107,9 @@ class Downsample(nnx.Module):
     then a 3x3 convolution with stride 2 and no padding (diffusers' ``padding=0``)."""
 
     def __init__(self, channels: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.conv = conv2d(channels, channels, 3, stride=2, padding=((0, 1), (0, 1)), dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
+        self.conv = conv2d(
+            channels, channels, 3, stride=2, padding=((0, 1), (0, 1)), dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
@@ -102,8 +130,7 @@ class SpatialAttention(nnx.Module):
     """Single-head self-attention over all positions of a feature map, with a group
     norm in front and a residual connection (the VAE mid block's ``Attention``)."""
 
-    def __init__(self, channels: int, *, groups: int, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, groups: int, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.group_norm = GroupNorm(groups, channels, param_dtype=param_dtype)
         self.to_q = dense(channels, channels, **kw)
@@ -125,8 +152,16 @@ class SpatialAttention(nnx.Module):
 class MidBlock(nnx.Module):
     """resnet -> attention (optional) -> resnet at the lowest resolution."""
 
-    def __init__(self, channels: int, *, groups: int, add_attention: bool = True, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        groups: int,
+        add_attention: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resnets = nnx.List([ResnetBlock(channels, channels, groups=groups, **kw) for _ in range(2)])
         self.attentions = nnx.List([SpatialAttention(channels, groups=groups, **kw)] if add_attention else [])

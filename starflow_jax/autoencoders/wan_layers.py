@@ -14,6 +14,7 @@ Attribute names follow diffusers' module names (``norm1``, ``conv1``, ``time_con
 spatial convolution of a resampler, diffusers' ``resample.1``, is our ``resample``.
 Convolutions run in ``dtype``; the RMS norms and the attention softmax in float32.
 """
+
 from __future__ import annotations
 
 import jax
@@ -31,9 +32,18 @@ class Conv(nnx.Module):
 
     ``padding`` is one ``(before, after)`` pair per window axis (default: none)."""
 
-    def __init__(self, in_channels: int, out_channels: int, window: tuple[int, ...], *,
-                 strides: tuple[int, ...] | None = None, padding=None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        window: tuple[int, ...],
+        *,
+        strides: tuple[int, ...] | None = None,
+        padding=None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         window = tuple(int(k) for k in window)
         fan_in = in_channels
         for k in window:
@@ -49,10 +59,15 @@ class Conv(nnx.Module):
         return self.apply(x, self.kernel[...])
 
     def apply(self, x: jax.Array, kernel: jax.Array, padding=None) -> jax.Array:
-        spatial = "DHW"[3 - (kernel.ndim - 2):]
+        spatial = "DHW"[3 - (kernel.ndim - 2) :]
         dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype), self.strides,
-                                         self.padding if padding is None else padding, dimension_numbers=dn)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            self.strides,
+            self.padding if padding is None else padding,
+            dimension_numbers=dn,
+        )
         return y + self.bias[...].astype(self.dtype)
 
 
@@ -60,12 +75,29 @@ class CausalConv3d(Conv):
     """A 3D convolution, causal in time: ``2 * pad_t`` frames of past are prepended (zeros,
     or the cache of the previous chunk), none after; ``pad_s`` on both sides in space."""
 
-    def __init__(self, in_channels: int, out_channels: int, window=(3, 3, 3), *, pad_t: int = 1,
-                 pad_s: int = 1, stride_t: int = 1, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        super().__init__(in_channels, out_channels, window, strides=(stride_t, 1, 1),
-                         padding=((0, 0), (pad_s, pad_s), (pad_s, pad_s)), dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        window=(3, 3, 3),
+        *,
+        pad_t: int = 1,
+        pad_s: int = 1,
+        stride_t: int = 1,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            window,
+            strides=(stride_t, 1, 1),
+            padding=((0, 0), (pad_s, pad_s), (pad_s, pad_s)),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.past = 2 * pad_t
 
     def __call__(self, x: jax.Array, cache: jax.Array | None = None) -> jax.Array:
@@ -113,8 +145,7 @@ class ResidualBlock(nnx.Module):
     """norm1 -> SiLU -> causal conv1 -> norm2 -> SiLU -> causal conv2, plus the input
     (through a pointwise ``conv_shortcut`` when the channel count changes)."""
 
-    def __init__(self, in_dim: int, out_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_dim: int, out_dim: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = RMSNorm(in_dim, param_dtype=param_dtype)
         self.conv1 = conv3d(in_dim, out_dim, 3, **kw)
@@ -171,8 +202,16 @@ class Resample(nnx.Module):
 
     MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
 
-    def __init__(self, dim: int, mode: str, upsample_out_dim: int | None = None, *, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        dim: int,
+        mode: str,
+        upsample_out_dim: int | None = None,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if mode not in self.MODES:
             raise ValueError(f"Resample mode must be one of {self.MODES}, got {mode!r}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -244,7 +283,7 @@ def dup_up(x: jax.Array, out_channels: int, factor_t: int, factor_s: int, first:
     x = jnp.repeat(x, out_channels * ft * fs * fs // c, axis=-1)
     x = x.reshape(b, t, h, w, out_channels, ft, fs, fs).transpose(0, 1, 5, 2, 6, 3, 7, 4)
     x = x.reshape(b, t * ft, h * fs, w * fs, out_channels)
-    return x[:, ft - 1:] if first else x
+    return x[:, ft - 1 :] if first else x
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:

@@ -18,6 +18,7 @@ released models): the first frame is encoded on its own, then every 4 frames.
   execution with one jitted program per chunk shape (the first chunk, the others), so that
   memory stays flat in the number of frames.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,11 +28,27 @@ import jax.numpy as jnp
 from flax import nnx
 
 from starflow_jax.autoencoders.wan_config import ENCODE_CHUNK, WanVAEConfig
-from starflow_jax.autoencoders.wan_layers import (AttentionBlock, RMSNorm, Resample, ResidualBlock, avg_down,
-                                                  conv3d, dup_up, patchify, unpatchify)
+from starflow_jax.autoencoders.wan_layers import (
+    AttentionBlock,
+    Resample,
+    ResidualBlock,
+    RMSNorm,
+    avg_down,
+    conv3d,
+    dup_up,
+    patchify,
+    unpatchify,
+)
 
-__all__ = ["WanVAEConfig", "AutoencoderKLWan", "encode_video", "decode_video", "normalize_latents",
-           "denormalize_latents", "apply_temporal_scale"]
+__all__ = [
+    "WanVAEConfig",
+    "AutoencoderKLWan",
+    "encode_video",
+    "decode_video",
+    "normalize_latents",
+    "denormalize_latents",
+    "apply_temporal_scale",
+]
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -69,13 +86,23 @@ class ResidualDownBlock(nnx.Module):
     """Wan2.2 encoder level: resnets and a downsampler, plus the input folded down
     (``avg_down``) as a shortcut."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, down: bool, *,
-                 dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_res_blocks: int,
+        temporal: bool,
+        down: bool,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([ResidualBlock(in_dim if i == 0 else out_dim, out_dim, **kw)
-                                 for i in range(num_res_blocks)])
-        self.downsampler = (Resample(out_dim, "downsample3d" if temporal else "downsample2d", **kw)
-                            if down else None)
+        self.resnets = nnx.List(
+            [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, **kw) for i in range(num_res_blocks)]
+        )
+        self.downsampler = Resample(out_dim, "downsample3d" if temporal else "downsample2d", **kw) if down else None
         self.out_dim = out_dim
         self.factor_t, self.factor_s = (2 if temporal and down else 1), (2 if down else 1)
 
@@ -92,13 +119,27 @@ class ResidualUpBlock(nnx.Module):
     """Wan2.2 decoder level: ``num_res_blocks + 1`` resnets and an upsampler (to ``out_dim``),
     plus the input unfolded up (``dup_up``) as a shortcut when it upsamples."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, temporal: bool, up: bool, *,
-                 dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        num_res_blocks: int,
+        temporal: bool,
+        up: bool,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([ResidualBlock(in_dim if i == 0 else out_dim, out_dim, **kw)
-                                 for i in range(num_res_blocks + 1)])
-        self.upsampler = (Resample(out_dim, "upsample3d" if temporal else "upsample2d", upsample_out_dim=out_dim,
-                                   **kw) if up else None)
+        self.resnets = nnx.List(
+            [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, **kw) for i in range(num_res_blocks + 1)]
+        )
+        self.upsampler = (
+            Resample(out_dim, "upsample3d" if temporal else "upsample2d", upsample_out_dim=out_dim, **kw)
+            if up
+            else None
+        )
         self.out_dim, self.factor_t = out_dim, (2 if temporal else 1)
 
     def __call__(self, x, cache=None):
@@ -115,11 +156,13 @@ class UpBlock(nnx.Module):
     """Wan2.1 decoder level: ``num_res_blocks + 1`` resnets and (except at the top) an
     upsampler that halves the channels."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, mode: str | None, *,
-                 dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, in_dim: int, out_dim: int, num_res_blocks: int, mode: str | None, *, dtype, param_dtype, rngs: nnx.Rngs
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.resnets = nnx.List([ResidualBlock(in_dim if i == 0 else out_dim, out_dim, **kw)
-                                 for i in range(num_res_blocks + 1)])
+        self.resnets = nnx.List(
+            [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, **kw) for i in range(num_res_blocks + 1)]
+        )
         self.upsamplers = nnx.List([Resample(out_dim, mode, **kw)] if mode else [])
 
     def __call__(self, x, cache=None):
@@ -209,28 +252,33 @@ class AutoencoderKLWan(nnx.Module):
         """A pixel video ``(b, t, c, h, w)`` this VAE can encode, or a clear ``ValueError``."""
         cfg = self.cfg
         if x.ndim != 5:
-            raise ValueError(f"{what} must be a video batch (b, t, c, h, w); got rank {x.ndim}, shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(f"{what} must be a video batch (b, t, c, h, w); got rank {x.ndim}, shape {tuple(x.shape)}")
         _, t, c, h, w = x.shape
         if c != cfg.pixel_channels:
-            raise ValueError(f"{what} has {c} channels (axis 2 of shape {tuple(x.shape)}), the VAE expects "
-                             f"{cfg.pixel_channels}")
+            raise ValueError(
+                f"{what} has {c} channels (axis 2 of shape {tuple(x.shape)}), the VAE expects {cfg.pixel_channels}"
+            )
         if t < 1 or (t - 1) % ENCODE_CHUNK:
-            raise ValueError(f"{what} has {t} frames; the Wan VAE encodes 1 + {ENCODE_CHUNK}k frames "
-                             f"(1, 5, 9, 13, ...)")
+            raise ValueError(
+                f"{what} has {t} frames; the Wan VAE encodes 1 + {ENCODE_CHUNK}k frames (1, 5, 9, 13, ...)"
+            )
         f = cfg.spatial_compression
         if h % f or w % f:
-            raise ValueError(f"{what} is {h}x{w}; height and width must be multiples of {f} "
-                             "(the VAE's spatial compression)")
+            raise ValueError(
+                f"{what} is {h}x{w}; height and width must be multiples of {f} (the VAE's spatial compression)"
+            )
 
     def check_latents(self, z, what: str = "z") -> None:
         """A latent video ``(b, t, z_dim, h, w)``, or a clear ``ValueError``."""
         if z.ndim != 5:
-            raise ValueError(f"{what} must be a latent video batch (b, t, c, h, w); got rank {z.ndim}, "
-                             f"shape {tuple(z.shape)}")
+            raise ValueError(
+                f"{what} must be a latent video batch (b, t, c, h, w); got rank {z.ndim}, shape {tuple(z.shape)}"
+            )
         if z.shape[2] != self.cfg.z_dim:
-            raise ValueError(f"{what} has {z.shape[2]} channels (axis 2 of shape {tuple(z.shape)}), the VAE "
-                             f"expects z_dim={self.cfg.z_dim}")
+            raise ValueError(
+                f"{what} has {z.shape[2]} channels (axis 2 of shape {tuple(z.shape)}), the VAE "
+                f"expects z_dim={self.cfg.z_dim}"
+            )
         if z.shape[1] < 1:
             raise ValueError(f"{what} has no frames")
 
@@ -305,7 +353,7 @@ def encode_moments(vae: AutoencoderKLWan, x_cl: jax.Array, chunked: bool = True)
     out, cache = _encode_program(graphdef, state, x_cl[:, :1], None)
     outs = [out]
     for start in range(1, x_cl.shape[1], ENCODE_CHUNK):
-        out, cache = _encode_program(graphdef, state, x_cl[:, start:start + ENCODE_CHUNK], cache)
+        out, cache = _encode_program(graphdef, state, x_cl[:, start : start + ENCODE_CHUNK], cache)
         outs.append(out)
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
@@ -318,7 +366,7 @@ def decode_pixels(vae: AutoencoderKLWan, z_cl: jax.Array, chunked: bool = True) 
         return _decode_program(graphdef, state, z_cl, None)[0]
     outs, cache = [], None
     for i in range(z_cl.shape[1]):
-        out, cache = _decode_program(graphdef, state, z_cl[:, i:i + 1], cache)
+        out, cache = _decode_program(graphdef, state, z_cl[:, i : i + 1], cache)
         outs.append(out)
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 
@@ -327,8 +375,10 @@ def decode_pixels(vae: AutoencoderKLWan, z_cl: jax.Array, chunked: bool = True) 
 def _channel_stats(cfg: WanVAEConfig, axis: int, ndim: int):
     shape = [1] * ndim
     shape[axis] = cfg.z_dim
-    return (jnp.asarray(cfg.latents_mean, jnp.float32).reshape(shape),
-            jnp.asarray(cfg.latents_std, jnp.float32).reshape(shape))
+    return (
+        jnp.asarray(cfg.latents_mean, jnp.float32).reshape(shape),
+        jnp.asarray(cfg.latents_std, jnp.float32).reshape(shape),
+    )
 
 
 def normalize_latents(cfg: WanVAEConfig, z: jax.Array) -> jax.Array:
@@ -358,12 +408,19 @@ def _as_video(x: jax.Array, what: str) -> tuple[jax.Array, bool]:
         return x[:, None], True
     if x.ndim == 5:
         return x, False
-    raise ValueError(f"{what} must be images (b, c, h, w) or videos (b, t, c, h, w); got rank {x.ndim}, "
-                     f"shape {tuple(x.shape)}")
+    raise ValueError(
+        f"{what} must be images (b, c, h, w) or videos (b, t, c, h, w); got rank {x.ndim}, shape {tuple(x.shape)}"
+    )
 
 
-def encode_video(vae: AutoencoderKLWan, x: jax.Array, key: jax.Array | None = None, *,
-                 temporal_scale: float | None = None, chunked: bool = True) -> jax.Array:
+def encode_video(
+    vae: AutoencoderKLWan,
+    x: jax.Array,
+    key: jax.Array | None = None,
+    *,
+    temporal_scale: float | None = None,
+    chunked: bool = True,
+) -> jax.Array:
     """Videos ``(b, t, c, h, w)`` (``t = 1 + 4k``) or images ``(b, c, h, w)`` in [-1, 1] to the
     generator's latents ``(b, t', z_dim, h/f, w/f)`` (images: ``(b, z_dim, h/f, w/f)``).
 
@@ -380,8 +437,9 @@ def encode_video(vae: AutoencoderKLWan, x: jax.Array, key: jax.Array | None = No
     return z[:, 0] if image else z
 
 
-def decode_video(vae: AutoencoderKLWan, z: jax.Array, chunked: bool = True, *,
-                 temporal_scale: float | None = None) -> jax.Array:
+def decode_video(
+    vae: AutoencoderKLWan, z: jax.Array, chunked: bool = True, *, temporal_scale: float | None = None
+) -> jax.Array:
     """The generator's latents ``(b, t, z_dim, h, w)`` (or ``(b, z_dim, h, w)``) back to pixels
     ``(b, 1 + (t-1)*temporal_compression, c, h*f, w*f)`` (or images ``(b, c, h*f, w*f)``) in
     [-1, 1]: frames after the first divided by ``temporal_scale``, then ``z * latents_std +

@@ -1,4 +1,5 @@
 """Shared pieces of the benchmarks: timing, tables, JSON, benchmark weights."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 from flax import nnx
@@ -77,8 +78,16 @@ def reference_child_output() -> str | None:
 def bench_argv(command: str, args, *extra: str) -> list[str]:
     """``bench <command> --config ... --set ...`` (the parsed ``args``' config and
     overrides) followed by ``extra``: the command line of the reference's child."""
-    return ["bench", command, "--config", str(args.config), *[a for o in args.overrides for a in ("--set", o)],
-            *extra, "--reference", args.reference]
+    return [
+        "bench",
+        command,
+        "--config",
+        str(args.config),
+        *[a for o in args.overrides for a in ("--set", o)],
+        *extra,
+        "--reference",
+        args.reference,
+    ]
 
 
 def reference_rows_in_child(argv: Sequence[str]) -> list[dict]:

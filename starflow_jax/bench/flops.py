@@ -3,13 +3,22 @@ text and output projections, and attention (``QK^T`` and ``PV``), 2 FLOPs per
 multiply-add. Causal attention is counted at half its square, as MaxText counts it
 (``causal_half=False`` counts the whole square, as the compiled program computes it).
 A training step is 3x the forward pass (the backward pass is twice the forward)."""
+
 from __future__ import annotations
 
 from starflow_jax.config.model_config import ModelConfig
 
 
-def layer_flops(length: int, channels: int, heads: int, kv_heads: int, head_dim: int, hidden: int, swiglu: bool,
-                attended_pairs: float) -> float:
+def layer_flops(
+    length: int,
+    channels: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    hidden: int,
+    swiglu: bool,
+    attended_pairs: float,
+) -> float:
     """One Transformer layer over ``length`` slots, attention over ``attended_pairs``
     (query, key) pairs."""
     qkv = 2 * length * channels * (heads + 2 * kv_heads) * head_dim
@@ -42,14 +51,24 @@ def block_layouts(cfg: ModelConfig, x_shape: tuple[int, ...]) -> list[dict]:
         conditioned = cfg.txt_dim > 0 and (top or not cfg.cond_top_only)
         local = cfg.shallow_block_local and frames > 1 and not top
         seqs, n = (frames, frame_tokens) if local else (1, frames * frame_tokens)
-        out.append(dict(block=i, layers=n_layers, channels=cfg.top_channels if top else cfg.channels, heads=heads,
-                        kv_heads=cfg.num_kv_heads or heads, seqs=seqs, tokens=n,
-                        txt=cfg.txt_size if conditioned else 0))
+        out.append(
+            dict(
+                block=i,
+                layers=n_layers,
+                channels=cfg.top_channels if top else cfg.channels,
+                heads=heads,
+                kv_heads=cfg.num_kv_heads or heads,
+                seqs=seqs,
+                tokens=n,
+                txt=cfg.txt_size if conditioned else 0,
+            )
+        )
     return out
 
 
-def forward_flops(cfg: ModelConfig, x_shape: tuple[int, ...], causal_half: bool = True,
-                  include_denoiser: bool = False) -> float:
+def forward_flops(
+    cfg: ModelConfig, x_shape: tuple[int, ...], causal_half: bool = True, include_denoiser: bool = False
+) -> float:
     """FLOPs of the flow's forward pass (and the learnable denoiser's) on an input of
     shape ``(b, c, H, W)`` or ``(b, t, c, H, W)``."""
     b = x_shape[0]
@@ -63,8 +82,16 @@ def forward_flops(cfg: ModelConfig, x_shape: tuple[int, ...], causal_half: bool 
         c, n, t = lay["channels"], lay["tokens"], lay["txt"]
         length = t + n
         per_seq = 2 * n * pd * c + 2 * n * c * 2 * pd + 2 * t * cfg.txt_dim * c
-        per_seq += lay["layers"] * layer_flops(length, c, lay["heads"], lay["kv_heads"], cfg.head_dim,
-                                               int(c * cfg.expansion), cfg.use_swiglu, _pairs(length, True, causal_half))
+        per_seq += lay["layers"] * layer_flops(
+            length,
+            c,
+            lay["heads"],
+            lay["kv_heads"],
+            cfg.head_dim,
+            int(c * cfg.expansion),
+            cfg.use_swiglu,
+            _pairs(length, True, causal_half),
+        )
         total += lay["seqs"] * per_seq
     if include_denoiser and cfg.learnable_self_denoiser:
         c, heads = cfg.channels, base_heads
@@ -72,8 +99,16 @@ def forward_flops(cfg: ModelConfig, x_shape: tuple[int, ...], causal_half: bool 
         n = frames * frame_tokens
         length = t + n
         total += 2 * n * pd * c * 2 + 2 * t * cfg.txt_dim * c
-        total += cfg.denoiser_layers * layer_flops(length, c, heads, cfg.num_kv_heads or heads, cfg.head_dim,
-                                                   int(c * cfg.expansion), cfg.use_swiglu, float(length * length))
+        total += cfg.denoiser_layers * layer_flops(
+            length,
+            c,
+            heads,
+            cfg.num_kv_heads or heads,
+            cfg.head_dim,
+            int(c * cfg.expansion),
+            cfg.use_swiglu,
+            float(length * length),
+        )
     return b * total
 
 

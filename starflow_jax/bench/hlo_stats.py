@@ -4,6 +4,7 @@ FLOPs of its dots and convolutions, the bytes its top-level instructions read an
 collectives produce, each while loop's body counted as many times as it runs (XLA's
 ``known_trip_count``: the scans over layers and gradient accumulation). XLA's own
 ``cost_analysis`` counts a loop body once."""
+
 from __future__ import annotations
 
 import collections
@@ -11,12 +12,39 @@ import dataclasses
 import math
 import re
 
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+DTYPE_BYTES = {
+    "pred": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute", "ragged-all-to-all")
 # instructions that move no data of their own
-_FREE = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant", "after-all", "partition-id", "replica-id",
-         "iota", "opt-barrier"}
+_FREE = {
+    "parameter",
+    "tuple",
+    "get-tuple-element",
+    "bitcast",
+    "constant",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "iota",
+    "opt-barrier",
+}
 
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) (\(.*\)) -> .*\{\s*$")
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
@@ -26,8 +54,7 @@ _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
 def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(text)
-            if dt in DTYPE_BYTES]
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(text) if dt in DTYPE_BYTES]
 
 
 def _bytes(text: str) -> float:
@@ -42,7 +69,7 @@ def _split_shape(rest: str) -> tuple[str, str]:
             depth += ch == "("
             depth -= ch == ")"
             if depth == 0:
-                return rest[:i + 1], rest[i + 1:].lstrip()
+                return rest[: i + 1], rest[i + 1 :].lstrip()
     shape, _, tail = rest.partition(" ")
     return shape, tail
 
@@ -206,8 +233,14 @@ def hlo_stats(text: str) -> HloStats:
                 ccount[base] += k
             if comp not in fused and ins.op not in _FREE and not ins.op.endswith("-done"):
                 accessed += k * (_bytes(ins.shape) + sum(_bytes(shapes[comp].get(o, "")) for o in ins.operands))
-    return HloStats(flops=flops, bytes_accessed=accessed, collective_bytes=dict(cbytes), collective_count=dict(ccount),
-                    unknown_trip_counts=sum(mult[c] > 0 for c in unknown), kernels=int(kernels))
+    return HloStats(
+        flops=flops,
+        bytes_accessed=accessed,
+        collective_bytes=dict(cbytes),
+        collective_count=dict(ccount),
+        unknown_trip_counts=sum(mult[c] > 0 for c in unknown),
+        kernels=int(kernels),
+    )
 
 
 # Published per-chip peaks (Cloud TPU documentation): bf16 FLOP/s, HBM bytes/s, ICI bytes/s
@@ -233,9 +266,16 @@ def roofline(stats: HloStats, model_flops_per_device: float, chip: str) -> dict:
     bound, not a measurement. Compute counts the larger of the program's dot FLOPs (with
     remat's recomputation, without what runs inside Pallas kernels) and the model's FLOPs."""
     c = CHIPS[chip]
-    parts = dict(compute_s=max(stats.flops, model_flops_per_device) / c["flops"], hbm_s=stats.bytes_accessed / c["hbm_bw"],
-                 collective_s=stats.total_collective_bytes / c["ici_bw"])
+    parts = dict(
+        compute_s=max(stats.flops, model_flops_per_device) / c["flops"],
+        hbm_s=stats.bytes_accessed / c["hbm_bw"],
+        collective_s=stats.total_collective_bytes / c["ici_bw"],
+    )
     bound = max(parts.values())
     limit = max(parts, key=parts.get).removesuffix("_s")
-    return dict(parts, bound_s=bound, bound_by=limit,
-                mfu_bound=model_flops_per_device / (bound * c["flops"]) if bound > 0 else None)
+    return dict(
+        parts,
+        bound_s=bound,
+        bound_by=limit,
+        mfu_bound=model_flops_per_device / (bound * c["flops"]) if bound > 0 else None,
+    )

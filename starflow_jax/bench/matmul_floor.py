@@ -6,6 +6,7 @@ output and MLP projections, stacked and scanned as in the model), but attention,
 activations, the flow's affine step and the optimiser are left out: what remains is the
 work that a matmul library does at (at best) its peak. If even this chain runs below a
 target's FLOP rate, no work on the rest of the step reaches it."""
+
 from __future__ import annotations
 
 import jax
@@ -20,12 +21,22 @@ def chain_shapes(cfg: ModelConfig, x_shape: tuple[int, ...]) -> list[dict]:
     (query + key + value width), ``attn`` (heads x head_dim), ``hidden``, ``mlp_in``
     (1, or 2 for SwiGLU's gate and up projections), ``layers``, ``block`` (its index), and
     ``heads``, ``kv_heads``, ``head_dim`` (for ``row_flops``)."""
-    return [dict(rows=x_shape[0] * lay["seqs"] * (lay["tokens"] + lay["txt"]), channels=lay["channels"],
-                 qkv=(lay["heads"] + 2 * lay["kv_heads"]) * cfg.head_dim, attn=lay["heads"] * cfg.head_dim,
-                 hidden=int(lay["channels"] * cfg.expansion), mlp_in=2 if cfg.use_swiglu else 1,
-                 layers=lay["layers"], block=lay["block"], heads=lay["heads"], kv_heads=lay["kv_heads"],
-                 head_dim=cfg.head_dim)
-            for lay in block_layouts(cfg, x_shape)]
+    return [
+        dict(
+            rows=x_shape[0] * lay["seqs"] * (lay["tokens"] + lay["txt"]),
+            channels=lay["channels"],
+            qkv=(lay["heads"] + 2 * lay["kv_heads"]) * cfg.head_dim,
+            attn=lay["heads"] * cfg.head_dim,
+            hidden=int(lay["channels"] * cfg.expansion),
+            mlp_in=2 if cfg.use_swiglu else 1,
+            layers=lay["layers"],
+            block=lay["block"],
+            heads=lay["heads"],
+            kv_heads=lay["kv_heads"],
+            head_dim=cfg.head_dim,
+        )
+        for lay in block_layouts(cfg, x_shape)
+    ]
 
 
 def row_flops(s: dict) -> float:
@@ -39,8 +50,9 @@ def chain_flops(shapes: list[dict]) -> float:
     return 3 * sum(s["rows"] * row_flops(s) * s["layers"] for s in shapes)
 
 
-def sampling_dense_flops(cfg: ModelConfig, x_shape: tuple[int, ...], passes: list[int], tokens_per_pass: int,
-                         guidance: float) -> float:
+def sampling_dense_flops(
+    cfg: ModelConfig, x_shape: tuple[int, ...], passes: list[int], tokens_per_pass: int, guidance: float
+) -> float:
     """The dense projections' FLOPs of one sampling run (attention not counted: a lower
     bound on its work): ``passes`` per block in sampling order (the deep block first, as
     ``sample(return_passes=True)`` gives them), each pass ``tokens_per_pass`` tokens of
@@ -68,11 +80,17 @@ def init_chain(shapes: list[dict], dtype, seed: int = 0):
         n, c = s["layers"], s["channels"]
 
         def w(k, fan_in, fan_out):
-            return (jax.random.normal(k, (n, fan_in, fan_out), jnp.float32) / fan_in ** 0.5 / 4).astype(dtype)
+            return (jax.random.normal(k, (n, fan_in, fan_out), jnp.float32) / fan_in**0.5 / 4).astype(dtype)
 
-        params.append(dict(x=jax.random.normal(kx, (s["rows"], c), jnp.float32).astype(dtype),
-                           qkv=w(kw[0], c, s["qkv"]), out=w(kw[1], s["attn"], c),
-                           mlp_in=w(kw[2], c, s["mlp_in"] * s["hidden"]), mlp_out=w(kw[3], s["hidden"], c)))
+        params.append(
+            dict(
+                x=jax.random.normal(kx, (s["rows"], c), jnp.float32).astype(dtype),
+                qkv=w(kw[0], c, s["qkv"]),
+                out=w(kw[1], s["attn"], c),
+                mlp_in=w(kw[2], c, s["mlp_in"] * s["hidden"]),
+                mlp_out=w(kw[3], s["hidden"], c),
+            )
+        )
     return params
 
 

@@ -7,6 +7,7 @@ compiled program's FLOPs, HBM traffic and collective bytes per step (``bench.hlo
 and a roofline bound of the step time and MFU from the chip's published peaks; several
 remat policies side by side. Without libtpu it compiles for simulated CPU devices
 instead, and says so."""
+
 from __future__ import annotations
 
 import math
@@ -24,27 +25,58 @@ from starflow_jax.layers.splash import compile_target
 from starflow_jax.train.program import batch_layout, build_program, training_mesh
 
 # HBM per chip (GiB) by the device kind the topology reports
-HBM_GIB = {"TPU v5": 95.0, "TPU v5p": 95.0, "TPU v5 lite": 16.0, "TPU v5e": 16.0, "TPU v4": 32.0, "TPU v6 lite": 32.0,
-           "TPU v6e": 32.0}
-GIB = 2.0 ** 30
-COLUMNS = [("remat", "remat", "s"), ("argument_gib", "args_GiB", ".2f"), ("output_gib", "out_GiB", ".2f"),
-           ("temp_gib", "temp_GiB", ".2f"), ("host_temp_gib", "host_GiB", ".2f"), ("code_gib", "code_GiB", ".3f"),
-           ("total_gib", "total_GiB", ".2f"), ("hbm_gib", "HBM_GiB", ".0f"), ("fits", "fits", "s"),
-           ("compile_seconds", "compile_s", ".1f"), ("model_tflops", "model_TFLOP", ".4g"),
-           ("hlo_tflops_per_device", "HLO_TFLOP/dev", ".4g"), ("hbm_gb_per_device", "HBM_GB/dev", ".4g"),
-           ("collective_gb_per_device", "coll_GB/dev", ".4g"), ("step_s_bound", "step_s>=", ".3g"),
-           ("bound_by", "bound_by", "s"), ("mfu_bound", "MFU<=", ".1%")]
+HBM_GIB = {
+    "TPU v5": 95.0,
+    "TPU v5p": 95.0,
+    "TPU v5 lite": 16.0,
+    "TPU v5e": 16.0,
+    "TPU v4": 32.0,
+    "TPU v6 lite": 32.0,
+    "TPU v6e": 32.0,
+}
+GIB = 2.0**30
+COLUMNS = [
+    ("remat", "remat", "s"),
+    ("argument_gib", "args_GiB", ".2f"),
+    ("output_gib", "out_GiB", ".2f"),
+    ("temp_gib", "temp_GiB", ".2f"),
+    ("host_temp_gib", "host_GiB", ".2f"),
+    ("code_gib", "code_GiB", ".3f"),
+    ("total_gib", "total_GiB", ".2f"),
+    ("hbm_gib", "HBM_GiB", ".0f"),
+    ("fits", "fits", "s"),
+    ("compile_seconds", "compile_s", ".1f"),
+    ("model_tflops", "model_TFLOP", ".4g"),
+    ("hlo_tflops_per_device", "HLO_TFLOP/dev", ".4g"),
+    ("hbm_gb_per_device", "HBM_GB/dev", ".4g"),
+    ("collective_gb_per_device", "coll_GB/dev", ".4g"),
+    ("step_s_bound", "step_s>=", ".3g"),
+    ("bound_by", "bound_by", "s"),
+    ("mfu_bound", "MFU<=", ".1%"),
+]
 
 
 def add_parser(sub):
-    p = sub.add_parser("plan", help="compile the config's training step ahead of time for a TPU slice: memory, FLOPs, "
-                                    "collectives, roofline")
+    p = sub.add_parser(
+        "plan",
+        help="compile the config's training step ahead of time for a TPU slice: memory, FLOPs, collectives, roofline",
+    )
     p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="as for train: mesh.*, train.batch_size, train.remat, train.grad_accum, model.dtype, ...")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="as for train: mesh.*, train.batch_size, train.remat, train.grad_accum, model.dtype, ...",
+    )
     p.add_argument("--topology", required=True, help="e.g. v5p:4x4x4 (64 chips), v5e:16x16, v4:2x2x1")
-    p.add_argument("--remat", default=None, help="compare these remat policies, comma separated (none, full, dots, "
-                                                 "dots_all, proj, offload; default: the config's train.remat)")
+    p.add_argument(
+        "--remat",
+        default=None,
+        help="compare these remat policies, comma separated (none, full, dots, "
+        "dots_all, proj, offload; default: the config's train.remat)",
+    )
     p.add_argument("--json", help="write the rows to this JSON file")
     p.set_defaults(func=run)
     return p
@@ -73,9 +105,11 @@ def topology_devices(name: str):
             raise ValueError(f"topology must look like v5p:4x4x4, got {name!r}") from None
         devices = jax.devices("cpu")
         if len(devices) < chips:
-            raise ValueError(f"libtpu is not installed (pip install -e '.[tpu]') and there are {len(devices)} CPU "
-                             f"devices for a {chips}-chip topology: set XLA_FLAGS="
-                             f"--xla_force_host_platform_device_count={chips} to simulate it") from e
+            raise ValueError(
+                f"libtpu is not installed (pip install -e '.[tpu]') and there are {len(devices)} CPU "
+                f"devices for a {chips}-chip topology: set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={chips} to simulate it"
+            ) from e
         return devices[:chips], "cpu (simulated)", True
 
 
@@ -109,15 +143,28 @@ def plan_rows(config, topology: str, remats: list[str] | None = None, log=print)
         if info is None:
             with compile_target(target):
                 kernel = resolve_attention(cfg.attention_impl)
-            info = dict(topology=topology, device_kind=kind, chip=chip, simulated=simulated, devices=len(devices),
-                        mesh=dict(mesh.shape), batch=x_shape[0], grad_accum=program.hp.grad_accum,
-                        input_shape=list(x_shape), dtype=cfg.dtype, ema=program.hp.ema_decay > 0,
-                        attention_impl=cfg.attention_impl, attention_kernel=kernel,
-                        params=sum(math.prod(a.shape) for a in jax.tree.leaves(program.abstract_state.params)))
-            log(f"{topology}: {len(devices)} x {kind}{' (SIMULATED: libtpu not installed)' if simulated else ''}; "
+            info = dict(
+                topology=topology,
+                device_kind=kind,
+                chip=chip,
+                simulated=simulated,
+                devices=len(devices),
+                mesh=dict(mesh.shape),
+                batch=x_shape[0],
+                grad_accum=program.hp.grad_accum,
+                input_shape=list(x_shape),
+                dtype=cfg.dtype,
+                ema=program.hp.ema_decay > 0,
+                attention_impl=cfg.attention_impl,
+                attention_kernel=kernel,
+                params=sum(math.prod(a.shape) for a in jax.tree.leaves(program.abstract_state.params)),
+            )
+            log(
+                f"{topology}: {len(devices)} x {kind}{' (SIMULATED: libtpu not installed)' if simulated else ''}; "
                 f"mesh {dict(mesh.shape)}; global batch {x_shape[0]} in {program.hp.grad_accum} micro-batches; "
                 f"input {x_shape}; {info['params']:,} parameters; compute {cfg.dtype}, attention "
-                f"{cfg.attention_impl} -> kernel {kernel}")
+                f"{cfg.attention_impl} -> kernel {kernel}"
+            )
         hbm = HBM_GIB.get(kind) if not simulated else None
         t = time.perf_counter()
         try:
@@ -129,9 +176,18 @@ def plan_rows(config, topology: str, remats: list[str] | None = None, log=print)
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             need = re.search(r"required for [^(]*\(([\d.]+)G\)", str(e))
-            rows.append(dict(remat=remat, total_gib=float(need.group(1)) if need else None, hbm_gib=hbm, fits="False",
-                             compile_seconds=time.perf_counter() - t, model_tflops=model_flops / 1e12,
-                             error=str(e).splitlines()[0][:300], **info))
+            rows.append(
+                dict(
+                    remat=remat,
+                    total_gib=float(need.group(1)) if need else None,
+                    hbm_gib=hbm,
+                    fits="False",
+                    compile_seconds=time.perf_counter() - t,
+                    model_tflops=model_flops / 1e12,
+                    error=str(e).splitlines()[0][:300],
+                    **info,
+                )
+            )
             log(f"remat {remat}: does not fit: {str(e).splitlines()[0][:200]}")
             continue
         seconds = time.perf_counter() - t
@@ -139,20 +195,32 @@ def plan_rows(config, topology: str, remats: list[str] | None = None, log=print)
         total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
         total += m.generated_code_size_in_bytes
         stats = hlo_stats(compiled.as_text())
-        row = dict(remat=remat, argument_gib=m.argument_size_in_bytes / GIB,
-                   output_gib=m.output_size_in_bytes / GIB, alias_gib=m.alias_size_in_bytes / GIB,
-                   temp_gib=m.temp_size_in_bytes / GIB, code_gib=m.generated_code_size_in_bytes / GIB,
-                   total_gib=total / GIB, hbm_gib=hbm, fits=None if hbm is None else str(total / GIB <= hbm),
-                   host_temp_gib=getattr(m, "host_temp_size_in_bytes", 0) / GIB,
-                   compile_seconds=seconds, model_tflops=model_flops / 1e12,
-                   hlo_tflops_per_device=stats.flops / 1e12, hbm_gb_per_device=stats.bytes_accessed / 1e9,
-                   collective_gb_per_device=stats.total_collective_bytes / 1e9,
-                   collective_gb=dict((k, v / 1e9) for k, v in stats.collective_bytes.items()),
-                   unknown_trip_counts=stats.unknown_trip_counts, kernels=stats.kernels, **info)
+        row = dict(
+            remat=remat,
+            argument_gib=m.argument_size_in_bytes / GIB,
+            output_gib=m.output_size_in_bytes / GIB,
+            alias_gib=m.alias_size_in_bytes / GIB,
+            temp_gib=m.temp_size_in_bytes / GIB,
+            code_gib=m.generated_code_size_in_bytes / GIB,
+            total_gib=total / GIB,
+            hbm_gib=hbm,
+            fits=None if hbm is None else str(total / GIB <= hbm),
+            host_temp_gib=getattr(m, "host_temp_size_in_bytes", 0) / GIB,
+            compile_seconds=seconds,
+            model_tflops=model_flops / 1e12,
+            hlo_tflops_per_device=stats.flops / 1e12,
+            hbm_gb_per_device=stats.bytes_accessed / 1e9,
+            collective_gb_per_device=stats.total_collective_bytes / 1e9,
+            collective_gb=dict((k, v / 1e9) for k, v in stats.collective_bytes.items()),
+            unknown_trip_counts=stats.unknown_trip_counts,
+            kernels=stats.kernels,
+            **info,
+        )
         if chip is not None:
             bound = roofline(stats, model_flops / len(devices), chip)
-            row.update(step_s_bound=bound["bound_s"], bound_by=bound["bound_by"], mfu_bound=bound["mfu_bound"],
-                       roofline=bound)
+            row.update(
+                step_s_bound=bound["bound_s"], bound_by=bound["bound_by"], mfu_bound=bound["mfu_bound"], roofline=bound
+            )
         rows.append(row)
     return rows, info
 
@@ -162,15 +230,19 @@ def run(args) -> int:
     remats = [r.strip() for r in args.remat.split(",") if r.strip()] if args.remat else None
     rows, info = plan_rows(config, args.topology, remats)
     print_table(rows, COLUMNS)
-    print("per device: arguments (parameters, optimizer state, batch shard), outputs (the new state, aliased "
-          "to the donated arguments), temporaries (activations, gradients), generated code; total = args + out "
-          "+ temp + code - aliased. model_TFLOP: the step's model FLOPs (all devices, analytic); HLO_TFLOP/dev: "
-          "the compiled program's dot FLOPs per device (remat recomputation included); HBM_GB/dev: its "
-          "instructions' reads and writes; coll_GB/dev: its collectives' results; loops counted per iteration")
+    print(
+        "per device: arguments (parameters, optimizer state, batch shard), outputs (the new state, aliased "
+        "to the donated arguments), temporaries (activations, gradients), generated code; total = args + out "
+        "+ temp + code - aliased. model_TFLOP: the step's model FLOPs (all devices, analytic); HLO_TFLOP/dev: "
+        "the compiled program's dot FLOPs per device (remat recomputation included); HBM_GB/dev: its "
+        "instructions' reads and writes; coll_GB/dev: its collectives' results; loops counted per iteration"
+    )
     if info and info["chip"]:
         c = CHIPS[info["chip"]]
-        print(f"roofline BOUND, not a measurement: step_s >= max(HLO FLOPs / {c['flops'] / 1e12:.0f} TFLOP/s, HBM "
-              f"bytes / {c['hbm_bw'] / 1e9:.0f} GB/s, collective bytes / {c['ici_bw'] / 1e9:.0f} GB/s ICI), the "
-              f"published peaks of one {info['chip']} chip; MFU_bound = model FLOPs per device / (step_s x peak)")
+        print(
+            f"roofline BOUND, not a measurement: step_s >= max(HLO FLOPs / {c['flops'] / 1e12:.0f} TFLOP/s, HBM "
+            f"bytes / {c['hbm_bw'] / 1e9:.0f} GB/s, collective bytes / {c['ici_bw'] / 1e9:.0f} GB/s ICI), the "
+            f"published peaks of one {info['chip']} chip; MFU_bound = model FLOPs per device / (step_s x peak)"
+        )
     write_json(args.json, rows)
     return 0

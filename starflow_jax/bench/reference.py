@@ -1,6 +1,7 @@
 """Running the PyTorch reference (a checkout of apple/ml-starflow, torch installed) on the
 same configuration and weights, for side-by-side benchmarks. Nothing of the reference
 is copied: its module is imported from the checkout the user points at."""
+
 from __future__ import annotations
 
 import importlib

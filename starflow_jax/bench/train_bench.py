@@ -4,6 +4,7 @@ the command measures itself, memory and compile time; with ``--reference``, the 
 reference's own step (forward, loss, backward, clipping, AdamW) on the same
 configuration, weights and batch in the same run; with ``--matmul-floor``, the step's
 dense matmuls alone (``bench.matmul_floor``), the floor of the step time."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,16 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from starflow_jax.bench.common import (bench_argv, bench_setting, benchmark_model, print_table, reference_child_output,
-                                       reference_rows_in_child, timed, write_json)
+from starflow_jax.bench.common import (
+    bench_argv,
+    bench_setting,
+    benchmark_model,
+    print_table,
+    reference_child_output,
+    reference_rows_in_child,
+    timed,
+    write_json,
+)
 from starflow_jax.bench.flops import train_step_flops
 from starflow_jax.config import load_config, model_config
 from starflow_jax.config.training import SECTIONS
@@ -26,10 +35,19 @@ from starflow_jax.layers.attention import resolve_attention
 from starflow_jax.parallel.mesh import make_mesh
 from starflow_jax.train.program import build_program
 
-COLUMNS = [("impl", "impl", "s"), ("dtype", "dtype", "s"), ("remat", "remat", "s"), ("batch", "batch", "d"),
-           ("seconds_per_step", "s/step", ".4f"), ("compile_seconds", "compile_s", ".2f"),
-           ("tokens_per_s", "tokens/s", ".0f"), ("flops_per_step", "GFLOP/step", ".3g"),
-           ("flops_per_s", "GFLOP/s", ".4g"), ("mfu", "MFU", ".1%"), ("peak_memory_mb", "mem_MB", ".0f")]
+COLUMNS = [
+    ("impl", "impl", "s"),
+    ("dtype", "dtype", "s"),
+    ("remat", "remat", "s"),
+    ("batch", "batch", "d"),
+    ("seconds_per_step", "s/step", ".4f"),
+    ("compile_seconds", "compile_s", ".2f"),
+    ("tokens_per_s", "tokens/s", ".0f"),
+    ("flops_per_step", "GFLOP/step", ".3g"),
+    ("flops_per_s", "GFLOP/s", ".4g"),
+    ("mfu", "MFU", ".1%"),
+    ("peak_memory_mb", "mem_MB", ".0f"),
+]
 
 
 def add_parser(sub):
@@ -40,10 +58,17 @@ def add_parser(sub):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps after compilation (median reported)")
     p.add_argument("--peak-size", type=int, default=2048, help="side of the square matmul that measures the peak")
-    p.add_argument("--remat", default=None, help="rematerialisation policy of the JAX step (none, full, dots, "
-                                                 "dots_all; default: the config's train.remat or none)")
-    p.add_argument("--matmul-floor", action="store_true",
-                   help="also time the step's dense matmuls alone (bench.matmul_floor): the floor of the step time")
+    p.add_argument(
+        "--remat",
+        default=None,
+        help="rematerialisation policy of the JAX step (none, full, dots, "
+        "dots_all; default: the config's train.remat or none)",
+    )
+    p.add_argument(
+        "--matmul-floor",
+        action="store_true",
+        help="also time the step's dense matmuls alone (bench.matmul_floor): the floor of the step time",
+    )
     p.add_argument("--json", help="write the rows to this JSON file")
     p.set_defaults(func=run)
     return p
@@ -61,7 +86,7 @@ def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
         t = time.perf_counter()
         jax.block_until_ready(f(a, b))
         best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 def bench_training_config(config, batch: int, seed: int, lr: float, clip: float, noise_std: float, remat: str | None):
@@ -71,10 +96,25 @@ def bench_training_config(config, batch: int, seed: int, lr: float, clip: float,
     config = config.copy_and_resolve_references()
     for name, defaults in SECTIONS.items():
         config[name] = ml_collections.ConfigDict({**defaults, **(config[name].to_dict() if name in config else {})})
-    config.train.update(batch_size=batch, seed=seed, lr=lr, min_lr=lr, warmup_steps=0, b1=0.9, b2=0.95,
-                        weight_decay=1e-4, grad_clip=clip, grad_skip=False, noise_type="gaussian",
-                        noise_std=noise_std, drop_label=0.0, ema_decay=0.0, grad_accum=1,
-                        latent_norm_regularization=0.0, remat=remat or config.train.remat)
+    config.train.update(
+        batch_size=batch,
+        seed=seed,
+        lr=lr,
+        min_lr=lr,
+        warmup_steps=0,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=1e-4,
+        grad_clip=clip,
+        grad_skip=False,
+        noise_type="gaussian",
+        noise_std=noise_std,
+        drop_label=0.0,
+        ema_decay=0.0,
+        grad_accum=1,
+        latent_norm_regularization=0.0,
+        remat=remat or config.train.remat,
+    )
     return config
 
 
@@ -99,8 +139,10 @@ def run(args) -> int:
     dtype = jnp.dtype(cfg.dtype)
     if reference_child_output():  # the child that times only the reference (bench.common)
         weights = jax.device_get(nnx.state(model, nnx.Param))
-        write_json(reference_child_output(),
-                   [_reference_row(args.reference, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens, flops)])
+        write_json(
+            reference_child_output(),
+            [_reference_row(args.reference, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens, flops)],
+        )
         return 0
 
     # the training program train builds (train.program) for this config, on this host's devices,
@@ -127,16 +169,35 @@ def run(args) -> int:
         times.append(time.perf_counter() - t)
     sec = statistics.median(times)
     peak = matmul_peak(dtype, args.peak_size)
-    compiled_mb = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                            + mem.temp_size_in_bytes - mem.alias_size_in_bytes) / 2 ** 20
-    print(f"config {args.config}: batch {batch}, {cfg.num_blocks} blocks {list(cfg.layers_per_block)}, "
-          f"{tokens // batch} tokens, {cfg.dtype}, attention {cfg.attention_impl} -> kernel "
-          f"{resolve_attention(cfg.attention_impl)}; median of {steps} steps; device {jax.devices()[0].device_kind}; "
-          f"{jax.default_backend()} {cfg.dtype} matmul peak ({args.peak_size}^3): {peak / 1e9:.1f} GFLOP/s")
-    rows = [dict(impl="jax", dtype=cfg.dtype, remat=remat, attention_kernel=resolve_attention(cfg.attention_impl),
-                 batch=batch, seconds_per_step=sec, compile_seconds=compile_s,
-                 tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec, mfu=flops / sec / peak,
-                 peak_memory_mb=compiled_mb, loss=float(m["loss"]))]
+    compiled_mb = (
+        None
+        if mem is None
+        else (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        / 2**20
+    )
+    print(
+        f"config {args.config}: batch {batch}, {cfg.num_blocks} blocks {list(cfg.layers_per_block)}, "
+        f"{tokens // batch} tokens, {cfg.dtype}, attention {cfg.attention_impl} -> kernel "
+        f"{resolve_attention(cfg.attention_impl)}; median of {steps} steps; device {jax.devices()[0].device_kind}; "
+        f"{jax.default_backend()} {cfg.dtype} matmul peak ({args.peak_size}^3): {peak / 1e9:.1f} GFLOP/s"
+    )
+    rows = [
+        dict(
+            impl="jax",
+            dtype=cfg.dtype,
+            remat=remat,
+            attention_kernel=resolve_attention(cfg.attention_impl),
+            batch=batch,
+            seconds_per_step=sec,
+            compile_seconds=compile_s,
+            tokens_per_s=tokens / sec,
+            flops_per_step=flops,
+            flops_per_s=flops / sec,
+            mfu=flops / sec / peak,
+            peak_memory_mb=compiled_mb,
+            loss=float(m["loss"]),
+        )
+    ]
     if args.matmul_floor:
         rows.append(_floor_row(cfg, shape, dtype, steps, peak, tokens))
     if args.reference:  # same seeded weights and batch, in a child process (bench.common)
@@ -144,16 +205,20 @@ def run(args) -> int:
         rows.append(dict(ref, mfu=ref["flops_per_s"] / peak))
     shown = [dict(r, flops_per_step=r["flops_per_step"] / 1e9, flops_per_s=r["flops_per_s"] / 1e9) for r in rows]
     print_table(shown, COLUMNS)
-    print(f"jax compiled memory (arguments + outputs + temporaries): {compiled_mb:.0f} MB; "
-          f"process peak RSS {_peak_rss_mb():.0f} MB")
+    print(
+        f"jax compiled memory (arguments + outputs + temporaries): {compiled_mb:.0f} MB; "
+        f"process peak RSS {_peak_rss_mb():.0f} MB"
+    )
     torch_row = next((r for r in rows if r["impl"] == "torch"), None)
     if torch_row:
         print(f"speedup jax vs torch: {torch_row['seconds_per_step'] / sec:.2f}x")
     floor = next((r for r in rows if r["impl"] == "jax-matmuls"), None)
     if floor:
-        print(f"the step's dense matmuls alone ({floor['flops_per_step'] / 1e9:.1f} of {flops / 1e9:.1f} GFLOP; no "
-              f"attention, norms, activations, optimiser): {floor['seconds_per_step']:.3f} s at "
-              f"{floor['mfu']:.1%} of the matmul peak")
+        print(
+            f"the step's dense matmuls alone ({floor['flops_per_step'] / 1e9:.1f} of {flops / 1e9:.1f} GFLOP; no "
+            f"attention, norms, activations, optimiser): {floor['seconds_per_step']:.3f} s at "
+            f"{floor['mfu']:.1%} of the matmul peak"
+        )
         if torch_row:
             print(f"1.3x the reference's step: {torch_row['seconds_per_step'] / 1.3:.3f} s")
     write_json(args.json, rows)
@@ -170,9 +235,19 @@ def _floor_row(cfg, shape, dtype, steps, peak, tokens):
     compile_s = time.perf_counter() - t
     _, sec, _ = timed(lambda: compiled(params), steps)
     flops = matmul_floor.chain_flops(shapes)
-    return dict(impl="jax-matmuls", dtype=str(jnp.dtype(dtype)), remat="none", batch=shape[0], seconds_per_step=sec,
-                compile_seconds=compile_s, tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec,
-                mfu=flops / sec / peak, peak_memory_mb=None)
+    return dict(
+        impl="jax-matmuls",
+        dtype=str(jnp.dtype(dtype)),
+        remat="none",
+        batch=shape[0],
+        seconds_per_step=sec,
+        compile_seconds=compile_s,
+        tokens_per_s=tokens / sec,
+        flops_per_step=flops,
+        flops_per_s=flops / sec,
+        mfu=flops / sec / peak,
+        peak_memory_mb=None,
+    )
 
 
 def _reference_row(path, cfg, weights, x, y, batch, steps, lr, clip, noise_std, tokens, flops):
@@ -205,6 +280,16 @@ def _reference_row(path, cfg, weights, x, y, batch, steps, lr, clip, noise_std, 
         loss = one_step()
         times.append(time.perf_counter() - t)
     sec = statistics.median(times)
-    return dict(impl="torch", dtype=str(cfg.dtype), batch=batch, seconds_per_step=sec, compile_seconds=None,
-                tokens_per_s=tokens / sec, flops_per_step=flops, flops_per_s=flops / sec, peak_memory_mb=None,
-                loss=loss, threads=torch.get_num_threads())
+    return dict(
+        impl="torch",
+        dtype=str(cfg.dtype),
+        batch=batch,
+        seconds_per_step=sec,
+        compile_seconds=None,
+        tokens_per_s=tokens / sec,
+        flops_per_step=flops,
+        flops_per_s=flops / sec,
+        peak_memory_mb=None,
+        loss=loss,
+        threads=torch.get_num_threads(),
+    )

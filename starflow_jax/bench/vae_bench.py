@@ -10,8 +10,8 @@ frames, size, seconds, frames_per_s}`` (median of ``--repeats`` after compilatio
 compiled temporary memory of the decoding programs: one latent frame at a time (first chunk,
 later chunks, the carried cache: flat in the frame count) against one pass over ``T``
 latent frames."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,15 @@ from flax import nnx
 
 from starflow_jax.bench.common import print_table, timed, write_json
 
-COLUMNS = [("impl", "impl", "s"), ("op", "op", "s"), ("frames", "frames", "d"), ("size", "size", "d"),
-           ("seconds", "seconds", ".3f"), ("frames_per_s", "frames/s", ".1f")]
-MIB = 2 ** 20
+COLUMNS = [
+    ("impl", "impl", "s"),
+    ("op", "op", "s"),
+    ("frames", "frames", "d"),
+    ("size", "size", "d"),
+    ("seconds", "seconds", ".3f"),
+    ("frames_per_s", "frames/s", ".1f"),
+]
+MIB = 2**20
 
 
 def add_parser(sub):
@@ -39,10 +45,21 @@ def add_parser(sub):
 
 
 def wan22_config(base_dim: int) -> dict:
-    return dict(base_dim=base_dim, decoder_base_dim=base_dim * 3 // 2, z_dim=48, dim_mult=[1, 2, 4, 4],
-                num_res_blocks=2, temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
-                in_channels=12, out_channels=12, scale_factor_spatial=16, latents_mean=[0.0] * 48,
-                latents_std=[1.0] * 48)
+    return dict(
+        base_dim=base_dim,
+        decoder_base_dim=base_dim * 3 // 2,
+        z_dim=48,
+        dim_mult=[1, 2, 4, 4],
+        num_res_blocks=2,
+        temperal_downsample=[False, True, True],
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        scale_factor_spatial=16,
+        latents_mean=[0.0] * 48,
+        latents_std=[1.0] * 48,
+    )
 
 
 def _models(cfg: dict, reference: bool):
@@ -77,9 +94,12 @@ def decode_memory(vae, side: int, counts: list[int]) -> dict:
 
     one = jax.ShapeDtypeStruct((1, 1, ls, ls, z), jnp.float32)
     cache = jax.eval_shape(lambda st, zz: _decode_program(graphdef, st, zz, None)[1], state, one)
-    return dict(first_chunk_mib=temp(one, None), next_chunk_mib=temp(one, cache),
-                cache_mib=sum(int(np.prod(c.shape)) * c.dtype.itemsize for c in jax.tree.leaves(cache)) / MIB,
-                whole_mib={int(t): temp(jax.ShapeDtypeStruct((1, t, ls, ls, z), jnp.float32), None) for t in counts})
+    return dict(
+        first_chunk_mib=temp(one, None),
+        next_chunk_mib=temp(one, cache),
+        cache_mib=sum(int(np.prod(c.shape)) * c.dtype.itemsize for c in jax.tree.leaves(cache)) / MIB,
+        whole_mib={int(t): temp(jax.ShapeDtypeStruct((1, t, ls, ls, z), jnp.float32), None) for t in counts},
+    )
 
 
 def run(args) -> int:
@@ -91,9 +111,11 @@ def run(args) -> int:
     cfg = wan22_config(args.base_dim)
     vae, ref = _models(cfg, not args.no_reference)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(vae, nnx.Param)))
-    print(f"Wan2.2-structured VAE, base_dim {args.base_dim}: {n_params / 1e6:.1f} M parameters; {args.size}x"
-          f"{args.size} video; device {jax.devices()[0].device_kind}; "
-          + ("diffusers side by side" if ref is not None else "no diffusers row"))
+    print(
+        f"Wan2.2-structured VAE, base_dim {args.base_dim}: {n_params / 1e6:.1f} M parameters; {args.size}x"
+        f"{args.size} video; device {jax.devices()[0].device_kind}; "
+        + ("diffusers side by side" if ref is not None else "no diffusers row")
+    )
     rng = np.random.default_rng(0)
     rows = []
     f = vae.cfg.spatial_compression
@@ -103,8 +125,10 @@ def run(args) -> int:
         z = rng.normal(size=(1, lat, args.size // f, args.size // f, vae.cfg.z_dim)).astype(np.float32)
         for chunked in (True, False):
             impl = "jax-chunked" if chunked else "jax-whole"
-            for op, fn in (("encode", lambda: encode_moments(vae, jnp.asarray(x), chunked)),
-                           ("decode", lambda: decode_pixels(vae, jnp.asarray(z), chunked))):
+            for op, fn in (
+                ("encode", lambda: encode_moments(vae, jnp.asarray(x), chunked)),
+                ("decode", lambda: decode_pixels(vae, jnp.asarray(z), chunked)),
+            ):
                 s = timed(fn, args.repeats)[1]
                 rows.append(dict(impl=impl, op=op, frames=t, size=args.size, seconds=s, frames_per_s=t / s))
         if ref is not None:
@@ -119,9 +143,11 @@ def run(args) -> int:
     print_table(rows, COLUMNS)
     counts = [int(c) for c in args.memory_frames.split(",") if c.strip()]
     mem = decode_memory(vae, args.size, counts)
-    print(f"decoding memory (compiled temporaries): one latent frame at a time: first chunk "
-          f"{mem['first_chunk_mib']:.1f} MiB, later chunks {mem['next_chunk_mib']:.1f} MiB, carried cache "
-          f"{mem['cache_mib']:.2f} MiB, whatever the frame count; one pass: "
-          + ", ".join(f"T={t}: {m:.1f} MiB" for t, m in mem["whole_mib"].items()))
+    print(
+        f"decoding memory (compiled temporaries): one latent frame at a time: first chunk "
+        f"{mem['first_chunk_mib']:.1f} MiB, later chunks {mem['next_chunk_mib']:.1f} MiB, carried cache "
+        f"{mem['cache_mib']:.2f} MiB, whatever the frame count; one pass: "
+        + ", ".join(f"T={t}: {m:.1f} MiB" for t, m in mem["whole_mib"].items())
+    )
     write_json(args.json, dict(rows=rows, decode_memory=mem, parameters=n_params, base_dim=args.base_dim))
     return 0

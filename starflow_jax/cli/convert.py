@@ -1,4 +1,5 @@
 """``starflow-jax export`` and ``starflow-jax import``: checkpoints to and from the reference."""
+
 from __future__ import annotations
 
 import pathlib

@@ -1,4 +1,5 @@
 """The ``starflow-jax`` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,15 +10,16 @@ from starflow_jax.bench import plan as plan_cmd
 from starflow_jax.cli import bench, convert, info, nll, parity, precompute, sample, train
 from starflow_jax.parallel.host_memory import keep_freed_host_memory
 
-
 DEBUG_ENV = "STARFLOW_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="starflow-jax", description="STARFlow / STARFlow-V in JAX: train, sample, convert, precompute, benchmark.",
+        prog="starflow-jax",
+        description="STARFlow / STARFlow-V in JAX: train, sample, convert, precompute, benchmark.",
         epilog=f"Errors are reported in one line; --debug (anywhere on the command line) or {DEBUG_ENV}=1 shows the "
-               "traceback instead.")
+        "traceback instead.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train.add_parser(sub)
     info.add_parser(sub)
@@ -37,7 +39,7 @@ def config_flags_to_overrides(argv: list[str]) -> list[str]:
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--config.") and len(arg) > len("--config."):
-            key = arg[len("--config."):]
+            key = arg[len("--config.") :]
             if "=" not in key:
                 if i + 1 >= len(argv):
                     raise SystemExit(f"starflow-jax: {arg} needs a value")
@@ -80,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         first = (str(e).strip().splitlines() or [""])[0]
-        print(f"starflow-jax {args.command}: error: {type(e).__name__}: {first} (an unexpected error: run with "
-              f"--debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        print(
+            f"starflow-jax {args.command}: error: {type(e).__name__}: {first} (an unexpected error: run with "
+            f"--debug or {DEBUG_ENV}=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

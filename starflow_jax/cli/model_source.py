@@ -1,5 +1,6 @@
 """Where a command's model comes from: a workdir, reference weights plus a config, or
 (for smoke tests) random initialisation."""
+
 from __future__ import annotations
 
 import pathlib
@@ -14,8 +15,11 @@ from starflow_jax.model import StarFlow
 
 
 def add_arguments(p, allow_random: bool = False) -> None:
-    p.add_argument("--config", help="config file (configs/*.py, reference .yaml or Model-kwargs .json); "
-                                    "with --weights" + (" / --random-init" if allow_random else ""))
+    p.add_argument(
+        "--config",
+        help="config file (configs/*.py, reference .yaml or Model-kwargs .json); "
+        "with --weights" + (" / --random-init" if allow_random else ""),
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--weights", help="reference state dict: .pth (torch), .safetensors, or .npz of reference names")
@@ -39,8 +43,11 @@ def weights_source(path: str):
         if not isinstance(f, np.lib.npyio.NpzFile):
             raise StateDictFileError(f"--weights {path} holds one array, not named arrays (an .npz of reference names)")
         with f:
-            return {k[len("param/"):] if k.startswith("param/") else k: f[k] for k in f.files
-                    if k != "meta" and (k.startswith("param/") or "/" not in k)}
+            return {
+                k[len("param/") :] if k.startswith("param/") else k: f[k]
+                for k in f.files
+                if k != "meta" and (k.startswith("param/") or "/" not in k)
+            }
     return path
 
 
@@ -60,11 +67,17 @@ def is_video_model(config, cfg) -> bool:
     """Whether the model has a temporal setup (it models clips, ``(n, t, c, h, w)``):
     time-causal attention, frame-local shallow blocks, or a config of clips
     (``data.num_frames`` / ``data.vid_size``, the reference's ``vid_size``)."""
+
     def given(section, key):
         return section in config and bool(config[section].get(key))
 
-    return (cfg.is_video or cfg.shallow_block_local or given("data", "num_frames") or given("data", "vid_size")
-            or given("reference", "vid_size"))
+    return (
+        cfg.is_video
+        or cfg.shallow_block_local
+        or given("data", "num_frames")
+        or given("data", "vid_size")
+        or given("reference", "vid_size")
+    )
 
 
 def load_model(args, seed: int = 0):

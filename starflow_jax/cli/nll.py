@@ -1,4 +1,5 @@
 """``starflow-jax nll``: negative log-likelihood and bits per dimension of data under a model."""
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,20 @@ from starflow_jax.flow.loss import bits_per_dim, nll_per_example
 def add_parser(sub):
     p = sub.add_parser("nll", help="NLL per dimension and bits per dimension of data under reference weights")
     model_source.add_arguments(p)
-    p.add_argument("--data", help=".npy of inputs (n, c, h, w) or (n, t, c, h, w); default for a digits "
-                                  "workdir: its held-out split (uniform dequantisation)")
+    p.add_argument(
+        "--data",
+        help=".npy of inputs (n, c, h, w) or (n, t, c, h, w); default for a digits "
+        "workdir: its held-out split (uniform dequantisation)",
+    )
     p.add_argument("--cond", help=".npy of conditioning (n, txt_size, txt_dim) for a conditioned model")
     p.add_argument("--labels", help=".npy of integer class labels, one-hot encoded to (n, 1, txt_dim)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--data-scale", type=float, default=1.0,
-                   help="scale of a discrete range in the data (127.5 for 8-bit pixels mapped to [-1, 1])")
+    p.add_argument(
+        "--data-scale",
+        type=float,
+        default=1.0,
+        help="scale of a discrete range in the data (127.5 for 8-bit pixels mapped to [-1, 1])",
+    )
     p.add_argument("--json", help="also write the result to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     p.set_defaults(func=run)
@@ -50,8 +58,10 @@ def check_data(x: np.ndarray, path: str, config, cfg) -> None:
     c, s = cfg.in_channels, cfg.img_size
     want = f"(n, t, {c}, {s}, {s})" if video else f"(n, {c}, {s}, {s})"
     if x.ndim != (5 if video else 4) or x.shape[-3:] != (c, s, s) or 0 in x.shape:
-        raise ValueError(f"--data {path} has shape {x.shape}; the {'video' if video else 'image'} model reads "
-                         f"{want} (n >= 1; in_channels={c}, img_size={s})")
+        raise ValueError(
+            f"--data {path} has shape {x.shape}; the {'video' if video else 'image'} model reads "
+            f"{want} (n >= 1; in_channels={c}, img_size={s})"
+        )
 
 
 def _conditioning(args, cfg, n: int) -> np.ndarray | None:
@@ -62,8 +72,10 @@ def _conditioning(args, cfg, n: int) -> np.ndarray | None:
     if args.cond:
         y_all = _load(args.cond, "--cond")
         if y_all.ndim != 3 or y_all.shape[1:] != (cfg.txt_size, cfg.txt_dim):
-            raise ValueError(f"--cond {args.cond} has shape {y_all.shape}, the model reads "
-                             f"(n, txt_size={cfg.txt_size}, txt_dim={cfg.txt_dim})")
+            raise ValueError(
+                f"--cond {args.cond} has shape {y_all.shape}, the model reads "
+                f"(n, txt_size={cfg.txt_size}, txt_dim={cfg.txt_dim})"
+            )
     elif args.labels:
         labels = _load(args.labels, "--labels").astype(np.int64).reshape(-1)
         if labels.min() < 0 or labels.max() >= cfg.txt_dim:
@@ -105,8 +117,8 @@ def run(args) -> int:
 
     total = 0.0
     for i in range(0, n, args.batch_size):
-        x = jnp.asarray(x_all[i:i + args.batch_size], jnp.float32)
-        y = None if y_all is None else jnp.asarray(y_all[i:i + args.batch_size], jnp.float32)
+        x = jnp.asarray(x_all[i : i + args.batch_size], jnp.float32)
+        y = None if y_all is None else jnp.asarray(y_all[i : i + args.batch_size], jnp.float32)
         total += float(jnp.sum(batch_nll(model, x, y)))
     nll = total / n
     bpd = float(bits_per_dim(nll, args.data_scale))
@@ -136,7 +148,11 @@ def _heldout_digits(args, config, model) -> int:
     bpd = loop.evaluate(config, graphdef, params, heldout, step_settings(config, data.num_classes))
     print(f"examples: {len(heldout)}")
     t = config.train
-    print(f"held-out bits per dim ({'uniform dequantisation, %d levels' % int(t.levels) if t.noise_type == 'uniform' else 'noise_std %g' % float(t.noise_std)}): {bpd:.6f}")
+    if t.noise_type == "uniform":
+        noise = f"uniform dequantisation, {int(t.levels)} levels"
+    else:
+        noise = f"noise_std {float(t.noise_std):g}"
+    print(f"held-out bits per dim ({noise}): {bpd:.6f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(examples=len(heldout), bits_per_dim=bpd), f, indent=2)

@@ -1,6 +1,7 @@
 """The files a command writes, checked before any work: nothing a user saved is replaced
 without ``--overwrite``, and a directory that cannot hold the output fails at once, not
 after the computation."""
+
 from __future__ import annotations
 
 import os

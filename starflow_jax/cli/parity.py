@@ -1,4 +1,5 @@
 """``starflow-jax parity``: check this implementation against a directory of reference cases."""
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,21 @@ def run(args) -> int:
             worst = max(res, key=lambda r: r.err / r.tol)
             ok = all(r.ok for r in res)
             failed += not ok
-            rows.append(dict(case=case.name, op=op["name"], status="pass" if ok else "FAIL", outputs=len(res),
-                             worst_err=worst.err, tolerance=worst.tol, worst_output=worst.key))
-            print(f"{case.name:<20}{op['name']:<28}{len(res):>8}  {worst.err:>10.3e}  {worst.tol:>9.1e}  "
-                  f"{'pass' if ok else 'FAIL':<8}{worst.key}")
+            rows.append(
+                dict(
+                    case=case.name,
+                    op=op["name"],
+                    status="pass" if ok else "FAIL",
+                    outputs=len(res),
+                    worst_err=worst.err,
+                    tolerance=worst.tol,
+                    worst_output=worst.key,
+                )
+            )
+            print(
+                f"{case.name:<20}{op['name']:<28}{len(res):>8}  {worst.err:>10.3e}  {worst.tol:>9.1e}  "
+                f"{'pass' if ok else 'FAIL':<8}{worst.key}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,4 +1,5 @@
 """``starflow-jax sample``: draw samples and write them as a picture (PNG grid, or GIF for video)."""
+
 from __future__ import annotations
 
 import pathlib
@@ -21,60 +22,116 @@ from starflow_jax.sampling.visualize import grid, save_gif, save_mp4, save_png, 
 def add_parser(sub):
     p = sub.add_parser("sample", help="sample from a model and write a PNG grid (GIF or MP4 for video)")
     model_source.add_arguments(p, allow_random=True)
-    p.add_argument("--out", required=True,
-                   help="output picture: .png (grid; video frames side by side), .gif or .mp4 (video frames)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output picture: .png (grid; video frames side by side), .gif or .mp4 (video frames)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out (and --save-npy) if it exists")
     p.add_argument("--fps", type=float, default=8.0, help="frame rate of a .gif / .mp4")
     p.add_argument("--num", type=int, default=16, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", help="class labels, comma separated (cycled over --num); null class = the last index")
     p.add_argument("--cond", help=".npy of conditioning embeddings (num, txt_size, txt_dim)")
-    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable; cycled over --num); "
-                                                                 "needs --text-encoder")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="a text prompt (repeatable; cycled over --num); needs --text-encoder",
+    )
     p.add_argument("--prompts", help="a text file of prompts, one per line")
-    p.add_argument("--text-encoder", help="a transformers T5 checkpoint directory with its tokenizer files "
-                                          "(e.g. google/flan-t5-xl downloaded beforehand)")
-    p.add_argument("--vae", help="a diffusers autoencoder directory, samples are decoded to pixels: an "
-                                 "AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema; videos frame by frame) or an "
-                                 "AutoencoderKLWan (video latents: t latent frames -> 1 + 4 (t - 1) frames), "
-                                 "optionally DIR:SCALE, the temporal latent scale (Wan2.2-TI2V-5B: 0.6)")
-    p.add_argument("--aspect-ratio", choices=ASPECT_RATIOS, default=None,
-                   help="sample shape (and, with prompts, the reference's aspect-ratio prompt template)")
+    p.add_argument(
+        "--text-encoder",
+        help="a transformers T5 checkpoint directory with its tokenizer files "
+        "(e.g. google/flan-t5-xl downloaded beforehand)",
+    )
+    p.add_argument(
+        "--vae",
+        help="a diffusers autoencoder directory, samples are decoded to pixels: an "
+        "AutoencoderKL (e.g. stabilityai/sd-vae-ft-ema; videos frame by frame) or an "
+        "AutoencoderKLWan (video latents: t latent frames -> 1 + 4 (t - 1) frames), "
+        "optionally DIR:SCALE, the temporal latent scale (Wan2.2-TI2V-5B: 0.6)",
+    )
+    p.add_argument(
+        "--aspect-ratio",
+        choices=ASPECT_RATIOS,
+        default=None,
+        help="sample shape (and, with prompts, the reference's aspect-ratio prompt template)",
+    )
     p.add_argument("--fps-cond", action="store_true", help="prompts carry --fps as the reference's fps template")
-    p.add_argument("--noise-level-cond", action="store_true",
-                   help="prompts carry the noise level (the reference's cond_noise_level template)")
+    p.add_argument(
+        "--noise-level-cond",
+        action="store_true",
+        help="prompts carry the noise level (the reference's cond_noise_level template)",
+    )
     p.add_argument("--cond-null", help=".npy of the null conditioning (txt_size, txt_dim); default zeros")
     p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance weight (0: off)")
     p.add_argument("--attn-temp", type=float, default=1.0)
-    p.add_argument("--jacobi", action=__import__("argparse").BooleanOptionalAction, default=False,
-                   help="Jacobi iteration instead of sequential inversion")
+    p.add_argument(
+        "--jacobi",
+        action=__import__("argparse").BooleanOptionalAction,
+        default=False,
+        help="Jacobi iteration instead of sequential inversion",
+    )
     p.add_argument("--jacobi-block-size", type=int, default=32)
     p.add_argument("--jacobi-th", type=float, default=1e-3)
     p.add_argument("--jacobi-max-iter", type=int, default=32)
-    p.add_argument("--unroll-layers", action=__import__("argparse").BooleanOptionalAction, default=None,
-                   help="unroll the layers inside the token loop (default: on the CPU only)")
-    p.add_argument("--cache-segments", type=int, default=2,
-                   help="sequential sampling with unrolled layers: token-loop segments, each reading only "
-                        "the KV cache written so far")
-    p.add_argument("--num-frames", type=int, default=None,
-                   help="frames of a video sample (video models; default: config.data.num_frames): the model's "
-                        "(latent) frames, also the attention window when --target-length is longer")
-    p.add_argument("--target-length", type=int, default=None,
-                   help="video models: sample this many frames, beyond --num-frames: the deep block's attention "
-                        "window (--num-frames, or the model's local_attn_window) slides, re-encoding the last "
-                        "--context-frames frames")
-    p.add_argument("--context-frames", type=int, default=None,
-                   help="frames re-encoded when the attention window slides (default: window - 1)")
+    p.add_argument(
+        "--unroll-layers",
+        action=__import__("argparse").BooleanOptionalAction,
+        default=None,
+        help="unroll the layers inside the token loop (default: on the CPU only)",
+    )
+    p.add_argument(
+        "--cache-segments",
+        type=int,
+        default=2,
+        help="sequential sampling with unrolled layers: token-loop segments, each reading only "
+        "the KV cache written so far",
+    )
+    p.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        help="frames of a video sample (video models; default: config.data.num_frames): the model's "
+        "(latent) frames, also the attention window when --target-length is longer",
+    )
+    p.add_argument(
+        "--target-length",
+        type=int,
+        default=None,
+        help="video models: sample this many frames, beyond --num-frames: the deep block's attention "
+        "window (--num-frames, or the model's local_attn_window) slides, re-encoding the last "
+        "--context-frames frames",
+    )
+    p.add_argument(
+        "--context-frames",
+        type=int,
+        default=None,
+        help="frames re-encoded when the attention window slides (default: window - 1)",
+    )
     p.add_argument("--input-image", help="image-to-video: an image file kept as the first frame of every sample")
-    p.add_argument("--input-video", help="video-to-video: a video file whose first --input-frames frames are kept "
-                                         "and continued")
-    p.add_argument("--input-frames", type=int, default=None,
-                   help="frames taken from --input-video (default: all, up to the sampled frames - 1)")
-    p.add_argument("--noise-std", type=float, default=None,
-                   help="training noise level for the denoising step (default: config.train.noise_std, else none)")
+    p.add_argument(
+        "--input-video", help="video-to-video: a video file whose first --input-frames frames are kept and continued"
+    )
+    p.add_argument(
+        "--input-frames",
+        type=int,
+        default=None,
+        help="frames taken from --input-video (default: all, up to the sampled frames - 1)",
+    )
+    p.add_argument(
+        "--noise-std",
+        type=float,
+        default=None,
+        help="training noise level for the denoising step (default: config.train.noise_std, else none)",
+    )
     p.add_argument("--no-denoise", action="store_true", help="skip the denoising step")
-    p.add_argument("--pixel-space", action="store_true",
-                   help="show samples as [-1, 1] pixels (default: when in_channels is 1 or 3)")
+    p.add_argument(
+        "--pixel-space",
+        action="store_true",
+        help="show samples as [-1, 1] pixels (default: when in_channels is 1 or 3)",
+    )
     p.add_argument("--scale", type=int, default=1, help="integer upscaling of the written picture")
     p.add_argument("--save-npy", help="also save the raw samples to this .npy")
     p.set_defaults(func=run)
@@ -83,8 +140,12 @@ def add_parser(sub):
 
 def _progress(i: int, n: int, t0: float):
     bar = "#" * i + "." * (n - i)
-    print(f"\rsampling blocks [{bar}] {i}/{n} {time.time() - t0:6.1f}s", end="" if i < n else "\n",
-          file=sys.stderr, flush=True)
+    print(
+        f"\rsampling blocks [{bar}] {i}/{n} {time.time() - t0:6.1f}s",
+        end="" if i < n else "\n",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _prompts(args) -> list[str]:
@@ -110,15 +171,21 @@ def _text_conditioning(args, config, cfg, num: int, prompts: list[str]):
     guidance)."""
     if not args.text_encoder:
         raise ValueError("--prompt / --prompts need --text-encoder (a T5 checkpoint directory)")
-    from starflow_jax.text import convert_t5, prompts as P
+    from starflow_jax.text import convert_t5
+    from starflow_jax.text import prompts as P
 
     encoder = convert_t5.t5_from_transformers(args.text_encoder)
     if encoder.config.d_model != cfg.txt_dim:
-        raise ValueError(f"the text encoder in {args.text_encoder} gives {encoder.config.d_model}-dim embeddings, "
-                         f"the model reads txt_dim={cfg.txt_dim}")
+        raise ValueError(
+            f"the text encoder in {args.text_encoder} gives {encoder.config.d_model}-dim embeddings, "
+            f"the model reads txt_dim={cfg.txt_dim}"
+        )
     tokenizer = P.load_tokenizer(args.text_encoder)
-    kw = dict(aspect_ratio=args.aspect_ratio, fps=args.fps if args.fps_cond else None,
-              noise_std=_noise_std(args, config) if args.noise_level_cond else None)
+    kw = dict(
+        aspect_ratio=args.aspect_ratio,
+        fps=args.fps if args.fps_cond else None,
+        noise_std=_noise_std(args, config) if args.noise_level_cond else None,
+    )
     texts = [prompts[i % len(prompts)] for i in range(num)]
     y = np.asarray(P.encode_prompts(encoder, tokenizer, texts, cfg.txt_size, **kw), np.float32)
     y_null = np.asarray(P.null_embedding(encoder, tokenizer, cfg.txt_size, batch_size=num, **kw), np.float32)
@@ -129,16 +196,22 @@ def _conditioning(args, config, cfg, num: int):
     prompts = _prompts(args)
     if cfg.txt_dim == 0:
         if args.labels or args.cond or prompts or args.cfg > 0:
-            raise ValueError("the model is unconditional (txt_dim=0): --labels, --cond, --prompt and --cfg do not apply")
+            raise ValueError(
+                "the model is unconditional (txt_dim=0): --labels, --cond, --prompt and --cfg do not apply"
+            )
         return None
     if sum(map(bool, (args.labels, args.cond, prompts))) != 1:
-        raise ValueError(f"the model is conditioned (txt_size={cfg.txt_size}, txt_dim={cfg.txt_dim}): "
-                         "give exactly one of --labels, --cond or --prompt/--prompts")
+        raise ValueError(
+            f"the model is conditioned (txt_size={cfg.txt_size}, txt_dim={cfg.txt_dim}): "
+            "give exactly one of --labels, --cond or --prompt/--prompts"
+        )
     if prompts:
         y, y_null = _text_conditioning(args, config, cfg, num, prompts)
     elif args.labels:
         if cfg.txt_size != 1:
-            raise ValueError(f"--labels needs a label-conditioned model (txt_size=1), this one has txt_size={cfg.txt_size}")
+            raise ValueError(
+                f"--labels needs a label-conditioned model (txt_size=1), this one has txt_size={cfg.txt_size}"
+            )
         try:
             labels = [int(v) for v in args.labels.split(",") if v.strip()]
         except ValueError as e:
@@ -206,9 +279,11 @@ def _given_frames(args, config, cfg, vae, num: int, frames: int, pixel_hw: tuple
         avail = max(g for g in range(1, frames + 1) if g == 1 or per(g) <= len(pics))
         g = args.input_frames if args.input_frames is not None else min(avail, frames - 1) or 1
         if not 1 <= g <= avail:
-            raise ValueError(f"--input-frames must lie in [1, {avail}] ({path} has {len(pics)} frames, {frames} "
-                             f"are sampled), got {g}")
-        pics = pics[:per(g)]
+            raise ValueError(
+                f"--input-frames must lie in [1, {avail}] ({path} has {len(pics)} frames, {frames} "
+                f"are sampled), got {g}"
+            )
+        pics = pics[: per(g)]
     from starflow_jax.data.video import resize_crop
 
     x = np.stack([resize_crop(p, *pixel_hw, channels) for p in pics])  # (g, c, H, W) pixels
@@ -228,8 +303,12 @@ def _given_frames(args, config, cfg, vae, num: int, frames: int, pixel_hw: tuple
 def _frames_progress(done: int, total: int, t0: float):
     width = min(total, 40)
     filled = round(width * done / total)
-    print(f"\rsampling frames [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {time.time() - t0:6.1f}s",
-          end="" if done < total else "\n", file=sys.stderr, flush=True)
+    print(
+        f"\rsampling frames [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {time.time() - t0:6.1f}s",
+        end="" if done < total else "\n",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _video_frames(args, config, cfg) -> tuple[int, int | None]:
@@ -239,8 +318,10 @@ def _video_frames(args, config, cfg) -> tuple[int, int | None]:
     video = model_source.is_video_model(config, cfg)
     if not video and (num is not None or args.target_length is not None):
         flag = "--num-frames" if num is not None else "--target-length"
-        raise ValueError(f"{flag} needs a video model; this model samples images (no temporal setup: "
-                         f"temporal_causal={cfg.temporal_causal}, no data.num_frames)")
+        raise ValueError(
+            f"{flag} needs a video model; this model samples images (no temporal setup: "
+            f"temporal_causal={cfg.temporal_causal}, no data.num_frames)"
+        )
     if num is None and video and "data" in config and config.data.get("num_frames"):
         num = int(config.data.num_frames)
     if args.target_length is not None:
@@ -284,8 +365,9 @@ def run(args) -> int:
 
         vae = load_autoencoder(args.vae)
         if vae.latent_channels != cfg.in_channels:
-            raise ValueError(f"the VAE in {args.vae} has {vae.latent_channels} latent channels, the model "
-                             f"models {cfg.in_channels}")
+            raise ValueError(
+                f"the VAE in {args.vae} has {vae.latent_channels} latent channels, the model models {cfg.in_channels}"
+            )
     factor = vae.spatial if vae is not None else 1
     h, w = size_for_aspect_ratio(cfg.img_size * factor, args.aspect_ratio, factor * cfg.patch_size)
     shape = (args.num, cfg.in_channels, h // factor, w // factor)
@@ -296,21 +378,37 @@ def run(args) -> int:
     y = None
     if cond is not None:
         y = jnp.concatenate(cond, axis=0) if args.cfg > 0 else cond[0]
-    opts = SamplingOptions(guidance=args.cfg, attn_temp=args.attn_temp, jacobi=args.jacobi,
-                           jacobi_block_size=args.jacobi_block_size, jacobi_th=args.jacobi_th,
-                           jacobi_max_iter=args.jacobi_max_iter, unroll_layers=args.unroll_layers,
-                           cache_segments=args.cache_segments, window_frames=window,
-                           context_frames=args.context_frames)
+    opts = SamplingOptions(
+        guidance=args.cfg,
+        attn_temp=args.attn_temp,
+        jacobi=args.jacobi,
+        jacobi_block_size=args.jacobi_block_size,
+        jacobi_th=args.jacobi_th,
+        jacobi_max_iter=args.jacobi_max_iter,
+        unroll_layers=args.unroll_layers,
+        cache_segments=args.cache_segments,
+        window_frames=window,
+        context_frames=args.context_frames,
+    )
     t0 = time.time()
-    x, passes = sample(model, noise, y, opts, given=given, on_block=lambda i, n: _progress(i, n, t0),
-                       on_frame=(lambda d, n: _frames_progress(d, n, t0)) if frames else None, return_passes=True)
+    x, passes = sample(
+        model,
+        noise,
+        y,
+        opts,
+        given=given,
+        on_block=lambda i, n: _progress(i, n, t0),
+        on_frame=(lambda d, n: _frames_progress(d, n, t0)) if frames else None,
+        return_passes=True,
+    )
     noise_std = _noise_std(args, config)
     if noise_std and not args.no_denoise:
         y_cond = None if cond is None else cond[0]
         if x.ndim == 5:
             used = window or cfg.local_attn_window
-            x = denoise_video(model, x, y_cond, noise_std=noise_std,
-                              window=used if used and x.shape[1] > used else None)
+            x = denoise_video(
+                model, x, y_cond, noise_std=noise_std, window=used if used and x.shape[1] > used else None
+            )
         else:
             x = denoise(model, x, y_cond, noise_std=noise_std)
     if vae is not None:
@@ -331,6 +429,8 @@ def run(args) -> int:
         save_png(out, grid(to_uint8(x, pixel)), scale=args.scale)
     if args.save_npy:
         np.save(args.save_npy, x)
-    print(f"wrote {out} ({args.num} samples, {'jacobi' if args.jacobi else 'sequential'}, "
-          f"network passes per block {passes}, {time.time() - t0:.1f}s)")
+    print(
+        f"wrote {out} ({args.num} samples, {'jacobi' if args.jacobi else 'sequential'}, "
+        f"network passes per block {passes}, {time.time() - t0:.1f}s)"
+    )
     return 0

@@ -1,4 +1,5 @@
 """``starflow-jax train``: train a configuration in a workdir (resumes the latest checkpoint)."""
+
 from __future__ import annotations
 
 import os
@@ -11,25 +12,44 @@ from starflow_jax.train.termination import EXIT_CODE
 def add_parser(sub):
     p = sub.add_parser("train", help="train a model (digits by default); resumes from the workdir's latest checkpoint")
     p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=500")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=500",
+    )
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, samples.png, result.json")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in the workdir")
-    p.add_argument("--step", type=int, default=None,
-                   help="resume from this checkpoint step (default: the newest readable one); newer checkpoints "
-                        "are moved to WORKDIR/checkpoints_set_aside, not deleted")
-    p.add_argument("--init-from", metavar="WORKDIR", default=None,
-                   help="fine-tune: start a fresh run from this workdir's parameters (a training run, or reference "
-                        "weights imported with `starflow-jax import`) with a new optimizer")
+    p.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="resume from this checkpoint step (default: the newest readable one); newer checkpoints "
+        "are moved to WORKDIR/checkpoints_set_aside, not deleted",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="WORKDIR",
+        default=None,
+        help="fine-tune: start a fresh run from this workdir's parameters (a training run, or reference "
+        "weights imported with `starflow-jax import`) with a new optimizer",
+    )
     p.add_argument("--init-step", type=int, default=None, help="with --init-from: its checkpoint step (default latest)")
     p.add_argument("--init-ema", action="store_true", help="with --init-from: its EMA parameters")
     d = p.add_argument_group(
         "multi-process runs (jax.distributed)",
         "One process per host (or per GPU), every process running the same command with its own --process-id. "
         "Defaults: STARFLOW_COORDINATOR, STARFLOW_NUM_PROCESSES, STARFLOW_PROCESS_ID, then SLURM's srun "
-        "variables; on a Cloud TPU pod slice JAX discovers the processes itself. Without any of these: one process.")
-    d.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
-                   help="address of process 0's coordinator service, the same for every process")
+        "variables; on a Cloud TPU pod slice JAX discovers the processes itself. Without any of these: one process.",
+    )
+    d.add_argument(
+        "--coordinator-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of process 0's coordinator service, the same for every process",
+    )
     d.add_argument("--num-processes", type=int, default=None, metavar="N", help="number of processes in the run")
     d.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's id, 0..N-1")
     p.set_defaults(func=run)
@@ -40,8 +60,12 @@ def run(args) -> int:
     from starflow_jax.parallel import distributed
 
     # Before anything touches the JAX devices (the train loop builds the mesh from them).
-    info = distributed.initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
-                                  getattr(args, "process_id", None), log=print)
+    info = distributed.initialize(
+        getattr(args, "coordinator_address", None),
+        getattr(args, "num_processes", None),
+        getattr(args, "process_id", None),
+        log=print,
+    )
     if info.is_multiprocess:
         print(f"process {info.process_index} of {info.process_count} ({info.source})", flush=True)
 
@@ -54,8 +78,15 @@ def run(args) -> int:
         raise ValueError(f"config {args.config}: {e}") from None
     if (args.init_step is not None or args.init_ema) and not args.init_from:
         raise ValueError("--init-step / --init-ema need --init-from")
-    result = train(config, args.workdir, overwrite=args.overwrite, init_from=args.init_from,
-                   init_step=args.init_step, init_ema=args.init_ema, step=args.step)
+    result = train(
+        config,
+        args.workdir,
+        overwrite=args.overwrite,
+        init_from=args.init_from,
+        init_step=args.init_step,
+        init_ema=args.init_ema,
+        step=args.step,
+    )
     if result.get("reason") == "SIGTERM":
         if info.is_multiprocess:
             # skip the distributed runtime's shutdown, which waits (minutes) for processes that may be gone

@@ -4,18 +4,19 @@ with ``key.path=value`` overrides from the command line.
 Loaded configs are locked: an override naming a key the config does not have is an
 error, not a silently added field.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import pathlib
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import ml_collections
 import yaml
 
 from starflow_jax.config.model_config import ConfigError, ModelConfig
-from starflow_jax.config.reference_args import (model_config_from_train_args, read_yaml_arguments,
-                                                train_args)
+from starflow_jax.config.reference_args import model_config_from_train_args, read_yaml_arguments, train_args
 
 
 def model_section(**values: Any) -> ml_collections.ConfigDict:
@@ -48,7 +49,8 @@ def _load_reference_yaml(path: pathlib.Path) -> ml_collections.ConfigDict:
     config.name = path.stem
     config.model = model_section(**model.to_dict())
     config.reference = ml_collections.ConfigDict(
-        {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in train_args(args).items()}, type_safe=False)
+        {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in train_args(args).items()}, type_safe=False
+    )
     return config
 
 
@@ -99,8 +101,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
                 raise ConfigError(f"override {key!r}: config has no key {'.'.join(parts[: i + 1])!r}")
             node = node[p]
         if parts[-1] not in node:
-            raise ConfigError(f"override {key!r}: config has no key {key!r} "
-                              f"(keys at that level: {sorted(node.keys())})")
+            raise ConfigError(
+                f"override {key!r}: config has no key {key!r} (keys at that level: {sorted(node.keys())})"
+            )
         old = node[parts[-1]]
         # a text setting takes the text as written (YAML would read "81:16" as the number 4876)
         value = text if isinstance(old, str) and text.lower() not in ("none", "null") else parse_value(text)
@@ -110,8 +113,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
             try:
                 node[parts[-1]] = value
             except TypeError:
-                raise ConfigError(f"override {key}={text}: {key} is of type {type(old).__name__} (now {old!r}), "
-                                  f"got {value!r}") from None
+                raise ConfigError(
+                    f"override {key}={text}: {key} is of type {type(old).__name__} (now {old!r}), got {value!r}"
+                ) from None
     return config
 
 
@@ -132,8 +136,10 @@ def load_config(path: str | pathlib.Path, overrides: Iterable[str] = ()) -> ml_c
     elif p.suffix == ".json":
         config = _load_model_kwargs_json(p)
     else:
-        raise ConfigError(f"config file {p}: expected a .py (ml-collections), .yaml (reference YAML) or "
-                          ".json (reference Model kwargs) file")
+        raise ConfigError(
+            f"config file {p}: expected a .py (ml-collections), .yaml (reference YAML) or "
+            ".json (reference Model kwargs) file"
+        )
     if "model" not in config:
         raise ConfigError(f"config {p} has no 'model' section")
     config.lock()

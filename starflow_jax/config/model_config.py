@@ -4,10 +4,12 @@ Field names follow the keyword arguments of the PyTorch reference's
 ``transformer_flow.Model`` so that a configuration moves between the two
 implementations without renaming (see ``starflow_jax.config.reference_args``).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 NORM_TYPES = ("layer_norm", "rms_norm", "none")
 SEQ_ORDERS = ("R2L", "L2R")
@@ -83,9 +85,21 @@ class ModelConfig:
         if len(lpb) == 1:
             lpb = lpb * int(self.num_blocks)
         object.__setattr__(self, "layers_per_block", lpb)
-        for name in ("rope", "sos", "cond_top_only", "use_softplus", "use_swiglu", "use_bias",
-                     "use_qk_norm", "use_post_norm", "use_final_norm", "hf_style_rope",
-                     "learnable_self_denoiser", "conditional_denoiser", "shallow_block_local"):
+        for name in (
+            "rope",
+            "sos",
+            "cond_top_only",
+            "use_softplus",
+            "use_swiglu",
+            "use_bias",
+            "use_qk_norm",
+            "use_post_norm",
+            "use_final_norm",
+            "hf_style_rope",
+            "learnable_self_denoiser",
+            "conditional_denoiser",
+            "shallow_block_local",
+        ):
             object.__setattr__(self, name, bool(getattr(self, name)))
         object.__setattr__(self, "soft_clip", float(self.soft_clip or 0.0))
         object.__setattr__(self, "temporal_causal", int(self.temporal_causal or 0))
@@ -99,31 +113,39 @@ class ModelConfig:
 
         for name in ("in_channels", "img_size", "patch_size", "channels", "num_blocks", "head_dim"):
             need(int(getattr(self, name)) > 0, f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        need(len(self.layers_per_block) == self.num_blocks,
-             f"layers_per_block has {len(self.layers_per_block)} entries but num_blocks={self.num_blocks} "
-             "(give one value, or one per block)")
+        need(
+            len(self.layers_per_block) == self.num_blocks,
+            f"layers_per_block has {len(self.layers_per_block)} entries but num_blocks={self.num_blocks} "
+            "(give one value, or one per block)",
+        )
         need(all(v >= 0 for v in self.layers_per_block), f"layers_per_block must be >= 0, got {self.layers_per_block}")
         need(self.layers_per_block[-1] > 0, "the top (last) block must have at least one layer")
-        need(self.img_size % self.patch_size == 0,
-             f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
+        need(
+            self.img_size % self.patch_size == 0,
+            f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}",
+        )
         need(self.norm_type in NORM_TYPES, f"norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
         need(self.seq_order in SEQ_ORDERS, f"seq_order must be one of {SEQ_ORDERS}, got {self.seq_order!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.param_dtype in DTYPES, f"param_dtype must be one of {DTYPES}, got {self.param_dtype!r}")
-        need(self.attention_impl in ("auto", "xla", "per_head", "blocked", "splash"),
-             f"attention_impl must be 'auto', 'xla', 'per_head', 'blocked' or 'splash', got {self.attention_impl!r}")
+        need(
+            self.attention_impl in ("auto", "xla", "per_head", "blocked", "splash"),
+            f"attention_impl must be 'auto', 'xla', 'per_head', 'blocked' or 'splash', got {self.attention_impl!r}",
+        )
         need(int(self.attention_block) > 0, f"attention_block must be positive, got {self.attention_block}")
         need(self.txt_size >= 0 and self.txt_dim >= 0, "txt_size and txt_dim must be >= 0")
-        need(self.txt_dim == 0 or self.txt_size > 0,
-             f"txt_dim={self.txt_dim} needs txt_size > 0 (the length of the conditioning sequence)")
-        need(not self.local_attn_window or self.shallow_block_local,
-             "local_attn_window requires shallow_block_local")
+        need(
+            self.txt_dim == 0 or self.txt_size > 0,
+            f"txt_dim={self.txt_dim} needs txt_size > 0 (the length of the conditioning sequence)",
+        )
+        need(not self.local_attn_window or self.shallow_block_local, "local_attn_window requires shallow_block_local")
         need(not self.shallow_block_local or self.cond_top_only, "shallow_block_local requires cond_top_only")
         need(not self.cond_top_only or self.txt_size > 0, "cond_top_only requires txt_size > 0")
-        need(self.seq_order == "L2R" or self.temporal_causal == 0,
-             "seq_order must be L2R when temporal_causal is set")
-        for channels, heads, where in ((self.channels, self.num_heads, "channels"),
-                                       (self.top_channels, self.top_num_heads, "top_block_channels")):
+        need(self.seq_order == "L2R" or self.temporal_causal == 0, "seq_order must be L2R when temporal_causal is set")
+        for channels, heads, where in (
+            (self.channels, self.num_heads, "channels"),
+            (self.top_channels, self.top_num_heads, "top_block_channels"),
+        ):
             nh = heads if heads is not None else channels // self.head_dim
             need(nh > 0, f"{where}={channels} gives no attention heads with head_dim={self.head_dim}")
             nkv = self.num_kv_heads if self.num_kv_heads is not None else nh
@@ -146,7 +168,7 @@ class ModelConfig:
 
     @property
     def patch_dim(self) -> int:
-        return self.in_channels * self.patch_size ** 2
+        return self.in_channels * self.patch_size**2
 
     @property
     def top_channels(self) -> int:
@@ -168,7 +190,7 @@ class ModelConfig:
         d["layers_per_block"] = list(self.layers_per_block)
         return d
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -176,15 +198,18 @@ class ModelConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
         """Build from a mapping; unknown keys are an error that lists them."""
         values = dict(values)
         known = set(cls.field_names())
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown model config keys: {unknown}; known keys: {sorted(known)}")
-        required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        required = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [k for k in required if k not in values]
         if missing:
             raise ConfigError(f"model config is missing required keys: {missing}")

@@ -1,11 +1,13 @@
 """Configurations from the PyTorch reference: its ``Model(**kwargs)`` keyword arguments
 and its YAML files (``configs/*.yaml`` of apple/ml-starflow: an ``arguments:`` list of
 one-key mappings holding ``train.py`` command-line arguments)."""
+
 from __future__ import annotations
 
 import difflib
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import yaml
 
@@ -17,47 +19,152 @@ IGNORED_KWARGS = {"use_checkpoint", "use_checkpoint_mlp", "use_mm_attn", "noise_
 
 # ``Model`` keyword arguments that map one-to-one onto ModelConfig fields.
 MODEL_KWARGS = {
-    "in_channels", "img_size", "patch_size", "channels", "num_blocks", "layers_per_block", "head_dim",
-    "num_heads", "num_kv_heads", "rope", "pt_seq_len", "sos", "txt_size", "txt_dim", "cond_top_only",
-    "use_softplus", "use_swiglu", "use_bias", "use_qk_norm", "use_post_norm", "use_final_norm",
-    "hf_style_rope", "norm_type", "soft_clip", "seq_order", "learnable_self_denoiser",
-    "conditional_denoiser", "temporal_causal", "top_block_channels", "shallow_block_local",
-    "denoiser_window", "local_attn_window",
+    "in_channels",
+    "img_size",
+    "patch_size",
+    "channels",
+    "num_blocks",
+    "layers_per_block",
+    "head_dim",
+    "num_heads",
+    "num_kv_heads",
+    "rope",
+    "pt_seq_len",
+    "sos",
+    "txt_size",
+    "txt_dim",
+    "cond_top_only",
+    "use_softplus",
+    "use_swiglu",
+    "use_bias",
+    "use_qk_norm",
+    "use_post_norm",
+    "use_final_norm",
+    "hf_style_rope",
+    "norm_type",
+    "soft_clip",
+    "seq_order",
+    "learnable_self_denoiser",
+    "conditional_denoiser",
+    "temporal_causal",
+    "top_block_channels",
+    "shallow_block_local",
+    "denoiser_window",
+    "local_attn_window",
 }
 
 # Hidden sizes of the text encoders the reference names (``--text``).
 TEXT_ENCODER_DIMS = {
-    "google/flan-t5-small": 512, "google/flan-t5-base": 768, "google/flan-t5-large": 1024,
-    "google/flan-t5-xl": 2048, "google/flan-t5-xxl": 4096, "t5xl": 2048, "t5xxl": 4096,
-    "google/t5-v1_1-xl": 2048, "google/t5-v1_1-xxl": 4096,
+    "google/flan-t5-small": 512,
+    "google/flan-t5-base": 768,
+    "google/flan-t5-large": 1024,
+    "google/flan-t5-xl": 2048,
+    "google/flan-t5-xxl": 4096,
+    "t5xl": 2048,
+    "t5xxl": 4096,
+    "google/t5-v1_1-xl": 2048,
+    "google/t5-v1_1-xxl": 4096,
 }
 
 # ``train.py`` defaults of the arguments that shape the model.
 TRAIN_DEFAULTS: dict[str, Any] = {
-    "img_size": 32, "channel_size": 3, "txt_size": 0, "sos": 0, "seq_order": "R2L", "patch_size": 4,
-    "channels": 512, "top_block_channels": None, "blocks": 4, "layers_per_block": [8], "rope": 0,
-    "pt_seq_len": None, "use_softplus": 0, "cond_top_only": 0, "head_dim": 64, "num_heads": None,
-    "num_kv_heads": None, "use_swiglu": 0, "use_qk_norm": 0, "use_post_norm": 0, "use_final_norm": 0,
-    "use_bias": 1, "norm_type": "layer_norm", "use_pretrained_lm": None, "soft_clip": 0.0,
-    "learnable_self_denoiser": 0, "conditional_denoiser": 0, "temporal_causal": 0, "shallow_block_local": 0,
-    "denoiser_window": None, "local_attn_window": None, "vae": None, "text": None,
-    "noise_std": 0.3, "noise_type": "gaussian", "cond_noise_level": 0, "batch_size": 128, "lr": 1e-4,
-    "min_lr": 1e-6, "drop_label": 0.0, "drop_image": 0.0, "grad_clip": 0.0, "grad_skip": 0,
-    "latent_norm_regularization": 0.0, "cfg": 0.0, "acc": 1, "epochs": 1000, "warmup_steps": None,
-    "vid_size": None, "fps_cond": 0,
+    "img_size": 32,
+    "channel_size": 3,
+    "txt_size": 0,
+    "sos": 0,
+    "seq_order": "R2L",
+    "patch_size": 4,
+    "channels": 512,
+    "top_block_channels": None,
+    "blocks": 4,
+    "layers_per_block": [8],
+    "rope": 0,
+    "pt_seq_len": None,
+    "use_softplus": 0,
+    "cond_top_only": 0,
+    "head_dim": 64,
+    "num_heads": None,
+    "num_kv_heads": None,
+    "use_swiglu": 0,
+    "use_qk_norm": 0,
+    "use_post_norm": 0,
+    "use_final_norm": 0,
+    "use_bias": 1,
+    "norm_type": "layer_norm",
+    "use_pretrained_lm": None,
+    "soft_clip": 0.0,
+    "learnable_self_denoiser": 0,
+    "conditional_denoiser": 0,
+    "temporal_causal": 0,
+    "shallow_block_local": 0,
+    "denoiser_window": None,
+    "local_attn_window": None,
+    "vae": None,
+    "text": None,
+    "noise_std": 0.3,
+    "noise_type": "gaussian",
+    "cond_noise_level": 0,
+    "batch_size": 128,
+    "lr": 1e-4,
+    "min_lr": 1e-6,
+    "drop_label": 0.0,
+    "drop_image": 0.0,
+    "grad_clip": 0.0,
+    "grad_skip": 0,
+    "latent_norm_regularization": 0.0,
+    "cfg": 0.0,
+    "acc": 1,
+    "epochs": 1000,
+    "warmup_steps": None,
+    "vid_size": None,
+    "fps_cond": 0,
 }
 
 # The other ``train.py`` arguments (data, execution, logging, sampling during training; ``adaln``
 # and ``nvp``, which its ``Model`` does not read): accepted in a YAML file and not used here.
-OTHER_TRAIN_ARGUMENTS = frozenset({
-    "model_config_path", "train_seed", "data", "logdir", "dataset", "wds", "mix_aspect", "no_flip",
-    "caption_column", "secondary_dataset", "secondary_img_size", "secondary_vid_size", "vae_decoder_factor",
-    "finetuned_vae", "adaln", "nvp", "use_mm_attn", "noise_embed_denoiser", "secondary_batch_size",
-    "secondary_ratio", "fp8", "use_8bit_adam", "epoch_length", "last_frame_cond", "video_to_video",
-    "resume_path", "resume_epoch", "fsdp", "fsdp_text_encoder", "gradient_checkpoint", "gradient_checkpoint_mlp",
-    "compile", "loss_scaling", "dry_run", "wandb_name", "save_every", "sample_freq", "num_samples",
-    "sample_batch_size",
-})
+OTHER_TRAIN_ARGUMENTS = frozenset(
+    {
+        "model_config_path",
+        "train_seed",
+        "data",
+        "logdir",
+        "dataset",
+        "wds",
+        "mix_aspect",
+        "no_flip",
+        "caption_column",
+        "secondary_dataset",
+        "secondary_img_size",
+        "secondary_vid_size",
+        "vae_decoder_factor",
+        "finetuned_vae",
+        "adaln",
+        "nvp",
+        "use_mm_attn",
+        "noise_embed_denoiser",
+        "secondary_batch_size",
+        "secondary_ratio",
+        "fp8",
+        "use_8bit_adam",
+        "epoch_length",
+        "last_frame_cond",
+        "video_to_video",
+        "resume_path",
+        "resume_epoch",
+        "fsdp",
+        "fsdp_text_encoder",
+        "gradient_checkpoint",
+        "gradient_checkpoint_mlp",
+        "compile",
+        "loss_scaling",
+        "dry_run",
+        "wandb_name",
+        "save_every",
+        "sample_freq",
+        "num_samples",
+        "sample_batch_size",
+    }
+)
 
 # Every argument of the reference ``train.py``: the keys a reference YAML file may hold.
 TRAIN_ARGUMENTS = frozenset(TRAIN_DEFAULTS) | OTHER_TRAIN_ARGUMENTS
@@ -69,15 +176,16 @@ def from_model_kwargs(kwargs: Mapping[str, Any], **overrides) -> ModelConfig:
     kw = dict(kwargs)
     kw.update(overrides)
     if kw.get("use_pretrained_lm"):
-        raise ConfigError(f"use_pretrained_lm={kw['use_pretrained_lm']!r} (a pretrained LLM top block) is not supported")
+        raise ConfigError(
+            f"use_pretrained_lm={kw['use_pretrained_lm']!r} (a pretrained LLM top block) is not supported"
+        )
     kw.pop("use_pretrained_lm", None)
     for k in IGNORED_KWARGS:
         kw.pop(k, None)
     unknown = sorted(set(kw) - MODEL_KWARGS - set(ModelConfig.field_names()))
     if unknown:
         raise ConfigError(f"unknown reference Model arguments: {unknown}")
-    for k in ("num_heads", "num_kv_heads", "pt_seq_len", "top_block_channels", "denoiser_window",
-              "local_attn_window"):
+    for k in ("num_heads", "num_kv_heads", "pt_seq_len", "top_block_channels", "denoiser_window", "local_attn_window"):
         if kw.get(k) == 0:  # the reference treats 0 like "not set" for these
             kw[k] = None
     return ModelConfig.from_dict(kw)
@@ -160,8 +268,9 @@ def model_config_from_train_args(args: Mapping[str, Any], txt_dim: int | None = 
         text = a.get("text")
         if a["txt_size"] and text:
             if text not in TEXT_ENCODER_DIMS:
-                raise ConfigError(f"unknown text encoder {text!r}: pass txt_dim explicitly "
-                                  f"(known: {sorted(TEXT_ENCODER_DIMS)})")
+                raise ConfigError(
+                    f"unknown text encoder {text!r}: pass txt_dim explicitly (known: {sorted(TEXT_ENCODER_DIMS)})"
+                )
             txt_dim = TEXT_ENCODER_DIMS[text]
         else:
             txt_dim = 0
@@ -174,17 +283,30 @@ def model_config_from_train_args(args: Mapping[str, Any], txt_dim: int | None = 
         num_blocks=int(a["blocks"]) if len(lpb) == 1 else len(lpb),
         layers_per_block=tuple(lpb),
         head_dim=int(a["head_dim"]),
-        num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"],
-        rope=bool(a["rope"]), pt_seq_len=a["pt_seq_len"], sos=bool(a["sos"]),
-        txt_size=int(a["txt_size"]), txt_dim=int(txt_dim), cond_top_only=bool(a["cond_top_only"]),
-        use_softplus=bool(a["use_softplus"]), use_swiglu=bool(a["use_swiglu"]), use_bias=bool(a["use_bias"]),
-        use_qk_norm=bool(a["use_qk_norm"]), use_post_norm=bool(a["use_post_norm"]),
-        use_final_norm=bool(a["use_final_norm"]), norm_type=str(a["norm_type"]),
-        soft_clip=float(a["soft_clip"] or 0.0), seq_order=str(a["seq_order"]),
+        num_heads=a["num_heads"],
+        num_kv_heads=a["num_kv_heads"],
+        rope=bool(a["rope"]),
+        pt_seq_len=a["pt_seq_len"],
+        sos=bool(a["sos"]),
+        txt_size=int(a["txt_size"]),
+        txt_dim=int(txt_dim),
+        cond_top_only=bool(a["cond_top_only"]),
+        use_softplus=bool(a["use_softplus"]),
+        use_swiglu=bool(a["use_swiglu"]),
+        use_bias=bool(a["use_bias"]),
+        use_qk_norm=bool(a["use_qk_norm"]),
+        use_post_norm=bool(a["use_post_norm"]),
+        use_final_norm=bool(a["use_final_norm"]),
+        norm_type=str(a["norm_type"]),
+        soft_clip=float(a["soft_clip"] or 0.0),
+        seq_order=str(a["seq_order"]),
         learnable_self_denoiser=bool(a["learnable_self_denoiser"]),
-        conditional_denoiser=bool(a["conditional_denoiser"]), temporal_causal=int(a["temporal_causal"]),
-        top_block_channels=a["top_block_channels"], shallow_block_local=bool(a["shallow_block_local"]),
-        denoiser_window=a["denoiser_window"], local_attn_window=a["local_attn_window"],
+        conditional_denoiser=bool(a["conditional_denoiser"]),
+        temporal_causal=int(a["temporal_causal"]),
+        top_block_channels=a["top_block_channels"],
+        shallow_block_local=bool(a["shallow_block_local"]),
+        denoiser_window=a["denoiser_window"],
+        local_attn_window=a["local_attn_window"],
     )
 
 
@@ -205,19 +327,36 @@ def to_yaml_arguments(cfg: ModelConfig) -> str:
     builds the same ``Model``; ``txt_dim`` (which the reference takes from its
     text encoder) is written as a comment."""
     items = [
-        ("img_size", cfg.img_size), ("channel_size", cfg.in_channels), ("patch_size", cfg.patch_size),
-        ("channels", cfg.channels), ("blocks", cfg.num_blocks),
-        ("layers_per_block", " ".join(str(v) for v in cfg.layers_per_block)), ("head_dim", cfg.head_dim),
-        ("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads), ("rope", int(cfg.rope)),
-        ("pt_seq_len", cfg.pt_seq_len), ("sos", int(cfg.sos)), ("txt_size", cfg.txt_size),
-        ("cond_top_only", int(cfg.cond_top_only)), ("use_softplus", int(cfg.use_softplus)),
-        ("use_swiglu", int(cfg.use_swiglu)), ("use_bias", int(cfg.use_bias)), ("use_qk_norm", int(cfg.use_qk_norm)),
-        ("use_post_norm", int(cfg.use_post_norm)), ("use_final_norm", int(cfg.use_final_norm)),
-        ("norm_type", cfg.norm_type), ("soft_clip", cfg.soft_clip), ("seq_order", cfg.seq_order),
+        ("img_size", cfg.img_size),
+        ("channel_size", cfg.in_channels),
+        ("patch_size", cfg.patch_size),
+        ("channels", cfg.channels),
+        ("blocks", cfg.num_blocks),
+        ("layers_per_block", " ".join(str(v) for v in cfg.layers_per_block)),
+        ("head_dim", cfg.head_dim),
+        ("num_heads", cfg.num_heads),
+        ("num_kv_heads", cfg.num_kv_heads),
+        ("rope", int(cfg.rope)),
+        ("pt_seq_len", cfg.pt_seq_len),
+        ("sos", int(cfg.sos)),
+        ("txt_size", cfg.txt_size),
+        ("cond_top_only", int(cfg.cond_top_only)),
+        ("use_softplus", int(cfg.use_softplus)),
+        ("use_swiglu", int(cfg.use_swiglu)),
+        ("use_bias", int(cfg.use_bias)),
+        ("use_qk_norm", int(cfg.use_qk_norm)),
+        ("use_post_norm", int(cfg.use_post_norm)),
+        ("use_final_norm", int(cfg.use_final_norm)),
+        ("norm_type", cfg.norm_type),
+        ("soft_clip", cfg.soft_clip),
+        ("seq_order", cfg.seq_order),
         ("learnable_self_denoiser", int(cfg.learnable_self_denoiser)),
-        ("conditional_denoiser", int(cfg.conditional_denoiser)), ("temporal_causal", cfg.temporal_causal),
-        ("top_block_channels", cfg.top_block_channels), ("shallow_block_local", int(cfg.shallow_block_local)),
-        ("denoiser_window", cfg.denoiser_window), ("local_attn_window", cfg.local_attn_window),
+        ("conditional_denoiser", int(cfg.conditional_denoiser)),
+        ("temporal_causal", cfg.temporal_causal),
+        ("top_block_channels", cfg.top_block_channels),
+        ("shallow_block_local", int(cfg.shallow_block_local)),
+        ("denoiser_window", cfg.denoiser_window),
+        ("local_attn_window", cfg.local_attn_window),
     ]
     lines = [f"# written by starflow-jax; the model reads text of width txt_dim={cfg.txt_dim}", "arguments:"]
     for k, v in items:

@@ -7,6 +7,7 @@ A config file builds each section with ``train_section(steps=..., lr=...)`` (and
 these defaults; an unknown key is an error, so every key here can be overridden with
 ``--set SECTION.KEY=VALUE``.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -128,7 +129,11 @@ def _int(t, key: str, low: int) -> int:
 
 def _float(t, key: str, low: float, high: float | None = None) -> float:
     v = t[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= (float("inf") if high is None else high):
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not low <= v <= (float("inf") if high is None else high)
+    ):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ConfigError(f"train.{key} must be a number {bounds}, got {v!r}")
     return float(v)
@@ -142,16 +147,34 @@ def check_training_config(config) -> None:
             raise ConfigError(f"the config has no '{section}' section: it is not a training config")
         missing = sorted(set(SECTIONS[section]) - set(config[section].keys()))
         if missing:
-            raise ConfigError(f"it is not a training config: its {section} section lacks {missing} (build the "
-                              f"section with starflow_jax.config.{section}_section(...))")
+            raise ConfigError(
+                f"it is not a training config: its {section} section lacks {missing} (build the "
+                f"section with starflow_jax.config.{section}_section(...))"
+            )
     t = config.train
-    for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints", "grad_accum",
-                "max_consecutive_skips", "levels"):
+    for key in (
+        "steps",
+        "batch_size",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "grad_accum",
+        "max_consecutive_skips",
+        "levels",
+    ):
         _int(t, key, 1)
     for key in ("warmup_steps", "eval_every", "seed", "secondary_batch_size"):
         _int(t, key, 0)
-    for key in ("lr", "min_lr", "weight_decay", "grad_clip", "noise_std", "latent_norm_regularization",
-                "denoiser_lr", "denoiser_min_lr"):
+    for key in (
+        "lr",
+        "min_lr",
+        "weight_decay",
+        "grad_clip",
+        "noise_std",
+        "latent_norm_regularization",
+        "denoiser_lr",
+        "denoiser_min_lr",
+    ):
         _float(t, key, 0.0)
     for key in ("drop_label", "drop_image", "ema_decay", "secondary_ratio"):
         _float(t, key, 0.0, 1.0)
@@ -163,8 +186,11 @@ def check_training_config(config) -> None:
     if t.noise_type not in ("gaussian", "uniform"):
         raise ConfigError(f"train.noise_type must be 'gaussian' or 'uniform', got {t.noise_type!r}")
     if t.secondary_batch_size % t.grad_accum:
-        raise ConfigError(f"train.secondary_batch_size={t.secondary_batch_size} does not split into "
-                          f"train.grad_accum={t.grad_accum} micro-batches")
+        raise ConfigError(
+            f"train.secondary_batch_size={t.secondary_batch_size} does not split into "
+            f"train.grad_accum={t.grad_accum} micro-batches"
+        )
     if t.batch_size % t.grad_accum:
-        raise ConfigError(f"train.batch_size={t.batch_size} does not split into train.grad_accum={t.grad_accum} "
-                          "micro-batches")
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} does not split into train.grad_accum={t.grad_accum} micro-batches"
+        )

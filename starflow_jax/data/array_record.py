@@ -9,6 +9,7 @@ strings are stored as NumPy unicode arrays, so they come back as 0-d ``<U`` arra
 Field names are kept as written. The train step reads ``image`` (the flow's input: here the
 latent) and ``cond`` (the conditioning embedding), so pass ``rename=TRAIN_STEP_KEYS``
 (``latent -> image``, ``text_emb -> cond``) and ``fields=`` the numeric ones to train on them."""
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,13 @@ def _field_spec(record: Mapping[str, np.ndarray]) -> dict:
     return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in record.items()}
 
 
-def write_shards(out_dir: str | Path, records_iter: Iterable[Mapping[str, Any]], *, records_per_shard: int = 1024,
-                 overwrite: bool = False) -> list[Path]:
+def write_shards(
+    out_dir: str | Path,
+    records_iter: Iterable[Mapping[str, Any]],
+    *,
+    records_per_shard: int = 1024,
+    overwrite: bool = False,
+) -> list[Path]:
     """Writes the records into ``out_dir`` as ArrayRecord shards of ``records_per_shard`` records
     and an ``index.json``; returns the shard paths. A non-empty ``out_dir`` is refused unless
     ``overwrite``, which then replaces only earlier shards and the index (other files stay).
@@ -74,8 +80,12 @@ def write_shards(out_dir: str | Path, records_iter: Iterable[Mapping[str, Any]],
     if any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace its shards and index")
-        ours = [*out.glob(f"shard-*-of-*{SHARD_SUFFIX}"), *out.glob(f".shard-*{SHARD_SUFFIX}.partial"),
-                out / INDEX_FILE, out / f".{INDEX_FILE}.partial"]
+        ours = [
+            *out.glob(f"shard-*-of-*{SHARD_SUFFIX}"),
+            *out.glob(f".shard-*{SHARD_SUFFIX}.partial"),
+            out / INDEX_FILE,
+            out / f".{INDEX_FILE}.partial",
+        ]
         for p in ours:
             p.unlink(missing_ok=True)
     partial: list[Path] = []
@@ -112,8 +122,12 @@ def write_shards(out_dir: str | Path, records_iter: Iterable[Mapping[str, Any]],
         for p in [*partial, *shards]:  # only the files this call created
             p.unlink(missing_ok=True)
         raise
-    index = {"format": FORMAT, "num_records": sum(counts),
-             "shards": [{"file": s.name, "num_records": c} for s, c in zip(shards, counts)], "fields": fields}
+    index = {
+        "format": FORMAT,
+        "num_records": sum(counts),
+        "shards": [{"file": s.name, "num_records": c} for s, c in zip(shards, counts)],
+        "fields": fields,
+    }
     tmp = out / f".{INDEX_FILE}.partial"
     tmp.write_text(json.dumps(index, indent=1) + "\n")
     tmp.replace(out / INDEX_FILE)
@@ -141,8 +155,13 @@ class ArrayRecordSource:
     all when None) and with keys renamed by ``rename`` (stored name -> returned name). A
     directory on object storage (``gs://...``) is read from a local copy (``remote_cache``)."""
 
-    def __init__(self, path_or_dir: str | Path | Sequence[str | Path], *, fields: Sequence[str] | None = None,
-                 rename: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        path_or_dir: str | Path | Sequence[str | Path],
+        *,
+        fields: Sequence[str] | None = None,
+        rename: Mapping[str, str] | None = None,
+    ):
         import grain
 
         self.index: dict | None = None
@@ -188,7 +207,9 @@ class ArrayRecordSource:
     def _check_index(self) -> None:
         idx, where = self.index, self.shards[0].parent / INDEX_FILE
         if not isinstance(idx, dict) or idx.get("format") != FORMAT:
-            raise ValueError(f"{where}: not a {FORMAT} index (format={idx.get('format') if isinstance(idx, dict) else idx!r})")
+            raise ValueError(
+                f"{where}: not a {FORMAT} index (format={idx.get('format') if isinstance(idx, dict) else idx!r})"
+            )
         try:
             listed = [(s["file"], int(s["num_records"])) for s in idx["shards"]]
             total = int(idx["num_records"])
@@ -196,8 +217,9 @@ class ArrayRecordSource:
             raise ValueError(f"{where}: malformed index ({type(e).__name__}: {e})") from e
         found = [(p.name, c) for p, c in zip(self.shards, self.shard_counts)]
         if listed != found:
-            raise ValueError(f"{where} disagrees with the shards: it lists (file, records) {listed}, "
-                             f"the directory has {found}")
+            raise ValueError(
+                f"{where} disagrees with the shards: it lists (file, records) {listed}, the directory has {found}"
+            )
         if total != sum(self.shard_counts):
             raise ValueError(f"{where} says {total} records, the shards hold {sum(self.shard_counts)}")
 
@@ -217,7 +239,9 @@ class ArrayRecordSource:
         return f"ArrayRecordSource({len(self.shards)} shards, {len(self)} records)"
 
 
-def write_one_shard(out_dir: str | Path, i: int, n: int, records: Iterable[Mapping[str, Any]]) -> tuple[Path, int, dict]:
+def write_one_shard(
+    out_dir: str | Path, i: int, n: int, records: Iterable[Mapping[str, Any]]
+) -> tuple[Path, int, dict]:
     """Shard ``i`` of ``n`` written atomically (a partial file renamed when complete), for
     writers that resume shard by shard; returns ``(path, record count, field spec)``."""
     from array_record.python import array_record_module
@@ -252,8 +276,12 @@ def write_index(out_dir: str | Path, shards: Sequence[Path], fields: dict) -> No
     """``index.json`` for complete shards (counted from the files), written atomically."""
     out = Path(out_dir)
     counts = [_count_records(Path(s)) for s in shards]
-    index = {"format": FORMAT, "num_records": sum(counts),
-             "shards": [{"file": Path(s).name, "num_records": c} for s, c in zip(shards, counts)], "fields": fields}
+    index = {
+        "format": FORMAT,
+        "num_records": sum(counts),
+        "shards": [{"file": Path(s).name, "num_records": c} for s, c in zip(shards, counts)],
+        "fields": fields,
+    }
     tmp = out / f".{INDEX_FILE}.partial"
     tmp.write_text(json.dumps(index, indent=1) + "\n")
     tmp.replace(out / INDEX_FILE)

@@ -1,5 +1,6 @@
 """Reference points for held-out bits per dimension: Gaussians fitted to the training
 split, evaluated under the same uniform dequantisation as the flow."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,9 @@ def _dequantise(x: np.ndarray, levels: int, rng: np.random.Generator) -> np.ndar
     return ((x + 1.0) * ((levels - 1) / 2.0) + rng.uniform(size=x.shape)) / levels * 2.0 - 1.0
 
 
-def gaussian_bpd(train: np.ndarray, heldout: np.ndarray, levels: int, full_covariance: bool = True,
-                 seed: int = 0) -> float:
+def gaussian_bpd(
+    train: np.ndarray, heldout: np.ndarray, levels: int, full_covariance: bool = True, seed: int = 0
+) -> float:
     """Bits per dimension of ``heldout`` under a Gaussian (full or diagonal covariance)
     fitted by maximum likelihood to the dequantised ``train`` split."""
     rng = np.random.default_rng(seed)

@@ -10,6 +10,7 @@ A batch holds one bucket. (The reference names a secondary image batch's ratio b
 primary data's bucket sizes, which a different base side never matches, so its image
 captions say 1:1 whatever their shape; here every bucket's captions name its own ratio.)
 """
+
 from __future__ import annotations
 
 from starflow_jax.sampling.shapes import ASPECT_RATIOS, size_for_aspect_ratio  # width:height; the size rule
@@ -41,6 +42,8 @@ def ratio_of_dir(name: str) -> str:
     """The inverse of ``bucket_dir``; a folder named otherwise is an error."""
     ratio = name.replace("x", ":", 1)
     if ratio not in ASPECT_RATIOS:
-        raise ValueError(f"folder {name!r} is not an aspect-ratio bucket: expected one of "
-                         f"{', '.join(bucket_dir(r) for r in ASPECT_RATIOS)}")
+        raise ValueError(
+            f"folder {name!r} is not an aspect-ratio bucket: expected one of "
+            f"{', '.join(bucket_dir(r) for r in ASPECT_RATIOS)}"
+        )
     return ratio

@@ -1,5 +1,6 @@
 """scikit-learn's handwritten digits (1,797 images of 8x8, grey levels 0..16, 10 classes),
 shipped inside the installed package: the default dataset, no download."""
+
 from __future__ import annotations
 
 import dataclasses

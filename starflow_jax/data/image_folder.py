@@ -1,5 +1,6 @@
 """An image folder with one subfolder per class, as a random-access grain source:
 record ``i`` is ``{"image": float32 (channels, size, size) in [-1, 1], "label": int32}``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,8 +58,9 @@ class ImageFolderSource:
         for label, name in enumerate(self.classes):
             files = _image_files(self.root / name)
             if not files:
-                raise ValueError(f"class folder {self.root / name} has no images "
-                                 f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+                raise ValueError(
+                    f"class folder {self.root / name} has no images (extensions {', '.join(IMAGE_EXTENSIONS)})"
+                )
             self.samples += [(f, label) for f in files]
         self.image_size, self.channels = int(image_size), channels
 
@@ -74,5 +76,7 @@ class ImageFolderSource:
         return {"image": load_image(path, self.image_size, self.channels), "label": np.array(label, dtype=np.int32)}
 
     def __repr__(self) -> str:
-        return (f"ImageFolderSource({str(self.root)!r}, image_size={self.image_size}, channels={self.channels}: "
-                f"{len(self)} images, {self.num_classes} classes)")
+        return (
+            f"ImageFolderSource({str(self.root)!r}, image_size={self.image_size}, channels={self.channels}: "
+            f"{len(self)} images, {self.num_classes} classes)"
+        )

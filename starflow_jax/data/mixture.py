@@ -11,6 +11,7 @@ stream (``pipeline.train_dataset``: this process's rows of the global batch). Th
 the step and each bucket's count of batches given: a resumed run draws the same batches,
 on any number of processes.
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,7 +29,7 @@ PRIMARY, SECONDARY = "primary", "secondary"
 
 
 def _rng(seed: int, step: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed) % 2 ** 63, int(step), stream])
+    return np.random.default_rng([int(seed) % 2**63, int(step), stream])
 
 
 def secondary_decision(seed: int, step: int, ratio: float) -> bool:
@@ -57,8 +58,17 @@ class MixtureBatches:
     bucket)`` of the batch given last. The next ``prefetch`` batches are read ahead by as
     many threads (the order is known in advance; 0: read on demand)."""
 
-    def __init__(self, groups: dict, batch_sizes: dict, *, seed: int, secondary_ratio: float = 0.0,
-                 process_index: int | None = None, process_count: int | None = None, prefetch: int = 4):
+    def __init__(
+        self,
+        groups: dict,
+        batch_sizes: dict,
+        *,
+        seed: int,
+        secondary_ratio: float = 0.0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        prefetch: int = 4,
+    ):
         if PRIMARY not in groups or not groups[PRIMARY]:
             raise ValueError("a mixture needs primary buckets")
         if secondary_ratio > 0 and not groups.get(SECONDARY):
@@ -70,9 +80,14 @@ class MixtureBatches:
         for g, names in self.buckets.items():
             for b in names:
                 key = f"{g}/{b}"
-                bucket_seed = (self.seed * 1000003 + zlib.crc32(key.encode())) % 2 ** 31  # its own shuffle
-                self._datasets[key] = train_dataset(groups[g][b], global_batch=int(batch_sizes[g]), seed=bucket_seed,
-                                                    process_index=process_index, process_count=process_count)
+                bucket_seed = (self.seed * 1000003 + zlib.crc32(key.encode())) % 2**31  # its own shuffle
+                self._datasets[key] = train_dataset(
+                    groups[g][b],
+                    global_batch=int(batch_sizes[g]),
+                    seed=bucket_seed,
+                    process_index=process_index,
+                    process_count=process_count,
+                )
         self.step = 0
         self.counts = {k: 0 for k in self._datasets}
         self.last: tuple[str, str] | None = None
@@ -119,11 +134,15 @@ class MixtureBatches:
 
     def set_state(self, state: dict) -> None:
         if not isinstance(state, dict) or set(state) != {"step", "counts"}:
-            raise ValueError(f"the checkpoint's data state {state!r} is not a mixture's: it was written by a run "
-                             "without buckets or secondary data")
+            raise ValueError(
+                f"the checkpoint's data state {state!r} is not a mixture's: it was written by a run "
+                "without buckets or secondary data"
+            )
         if set(state["counts"]) != set(self.counts):
-            raise ValueError(f"the checkpoint's data came from buckets {sorted(state['counts'])}, this config "
-                             f"reads {sorted(self.counts)}")
+            raise ValueError(
+                f"the checkpoint's data came from buckets {sorted(state['counts'])}, this config "
+                f"reads {sorted(self.counts)}"
+            )
         self.step = int(state["step"])
         self.counts = {k: int(v) for k, v in state["counts"].items()}
         for _, _, future in self._ahead:  # read ahead from the old position
@@ -163,10 +182,17 @@ def check_secondary_split(config, mesh) -> None:
     from starflow_jax.parallel.mesh import check_batch_split
 
     if config.data.secondary_path:
-        check_batch_split(batch_sizes(config)[SECONDARY], int(config.train.grad_accum), mesh,
-                          "train.secondary_batch_size", "train.grad_accum")
+        check_batch_split(
+            batch_sizes(config)[SECONDARY],
+            int(config.train.grad_accum),
+            mesh,
+            "train.secondary_batch_size",
+            "train.grad_accum",
+        )
     if jax.process_count() > 1:
-        for name, b in (("train.batch_size", batch_sizes(config)[PRIMARY]),
-                        ("train.secondary_batch_size", batch_sizes(config)[SECONDARY])):
+        for name, b in (
+            ("train.batch_size", batch_sizes(config)[PRIMARY]),
+            ("train.secondary_batch_size", batch_sizes(config)[SECONDARY]),
+        ):
             if b % jax.process_count():
                 raise ValueError(f"{name}={b} is not divisible by {jax.process_count()} processes")

@@ -6,6 +6,7 @@ trained on short clips can be asked for longer ones.
 Clip ``i`` of a split is digit ``i mod n`` with a velocity ``(dy, dx)`` in
 ``{-1, 0, 1}^2 \\ {(0, 0)}`` and a start offset, both drawn from ``(seed, i)``: a
 deterministic random-access source (grain-compatible)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +29,9 @@ class MovingDigitsSource:
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
-            raise ValueError(f"images must be (n, c, h, w) with one label each, got {images.shape} and "
-                             f"{len(labels)} labels")
+            raise ValueError(
+                f"images must be (n, c, h, w) with one label each, got {images.shape} and {len(labels)} labels"
+            )
         self.images, self.labels = images, labels
         self.num_frames, self.seed = int(num_frames), int(seed)
 

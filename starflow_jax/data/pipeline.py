@@ -1,5 +1,6 @@
 """grain input pipelines: shuffled, repeated, batched, sharded per process, with an
 iterator whose position is a small state that goes into the checkpoint."""
+
 from __future__ import annotations
 
 import grain
@@ -24,8 +25,9 @@ class ArraySource:
         return {k: v[i] for k, v in self.arrays.items()}
 
 
-def train_dataset(source, *, global_batch: int, seed: int, process_index: int | None = None,
-                  process_count: int | None = None) -> grain.MapDataset:
+def train_dataset(
+    source, *, global_batch: int, seed: int, process_index: int | None = None, process_count: int | None = None
+) -> grain.MapDataset:
     """Shuffled each epoch, repeated forever; this process's rows of every global batch.
 
     Global batch ``k`` is records ``k*G .. (k+1)*G - 1`` of the shuffled stream whatever the
@@ -57,7 +59,7 @@ def drop_image_decision(seed: int, step: int, prob: float) -> bool:
     every process and again when a run resumes at ``step``."""
     if prob <= 0:
         return False
-    rng = np.random.default_rng([int(seed) % 2 ** 63, int(step), _DROP_IMAGE_STREAM])
+    rng = np.random.default_rng([int(seed) % 2**63, int(step), _DROP_IMAGE_STREAM])
     return bool(rng.random() < prob)
 
 

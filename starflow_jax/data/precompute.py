@@ -5,13 +5,14 @@ ArrayRecord shards of VAE latents and text embeddings (the records
 Resumable: the shards are fixed by the number of images (videos) and ``records_per_shard``; each
 is written atomically, and a rerun with the same settings skips the complete ones.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import pathlib
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -21,8 +22,13 @@ from starflow_jax.data.image_folder import IMAGE_EXTENSIONS, load_image
 SETTINGS_FILE = "precompute.json"
 
 
-def read_captions(images_dir: str | pathlib.Path, captions_file: str | pathlib.Path, *,
-                  extensions: Sequence[str] = IMAGE_EXTENSIONS, kind: str = "image") -> list[tuple[pathlib.Path, str]]:
+def read_captions(
+    images_dir: str | pathlib.Path,
+    captions_file: str | pathlib.Path,
+    *,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    kind: str = "image",
+) -> list[tuple[pathlib.Path, str]]:
     """``(image path, caption)`` pairs from a ``.tsv`` (``file<TAB>caption`` per line) or a
     ``.jsonl`` (``{"file": ..., "caption": ...}`` per line); files are relative to
     ``images_dir``. Missing images, duplicates and empty captions files are errors.
@@ -43,7 +49,7 @@ def read_captions(images_dir: str | pathlib.Path, captions_file: str | pathlib.P
                 row = json.loads(line)
                 name, caption = row["file"], row["caption"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{captions_file}:{n}: expected {{\"file\": ..., \"caption\": ...}}") from e
+                raise ValueError(f'{captions_file}:{n}: expected {{"file": ..., "caption": ...}}') from e
         else:
             if "\t" not in line:
                 raise ValueError(f"{captions_file}:{n}: expected 'file<TAB>caption'")
@@ -75,16 +81,19 @@ def _check_settings(out: pathlib.Path, settings: dict, overwrite: bool) -> None:
         old = json.loads(f.read_text())
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise ValueError(f"{out} holds shards precomputed with other settings ({', '.join(diff)}); "
-                             "use another --out or pass --overwrite")
+            raise ValueError(
+                f"{out} holds shards precomputed with other settings ({', '.join(diff)}); "
+                "use another --out or pass --overwrite"
+            )
     elif out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty and holds no {SETTINGS_FILE}; use another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
 
 
-def _write_resumable(out: pathlib.Path, n_items: int, records_per_shard: int, records_for, log,
-                     noun: str) -> list[pathlib.Path]:
+def _write_resumable(
+    out: pathlib.Path, n_items: int, records_per_shard: int, records_for, log, noun: str
+) -> list[pathlib.Path]:
     """Shards of ``records_for(lo, hi)`` (the records of items ``lo .. hi - 1``), skipping
     complete ones, then the index; returns the shard paths."""
     n_shards = math.ceil(n_items / records_per_shard)
@@ -113,11 +122,21 @@ def _write_resumable(out: pathlib.Path, n_items: int, records_per_shard: int, re
     return shards
 
 
-def precompute(pairs: Sequence[tuple[pathlib.Path, str]], out_dir: str | pathlib.Path, *,
-               encode_images: Callable[[np.ndarray], np.ndarray], encode_texts: Callable[[list[str]], np.ndarray],
-               image_size, channels: int = 3, batch_size: int = 8, records_per_shard: int = 1024,
-               templates: dict | None = None, settings: dict | None = None, overwrite: bool = False,
-               log=print) -> list[pathlib.Path]:
+def precompute(
+    pairs: Sequence[tuple[pathlib.Path, str]],
+    out_dir: str | pathlib.Path,
+    *,
+    encode_images: Callable[[np.ndarray], np.ndarray],
+    encode_texts: Callable[[list[str]], np.ndarray],
+    image_size,
+    channels: int = 3,
+    batch_size: int = 8,
+    records_per_shard: int = 1024,
+    templates: dict | None = None,
+    settings: dict | None = None,
+    overwrite: bool = False,
+    log=print,
+) -> list[pathlib.Path]:
     """Encode ``pairs`` batch by batch (``encode_images``: ``(b, c, h, w)`` in [-1, 1] to
     latents; ``encode_texts``: captions to ``(b, txt_size, d)`` embeddings) into shards of
     records ``{latent, text_emb, caption, size}`` under ``out_dir``; returns the shards.
@@ -132,24 +151,38 @@ def precompute(pairs: Sequence[tuple[pathlib.Path, str]], out_dir: str | pathlib
     out = pathlib.Path(out_dir)
     size = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(int(v) for v in image_size)
     templates = dict(templates or {})
-    _check_settings(out, dict(settings or {}, image_size=image_size if np.ndim(image_size) == 0 else list(size),
-                              channels=channels, num_images=len(pairs), records_per_shard=records_per_shard,
-                              **({"templates": templates} if templates else {})), overwrite)
+    _check_settings(
+        out,
+        dict(
+            settings or {},
+            image_size=image_size if np.ndim(image_size) == 0 else list(size),
+            channels=channels,
+            num_images=len(pairs),
+            records_per_shard=records_per_shard,
+            **({"templates": templates} if templates else {}),
+        ),
+        overwrite,
+    )
 
     def records(lo, hi):
         part = pairs[lo:hi]
         for j in range(0, len(part), batch_size):
-            chunk = part[j:j + batch_size]
+            chunk = part[j : j + batch_size]
             images = np.stack([load_image(p, size, channels) for p, _ in chunk])
             latents = np.asarray(encode_images(images), np.float32)
             captions = [c for _, c in chunk]
-            texts = np.asarray(encode_texts(prepare_prompts(captions, **templates) if templates else captions),
-                               np.float32)
+            texts = np.asarray(
+                encode_texts(prepare_prompts(captions, **templates) if templates else captions), np.float32
+            )
             if not (np.all(np.isfinite(latents)) and np.all(np.isfinite(texts))):
                 raise ValueError(f"encoding {chunk[0][0]} .. {chunk[-1][0]} gave NaN or Inf")
-            for (p, caption), lat, emb in zip(chunk, latents, texts):
-                yield dict(latent=lat, text_emb=emb, caption=caption,
-                           size=np.int32(image_size) if np.ndim(image_size) == 0 else np.asarray(size, np.int32))
+            for (_, caption), lat, emb in zip(chunk, latents, texts):
+                yield dict(
+                    latent=lat,
+                    text_emb=emb,
+                    caption=caption,
+                    size=np.int32(image_size) if np.ndim(image_size) == 0 else np.asarray(size, np.int32),
+                )
 
     return _write_resumable(out, len(pairs), records_per_shard, records, log, "images")
 
@@ -159,8 +192,9 @@ def precompute(pairs: Sequence[tuple[pathlib.Path, str]], out_dir: str | pathlib
 EXTEND_PREFIX = "(extend) "  # the reference's caption prefix for clips whose first frame is dropped
 
 
-def framewise_video_encoder(encode_images: Callable[[np.ndarray], np.ndarray],
-                            batch_size: int = 8) -> Callable[[np.ndarray], np.ndarray]:
+def framewise_video_encoder(
+    encode_images: Callable[[np.ndarray], np.ndarray], batch_size: int = 8
+) -> Callable[[np.ndarray], np.ndarray]:
     """An image encoder (``(b, c, h, w)`` -> ``(b, c', h', w')``, e.g. the SD-VAE) as an
     ``encode_video``: the frames of a ``(t, c, h, w)`` clip ``batch_size`` at a time, so
     ``t' = t``."""
@@ -168,8 +202,9 @@ def framewise_video_encoder(encode_images: Callable[[np.ndarray], np.ndarray],
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     def encode_video(frames: np.ndarray) -> np.ndarray:
-        return np.concatenate([np.asarray(encode_images(frames[j:j + batch_size]))
-                               for j in range(0, len(frames), batch_size)])
+        return np.concatenate(
+            [np.asarray(encode_images(frames[j : j + batch_size])) for j in range(0, len(frames), batch_size)]
+        )
 
     return encode_video
 
@@ -184,11 +219,21 @@ def temporal_video_encoder(encode: Callable[[np.ndarray], np.ndarray]) -> Callab
     return encode_video
 
 
-def precompute_videos(source, out_dir: str | pathlib.Path, *, encode_video: Callable[[np.ndarray], np.ndarray],
-                      encode_texts: Callable[[list[str]], np.ndarray], fps_cond: bool = False,
-                      extend: bool = False, batch_size: int = 8, records_per_shard: int = 256,
-                      templates: dict | None = None, settings: dict | None = None, overwrite: bool = False,
-                      log=print) -> list[pathlib.Path]:
+def precompute_videos(
+    source,
+    out_dir: str | pathlib.Path,
+    *,
+    encode_video: Callable[[np.ndarray], np.ndarray],
+    encode_texts: Callable[[list[str]], np.ndarray],
+    fps_cond: bool = False,
+    extend: bool = False,
+    batch_size: int = 8,
+    records_per_shard: int = 256,
+    templates: dict | None = None,
+    settings: dict | None = None,
+    overwrite: bool = False,
+    log=print,
+) -> list[pathlib.Path]:
     """One clip per video of ``source`` (records ``{"video": (t, c, h, w) in [-1, 1],
     "caption", "fps"}``, e.g. ``data.video.VideoFolderSource``) into shards of records
 
@@ -212,9 +257,18 @@ def precompute_videos(source, out_dir: str | pathlib.Path, *, encode_video: Call
         raise ValueError("no videos to precompute")
     out = pathlib.Path(out_dir)
     templates = dict(templates or {})
-    _check_settings(out, dict(settings or {}, fps_cond=bool(fps_cond), extend=bool(extend), num_videos=len(source),
-                              records_per_shard=records_per_shard, **({"templates": templates} if templates else {})),
-                    overwrite)
+    _check_settings(
+        out,
+        dict(
+            settings or {},
+            fps_cond=bool(fps_cond),
+            extend=bool(extend),
+            num_videos=len(source),
+            records_per_shard=records_per_shard,
+            **({"templates": templates} if templates else {}),
+        ),
+        overwrite,
+    )
     shape: list = []  # the first clip's latent shape: every clip must match it
 
     def embed(captions, fps):
@@ -231,18 +285,31 @@ def precompute_videos(source, out_dir: str | pathlib.Path, *, encode_video: Call
                 video = np.asarray(r["video"], np.float32)
                 lat = np.asarray(encode_video(video), np.float32)
                 if lat.ndim != 4:
-                    raise ValueError(f"encode_video gave latents of shape {lat.shape} for a clip of shape "
-                                     f"{video.shape}: expected (t', c', h', w')")
+                    raise ValueError(
+                        f"encode_video gave latents of shape {lat.shape} for a clip of shape "
+                        f"{video.shape}: expected (t', c', h', w')"
+                    )
                 if not shape:
                     shape.append(lat.shape)
                 if lat.shape != shape[0]:
-                    raise ValueError(f"video {k} gave latents of shape {lat.shape}, the first one {shape[0]}: "
-                                     "every clip must have the same frames and size")
-                if not (np.all(np.isfinite(lat)) and np.all(np.isfinite(emb))
-                        and (emb_x is None or np.all(np.isfinite(emb_x)))):
+                    raise ValueError(
+                        f"video {k} gave latents of shape {lat.shape}, the first one {shape[0]}: "
+                        "every clip must have the same frames and size"
+                    )
+                if not (
+                    np.all(np.isfinite(lat))
+                    and np.all(np.isfinite(emb))
+                    and (emb_x is None or np.all(np.isfinite(emb_x)))
+                ):
                     raise ValueError(f"encoding video {k} ({captions[k - j]!r}) gave NaN or Inf")
-                rec = dict(latent=lat, text_emb=emb, caption=captions[k - j], fps=np.float32(fps[k - j]),
-                           num_frames=np.int32(video.shape[0]), size=np.asarray(video.shape[-2:], np.int32))
+                rec = dict(
+                    latent=lat,
+                    text_emb=emb,
+                    caption=captions[k - j],
+                    fps=np.float32(fps[k - j]),
+                    num_frames=np.int32(video.shape[0]),
+                    size=np.asarray(video.shape[-2:], np.int32),
+                )
                 if extend:
                     rec["text_emb_extend"] = emb_x
                 yield rec

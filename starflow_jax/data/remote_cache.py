@@ -8,6 +8,7 @@ a file already there with the same size, fetched after the object was last writt
 fetched again. Each file is downloaded beside its place and renamed into it, so processes of
 one run sharing a host may fetch together. Every host needs room for the whole data set.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ from starflow_jax import storage
 
 
 def cache_root() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("STARFLOW_DATA_CACHE") or pathlib.Path.home() / ".cache" / "starflow-jax" /
-                        "data")
+    return pathlib.Path(
+        os.environ.get("STARFLOW_DATA_CACHE") or pathlib.Path.home() / ".cache" / "starflow-jax" / "data"
+    )
 
 
 def local_copy(prefix: str) -> pathlib.Path:

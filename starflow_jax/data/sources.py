@@ -20,6 +20,7 @@
   steps (``data.mixture``), as the reference feeds its secondary image data: 4-d batches.
   ``data.heldout_path`` is one folder of shards (one bucket) either way.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,21 +56,27 @@ class Subset:
 
 def make_data(config) -> DataSpec:
     d = config.data
-    m = config.model
+    d, m = config.data, config.model
     name = str(d.name)
     if name == "digits":
         from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
 
         tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
-        return DataSpec(ArraySource(image=tr.images, label=tr.labels), ArraySource(image=te.images, label=te.labels),
-                        NUM_CLASSES, tr.images, te.images)
+        return DataSpec(
+            ArraySource(image=tr.images, label=tr.labels),
+            ArraySource(image=te.images, label=te.labels),
+            NUM_CLASSES,
+            tr.images,
+            te.images,
+        )
     if name == "moving_digits":
         from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
         from starflow_jax.data.moving_digits import MovingDigitsSource
 
         if int(m.get("temporal_causal", 0)) <= 0:
-            raise ValueError("data.name='moving_digits' yields clips: the model must be a video model "
-                             "(model.temporal_causal > 0)")
+            raise ValueError(
+                "data.name='moving_digits' yields clips: the model must be a video model (model.temporal_causal > 0)"
+            )
         frames = int(d.num_frames)
         if frames < 2:
             raise ValueError(f"data.name='moving_digits' needs data.num_frames >= 2 (frames per clip), got {frames}")
@@ -84,9 +91,11 @@ def make_data(config) -> DataSpec:
             raise ValueError("data.name='image_folder' needs data.root (a folder of class subfolders)")
         src = ImageFolderSource(d.root, int(m.img_size), int(m.in_channels))
         if int(m.txt_size) != 1 or int(m.txt_dim) != src.num_classes + 1:
-            raise ValueError(f"{d.root} has {src.num_classes} classes: the model needs txt_size=1 and "
-                             f"txt_dim={src.num_classes + 1} (one-hot labels plus the null class), "
-                             f"it has txt_size={m.txt_size}, txt_dim={m.txt_dim}")
+            raise ValueError(
+                f"{d.root} has {src.num_classes} classes: the model needs txt_size=1 and "
+                f"txt_dim={src.num_classes + 1} (one-hot labels plus the null class), "
+                f"it has txt_size={m.txt_size}, txt_dim={m.txt_dim}"
+            )
         if d.heldout_root:
             held = ImageFolderSource(d.heldout_root, int(m.img_size), int(m.in_channels))
             if held.classes != src.classes:
@@ -136,16 +145,21 @@ def _bucket_dirs(path: str, mix_aspect: bool, what: str) -> dict:
     flat = any(root.glob(f"*{SHARD_SUFFIX}"))
     if not mix_aspect:
         if not flat and any(p.is_dir() for p in root.iterdir()):
-            raise ValueError(f"{what} {root} holds no shards but folders (aspect-ratio buckets?): set "
-                             "data.mix_aspect=True to train on bucket folders")
+            raise ValueError(
+                f"{what} {root} holds no shards but folders (aspect-ratio buckets?): set "
+                "data.mix_aspect=True to train on bucket folders"
+            )
         return {"all": str(path)}
     if flat:
-        raise ValueError(f"{what} {root} holds shards, data.mix_aspect=True wants one folder per aspect-ratio "
-                         "bucket (precompute --aspect-ratio R --out DIR/WxH)")
+        raise ValueError(
+            f"{what} {root} holds shards, data.mix_aspect=True wants one folder per aspect-ratio "
+            "bucket (precompute --aspect-ratio R --out DIR/WxH)"
+        )
     dirs = {ratio_of_dir(p.name): os.fspath(p) for p in sorted(root.iterdir()) if p.is_dir()}
     if not dirs:
-        raise ValueError(f"{what} {root} has no aspect-ratio bucket folders (precompute --aspect-ratio R "
-                         "--out DIR/WxH)")
+        raise ValueError(
+            f"{what} {root} has no aspect-ratio bucket folders (precompute --aspect-ratio R --out DIR/WxH)"
+        )
     return dirs
 
 
@@ -154,19 +168,24 @@ def _array_record_data(config) -> DataSpec:
 
     d, m = config.data, config.model
     if not d.path:
-        raise ValueError("data.name='array_record' needs data.path (a directory of ArrayRecord shards, "
-                         "e.g. --set data.path=DIR)")
+        raise ValueError(
+            "data.name='array_record' needs data.path (a directory of ArrayRecord shards, e.g. --set data.path=DIR)"
+        )
     drop = float(config.train.drop_image) if "train" in config else 0.0
     if not 0 <= drop <= 1:
         raise ValueError(f"train.drop_image is a probability in [0, 1], got {drop}")
     ratio = float(config.train.get("secondary_ratio", 0.0)) if "train" in config else 0.0
     if bool(ratio > 0) != bool(d.get("secondary_path", "")):
-        raise ValueError(f"train.secondary_ratio={ratio} and data.secondary_path={d.get('secondary_path', '')!r}: "
-                         "joint image + video training needs both (set data.secondary_path=DIR of image shards), "
-                         "training without it neither")
+        raise ValueError(
+            f"train.secondary_ratio={ratio} and data.secondary_path={d.get('secondary_path', '')!r}: "
+            "joint image + video training needs both (set data.secondary_path=DIR of image shards), "
+            "training without it neither"
+        )
     mix = bool(d.get("mix_aspect", False))
-    buckets = {b: _checked_source(config, p, extend=drop > 0, square=not mix)
-               for b, p in _bucket_dirs(d.path, mix, "data.path").items()}
+    buckets = {
+        b: _checked_source(config, p, extend=drop > 0, square=not mix)
+        for b, p in _bucket_dirs(d.path, mix, "data.path").items()
+    }
     train = buckets.get("1:1", next(iter(buckets.values())))
     held = None
     if d.heldout_path:
@@ -174,10 +193,14 @@ def _array_record_data(config) -> DataSpec:
     secondary = None
     if d.get("secondary_path", ""):
         if not int(m.get("temporal_causal", 0) or 0):
-            raise ValueError("data.secondary_path adds image batches to a video model's training: the model must "
-                             "be a video model (model.temporal_causal > 0)")
-        secondary = {b: _checked_source(config, p, extend=False, square=not mix, images=True)
-                     for b, p in _bucket_dirs(d.secondary_path, mix, "data.secondary_path").items()}
+            raise ValueError(
+                "data.secondary_path adds image batches to a video model's training: the model must "
+                "be a video model (model.temporal_causal > 0)"
+            )
+        secondary = {
+            b: _checked_source(config, p, extend=False, square=not mix, images=True)
+            for b, p in _bucket_dirs(d.secondary_path, mix, "data.secondary_path").items()
+        }
     return DataSpec(train, held, 0, train_buckets=buckets if mix else None, secondary_buckets=secondary)
 
 
@@ -187,15 +210,17 @@ def _checked_source(config, path: str, *, extend: bool, square: bool, images: bo
     when ``extend``; ``images``: the latents must be images (secondary data)."""
     from starflow_jax.data.array_record import TRAIN_STEP_KEYS, ArrayRecordSource
 
-    d, m = config.data, config.model
+    m = config.model
     drop = float(config.train.drop_image) if "train" in config else 0.0
     fields, rename = list(TRAIN_STEP_KEYS), dict(TRAIN_STEP_KEYS)
     if extend:
         stored = ArrayRecordSource(path)[0]
         if "text_emb_extend" not in stored:
-            raise ValueError(f"train.drop_image={drop} needs text_emb_extend (the '(extend) ' caption embeddings) "
-                             f"in the records of {path}, which have {sorted(stored)}: precompute them with "
-                             "--videos ... --drop-image, or set train.drop_image=0")
+            raise ValueError(
+                f"train.drop_image={drop} needs text_emb_extend (the '(extend) ' caption embeddings) "
+                f"in the records of {path}, which have {sorted(stored)}: precompute them with "
+                "--videos ... --drop-image, or set train.drop_image=0"
+            )
         fields.append("text_emb_extend")
         rename["text_emb_extend"] = "cond_extend"
     src = ArrayRecordSource(path, fields=fields, rename=rename)
@@ -203,33 +228,46 @@ def _checked_source(config, path: str, *, extend: bool, square: bool, images: bo
     shape = tuple(rec["image"].shape)
     c, side, p = int(m.in_channels), int(m.img_size), int(m.patch_size)
     want = (c, side, side)
-    spatial_ok = shape[-3:] == want if square else (len(shape) >= 3 and shape[-3] == c and shape[-2] % p == 0
-                                                    and shape[-1] % p == 0)
+    spatial_ok = (
+        shape[-3:] == want
+        if square
+        else (len(shape) >= 3 and shape[-3] == c and shape[-2] % p == 0 and shape[-1] % p == 0)
+    )
     if len(shape) not in (3, 4) or not spatial_ok:
         dims, note = (", ".join(map(str, want)), "") if square else (f"{c}, h, w", f" (h, w multiples of {p})")
-        raise ValueError(f"latents in {path} have shape {shape}, the model expects images ({dims}) or video clips "
-                         f"(frames, {dims}){note}")
+        raise ValueError(
+            f"latents in {path} have shape {shape}, the model expects images ({dims}) or video clips "
+            f"(frames, {dims}){note}"
+        )
     frames = latent_frames(config)
     if images:
         if len(shape) != 3:
             raise ValueError(f"latents in {path} have shape {shape}: data.secondary_path must hold images (c, h, w)")
     elif len(shape) == 4:
         if not int(m.get("temporal_causal", 0) or 0):
-            raise ValueError(f"latents in {path} are video clips {shape} (frames, c, h, w): train them with a "
-                             "video model (model.temporal_causal > 0)")
+            raise ValueError(
+                f"latents in {path} are video clips {shape} (frames, c, h, w): train them with a "
+                "video model (model.temporal_causal > 0)"
+            )
         if frames is not None and shape[0] != frames:
-            raise ValueError(f"latents in {path} have {shape[0]} frames, the config asks for {frames} "
-                             "(data.num_frames, or data.vid_size through the autoencoder's temporal factor)")
+            raise ValueError(
+                f"latents in {path} have {shape[0]} frames, the config asks for {frames} "
+                "(data.num_frames, or data.vid_size through the autoencoder's temporal factor)"
+            )
     elif frames is not None:
         raise ValueError(f"latents in {path} are images {shape}, the config asks for clips of {frames} frames")
     if extend:
         if len(shape) != 4 or shape[0] < 2:
-            raise ValueError(f"train.drop_image={drop} drops the first frame of video latents (frames >= 2), "
-                             f"the latents in {path} have shape {shape}")
+            raise ValueError(
+                f"train.drop_image={drop} drops the first frame of video latents (frames >= 2), "
+                f"the latents in {path} have shape {shape}"
+            )
         if tuple(rec["cond_extend"].shape) != tuple(rec["cond"].shape):
-            raise ValueError(f"text_emb_extend in {path} has shape {rec['cond_extend'].shape}, text_emb "
-                             f"{rec['cond'].shape}")
+            raise ValueError(
+                f"text_emb_extend in {path} has shape {rec['cond_extend'].shape}, text_emb {rec['cond'].shape}"
+            )
     if tuple(rec["cond"].shape) != (int(m.txt_size), int(m.txt_dim)):
-        raise ValueError(f"text embeddings in {path} have shape {rec['cond'].shape}, the model expects "
-                         f"({m.txt_size}, {m.txt_dim})")
+        raise ValueError(
+            f"text embeddings in {path} have shape {rec['cond'].shape}, the model expects ({m.txt_size}, {m.txt_dim})"
+        )
     return src

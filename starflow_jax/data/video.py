@@ -7,19 +7,25 @@ a video too short for that gets ``num_frames`` frames spread evenly over its who
 (``clip_indices``, the reference's ``sample_clip`` rule). Frames are resized (shorter side,
 bicubic, antialiased) and centre-cropped, as ``(t, c, h, w)`` float32 in [-1, 1].
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".avi", ".mkv")
 
 
-def clip_indices(total_frames: int, src_fps: float, num_frames: int, out_fps: float | None,
-                 rng: np.random.Generator | int | None = None) -> np.ndarray:
+def clip_indices(
+    total_frames: int,
+    src_fps: float,
+    num_frames: int,
+    out_fps: float | None,
+    rng: np.random.Generator | int | None = None,
+) -> np.ndarray:
     """Source frame indices (``num_frames`` int64, non-decreasing) of one clip of a video of
     ``total_frames`` frames at ``src_fps``.
 
@@ -153,8 +159,13 @@ def read_clip(path: str | Path, indices: Sequence[int], size) -> np.ndarray:
 
 def _video_files(root: Path) -> list[Path]:
     """Video files under ``root`` (recursively; hidden files and folders skipped), sorted."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in VIDEO_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 class VideoFolderSource:
@@ -175,8 +186,15 @@ class VideoFolderSource:
     Frame counts and rates are read once per video (lazily) and cached.
     """
 
-    def __init__(self, root: str | Path, num_frames: int, size, fps: float | None = None,
-                 captions_file: str | Path | None = None, seed: int = 0):
+    def __init__(
+        self,
+        root: str | Path,
+        num_frames: int,
+        size,
+        fps: float | None = None,
+        captions_file: str | Path | None = None,
+        seed: int = 0,
+    ):
         if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
         self.size = _size_hw(size)
@@ -197,8 +215,10 @@ class VideoFolderSource:
             missing = [str(p.relative_to(self.root)) for p in files if not p.with_suffix(".txt").is_file()]
             if missing:
                 more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                raise ValueError(f"videos without a caption: {', '.join(missing[:5])}{more}; put the caption in "
-                                 "<video name>.txt next to each video, or pass a captions file")
+                raise ValueError(
+                    f"videos without a caption: {', '.join(missing[:5])}{more}; put the caption in "
+                    "<video name>.txt next to each video, or pass a captions file"
+                )
             self.samples = [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in files]
         self._info: dict[int, tuple[int, float]] = {}
 
@@ -231,5 +251,7 @@ class VideoFolderSource:
         return {"video": frames, "caption": caption, "fps": self.info(i)[1] if self.fps is None else self.fps}
 
     def __repr__(self) -> str:
-        return (f"VideoFolderSource({str(self.root)!r}, num_frames={self.num_frames}, size={self.size}, "
-                f"fps={self.fps}: {len(self)} videos)")
+        return (
+            f"VideoFolderSource({str(self.root)!r}, num_frames={self.num_frames}, size={self.size}, "
+            f"fps={self.fps}: {len(self)} videos)"
+        )

@@ -6,6 +6,7 @@ a shift. Forward (data to noise) is ``z = (x - b) / s`` with log-determinant
 ``-log s`` per element; the inverse is ``x = z * s + b``. All of it runs in
 float32 whatever the network's compute dtype.
 """
+
 from __future__ import annotations
 
 import jax

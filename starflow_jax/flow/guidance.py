@@ -8,14 +8,16 @@ Gaussians: with ``s = min(sigma_c / sigma_u, 1)^2``,
 
 where ``sigma`` is the per-element scale and ``mu`` the shift of the inverse step.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
 
-def guided_affine(scale_c: jax.Array, shift_c: jax.Array, scale_u: jax.Array, shift_u: jax.Array,
-                  w: float | jax.Array) -> tuple[jax.Array, jax.Array]:
+def guided_affine(
+    scale_c: jax.Array, shift_c: jax.Array, scale_u: jax.Array, shift_u: jax.Array, w: float | jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """The guided ``(scale, shift)`` from the conditional and unconditional ones."""
     s = jnp.square(jnp.minimum(scale_c / scale_u, 1.0))
     denom = 1.0 + w - w * s

@@ -1,8 +1,9 @@
 """Negative log-likelihood of the flow, per dimension, and bits per dimension."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

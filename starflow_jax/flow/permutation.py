@@ -9,6 +9,7 @@ and reads it in one of two orders:
   time order and the model remains causal in time ("flip in frame"); ``permute``
   takes the number of groups to flip within (1: the whole sequence).
 """
+
 from __future__ import annotations
 
 import jax

@@ -4,6 +4,7 @@ formats (a torch ``.pth`` state dict, safetensors with the configuration as meta
 A workdir holds ``config.json`` and either training checkpoints (``checkpoints/<step>``,
 written by ``starflow-jax train``) or imported parameters (``params/``, written by
 ``starflow-jax import``)."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,16 @@ from starflow_jax import storage
 from starflow_jax.config import model_config, with_defaults
 from starflow_jax.config.model_config import ModelConfig
 from starflow_jax.config.reference_args import to_model_kwargs, to_yaml_arguments
-from starflow_jax.interop.integrity import (CheckpointUnreadable, fingerprints, first_line, newest_readable,
-                                             read_integrity, silence_abandoned_reads, verify)
-from starflow_jax.interop.state_dict import (from_reference, load_torch_file, reference_buffers, to_reference)
+from starflow_jax.interop.integrity import (
+    CheckpointUnreadable,
+    fingerprints,
+    first_line,
+    newest_readable,
+    read_integrity,
+    silence_abandoned_reads,
+    verify,
+)
+from starflow_jax.interop.state_dict import from_reference, load_torch_file, reference_buffers, to_reference
 from starflow_jax.model import StarFlow
 
 EXPORT_DTYPES = ("float32", "bfloat16")
@@ -61,8 +69,9 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
     # restored whole onto this process's first device, whatever topology saved it (a run
     # sharded over many hosts exports / samples / fine-tunes on one machine)
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-                                   nnx.state(abstract_model, nnx.Param))
+    abstract_params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), nnx.state(abstract_model, nnx.Param)
+    )
     imported = workdir / "params"
     ckpt_dir = workdir / "checkpoints"
     steps = []
@@ -76,8 +85,10 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
         if ema and not float(config.train.get("ema_decay", 0.0)) > 0:
             raise CheckpointError("--ema: this run kept no EMA (train.ema_decay = 0)")
         if imported.exists():
-            log(f"{workdir}: reading the training checkpoints (the imported parameters in params/ were where "
-                "that training started)")
+            log(
+                f"{workdir}: reading the training checkpoints (the imported parameters in params/ were where "
+                "that training started)"
+            )
 
         def read(s):
             # only the parameters (or the EMA), not the optimizer state
@@ -85,9 +96,16 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
             saved = read_integrity(ckpt_dir, s)
             item = {which: abstract_params}
             try:
-                out = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                    partial_restore=True)))
+                out = mgr.restore(
+                    s,
+                    args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(
+                            item=item,
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                            partial_restore=True,
+                        )
+                    ),
+                )
             except Exception as e:  # noqa: BLE001 - TensorStore, metadata and structure errors alike
                 silence_abandoned_reads()
                 raise CheckpointUnreadable(f"{where} cannot be read: {first_line(e)}") from None
@@ -103,11 +121,15 @@ def load_params(workdir: str | pathlib.Path, step: int | None = None, ema: bool 
             params = ocp.StandardCheckpointer().restore(storage.for_orbax(imported), abstract_params)
         except Exception as e:  # noqa: BLE001
             silence_abandoned_reads()
-            raise CheckpointUnreadable(f"the imported parameters in {imported} cannot be read: "
-                                       f"{first_line(e)}") from None
+            raise CheckpointUnreadable(
+                f"the imported parameters in {imported} cannot be read: {first_line(e)}"
+            ) from None
         saved = workdir / IMPORTED_INTEGRITY
-        verify({"params": params}, json.loads(saved.read_text()) if saved.exists() else None,
-               f"the imported parameters in {imported}")
+        verify(
+            {"params": params},
+            json.loads(saved.read_text()) if saved.exists() else None,
+            f"the imported parameters in {imported}",
+        )
         return config, cfg, params
     raise CheckpointError(f"{workdir} holds neither checkpoints/ nor params/")
 
@@ -149,8 +171,9 @@ def export_outputs(path, fmt: str) -> list[pathlib.Path]:
         return [path]
     yaml_path = path.with_suffix(".yaml")
     if yaml_path == path:
-        raise CheckpointError(f"{path}: a safetensors output cannot end in .yaml (its reference YAML is "
-                              "written beside it as <stem>.yaml)")
+        raise CheckpointError(
+            f"{path}: a safetensors output cannot end in .yaml (its reference YAML is written beside it as <stem>.yaml)"
+        )
     return [path, yaml_path]
 
 
@@ -190,8 +213,12 @@ def write_safetensors(path, arrays: dict, cfg: ModelConfig, dtype: str, overwrit
     path = pathlib.Path(path)
     yaml_path = export_outputs(path, "safetensors")[1]
     _check_out(path, yaml_path, overwrite=overwrite)
-    metadata = {"format": "starflow-jax", "model_kwargs": json.dumps(to_model_kwargs(cfg)),
-                "reference_yaml": to_yaml_arguments(cfg), "txt_dim": str(cfg.txt_dim)}
+    metadata = {
+        "format": "starflow-jax",
+        "model_kwargs": json.dumps(to_model_kwargs(cfg)),
+        "reference_yaml": to_yaml_arguments(cfg),
+        "txt_dim": str(cfg.txt_dim),
+    }
     if dtype == "bfloat16":
         try:
             import torch
@@ -203,13 +230,19 @@ def write_safetensors(path, arrays: dict, cfg: ModelConfig, dtype: str, overwrit
             tensors[k] = torch.from_numpy(arrays.pop(k)).to(torch.bfloat16)
     else:
         from safetensors.numpy import save_file
+
         tensors = arrays
-    _write_atomically({path: lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
-                       yaml_path: lambda tmp: tmp.write_text(to_yaml_arguments(cfg))})
+    _write_atomically(
+        {
+            path: lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+            yaml_path: lambda tmp: tmp.write_text(to_yaml_arguments(cfg)),
+        }
+    )
 
 
-def import_reference(source: str | pathlib.Path, config: ml_collections.ConfigDict, out: str | pathlib.Path,
-                     overwrite: bool = False) -> list[str]:
+def import_reference(
+    source: str | pathlib.Path, config: ml_collections.ConfigDict, out: str | pathlib.Path, overwrite: bool = False
+) -> list[str]:
     """A reference state dict into a workdir (``config.json`` + ``params/``); returns the
     deprecated buffers that were ignored.
 
@@ -218,8 +251,10 @@ def import_reference(source: str | pathlib.Path, config: ml_collections.ConfigDi
     as it was. A non-empty ``out`` needs ``overwrite``, which replaces what a workdir holds
     (``WORKDIR_ENTRIES``) and keeps any other file there."""
     if not storage.is_local(out):
-        raise CheckpointError(f"--out {out}: import writes a local workdir; copy it to object storage afterwards "
-                              "(e.g. gcloud storage cp -r)")
+        raise CheckpointError(
+            f"--out {out}: import writes a local workdir; copy it to object storage afterwards "
+            "(e.g. gcloud storage cp -r)"
+        )
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a directory")
@@ -250,8 +285,18 @@ def import_reference(source: str | pathlib.Path, config: ml_collections.ConfigDi
 # What a workdir holds (``starflow-jax train`` and ``import``): all that ``import --overwrite``
 # and ``train --overwrite`` replace; other files in the directory stay.
 IMPORTED_INTEGRITY = "params.integrity.json"  # the imported parameters' fingerprints
-WORKDIR_ENTRIES = ("config.json", "params", IMPORTED_INTEGRITY, "checkpoints", "checkpoints_set_aside",
-                   "config_history.jsonl", "metrics.jsonl", "tensorboard", "result.json", "samples*.png")
+WORKDIR_ENTRIES = (
+    "config.json",
+    "params",
+    IMPORTED_INTEGRITY,
+    "checkpoints",
+    "checkpoints_set_aside",
+    "config_history.jsonl",
+    "metrics.jsonl",
+    "tensorboard",
+    "result.json",
+    "samples*.png",
+)
 
 
 def _move_in(staging: pathlib.Path, out: pathlib.Path) -> None:

@@ -7,6 +7,7 @@ how the array is sharded, and a few bytes per array. A flipped byte in a saved a
 changes it; a truncated file fails to read. Either way the step is reported as unreadable
 (CheckpointUnreadable, one line naming the step and the problem).
 """
+
 from __future__ import annotations
 
 import sys
@@ -74,8 +75,11 @@ def fingerprints(tree) -> tuple[dict[str, list[int]], bool]:
 
 def non_finite_leaves(tree) -> list[str]:
     """Names of the float leaves holding NaN or Inf (for error messages)."""
-    return [leaf_name(p) for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if a is not None and jnp.issubdtype(a.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(a)))]
+    return [
+        leaf_name(p)
+        for p, a in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if a is not None and jnp.issubdtype(a.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(a)))
+    ]
 
 
 def silence_abandoned_reads() -> None:
@@ -89,8 +93,9 @@ def silence_abandoned_reads() -> None:
 
     def abandoned(exc) -> bool:
         text = str(exc)
-        return (isinstance(exc, RuntimeError) and "Event loop is closed" in text) or \
-            "Encountered error while reading array index" in text
+        return (
+            isinstance(exc, RuntimeError) and "Event loop is closed" in text
+        ) or "Encountered error while reading array index" in text
 
     def on_exception(kind, value, tb):
         if not abandoned(value):
@@ -122,8 +127,10 @@ def verify(tree, saved: dict | None, where: str) -> None:
         bad = [k for k, v in sums.items() if k in saved and saved[k] != v]
         unknown = [k for k in sums if k not in saved]
         if bad:
-            raise CheckpointUnreadable(f"{where}: {len(bad)} arrays differ from what was saved (e.g. {bad[:3]}): "
-                                       "the files were changed or damaged")
+            raise CheckpointUnreadable(
+                f"{where}: {len(bad)} arrays differ from what was saved (e.g. {bad[:3]}): "
+                "the files were changed or damaged"
+            )
         if unknown:
             raise CheckpointUnreadable(f"{where}: arrays {unknown[:3]} have no saved fingerprint")
     if not finite:
@@ -135,8 +142,9 @@ def read_integrity(directory, step: int) -> dict | None:
     were); CheckpointUnreadable when the step lacks the files every restore needs."""
     root = storage.as_path(directory) / str(step)
     if not (root / "state" / "_METADATA").exists():
-        raise CheckpointUnreadable(f"checkpoint step {step} in {directory}: state/_METADATA is missing (an incomplete "
-                                   "or damaged checkpoint)")
+        raise CheckpointUnreadable(
+            f"checkpoint step {step} in {directory}: state/_METADATA is missing (an incomplete or damaged checkpoint)"
+        )
     path = root / INTEGRITY
     if not path.exists():
         return None
@@ -164,4 +172,3 @@ def newest_readable(directory, steps, read, log, step: int | None = None):
             continue
         return s, out
     raise CheckpointUnreadable(f"no readable checkpoint in {directory}: " + "; ".join(errors))
-

@@ -4,13 +4,15 @@ inputs and the outputs the PyTorch reference computed (format: the cases' README
 ``evaluate_op`` recomputes one op with this implementation; ``compare`` applies the
 cases' tolerance: ``max|ours - expected| / max|expected| <= max(1e-4, 20 * ref32_err)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +60,7 @@ class Case:
         raise KeyError(f"case {self.name} has no op named {name!r}")
 
     def params(self) -> dict[str, np.ndarray]:
-        return {k[len("param/"):]: v for k, v in self.arrays.items() if k.startswith("param/")}
+        return {k[len("param/") :]: v for k, v in self.arrays.items() if k.startswith("param/")}
 
     def tolerance(self, key: str) -> float:
         return max(MIN_TOL, REF32_FACTOR * float(self.meta.get("ref32_err", {}).get(key, 0.0)))
@@ -110,8 +112,9 @@ def _sampling(case: Case, model: StarFlow, op: dict) -> dict[str, np.ndarray]:
     kw = dict(op.get("kwargs", {}))
     unknown = sorted(set(kw) - SAMPLING_KWARGS)
     if unknown:
-        raise KeyError(f"case {case.name}: op {op['name']!r} has sampling arguments this implementation "
-                       f"does not know: {unknown}")
+        raise KeyError(
+            f"case {case.name}: op {op['name']!r} has sampling arguments this implementation does not know: {unknown}"
+        )
     guidance = float(kw.get("guidance", 0.0))
     noise = jnp.asarray(case.arrays["input/noise"])
     y = None
@@ -120,10 +123,14 @@ def _sampling(case: Case, model: StarFlow, op: dict) -> dict[str, np.ndarray]:
         if guidance > 0:
             y = jnp.concatenate([y, jnp.asarray(case.arrays["input/y_null"])], axis=0)
     opts = SamplingOptions(
-        guidance=guidance, attn_temp=float(kw.get("attn_temp", 1.0)),
-        annealed_guidance=bool(kw.get("annealed_guidance", False)), jacobi=op["op"] == "jacobi",
-        jacobi_block_size=int(kw.get("jacobi_block_size", 32)), jacobi_th=float(kw.get("jacobi_th", 1e-3)),
-        jacobi_max_iter=int(kw.get("jacobi_max_iter", 32)))
+        guidance=guidance,
+        attn_temp=float(kw.get("attn_temp", 1.0)),
+        annealed_guidance=bool(kw.get("annealed_guidance", False)),
+        jacobi=op["op"] == "jacobi",
+        jacobi_block_size=int(kw.get("jacobi_block_size", 32)),
+        jacobi_th=float(kw.get("jacobi_th", 1e-3)),
+        jacobi_max_iter=int(kw.get("jacobi_max_iter", 32)),
+    )
     return {"x": sample(model, noise, y, opts)}
 
 
@@ -171,9 +178,11 @@ def evaluate_op(case: Case, op: dict, model: StarFlow | None = None) -> list[Com
     for key in op["outputs"]:
         if not key.startswith(prefix):
             raise KeyError(f"case {case.name}: output {key!r} of op {op['name']!r} does not start with {prefix!r}")
-        sub = key[len(prefix):]
+        sub = key[len(prefix) :]
         if sub not in ours:
-            raise KeyError(f"case {case.name}: op {op['name']!r} lists output {sub!r}, which this "
-                           f"implementation does not produce (it produces {sorted(ours)[:8]}...)")
+            raise KeyError(
+                f"case {case.name}: op {op['name']!r} lists output {sub!r}, which this "
+                f"implementation does not produce (it produces {sorted(ours)[:8]}...)"
+            )
         results.append(Comparison(key, relative_error(ours[sub], case.arrays[key]), case.tolerance(key)))
     return results

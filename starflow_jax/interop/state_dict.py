@@ -6,9 +6,11 @@ leading axis and whose dense kernels are ``(in, out)``; the reference has one
 entry per layer (``blocks.2.attn_blocks.5.attention.qkv.weight``) and torch's
 ``(out, in)`` weights. The mapping is a pure renaming plus transposes.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -40,20 +42,27 @@ class StateDictMismatch(ValueError):
         if self.unexpected:
             lines.append(f"  unexpected keys ({len(self.unexpected)}): {self.unexpected}")
         if self.mismatched:
-            lines.append(f"  mis-shaped keys ({len(self.mismatched)}): "
-                         + ", ".join(f"{k}: got {g}, expected {e}" for k, g, e in self.mismatched))
+            lines.append(
+                f"  mis-shaped keys ({len(self.mismatched)}): "
+                + ", ".join(f"{k}: got {g}, expected {e}" for k, g, e in self.mismatched)
+            )
         if self.nonfinite:
             lines.append(f"  keys with NaN or Inf ({len(self.nonfinite)}): {self.nonfinite}")
         if self.wrong_dtype:
-            lines.append(f"  keys that are not floating point ({len(self.wrong_dtype)}): "
-                         + ", ".join(f"{k}: {d}" for k, d in self.wrong_dtype))
+            lines.append(
+                f"  keys that are not floating point ({len(self.wrong_dtype)}): "
+                + ", ".join(f"{k}: {d}" for k, d in self.wrong_dtype)
+            )
         super().__init__("\n".join(lines))
 
 
 def is_deprecated_buffer(name: str) -> bool:
     """Buffers the reference keeps for old checkpoints; they carry no information."""
-    return (name.endswith(".attn_mask") or name in ("var", "feat_rope.freqs_cos", "feat_rope.freqs_sin")
-            or name.startswith("feat_rope_gen."))
+    return (
+        name.endswith(".attn_mask")
+        or name in ("var", "feat_rope.freqs_cos", "feat_rope.freqs_sin")
+        or name.startswith("feat_rope_gen.")
+    )
 
 
 def _path_str(path: Iterable[Any]) -> list[str]:
@@ -68,7 +77,7 @@ def reference_names(path: tuple, shape: tuple[int, ...]) -> list[tuple[str, Any]
     parts = [_RENAME.get(p, p) for p in parts]
     if STACK in parts:
         i = parts.index(STACK)
-        head, tail = parts[: i + 1], parts[i + 1:]
+        head, tail = parts[: i + 1], parts[i + 1 :]
         return [(".".join(head + [str(j)] + tail), (j, transpose)) for j in range(shape[0])]
     return [(".".join(parts), (None, transpose))]
 
@@ -110,8 +119,9 @@ def expected_reference_shapes(state: nnx.State) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def from_reference(state: nnx.State, state_dict: Mapping[str, Any], *, check_finite: bool = True,
-                   report: list | None = None) -> nnx.State:
+def from_reference(
+    state: nnx.State, state_dict: Mapping[str, Any], *, check_finite: bool = True, report: list | None = None
+) -> nnx.State:
     """Fill ``state`` (concrete or abstract, e.g. from ``nnx.eval_shape``) with the
     reference state dict's values; returns a new state.
 
@@ -130,12 +140,20 @@ def from_reference(state: nnx.State, state_dict: Mapping[str, Any], *, check_fin
     flat = _flat_params(state)
     arrays = gather_named(
         [(path, tuple(_value(var).shape), _value(var).dtype) for path, var in flat],
-        lambda path, shape: [(n, layer, t) for n, (layer, t) in reference_names(path, shape)], sd,
-        check_finite=check_finite)
+        lambda path, shape: [(n, layer, t) for n, (layer, t) in reference_names(path, shape)],
+        sd,
+        check_finite=check_finite,
+    )
     leaves = []
     for path, var in flat:
-        leaves.append((path, var.replace(jax.numpy.asarray(arrays[path])) if hasattr(var, "replace")
-                       else jax.numpy.asarray(arrays[path])))
+        leaves.append(
+            (
+                path,
+                var.replace(jax.numpy.asarray(arrays[path]))
+                if hasattr(var, "replace")
+                else jax.numpy.asarray(arrays[path]),
+            )
+        )
     return nnx.from_flat_state(leaves)
 
 
@@ -157,8 +175,11 @@ def gather_named(leaves, names_of, state_dict: Mapping[str, Any], *, check_finit
         for name, layer, transpose in names:
             expected.add(name)
             want = tuple(shape[1:] if layer is not None else shape)
-            axes = None if transpose is False else (tuple(reversed(range(len(want)))) if transpose is True
-                                                    else tuple(transpose))
+            axes = (
+                None
+                if transpose is False
+                else (tuple(reversed(range(len(want)))) if transpose is True else tuple(transpose))
+            )
             want_theirs = want if axes is None else tuple(want[axes.index(i)] for i in range(len(want)))
             if name not in state_dict:
                 missing.append(name)
@@ -248,13 +269,15 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever torch raises, the file cannot be read
-        raise StateDictFileError(f"{path}: torch.load(weights_only=True), which runs no pickled code, cannot "
-                                 f"read it: {_load_problem(e)}") from e
+        raise StateDictFileError(
+            f"{path}: torch.load(weights_only=True), which runs no pickled code, cannot read it: {_load_problem(e)}"
+        ) from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
-        raise StateDictFileError(f"{path} holds a {type(sd).__name__}, not a state dict (a mapping of "
-                                 "parameter names to tensors)")
+        raise StateDictFileError(
+            f"{path} holds a {type(sd).__name__}, not a state dict (a mapping of parameter names to tensors)"
+        )
     return {k: _to_numpy(v) for k, v in sd.items()}
 
 

@@ -1,7 +1,8 @@
 """Multi-head attention with grouped-query heads, QK-norm, RoPE and post-norm."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,6 @@ from jax.ad_checkpoint import checkpoint_name
 from starflow_jax.layers.linear import apply_split_dense, dense
 from starflow_jax.layers.norms import RMSNorm, make_norm
 from starflow_jax.layers.rope import apply_rope
-
 
 ATTENTION_IMPLS = ("auto", "xla", "per_head", "blocked", "splash")
 
@@ -74,8 +74,9 @@ def _valid_mask(b: int, heads: int, lq: int, lk: int, causal: bool, mask) -> jax
     return valid
 
 
-def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
-                       mask: jax.Array | None = None) -> jax.Array:
+def per_head_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool, mask: jax.Array | None = None
+) -> jax.Array:
     """Softmax attention written head by head (the heads unrolled; per head two matmuls
     batched over the batch only, scores and softmax in float32, masked scores set to a
     large negative number as ``jax.nn.dot_product_attention`` does). Same arguments and
@@ -98,9 +99,17 @@ def per_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float
     return jnp.stack(outs, axis=2).astype(q.dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
-                          causal: bool, mask: jax.Array | None = None, impl: str = "xla",
-                          block: int = 512) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    causal: bool,
+    mask: jax.Array | None = None,
+    impl: str = "xla",
+    block: int = 512,
+) -> jax.Array:
     """Softmax attention over ``(b, seq, heads, head_dim)`` arrays; ``k``/``v`` may have
     fewer heads than ``q`` (grouped-query: query head ``i`` reads kv head
     ``i // (heads / kv_heads)``). ``mask`` is boolean ``(q_len, k_len)`` (or broadcastable
@@ -133,8 +142,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal)
 
 
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
-                      mask: jax.Array | None = None, block: int = 512) -> jax.Array:
+def blocked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float,
+    causal: bool,
+    mask: jax.Array | None = None,
+    block: int = 512,
+) -> jax.Array:
     """Attention with keys / values in blocks of ``block`` slots and an online softmax
     (running max and sum in float32), scanned over the blocks; each block step is
     rematerialised, so neither the forward nor the backward pass holds more than one
@@ -166,19 +183,29 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
         p = jnp.exp(s - m_safe[..., None])
         corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
         l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", p.astype(vj.dtype), vj,
-                                                 preferred_element_type=jnp.float32)
+        acc = acc * corr[..., None] + jnp.einsum(
+            "bkgqs,bskd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32
+        )
         return (m_new, l, acc), None
 
-    init = (jnp.full((b, kv, g, lq), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g, lq), jnp.float32),
-            jnp.zeros((b, kv, g, lq, d), jnp.float32))
+    init = (
+        jnp.full((b, kv, g, lq), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kv, g, lq), jnp.float32),
+        jnp.zeros((b, kv, g, lq, d), jnp.float32),
+    )
     (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, mb))
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # a query that sees nothing gives 0
     return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, heads, d).astype(q.dtype)
 
 
-def cached_attention(q: jax.Array, ks: Sequence[jax.Array], vs: Sequence[jax.Array], first_slots: Sequence[int],
-                     start: jax.Array, scale: float) -> jax.Array:
+def cached_attention(
+    q: jax.Array,
+    ks: Sequence[jax.Array],
+    vs: Sequence[jax.Array],
+    first_slots: Sequence[int],
+    start: jax.Array,
+    scale: float,
+) -> jax.Array:
     """Attention of queries ``(b, m, heads, head_dim)`` at slots ``start..start+m-1`` over
     a KV cache held in consecutive chunks ``ks[j]``, ``vs[j]`` of shape ``(b, kv_heads,
     slots_j, head_dim)`` (head-major: both products are plain batched matmuls), chunk
@@ -200,16 +227,31 @@ def cached_attention(q: jax.Array, ks: Sequence[jax.Array], vs: Sequence[jax.Arr
     o, at = None, 0
     for v in vs:
         n = v.shape[2]
-        part = jnp.einsum("bkqs,bksd->bkqd", p[..., at:at + n] if len(vs) > 1 else p, v.astype(q.dtype))
+        part = jnp.einsum("bkqs,bksd->bkqd", p[..., at : at + n] if len(vs) > 1 else p, v.astype(q.dtype))
         o, at = (part if o is None else o + part), at + n
     return o.reshape(b, kv, g, m, d).transpose(0, 3, 1, 2, 4).reshape(b, m, heads, d)
 
 
 class Attention(nnx.Module):
-    def __init__(self, channels: int, head_dim: int, num_heads: int, num_kv_heads: int, *,
-                 norm_type: str, use_qk_norm: bool, use_post_norm: bool, use_bias: bool,
-                 hf_style_rope: bool, causal: bool, dtype, param_dtype, rngs: nnx.Rngs,
-                 attention_impl: str = "xla", attention_block: int = 512):
+    def __init__(
+        self,
+        channels: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        *,
+        norm_type: str,
+        use_qk_norm: bool,
+        use_post_norm: bool,
+        use_bias: bool,
+        hf_style_rope: bool,
+        causal: bool,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        attention_impl: str = "xla",
+        attention_block: int = 512,
+    ):
         self.head_dim = head_dim
         self.attention_impl = attention_impl
         self.attention_block = attention_block
@@ -219,8 +261,9 @@ class Attention(nnx.Module):
         self.causal = causal
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.norm = make_norm(norm_type, channels, param_dtype)
-        self.qkv = dense(channels, q_size + 2 * kv_size, use_bias=use_bias, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+        self.qkv = dense(
+            channels, q_size + 2 * kv_size, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.proj = dense(q_size, channels, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query_norm = RMSNorm(head_dim, param_dtype=param_dtype) if use_qk_norm else None
         self.key_norm = RMSNorm(head_dim, param_dtype=param_dtype) if use_qk_norm else None
@@ -235,8 +278,8 @@ class Attention(nnx.Module):
         qkv = checkpoint_name(qkv, "qkv_proj")
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = qkv[..., :q_size].reshape(b, t, self.num_heads, self.head_dim)
-        k = qkv[..., q_size:q_size + kv_size].reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = qkv[..., q_size + kv_size:].reshape(b, t, self.num_kv_heads, self.head_dim)
+        k = qkv[..., q_size : q_size + kv_size].reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = qkv[..., q_size + kv_size :].reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
         if rope is not None:
@@ -252,8 +295,17 @@ class Attention(nnx.Module):
         out = checkpoint_name(out, "attn_out_proj")
         return self.post_norm(out) if self.post_norm is not None else out
 
-    def cached(self, x: jax.Array, rope, cache: Sequence[tuple[jax.Array, jax.Array]], first_slots: Sequence[int],
-               start: jax.Array, write: int = 0, temp: float = 1.0, split: dict | None = None):
+    def cached(
+        self,
+        x: jax.Array,
+        rope,
+        cache: Sequence[tuple[jax.Array, jax.Array]],
+        first_slots: Sequence[int],
+        start: jax.Array,
+        write: int = 0,
+        temp: float = 1.0,
+        split: dict | None = None,
+    ):
         """Causal attention of ``m`` new slots starting at slot ``start`` over a KV cache in
         chunks ``[(k, v), ...]`` (see ``cached_attention``; a single chunk is a plain
         cache): the new keys and values (rotated) are written into chunk ``write`` (which
@@ -271,12 +323,21 @@ class Attention(nnx.Module):
         cache = list(cache)
         cache[write] = (ck, cv)
         read = cache[: write + 1]
-        o = cached_attention(q, [c[0] for c in read], [c[1] for c in read], first_slots, start,
-                             self.head_dim ** -0.5 / temp)
+        o = cached_attention(
+            q, [c[0] for c in read], [c[1] for c in read], first_slots, start, self.head_dim**-0.5 / temp
+        )
         return self.output(o, split.get("proj")), cache
 
     def __call__(self, x: jax.Array, rope=None, mask: jax.Array | None = None, temp: float = 1.0) -> jax.Array:
         q, k, v = self.qkv_heads(x, rope)
-        o = dot_product_attention(q, k, v, scale=self.head_dim ** -0.5 / temp, causal=self.causal, mask=mask,
-                                  impl=self.attention_impl, block=self.attention_block)
+        o = dot_product_attention(
+            q,
+            k,
+            v,
+            scale=self.head_dim**-0.5 / temp,
+            causal=self.causal,
+            mask=mask,
+            impl=self.attention_impl,
+            block=self.attention_block,
+        )
         return self.output(o)

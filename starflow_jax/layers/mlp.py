@@ -1,4 +1,5 @@
 """The feed-forward sub-layer: GELU MLP or SwiGLU (gated, tanh-GELU)."""
+
 from __future__ import annotations
 
 import jax
@@ -20,8 +21,19 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    def __init__(self, channels: int, expansion: float, *, use_swiglu: bool, norm_type: str,
-                 use_post_norm: bool, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        channels: int,
+        expansion: float,
+        *,
+        use_swiglu: bool,
+        norm_type: str,
+        use_post_norm: bool,
+        use_bias: bool,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         hidden = int(channels * expansion)
         self.use_swiglu = use_swiglu
         self.norm = make_norm(norm_type, channels, param_dtype)
@@ -51,8 +63,9 @@ class MLP(nnx.Module):
             if self.use_swiglu:
                 gates = apply_split_dense(h, split["gate_proj"])
                 ups = apply_split_dense(h, split["up_proj"])
-                h = apply_split_dense(tuple(jax.nn.gelu(g, approximate=True) * u for g, u in zip(gates, ups)),
-                                      split["down_proj"])
+                h = apply_split_dense(
+                    tuple(jax.nn.gelu(g, approximate=True) * u for g, u in zip(gates, ups)), split["down_proj"]
+                )
             else:
                 h = apply_split_dense(tuple(gelu_exact(a) for a in apply_split_dense(h, split["fc1"])), split["fc2"])
             return self.post_norm(h) if self.post_norm is not None else h

@@ -1,4 +1,5 @@
 """Normalisation layers with the reference's numerics and parameter names."""
+
 from __future__ import annotations
 
 import jax

@@ -7,6 +7,7 @@ first), whatever order the block reads its tokens in; the head dimension is
 split between the two spatial axes and, when the model has text
 (``txt_size > 0``), 8 frequencies for the third (time / text) axis.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,8 +62,9 @@ def frequencies(head_dim: int, latent_len: int) -> tuple[np.ndarray, np.ndarray 
 
 
 @functools.lru_cache(maxsize=256)
-def rope_table(head_dim: int, latent_len: int, h: int, w: int, txt_len: int, pt_seq_len: float | None,
-               frames: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+def rope_table(
+    head_dim: int, latent_len: int, h: int, w: int, txt_len: int, pt_seq_len: float | None, frames: int, mode: str
+) -> tuple[np.ndarray, np.ndarray]:
     """``(cos, sin)``, each ``(seq, head_dim)`` float32, for the slots of one block."""
     pos = positions(h, w, txt_len, pt_seq_len, frames, mode)
     f1, f2 = frequencies(head_dim, latent_len)

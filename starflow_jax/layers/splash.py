@@ -10,6 +10,7 @@ Sequences are padded to a multiple of 128 (padded keys are masked, padded querie
 key 0 and are dropped); grouped-query heads are repeated to the query heads. On a TPU the
 kernel is compiled by Mosaic; elsewhere it runs in Pallas' interpreter (tests, CPU), same
 numbers, slowly."""
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,10 @@ def static_mask(mask):
     if mask is None or isinstance(mask, (np.ndarray, IndexMask)):
         return mask
     if isinstance(mask, jax.core.Tracer):
-        raise ValueError("splash attention needs a mask known when the program is traced (a NumPy array or an "
-                         "IndexMask), got a traced value: build the mask outside jit/scan")
+        raise ValueError(
+            "splash attention needs a mask known when the program is traced (a NumPy array or an "
+            "IndexMask), got a traced value: build the mask outside jit/scan"
+        )
     return np.asarray(mask)
 
 
@@ -82,10 +85,19 @@ def _kernel(lq: int, lk: int, heads: int, mask_obj, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     bq, bk = _block(lq), _block(lk)
-    sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
-                          block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    return sk.make_splash_mha(sm.MultiHeadMask([mask_obj] * heads), head_shards=1, q_seq_shards=1,
-                              block_sizes=sizes, interpret=interpret)
+    sizes = sk.BlockSizes(
+        block_q=bq,
+        block_kv=bk,
+        block_kv_compute=bk,
+        block_q_dkv=bq,
+        block_kv_dkv=bk,
+        block_kv_dkv_compute=bk,
+        block_q_dq=bq,
+        block_kv_dq=bk,
+    )
+    return sk.make_splash_mha(
+        sm.MultiHeadMask([mask_obj] * heads), head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
+    )
 
 
 def _rule_mask_class():
@@ -114,15 +126,16 @@ def _mask_object(lq: int, lk: int, Lq: int, Lk: int, causal: bool, mask):
         rule = None if mask is None else mask.fn
         return _rule_mask_class()((Lq, Lk), _rule(lq, lk, causal, rule))
     if Lq * Lk > MAX_NUMPY_MASK:
-        raise ValueError(f"a ({Lq}, {Lk}) NumPy attention mask is too large for splash attention: give it as "
-                         "layers.attention.IndexMask (an index rule), or use attention_impl='blocked'")
+        raise ValueError(
+            f"a ({Lq}, {Lk}) NumPy attention mask is too large for splash attention: give it as "
+            "layers.attention.IndexMask (an index rule), or use attention_impl='blocked'"
+        )
     full = np.asarray(_rule(lq, lk, causal, None)(np.arange(Lq)[:, None], np.arange(Lk)[None, :]))
     full[:lq, :lk] &= np.broadcast_to(mask.astype(bool), (lq, lk))
     return sm.NumpyMask(full)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool,
-                     mask=None) -> jax.Array:
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, causal: bool, mask=None) -> jax.Array:
     """Same arguments and result as ``attention.dot_product_attention`` (``(b, seq, heads,
     head_dim)``; ``mask`` a 2D ``(q_len, k_len)`` boolean array known at trace time)."""
     b, lq, heads, d = q.shape
@@ -130,8 +143,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, 
     mask = static_mask(mask)
     if mask is not None:
         if tuple(mask.shape[-2:]) != (lq, lk) or (isinstance(mask, np.ndarray) and mask.size != lq * lk):
-            raise ValueError(f"splash attention takes one ({lq}, {lk}) mask for all examples and heads, got shape "
-                             f"{tuple(mask.shape)}")
+            raise ValueError(
+                f"splash attention takes one ({lq}, {lk}) mask for all examples and heads, got shape "
+                f"{tuple(mask.shape)}"
+            )
         if isinstance(mask, np.ndarray):
             mask = mask.reshape(lq, lk)
     Lq, Lk = _pad_to(lq), _pad_to(lk)
@@ -148,8 +163,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, 
         return jnp.pad(a, ((0, 0), (0, 0), (0, n - a.shape[2]), (0, 0))) if n != a.shape[2] else a
 
     def local(q, k, v):
-        out = jax.vmap(kernel)(heads_major(q * jnp.asarray(scale, q.dtype), Lq), heads_major(k, Lk),
-                               heads_major(v, Lk))
+        out = jax.vmap(kernel)(heads_major(q * jnp.asarray(scale, q.dtype), Lq), heads_major(k, Lk), heads_major(v, Lk))
         return out[:, :, :lq].transpose(0, 2, 1, 3).astype(q.dtype)
 
     if spec is None:

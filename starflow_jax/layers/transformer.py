@@ -1,5 +1,6 @@
 """A pre-norm Transformer layer and a stack of them with stacked parameters, applied
 with ``nnx.scan`` so that compile time does not grow with depth."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,11 @@ REMAT_POLICIES = {
     "dots_all": jax.checkpoint_policies.checkpoint_dots,
     "proj": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
     "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=list(PROJECTIONS),
-        offload_src="device", offload_dst="pinned_host"),
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=list(PROJECTIONS),
+        offload_src="device",
+        offload_dst="pinned_host",
+    ),
 }
 
 
@@ -71,19 +75,38 @@ class TransformerLayer(nnx.Module):
     def __init__(self, spec: LayerSpec, *, rngs: nnx.Rngs):
         dtype, param_dtype = jnp.dtype(spec.dtype), jnp.dtype(spec.param_dtype)
         self.attention = Attention(
-            spec.channels, spec.head_dim, spec.num_heads, spec.num_kv_heads, norm_type=spec.norm_type,
-            use_qk_norm=spec.use_qk_norm, use_post_norm=spec.use_post_norm, use_bias=spec.use_bias,
-            hf_style_rope=spec.hf_style_rope, causal=spec.causal, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-            attention_impl=spec.attention_impl, attention_block=spec.attention_block)
-        self.mlp = MLP(spec.channels, spec.expansion, use_swiglu=spec.use_swiglu, norm_type=spec.norm_type,
-                       use_post_norm=spec.use_post_norm, use_bias=spec.use_bias, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+            spec.channels,
+            spec.head_dim,
+            spec.num_heads,
+            spec.num_kv_heads,
+            norm_type=spec.norm_type,
+            use_qk_norm=spec.use_qk_norm,
+            use_post_norm=spec.use_post_norm,
+            use_bias=spec.use_bias,
+            hf_style_rope=spec.hf_style_rope,
+            causal=spec.causal,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            attention_impl=spec.attention_impl,
+            attention_block=spec.attention_block,
+        )
+        self.mlp = MLP(
+            spec.channels,
+            spec.expansion,
+            use_swiglu=spec.use_swiglu,
+            norm_type=spec.norm_type,
+            use_post_norm=spec.use_post_norm,
+            use_bias=spec.use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x, rope=None, mask=None, temp: float = 1.0):
         x = constrain_batch(x)
         x = x + self.attention(x, rope, mask, temp)
         return constrain_batch(x + self.mlp(x))
-
 
     def cached(self, x, rope, cache, first_slots, start, write: int = 0, temp: float = 1.0, split: dict | None = None):
         """One layer over new slots with a chunked KV cache (``Attention.cached``);
@@ -97,8 +120,10 @@ class TransformerLayer(nnx.Module):
         """Every projection's weights cut into ``parts`` pieces (``linear.split_dense``): the
         qkv and attention-output projections by output columns, the MLP as ``MLP.split``."""
         attn = self.attention
-        return dict(attention=dict(qkv=split_dense(attn.qkv, parts, "out"), proj=split_dense(attn.proj, parts, "out")),
-                    mlp=self.mlp.split(parts))
+        return dict(
+            attention=dict(qkv=split_dense(attn.qkv, parts, "out"), proj=split_dense(attn.proj, parts, "out")),
+            mlp=self.mlp.split(parts),
+        )
 
 
 def create_stack(spec: LayerSpec, num_layers: int, rngs: nnx.Rngs) -> TransformerLayer:
@@ -112,8 +137,9 @@ def create_stack(spec: LayerSpec, num_layers: int, rngs: nnx.Rngs) -> Transforme
     return create(rngs)
 
 
-def apply_stack(stack: TransformerLayer, x: jax.Array, rope=None, mask=None, temp: float = 1.0,
-                remat: bool | str = False) -> jax.Array:
+def apply_stack(
+    stack: TransformerLayer, x: jax.Array, rope=None, mask=None, temp: float = 1.0, remat: bool | str = False
+) -> jax.Array:
     """Run the stacked layers over ``x`` with ``nnx.scan``, rematerialised per layer by the
     policy ``remat`` (see ``REMAT_POLICIES``)."""
 
@@ -129,8 +155,15 @@ def apply_stack(stack: TransformerLayer, x: jax.Array, rope=None, mask=None, tem
     return scan(x, stack, rope)
 
 
-def apply_stack_cached(stack: TransformerLayer, x: jax.Array, rope, cache_k: jax.Array, cache_v: jax.Array,
-                       start: jax.Array, temp: float = 1.0):
+def apply_stack_cached(
+    stack: TransformerLayer,
+    x: jax.Array,
+    rope,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    start: jax.Array,
+    temp: float = 1.0,
+):
     """Run the stacked layers over new slots ``start..start+m-1`` with stacked KV caches
     ``(layers, b, kv_heads, slots, head_dim)``; returns ``(x, cache_k, cache_v)``.
 
@@ -162,8 +195,17 @@ def unstack_layers(stack: TransformerLayer, num_layers: int) -> list[Transformer
     return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(num_layers)]
 
 
-def apply_layers_cached(layers: list[TransformerLayer], x: jax.Array, rope, caches, first_slots, start: jax.Array,
-                        write: int = 0, temp: float = 1.0, splits: list[dict] | None = None):
+def apply_layers_cached(
+    layers: list[TransformerLayer],
+    x: jax.Array,
+    rope,
+    caches,
+    first_slots,
+    start: jax.Array,
+    write: int = 0,
+    temp: float = 1.0,
+    splits: list[dict] | None = None,
+):
     """``apply_stack_cached`` over separate layers (unrolled; program size grows with the
     depth), each with its KV cache in chunks ``[(k, v), ...]`` (``Attention.cached``;
     ``first_slots`` the first slot of each chunk, ``write`` the chunk holding the new

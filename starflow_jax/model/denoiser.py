@@ -1,5 +1,6 @@
 """The learnable self-denoiser: a non-causal Transformer over the patch sequence
 (block-causal in time with a window for video) that predicts the flow's score."""
+
 from __future__ import annotations
 
 import jax
@@ -44,14 +45,29 @@ class Denoiser(nnx.Module):
         num_heads = cfg.num_heads or cfg.channels // cfg.head_dim
         self.proj_in = dense(d, cfg.channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.proj_out = dense(cfg.channels, d, dtype=dtype, param_dtype=param_dtype, zero_init=True, rngs=rngs)
-        self.proj_txt = (dense(cfg.txt_dim, cfg.channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                         if self.conditioned else None)
+        self.proj_txt = (
+            dense(cfg.txt_dim, cfg.channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if self.conditioned
+            else None
+        )
         self.spec = LayerSpec(
-            channels=cfg.channels, head_dim=cfg.head_dim, num_heads=num_heads,
-            num_kv_heads=cfg.num_kv_heads or num_heads, expansion=cfg.expansion, norm_type=cfg.norm_type,
-            use_swiglu=cfg.use_swiglu, use_qk_norm=cfg.use_qk_norm, use_post_norm=cfg.use_post_norm,
-            use_bias=cfg.use_bias, hf_style_rope=cfg.hf_style_rope, causal=False, dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, attention_impl=cfg.attention_impl, attention_block=cfg.attention_block)
+            channels=cfg.channels,
+            head_dim=cfg.head_dim,
+            num_heads=num_heads,
+            num_kv_heads=cfg.num_kv_heads or num_heads,
+            expansion=cfg.expansion,
+            norm_type=cfg.norm_type,
+            use_swiglu=cfg.use_swiglu,
+            use_qk_norm=cfg.use_qk_norm,
+            use_post_norm=cfg.use_post_norm,
+            use_bias=cfg.use_bias,
+            hf_style_rope=cfg.hf_style_rope,
+            causal=False,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            attention_impl=cfg.attention_impl,
+            attention_block=cfg.attention_block,
+        )
         self.attn_blocks = create_stack(self.spec, cfg.denoiser_layers, rngs)
         self.final_norm = RMSNorm(cfg.channels, param_dtype=param_dtype) if cfg.use_final_norm else None
 
@@ -69,8 +85,9 @@ class Denoiser(nnx.Module):
             h = jnp.concatenate([txt.astype(h.dtype), h], axis=1)
         mask = None
         if self.cfg.temporal_causal > 0 and len(shape) == 5:
-            mask = block_causal_mask(shape[1], shape[2] * shape[3], txt_len, self.cfg.temporal_causal,
-                                     self.cfg.denoiser_window)  # static: an index rule
+            mask = block_causal_mask(
+                shape[1], shape[2] * shape[3], txt_len, self.cfg.temporal_causal, self.cfg.denoiser_window
+            )  # static: an index rule
         rope = block_rope(self.cfg, self.spec.head_dim, shape, txt_len, self.conditioned)
         h = apply_stack(self.attn_blocks, h, rope, mask, remat=remat)
         h = h[:, txt_len:]

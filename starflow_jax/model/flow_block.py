@@ -1,5 +1,6 @@
 """One TARFlow block: a causal Transformer that predicts, for every token, the affine
 transform of that token from the tokens before it (and the text prefix)."""
+
 from __future__ import annotations
 
 import jax
@@ -25,8 +26,9 @@ def block_rope(cfg: ModelConfig, head_dim: int, x_shape: tuple[int, ...], txt_le
     h, w = x_shape[-3], x_shape[-2]
     frames = x_shape[1] if len(x_shape) == 5 else 0
     if cfg.txt_size > 0 or frames > 0:
-        cos, sin = rope_table(head_dim, cfg.txt_size, h, w, txt_len if conditioned else 0, cfg.rope_seq_len,
-                              frames, "3d")
+        cos, sin = rope_table(
+            head_dim, cfg.txt_size, h, w, txt_len if conditioned else 0, cfg.rope_seq_len, frames, "3d"
+        )
     else:
         cos, sin = rope_table(head_dim, cfg.txt_size, h, w, 0, cfg.rope_seq_len, 0, "2d")
     return jnp.asarray(cos), jnp.asarray(sin)
@@ -35,8 +37,17 @@ def block_rope(cfg: ModelConfig, head_dim: int, x_shape: tuple[int, ...], txt_le
 class FlowBlock(nnx.Module):
     """A flow block with its own reading order (``identity`` or ``flip``)."""
 
-    def __init__(self, cfg: ModelConfig, *, channels: int, num_heads: int, num_layers: int, order: str,
-                 conditioned: bool, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        channels: int,
+        num_heads: int,
+        num_layers: int,
+        order: str,
+        conditioned: bool,
+        rngs: nnx.Rngs,
+    ):
         self.cfg = cfg
         self.order = order
         self.conditioned = conditioned
@@ -46,16 +57,32 @@ class FlowBlock(nnx.Module):
         self.proj_in = dense(d, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.proj_out = dense(channels, 2 * d, dtype=dtype, param_dtype=param_dtype, zero_init=True, rngs=rngs)
         self.sos_embed = nnx.Param(jax.random.normal(rngs.params(), (1, 1, d), param_dtype)) if cfg.sos else None
-        self.pos_embed = (nnx.Param(jax.random.normal(rngs.params(), (cfg.seq_side ** 2, channels), param_dtype) * 1e-2)
-                          if not cfg.rope else None)
-        self.proj_txt = (dense(cfg.txt_dim, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                         if conditioned else None)
+        self.pos_embed = (
+            nnx.Param(jax.random.normal(rngs.params(), (cfg.seq_side**2, channels), param_dtype) * 1e-2)
+            if not cfg.rope
+            else None
+        )
+        self.proj_txt = (
+            dense(cfg.txt_dim, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if conditioned else None
+        )
         self.spec = LayerSpec(
-            channels=channels, head_dim=cfg.head_dim, num_heads=num_heads,
-            num_kv_heads=cfg.num_kv_heads or num_heads, expansion=cfg.expansion, norm_type=cfg.norm_type,
-            use_swiglu=cfg.use_swiglu, use_qk_norm=cfg.use_qk_norm, use_post_norm=cfg.use_post_norm,
-            use_bias=cfg.use_bias, hf_style_rope=cfg.hf_style_rope, causal=True, dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, attention_impl=cfg.attention_impl, attention_block=cfg.attention_block)
+            channels=channels,
+            head_dim=cfg.head_dim,
+            num_heads=num_heads,
+            num_kv_heads=cfg.num_kv_heads or num_heads,
+            expansion=cfg.expansion,
+            norm_type=cfg.norm_type,
+            use_swiglu=cfg.use_swiglu,
+            use_qk_norm=cfg.use_qk_norm,
+            use_post_norm=cfg.use_post_norm,
+            use_bias=cfg.use_bias,
+            hf_style_rope=cfg.hf_style_rope,
+            causal=True,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            attention_impl=cfg.attention_impl,
+            attention_block=cfg.attention_block,
+        )
         self.num_layers = num_layers
         self.attn_blocks = create_stack(self.spec, num_layers, rngs)
         self.final_norm = RMSNorm(channels, param_dtype=param_dtype) if cfg.use_final_norm else None
@@ -90,13 +117,16 @@ class FlowBlock(nnx.Module):
             return h
         pe = self.pos_embed[...]
         if h.shape[1] != pe.shape[0]:
-            raise ValueError(f"learned position embeddings cover {pe.shape[0]} tokens, input has {h.shape[1]}; "
-                             "use rope=True for other sizes")
+            raise ValueError(
+                f"learned position embeddings cover {pe.shape[0]} tokens, input has {h.shape[1]}; "
+                "use rope=True for other sizes"
+            )
         pe = permutation.permute(pe[None], self.order, self.flip_groups(frames))
         return h + pe.astype(h.dtype)
 
-    def network(self, h_tokens: jax.Array, txt: jax.Array | None, rope, temp: float = 1.0,
-                remat: bool | str = False) -> jax.Array:
+    def network(
+        self, h_tokens: jax.Array, txt: jax.Array | None, rope, temp: float = 1.0, remat: bool | str = False
+    ) -> jax.Array:
         """Transformer over ``[text, tokens]``: the raw ``(a, b)`` output of every token slot."""
         h = h_tokens
         prefix = 0

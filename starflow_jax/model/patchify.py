@@ -1,4 +1,5 @@
 """Images ``(..., c, H, W)`` to patch grids ``(..., h, w, p*p*c)`` and back."""
+
 from __future__ import annotations
 
 import jax

@@ -1,5 +1,6 @@
 """The STARFlow / STARFlow-V model: a stack of flow blocks (shallow blocks next to
 the data, one deep block next to the prior) and the optional learnable denoiser."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -36,11 +37,17 @@ class StarFlow(nnx.Module):
             if n_layers == 0:
                 blocks.append(IdentityBlock())
                 continue
-            blocks.append(FlowBlock(
-                cfg, channels=cfg.top_channels if top else cfg.channels,
-                num_heads=(cfg.top_num_heads or cfg.top_channels // cfg.head_dim) if top else base_heads,
-                num_layers=n_layers, order=orders[i],
-                conditioned=cfg.txt_dim > 0 and (top or not cfg.cond_top_only), rngs=rngs))
+            blocks.append(
+                FlowBlock(
+                    cfg,
+                    channels=cfg.top_channels if top else cfg.channels,
+                    num_heads=(cfg.top_num_heads or cfg.top_channels // cfg.head_dim) if top else base_heads,
+                    num_layers=n_layers,
+                    order=orders[i],
+                    conditioned=cfg.txt_dim > 0 and (top or not cfg.cond_top_only),
+                    rngs=rngs,
+                )
+            )
         self.blocks = nnx.List(blocks)
         self.learnable_self_denoiser = Denoiser(cfg, rngs=rngs) if cfg.learnable_self_denoiser else None
 
@@ -49,27 +56,39 @@ class StarFlow(nnx.Module):
         """Raise a ``ValueError`` naming what is wrong with ``x`` or ``y``."""
         cfg = self.cfg
         if x.ndim not in (4, 5):
-            raise ValueError(f"x must be an image batch (b, c, h, w) or a video batch (b, t, c, h, w); "
-                             f"got rank {x.ndim}, shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be an image batch (b, c, h, w) or a video batch (b, t, c, h, w); "
+                f"got rank {x.ndim}, shape {tuple(x.shape)}"
+            )
         if x.shape[-3] != cfg.in_channels:
-            raise ValueError(f"x has {x.shape[-3]} channels (axis {x.ndim - 3} of shape {tuple(x.shape)}), "
-                             f"the model expects in_channels={cfg.in_channels}")
+            raise ValueError(
+                f"x has {x.shape[-3]} channels (axis {x.ndim - 3} of shape {tuple(x.shape)}), "
+                f"the model expects in_channels={cfg.in_channels}"
+            )
         H, W = x.shape[-2:]
         if H % cfg.patch_size or W % cfg.patch_size:
             raise ValueError(f"x spatial size {H}x{W} is not divisible by patch_size={cfg.patch_size}")
         if not cfg.rope and (H != cfg.img_size or W != cfg.img_size):
-            raise ValueError(f"x spatial size {H}x{W} must equal img_size={cfg.img_size} for a model "
-                             "with learned position embeddings (rope=False)")
+            raise ValueError(
+                f"x spatial size {H}x{W} must equal img_size={cfg.img_size} for a model "
+                "with learned position embeddings (rope=False)"
+            )
         if x.ndim == 5 and cfg.rope and cfg.txt_size == 0:
-            raise ValueError("video input with RoPE needs a model with txt_size > 0 (its 3D positions "
-                             "reserve 8 frequencies for the time axis)")
+            raise ValueError(
+                "video input with RoPE needs a model with txt_size > 0 (its 3D positions "
+                "reserve 8 frequencies for the time axis)"
+            )
         if cfg.txt_dim > 0:
             if y is None:
-                raise ValueError(f"the model is conditioned (txt_dim={cfg.txt_dim}); pass y of shape "
-                                 f"(b, {cfg.txt_size}, {cfg.txt_dim})")
+                raise ValueError(
+                    f"the model is conditioned (txt_dim={cfg.txt_dim}); pass y of shape "
+                    f"(b, {cfg.txt_size}, {cfg.txt_dim})"
+                )
             if y.ndim != 3 or y.shape[1] != cfg.txt_size or y.shape[2] != cfg.txt_dim:
-                raise ValueError(f"conditioning y has shape {tuple(y.shape)}, expected (b, txt_size={cfg.txt_size}, "
-                                 f"txt_dim={cfg.txt_dim})")
+                raise ValueError(
+                    f"conditioning y has shape {tuple(y.shape)}, expected (b, txt_size={cfg.txt_size}, "
+                    f"txt_dim={cfg.txt_dim})"
+                )
             if y.shape[0] != x.shape[0]:
                 raise ValueError(f"conditioning y has batch {y.shape[0]} but x has batch {x.shape[0]}")
 

@@ -1,4 +1,5 @@
 """Parameter counts of a configuration, computed abstractly (nothing is allocated)."""
+
 from __future__ import annotations
 
 import math
@@ -30,12 +31,16 @@ def parameter_counts(cfg: ModelConfig) -> dict:
     for i, block in enumerate(model.blocks):
         top = i == cfg.num_blocks - 1
         layers = cfg.layers_per_block[i]
-        rows.append(dict(
-            block=i, role="deep" if top else "shallow", layers=layers,
-            channels=(cfg.top_channels if top else cfg.channels) if layers else 0,
-            order=orders[i] if layers else "-",
-            conditioned=bool(cfg.txt_dim > 0 and layers and (top or not cfg.cond_top_only)),
-            params=count(block)))
+        rows.append(
+            dict(
+                block=i,
+                role="deep" if top else "shallow",
+                layers=layers,
+                channels=(cfg.top_channels if top else cfg.channels) if layers else 0,
+                order=orders[i] if layers else "-",
+                conditioned=bool(cfg.txt_dim > 0 and layers and (top or not cfg.cond_top_only)),
+                params=count(block),
+            )
+        )
     denoiser = count(model.learnable_self_denoiser)
-    return dict(total=count(model), blocks=rows, denoiser=denoiser,
-                flow=sum(r["params"] for r in rows))
+    return dict(total=count(model), blocks=rows, denoiser=denoiser, flow=sum(r["params"] for r in rows))

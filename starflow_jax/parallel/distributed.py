@@ -22,6 +22,7 @@ one of several, and if so calls ``jax.distributed.initialize`` once:
 again is harmless: a running ``jax.distributed`` is reported, not restarted. Where several
 processes run and the platform may be the CPU, CPU collectives go over gloo.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,6 +48,7 @@ _NAMES = dict(
 @dataclasses.dataclass(frozen=True)
 class DistributedInfo:
     """Where this process stands: its index among ``process_count`` processes."""
+
     process_index: int
     process_count: int
     coordinator_address: str | None = None
@@ -60,6 +62,7 @@ class DistributedInfo:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What ``initialize`` will do (``resolve``'s answer; no side effects)."""
+
     mode: str  # "single", "explicit", "slurm" or "tpu" (automatic discovery)
     coordinator_address: str | None = None
     num_processes: int | None = None
@@ -122,7 +125,7 @@ def first_slurm_host(nodelist: str) -> str:
             j = nodelist.find("]", i)
             if j < 0:
                 raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
-            out.append(nodelist[i + 1:j].split(",")[0].split("-")[0])
+            out.append(nodelist[i + 1 : j].split(",")[0].split("-")[0])
             i = j + 1
         else:
             out.append(nodelist[i])
@@ -166,17 +169,28 @@ def on_cloud_tpu(env: Mapping[str, str] | None = None) -> bool:
 # --------------------------------------------------------------------------- resolution
 
 
-def resolve(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-            local_device_ids=None, *, env: Mapping[str, str] | None = None, tpu: bool | None = None) -> Plan:
+def resolve(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids=None,
+    *,
+    env: Mapping[str, str] | None = None,
+    tpu: bool | None = None,
+) -> Plan:
     """Decide, without side effects, how this process joins the run (see the module doc).
     ``env`` defaults to ``os.environ``; ``tpu`` (default: ``on_cloud_tpu(env)``) says
     whether automatic TPU discovery applies."""
     env = os.environ if env is None else env
+
     def pick(value, var):  # the argument, else the environment variable (empty = unset)
         return value if value is not None else env.get(var) or None
 
-    given = dict(coordinator_address=pick(coordinator_address, ENV_COORDINATOR),
-                 num_processes=pick(num_processes, ENV_NUM_PROCESSES), process_id=pick(process_id, ENV_PROCESS_ID))
+    given = dict(
+        coordinator_address=pick(coordinator_address, ENV_COORDINATOR),
+        num_processes=pick(num_processes, ENV_NUM_PROCESSES),
+        process_id=pick(process_id, ENV_PROCESS_ID),
+    )
     ids = _device_ids(local_device_ids if local_device_ids is not None else env.get(ENV_LOCAL_DEVICE_IDS))
     addr = check_address(given["coordinator_address"]) if given["coordinator_address"] is not None else None
     count = _int(given["num_processes"], "num_processes", 1) if given["num_processes"] is not None else None
@@ -194,16 +208,22 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
         pid = 0
     if (count is None) != (pid is None):
         have, missing = ("num_processes", "process_id") if pid is None else ("process_id", "num_processes")
-        raise ValueError(f"the {_NAMES[have]} is given but the {_NAMES[missing]} is not: give both "
-                         "(or neither, for a single process or automatic discovery on TPU)")
+        raise ValueError(
+            f"the {_NAMES[have]} is given but the {_NAMES[missing]} is not: give both "
+            "(or neither, for a single process or automatic discovery on TPU)"
+        )
     if count is not None and not pid < count:
-        raise ValueError(f"process id {pid} is out of range for {count} processes: it must be one of "
-                         f"0..{count - 1} (--process-id / {ENV_PROCESS_ID} / SLURM_PROCID)")
+        raise ValueError(
+            f"process id {pid} is out of range for {count} processes: it must be one of "
+            f"0..{count - 1} (--process-id / {ENV_PROCESS_ID} / SLURM_PROCID)"
+        )
 
     if count is None:  # nothing given: TPU pod slices discover themselves
         if addr is not None:
-            raise ValueError(f"the {_NAMES['coordinator_address']} is given without the {_NAMES['num_processes']} "
-                             f"and the {_NAMES['process_id']}")
+            raise ValueError(
+                f"the {_NAMES['coordinator_address']} is given without the {_NAMES['num_processes']} "
+                f"and the {_NAMES['process_id']}"
+            )
         if tpu is None:
             tpu = on_cloud_tpu(env)
         hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
@@ -213,8 +233,10 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
     if count == 1:
         return Plan("single", coordinator_address=addr, num_processes=1, process_id=0)
     if addr is None:
-        raise ValueError(f"{count} processes need a {_NAMES['coordinator_address']}: the host:port of process 0, "
-                         "the same for every process")
+        raise ValueError(
+            f"{count} processes need a {_NAMES['coordinator_address']}: the host:port of process 0, "
+            "the same for every process"
+        )
     return Plan(mode, addr, count, pid, ids)
 
 
@@ -234,13 +256,20 @@ def _running(source: str = "existing") -> DistributedInfo:
     import jax
     from jax._src import distributed as _dist
 
-    return DistributedInfo(jax.process_index(), jax.process_count(),
-                           getattr(_dist.global_state, "coordinator_address", None), source)
+    return DistributedInfo(
+        jax.process_index(), jax.process_count(), getattr(_dist.global_state, "coordinator_address", None), source
+    )
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: int | Sequence[int] | str | None = None,
-               *, initialization_timeout: int = 300, log=None) -> DistributedInfo:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: int | Sequence[int] | str | None = None,
+    *,
+    initialization_timeout: int = 300,
+    log=None,
+) -> DistributedInfo:
     """Join the multi-process run this process belongs to (see the module doc); a single
     process returns ``DistributedInfo(0, 1)`` without touching JAX. Call it before any JAX
     computation or ``jax.devices()``. Raises ``ValueError`` for inconsistent settings."""
@@ -251,8 +280,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         plan = resolve(coordinator_address, num_processes, process_id, local_device_ids)
         asked = (plan.num_processes, plan.process_id)
         if plan.mode in ("explicit", "slurm") and asked != (info.process_count, info.process_index):
-            raise ValueError(f"jax.distributed is already running as process {info.process_index} of "
-                             f"{info.process_count}, not {plan.process_id} of {plan.num_processes}")
+            raise ValueError(
+                f"jax.distributed is already running as process {info.process_index} of "
+                f"{info.process_count}, not {plan.process_id} of {plan.num_processes}"
+            )
         return info
     plan = resolve(coordinator_address, num_processes, process_id, local_device_ids)
     if plan.mode == "single":
@@ -261,26 +292,37 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if log:
             log("jax.distributed: discovering the TPU pod slice's processes")
         try:
-            jax.distributed.initialize(local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
-                                       initialization_timeout=initialization_timeout)
+            jax.distributed.initialize(
+                local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
+                initialization_timeout=initialization_timeout,
+            )
         except ValueError as e:  # JAX found no TPU cluster description (no metadata server, ...)
             if jax.distributed.is_initialized():
                 raise
             import warnings
 
-            warnings.warn(f"jax.distributed could not discover the TPU workers ({e}); running as one process. "
-                          f"On a multi-host slice give --coordinator-address, --num-processes and --process-id "
-                          f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}).", stacklevel=2)
+            warnings.warn(
+                f"jax.distributed could not discover the TPU workers ({e}); running as one process. "
+                f"On a multi-host slice give --coordinator-address, --num-processes and --process-id "
+                f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}).",
+                stacklevel=2,
+            )
             return DistributedInfo(0, 1, None, "single")
         return _running("tpu")
     _cpu_collectives(os.environ)
     if log:
-        log(f"jax.distributed: process {plan.process_id} of {plan.num_processes}, coordinator "
-            f"{plan.coordinator_address} ({plan.mode})")
+        log(
+            f"jax.distributed: process {plan.process_id} of {plan.num_processes}, coordinator "
+            f"{plan.coordinator_address} ({plan.mode})"
+        )
     # Everything is resolved: no cluster auto-detection (under SLURM it would restrict each
     # process to the GPU numbered SLURM_LOCALID even with one process per node).
-    jax.distributed.initialize(coordinator_address=plan.coordinator_address, num_processes=plan.num_processes,
-                               process_id=plan.process_id,
-                               local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
-                               cluster_detection_method="deactivate", initialization_timeout=initialization_timeout)
+    jax.distributed.initialize(
+        coordinator_address=plan.coordinator_address,
+        num_processes=plan.num_processes,
+        process_id=plan.process_id,
+        local_device_ids=list(plan.local_device_ids) if plan.local_device_ids else None,
+        cluster_detection_method="deactivate",
+        initialization_timeout=initialization_timeout,
+    )
     return _running(plan.mode)

@@ -11,6 +11,7 @@ blocks and no trimming, freed blocks are reused by the next step and the faults 
 
 The price: the process keeps its peak heap (it never shrinks). ``starflow-jax`` applies it
 at start-up on Linux with glibc; ``STARFLOW_KEEP_HOST_MEMORY=0`` turns it off."""
+
 from __future__ import annotations
 
 import ctypes
@@ -22,7 +23,7 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-_TRIM_NEVER = 2 ** 31 - 1  # mallopt takes an int: free memory at the heap top above this is trimmed
+_TRIM_NEVER = 2**31 - 1  # mallopt takes an int: free memory at the heap top above this is trimmed
 
 _applied: bool | None = None
 
@@ -43,7 +44,7 @@ def keep_freed_host_memory() -> bool:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # glibc only (musl has no mallopt tuning of this kind)
+        _ = libc.gnu_get_libc_version  # glibc only (musl has no mallopt tuning of this kind)
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int

@@ -1,5 +1,6 @@
 """The device mesh: named axes ``(data, fsdp, tensor)``; sizes from the config, one of them
 may be ``-1`` (all remaining devices)."""
+
 from __future__ import annotations
 
 import math
@@ -45,5 +46,7 @@ def check_batch_split(batch: int, grad_accum: int, mesh: Mesh, batch_name: str, 
     if grad_accum == 1 and batch % split:
         raise ValueError(f"{batch_name}={batch} is not divisible by the mesh's data x fsdp = {split}")
     if batch % grad_accum or (batch // grad_accum) % split:
-        raise ValueError(f"{batch_name}={batch} must split into {accum_name} {grad_accum} micro-batches each "
-                         f"divisible by the mesh's data x fsdp = {split}")
+        raise ValueError(
+            f"{batch_name}={batch} must split into {accum_name} {grad_accum} micro-batches each "
+            f"divisible by the mesh's data x fsdp = {split}"
+        )

@@ -3,10 +3,12 @@
 ``fsdp`` on one dimension and Megatron-style over ``tensor`` on the other (heads and MLP
 width); the stacked layer axis is never split; a dimension is split only when the axis
 size divides it. Batches are split over ``(data, fsdp)``."""
+
 from __future__ import annotations
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 # kernels whose output dimension carries heads / MLP width (column-parallel)
@@ -43,9 +45,15 @@ def param_spec(path, shape: tuple[int, ...], mesh) -> P:
     spec: list = [None] * len(core)
     if leaf == "kernel" and len(core) == 2:
         if owner in COLUMN:
-            spec = ["fsdp" if _fits(core[0], mesh, "fsdp") else None, "tensor" if _fits(core[1], mesh, "tensor") else None]
+            spec = [
+                "fsdp" if _fits(core[0], mesh, "fsdp") else None,
+                "tensor" if _fits(core[1], mesh, "tensor") else None,
+            ]
         elif owner in ROW:
-            spec = ["tensor" if _fits(core[0], mesh, "tensor") else None, "fsdp" if _fits(core[1], mesh, "fsdp") else None]
+            spec = [
+                "tensor" if _fits(core[0], mesh, "tensor") else None,
+                "fsdp" if _fits(core[1], mesh, "fsdp") else None,
+            ]
         else:
             spec = ["fsdp" if _fits(core[0], mesh, "fsdp") else None, None]
     elif leaf == "bias" and len(core) == 1 and owner in COLUMN:
@@ -56,7 +64,8 @@ def param_spec(path, shape: tuple[int, ...], mesh) -> P:
 def tree_shardings(tree, mesh):
     """``NamedSharding`` for every leaf of a params / optimizer / train-state tree."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, param_spec(path, tuple(getattr(leaf, "shape", ())), mesh)), tree)
+        lambda path, leaf: NamedSharding(mesh, param_spec(path, tuple(getattr(leaf, "shape", ())), mesh)), tree
+    )
 
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:

@@ -7,6 +7,7 @@
 * ``learned_denoise``: the learnable denoiser's prediction of the (scaled) score,
   ``x - 0.3 * pred * (sigma - sigma_next) / sigma``, the reference's ``apply_denoising``.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,12 +35,13 @@ def flow_score(model: StarFlow, x: jax.Array, y: jax.Array | None = None) -> jax
     return nnx.grad(total_nll, argnums=1)(model, x.astype(jnp.float32))
 
 
-def score_denoise(model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, noise_std: float,
-                  step_size: float = 1.0) -> jax.Array:
+def score_denoise(
+    model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, noise_std: float, step_size: float = 1.0
+) -> jax.Array:
     """One step ``x - step_size * noise_std^2 * grad_x NLL(x)``."""
     if noise_std <= 0:
         return x
-    return x - (noise_std ** 2 * step_size) * flow_score(model, x, y)
+    return x - (noise_std**2 * step_size) * flow_score(model, x, y)
 
 
 @nnx.jit
@@ -47,8 +49,9 @@ def _denoiser(model: StarFlow, x, y):
     return model.denoise(x, y)
 
 
-def learned_denoise(model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, noise_std: float,
-                    sigma_next: float = 0.0) -> jax.Array:
+def learned_denoise(
+    model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, noise_std: float, sigma_next: float = 0.0
+) -> jax.Array:
     """The learnable denoiser's step from noise level ``noise_std`` to ``sigma_next``."""
     if noise_std <= 0:
         return x
@@ -56,8 +59,9 @@ def learned_denoise(model: StarFlow, x: jax.Array, y: jax.Array | None = None, *
     return x - pred * DENOISER_NOISE_CONST * (noise_std - sigma_next) / noise_std
 
 
-def denoise(model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, noise_std: float,
-            use_learned: bool | None = None) -> jax.Array:
+def denoise(
+    model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, noise_std: float, use_learned: bool | None = None
+) -> jax.Array:
     """The reference's choice: the learnable denoiser when the model has one (unless
     ``use_learned=False``), else the score step."""
     if use_learned is None:
@@ -67,8 +71,15 @@ def denoise(model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, noise_
     return score_denoise(model, x, y, noise_std=noise_std)
 
 
-def denoise_video(model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, noise_std: float,
-                  window: int | None = None, use_learned: bool | None = None) -> jax.Array:
+def denoise_video(
+    model: StarFlow,
+    x: jax.Array,
+    y: jax.Array | None = None,
+    *,
+    noise_std: float,
+    window: int | None = None,
+    use_learned: bool | None = None,
+) -> jax.Array:
     """``denoise`` over a video ``(b, t, c, H, W)`` in windows of ``window`` frames (the
     attention window used for sampling; default: the whole video), the reference's
     overlap rule: the first window is denoised whole; each later window starts
@@ -88,8 +99,8 @@ def denoise_video(model: StarFlow, x: jax.Array, y: jax.Array | None = None, *, 
         raise ValueError(f"denoiser_window={dw} must be smaller than the {steps}-frame denoising window")
     start, overlap = 0, 0
     while start < t and start + overlap < min(t, start + steps):
-        out = denoise(model, x[:, start:start + steps], y, noise_std=noise_std, use_learned=use_learned)
-        x = x.at[:, start + overlap:start + steps].set(out[:, overlap:])
+        out = denoise(model, x[:, start : start + steps], y, noise_std=noise_std, use_learned=use_learned)
+        x = x.at[:, start + overlap : start + steps].set(out[:, overlap:])
         overlap = overlap_next
         start += steps - overlap
     return x

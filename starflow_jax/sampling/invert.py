@@ -26,6 +26,7 @@ Two video extensions (models with an SOS token), both as the reference does them
   after the first share one compiled body (``lax.fori_loop``), so the program does not
   grow with the video's length.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +41,6 @@ from starflow_jax.flow import affine
 from starflow_jax.flow.guidance import guide_doubled_batch
 from starflow_jax.layers.transformer import apply_layers_cached, apply_stack_cached, unstack_layers
 from starflow_jax.model.flow_block import FlowBlock, block_rope
-
 
 _PROGRESS_HOOKS: list = []
 
@@ -127,8 +127,10 @@ class _Decoder:
             return jnp.zeros(full, dt), jnp.zeros(full, dt)
         self.first_slots = tuple(slots[:-1])
         chunk = lambda n: jnp.zeros((b, spec.num_kv_heads, n, spec.head_dim), dt)  # noqa: E731
-        return [[(chunk(hi - lo), chunk(hi - lo)) for lo, hi in zip(slots[:-1], slots[1:])]
-                for _ in range(self.block.num_layers)]
+        return [
+            [(chunk(hi - lo), chunk(hi - lo)) for lo, hi in zip(slots[:-1], slots[1:])]
+            for _ in range(self.block.num_layers)
+        ]
 
     def layers_cached(self, block: FlowBlock, layers, h, rope, cache, slot, write: int, attn_temp: float):
         if layers is None:
@@ -171,8 +173,15 @@ def _runs(items: list[tuple[int, ...]], key) -> list[tuple[tuple[int, ...], int]
     return [(tuple(r[0]), r[1]) for r in runs]
 
 
-def _setup(dec: _Decoder, z_img: jax.Array, y, guidance: float, attn_temp: float, token_slots: int | None = None,
-           segments: int = 1):
+def _setup(
+    dec: _Decoder,
+    z_img: jax.Array,
+    y,
+    guidance: float,
+    attn_temp: float,
+    token_slots: int | None = None,
+    segments: int = 1,
+):
     """Tokens in reading order (batch doubled under guidance), the RoPE table, the token
     segment bounds, and a KV cache of ``token_slots`` token slots (default: all tokens)
     with the text prefix already written."""
@@ -183,8 +192,10 @@ def _setup(dec: _Decoder, z_img: jax.Array, y, guidance: float, attn_temp: float
     b, n, _ = seq.shape
     txt = block.text_prefix(y)
     if txt is not None and txt.shape[0] != b:
-        raise ValueError(f"conditioning has batch {txt.shape[0]}, sampling needs {b}"
-                         + (" (guidance doubles the batch: pass concat([y, y_null]))" if guidance > 0 else ""))
+        raise ValueError(
+            f"conditioning has batch {txt.shape[0]}, sampling needs {b}"
+            + (" (guidance doubles the batch: pass concat([y, y_null]))" if guidance > 0 else "")
+        )
     prefix = 0 if txt is None else txt.shape[1]
     rope = block_rope(block.cfg, block.spec.head_dim, z_img.shape, prefix, block.conditioned)
     bounds = token_segments(token_slots or n, segments if dec.layers is not None else 1)
@@ -192,8 +203,9 @@ def _setup(dec: _Decoder, z_img: jax.Array, y, guidance: float, attn_temp: float
     if txt is not None:
         r = None if rope is None else (rope[0][:prefix], rope[1][:prefix])
         blk, layers = dec.modules()
-        _, cache = dec.layers_cached(blk, layers, txt.astype(jnp.dtype(block.spec.dtype)), r, cache, jnp.int32(0),
-                                     0, attn_temp)
+        _, cache = dec.layers_cached(
+            blk, layers, txt.astype(jnp.dtype(block.spec.dtype)), r, cache, jnp.int32(0), 0, attn_temp
+        )
     return seq, frames, prefix, rope, bounds, cache
 
 
@@ -213,8 +225,9 @@ def _hidden(dec: _Decoder, block: FlowBlock, layers, tokens_in, cache, rope, slo
     return dec.layers_cached(block, layers, h, _rope_rows(rope, slot, m), cache, slot, write, attn_temp)
 
 
-def _predict(dec: _Decoder, block: FlowBlock, layers, tokens_in, cache, rope, slot, write, pos_index, attn_temp,
-             guidance):
+def _predict(
+    dec: _Decoder, block: FlowBlock, layers, tokens_in, cache, rope, slot, write, pos_index, attn_temp, guidance
+):
     """One network pass over ``m`` input tokens at cache slot ``slot`` (in cache chunk
     ``write``): the inverse step's ``(scale, shift)`` for the ``m`` tokens they predict,
     and the new cache."""
@@ -264,15 +277,23 @@ def _start_sequence(block: FlowBlock, z, z_img, given, frames: int, window, guid
     x_full = jnp.concatenate([sos, z], axis=1)
     n_given = 0
     if given is not None:
-        if given.ndim != z_img.ndim or given.shape[0] != z_img.shape[0] or given.shape[2:] != z_img.shape[2:] \
-                or z_img.ndim != 5:
-            raise ValueError(f"given frames {tuple(given.shape)} do not match the video {tuple(z_img.shape)} "
-                             "(same batch, frame size and channels; a video model)")
+        if (
+            given.ndim != z_img.ndim
+            or given.shape[0] != z_img.shape[0]
+            or given.shape[2:] != z_img.shape[2:]
+            or z_img.ndim != 5
+        ):
+            raise ValueError(
+                f"given frames {tuple(given.shape)} do not match the video {tuple(z_img.shape)} "
+                "(same batch, frame size and channels; a video model)"
+            )
         if given.shape[1] > frames:
             raise ValueError(f"{given.shape[1]} given frames exceed the {frames} frames sampled")
         if not block.keeps_frame_order(frames):
-            raise ValueError("this block does not read the frames in time order (temporal_causal=0 with a "
-                             "flip order): a given first frame is not a prefix of its sequence")
+            raise ValueError(
+                "this block does not read the frames in time order (temporal_causal=0 with a "
+                "flip order): a given first frame is not a prefix of its sequence"
+            )
         g, _ = block.tokens(given.astype(jnp.float32))
         if guidance > 0:
             g = jnp.concatenate([g, g], axis=0)
@@ -290,16 +311,33 @@ def _window_loop(plan, run_window, carry):
             carry = run_window(jnp.int32(base), known, new, carry)
         else:
             step = new  # consecutive uniform windows advance by their new tokens
-            carry = jax.lax.fori_loop(0, count, lambda k, c, base=base, known=known, new=new, step=step:
-                                      run_window(base + k * step, known, new, c), carry)
+            carry = jax.lax.fori_loop(
+                0,
+                count,
+                lambda k, c, base=base, known=known, new=new, step=step: run_window(base + k * step, known, new, c),
+                carry,
+            )
     return carry
 
 
-@functools.partial(nnx.jit, static_argnames=("guidance", "attn_temp", "unroll", "segments", "window", "context",
-                                             "progress", "splits"))
-def sequential(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidance: float = 0.0,
-               attn_temp: float = 1.0, unroll: bool = False, segments: int = 1, window: int | None = None,
-               context: int | None = None, progress: bool = False, splits: int = 1):
+@functools.partial(
+    nnx.jit, static_argnames=("guidance", "attn_temp", "unroll", "segments", "window", "context", "progress", "splits")
+)
+def sequential(
+    block: FlowBlock,
+    z_img: jax.Array,
+    y=None,
+    given=None,
+    *,
+    guidance: float = 0.0,
+    attn_temp: float = 1.0,
+    unroll: bool = False,
+    segments: int = 1,
+    window: int | None = None,
+    context: int | None = None,
+    progress: bool = False,
+    splits: int = 1,
+):
     """Autoregressive inversion of ``block``: ``z_img`` (patchified, block input shape) to
     the block's input. Returns ``(x, passes)``. ``unroll``: see ``resolve_unroll``;
     ``segments`` (unrolled, no prefix or window): the token loop runs in that many
@@ -309,17 +347,16 @@ def sequential(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidan
     each projection as that many independent matmuls (``resolve_splits``)."""
     if block.sos_embed is None:
         if given is not None or window is not None:
-            raise ValueError("a given prefix or a sliding attention window needs a model with an SOS token "
-                             "(sos=True)")
-        return _sequential_shifted(block, z_img, y, guidance=guidance, attn_temp=attn_temp, unroll=unroll,
-                                   segments=segments, splits=splits)
+            raise ValueError("a given prefix or a sliding attention window needs a model with an SOS token (sos=True)")
+        return _sequential_shifted(
+            block, z_img, y, guidance=guidance, attn_temp=attn_temp, unroll=unroll, segments=segments, splits=splits
+        )
     dec = _Decoder(block, unroll, splits)
     n_tok = math.prod(z_img.shape[1:-1])
     frames = z_img.shape[1] if z_img.ndim == 5 else 1
     plain = given is None and window is None
     slots = n_tok if window is None else min(n_tok, window * (n_tok // frames))
-    z, frames, prefix, rope, bounds, cache = _setup(dec, z_img, y, guidance, attn_temp, slots,
-                                                    segments if plain else 1)
+    z, frames, prefix, rope, bounds, cache = _setup(dec, z_img, y, guidance, attn_temp, slots, segments if plain else 1)
     _check_block_positions(block, z.shape[1])
     x_full, sos, frame, n_given = _start_sequence(block, z, z_img, given, frames, window, guidance)
     plan = window_plan(z.shape[1], frame, n_given, window, context)
@@ -328,8 +365,9 @@ def sequential(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidan
         x_full, cache = carry
         block, layers = dec.modules()
         tok = jax.lax.dynamic_slice_in_dim(x_full, t, 1, 1)  # token t - 1 (SOS for t = 0)
-        scale, shift, cache = _predict(dec, block, layers, tok, cache, rope, prefix + t - base, write, t - base,
-                                       attn_temp, guidance)
+        scale, shift, cache = _predict(
+            dec, block, layers, tok, cache, rope, prefix + t - base, write, t - base, attn_temp, guidance
+        )
         new = affine.affine_inverse(jax.lax.dynamic_slice_in_dim(z, t, 1, 1), scale, shift)
         if progress:
             jax.lax.cond((t + 1) % frame == 0, lambda: jax.debug.callback(_report, t + 1, z.shape[1]), lambda: None)
@@ -392,11 +430,26 @@ def jacobi_schedule(start: int, end: int, frame: int, block_size: int) -> list[t
     return [(first, size, count) for (first, size), count in _runs(chunks, key=lambda c: c[1])]
 
 
-@functools.partial(nnx.jit, static_argnames=("guidance", "attn_temp", "block_size", "max_iter", "unroll", "window",
-                                             "context", "progress"))
-def jacobi(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidance: float = 0.0, attn_temp: float = 1.0,
-           block_size: int = 32, threshold: float | jax.Array = 1e-3, max_iter: int = 32, unroll: bool = False,
-           window: int | None = None, context: int | None = None, progress: bool = False):
+@functools.partial(
+    nnx.jit,
+    static_argnames=("guidance", "attn_temp", "block_size", "max_iter", "unroll", "window", "context", "progress"),
+)
+def jacobi(
+    block: FlowBlock,
+    z_img: jax.Array,
+    y=None,
+    given=None,
+    *,
+    guidance: float = 0.0,
+    attn_temp: float = 1.0,
+    block_size: int = 32,
+    threshold: float | jax.Array = 1e-3,
+    max_iter: int = 32,
+    unroll: bool = False,
+    window: int | None = None,
+    context: int | None = None,
+    progress: bool = False,
+):
     """Block-wise Jacobi inversion of ``block`` (needs an SOS token). Returns ``(x, passes)``,
     ``passes`` the number of network passes over chunks (text prefill not counted; the
     passes writing a given prefix or a re-encoded context counted). ``given`` /
@@ -426,8 +479,9 @@ def jacobi(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidance: 
             block, layers = dec.modules()
             src = jnp.where((i == 0) & (start > frame), start - frame, start)
             tok = jax.lax.dynamic_slice_in_dim(x_full, src, size, 1)
-            scale, shift, cache = _predict(dec, block, layers, tok, cache, rope, prefix + start - base, 0,
-                                           start - base, attn_temp, guidance)
+            scale, shift, cache = _predict(
+                dec, block, layers, tok, cache, rope, prefix + start - base, 0, start - base, attn_temp, guidance
+            )
             new = affine.affine_inverse(jax.lax.dynamic_slice_in_dim(z, start, size, 1), scale, shift)
             old = jax.lax.dynamic_slice_in_dim(x_full, start + 1, size, 1)
             diff = jnp.mean(jnp.square(new - old)) / jnp.mean(jnp.square(new))
@@ -454,13 +508,13 @@ def jacobi(block: FlowBlock, z_img: jax.Array, y=None, given=None, *, guidance: 
             if count == 1:
                 carry = run_chunk(lo + off, size, base, carry)
             else:
-                carry = jax.lax.fori_loop(0, count, lambda k, c, off=off, size=size:
-                                          run_chunk(lo + off + k * size, size, base, c), carry)
+                carry = jax.lax.fori_loop(
+                    0, count, lambda k, c, off=off, size=size: run_chunk(lo + off + k * size, size, base, c), carry
+                )
         return carry
 
     first, rest = plan[0], plan[1:]
-    carry = run_window(jnp.int32(0), first[1], first[2] - first[1], (x_full, cache, jnp.int32(0)),
-                       first_start=first[1])
+    carry = run_window(jnp.int32(0), first[1], first[2] - first[1], (x_full, cache, jnp.int32(0)), first_start=first[1])
     if rest:
         carry = _window_loop(rest, run_window, carry)
     x_full, _, passes = carry

@@ -1,9 +1,10 @@
 """Sampling the whole model: the deep block first (with guidance), then the shallow
 blocks from the top down, each block one compiled program."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,20 +45,42 @@ class SamplingOptions:
     context_frames: int | None = None
 
 
-def _invert_block(block, h, y, opts: SamplingOptions, guidance: float, given=None, window=None, context=None,
-                  progress: bool = False):
+def _invert_block(
+    block, h, y, opts: SamplingOptions, guidance: float, given=None, window=None, context=None, progress: bool = False
+):
     if isinstance(block, IdentityBlock):
         return h, 0
     unroll = invert.resolve_unroll(opts.unroll_layers)
     if opts.jacobi:
-        return invert.jacobi(block, h, y, given, guidance=float(guidance), attn_temp=float(opts.attn_temp),
-                             block_size=int(opts.jacobi_block_size), threshold=opts.jacobi_th,
-                             max_iter=int(opts.jacobi_max_iter), unroll=unroll, window=window, context=context,
-                             progress=progress)
-    return invert.sequential(block, h, y, given, guidance=float(guidance), attn_temp=float(opts.attn_temp),
-                             unroll=unroll, segments=int(opts.cache_segments) if unroll else 1, window=window,
-                             context=context, progress=progress,
-                             splits=invert.resolve_splits(opts.matmul_splits, unroll))
+        return invert.jacobi(
+            block,
+            h,
+            y,
+            given,
+            guidance=float(guidance),
+            attn_temp=float(opts.attn_temp),
+            block_size=int(opts.jacobi_block_size),
+            threshold=opts.jacobi_th,
+            max_iter=int(opts.jacobi_max_iter),
+            unroll=unroll,
+            window=window,
+            context=context,
+            progress=progress,
+        )
+    return invert.sequential(
+        block,
+        h,
+        y,
+        given,
+        guidance=float(guidance),
+        attn_temp=float(opts.attn_temp),
+        unroll=unroll,
+        segments=int(opts.cache_segments) if unroll else 1,
+        window=window,
+        context=context,
+        progress=progress,
+        splits=invert.resolve_splits(opts.matmul_splits, unroll),
+    )
 
 
 def attention_window(cfg, opts: SamplingOptions, frames: int) -> tuple[int | None, int | None]:
@@ -67,8 +90,10 @@ def attention_window(cfg, opts: SamplingOptions, frames: int) -> tuple[int | Non
     if not window or frames <= window:
         return None, None
     if not cfg.shallow_block_local:
-        raise ValueError(f"sampling {frames} frames beyond a {window}-frame attention window needs a model with "
-                         "shallow_block_local=True (frame-local shallow blocks), as in the reference")
+        raise ValueError(
+            f"sampling {frames} frames beyond a {window}-frame attention window needs a model with "
+            "shallow_block_local=True (frame-local shallow blocks), as in the reference"
+        )
     context = opts.context_frames if opts.context_frames is not None else window - 1
     if not 1 <= context < window:
         raise ValueError(f"context_frames must lie in [1, {window - 1}] for a {window}-frame window, got {context}")
@@ -83,9 +108,17 @@ def context_inputs(model: StarFlow, given: jax.Array, y: jax.Array | None) -> li
     return list(out.outputs[:-1])
 
 
-def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: SamplingOptions | None = None,
-           *, given: jax.Array | None = None, on_block: Callable[[int, int], None] | None = None,
-           on_frame: Callable[[int, int], None] | None = None, return_passes: bool = False):
+def sample(
+    model: StarFlow,
+    noise: jax.Array,
+    y: jax.Array | None = None,
+    opts: SamplingOptions | None = None,
+    *,
+    given: jax.Array | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+    on_frame: Callable[[int, int], None] | None = None,
+    return_passes: bool = False,
+):
     """Noise ``(b, c, H, W)`` / ``(b, t, c, H, W)`` to data.
 
     With ``opts.guidance > 0``, ``y`` is ``concat([y_cond, y_null])`` (batch ``2b``);
@@ -106,9 +139,11 @@ def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: 
     if cfg.txt_dim > 0:
         want = 2 * b if guidance > 0 else b
         if y is None or y.shape[0] != want:
-            raise ValueError(f"sampling a batch of {b} needs conditioning with batch {want}"
-                             + (" (concat([y, y_null]) for guidance)" if guidance > 0 else "")
-                             + f", got {None if y is None else tuple(y.shape)}")
+            raise ValueError(
+                f"sampling a batch of {b} needs conditioning with batch {want}"
+                + (" (concat([y, y_null]) for guidance)" if guidance > 0 else "")
+                + f", got {None if y is None else tuple(y.shape)}"
+            )
         model.check_inputs(noise, y[:b])
     else:
         if guidance > 0:
@@ -118,8 +153,10 @@ def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: 
     inputs = None
     if given is not None:
         if noise.ndim != 5 or given.ndim != 5 or given.shape[0] != b or given.shape[2:] != noise.shape[2:]:
-            raise ValueError(f"given frames {tuple(given.shape)} must be a video (b, g, c, H, W) matching the "
-                             f"sampled video {tuple(noise.shape)} in batch, channels and size")
+            raise ValueError(
+                f"given frames {tuple(given.shape)} must be a video (b, g, c, H, W) matching the "
+                f"sampled video {tuple(noise.shape)} in batch, channels and size"
+            )
         if not 1 <= given.shape[1] <= noise.shape[1]:
             raise ValueError(f"given frames: {given.shape[1]}, sampled frames: {noise.shape[1]}")
         if not bool(jnp.all(jnp.isfinite(given))):
@@ -131,8 +168,9 @@ def sample(model: StarFlow, noise: jax.Array, y: jax.Array | None = None, opts: 
     report = on_frame is not None and h.ndim == 5
     frame = h.shape[2] * h.shape[3] if h.ndim == 5 else 1  # tokens per frame
     with invert.progress_hook(lambda done, total: on_frame(done // frame, total // frame) if report else None):
-        h, p = _invert_block(blocks[-1], h, y, opts, guidance, None if inputs is None else inputs[-1], window,
-                             context, progress=report)
+        h, p = _invert_block(
+            blocks[-1], h, y, opts, guidance, None if inputs is None else inputs[-1], window, context, progress=report
+        )
     passes.append(p)
     if on_block:
         on_block(1, len(blocks))

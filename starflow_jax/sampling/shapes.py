@@ -1,6 +1,7 @@
 """Sample shapes for aspect ratios, as the reference chooses them: the area of a square of
 side ``target`` kept, each side rounded to the nearest multiple of ``multiple`` (the
 autoencoder's factor times the patch size, so that latents patchify)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Samples to pictures: image grids (PNG) and frame sequences (GIF, MP4)."""
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ def grid(images: np.ndarray, nrow: int | None = None, pad: int = 1) -> np.ndarra
     out = np.zeros((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), np.uint8)
     for i in range(n):
         r, k = divmod(i, nrow)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i]
+        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = images[i]
     return out
 
 

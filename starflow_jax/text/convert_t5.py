@@ -7,13 +7,15 @@ bare ``T5Stack`` (``embed_tokens.weight``, ``block.{i}...``; what the reference 
 its text encoder). torch ``Linear`` weights ``(out, in)`` become our kernels ``(in, out)``;
 per-layer tensors are stacked along the leading layer axis.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import struct
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +46,16 @@ _TOP_NAMES = {
 }
 
 _SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": jnp.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -70,8 +80,11 @@ def encoder_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     ``encoder.embed_tokens.weight`` are both present and differ."""
     keys = list(state_dict)
     if any(k.startswith("encoder.") for k in keys) or "shared.weight" in state_dict:
-        out = {k: v for k, v in state_dict.items()
-               if not (k.startswith("decoder.") or k == "lm_head.weight" or k in EMBEDDING_KEYS)}
+        out = {
+            k: v
+            for k, v in state_dict.items()
+            if not (k.startswith("decoder.") or k == "lm_head.weight" or k in EMBEDDING_KEYS)
+        }
     else:  # a bare T5Stack
         out = {("encoder." + k): v for k, v in state_dict.items()}
         if "encoder.embed_tokens.weight" in out:
@@ -80,8 +93,10 @@ def encoder_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if len(present) == 2:
         a, b = (np.asarray(_to_numpy(state_dict[k])) for k in present)
         if a.shape != b.shape or not np.array_equal(a, b):
-            raise ValueError("the state dict has both shared.weight and encoder.embed_tokens.weight and they "
-                             "differ; the T5 encoder's embedding is tied to shared.weight")
+            raise ValueError(
+                "the state dict has both shared.weight and encoder.embed_tokens.weight and they "
+                "differ; the T5 encoder's embedding is tied to shared.weight"
+            )
     if present:
         out["encoder.embed_tokens.weight"] = state_dict[present[0]]
     return out
@@ -129,8 +144,12 @@ def read_checkpoint_dir(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"{path} has no config.json")
     with open(config_path) as f:
         config = json.load(f)
-    candidates = [("model.safetensors.index.json", read_safetensors), ("model.safetensors", read_safetensors),
-                  ("pytorch_model.bin.index.json", _read_torch_bin), ("pytorch_model.bin", _read_torch_bin)]
+    candidates = [
+        ("model.safetensors.index.json", read_safetensors),
+        ("model.safetensors", read_safetensors),
+        ("pytorch_model.bin.index.json", _read_torch_bin),
+        ("pytorch_model.bin", _read_torch_bin),
+    ]
     for name, reader in candidates:
         file = os.path.join(path, name)
         if not os.path.exists(file):
@@ -143,16 +162,19 @@ def read_checkpoint_dir(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         for shard in sorted({s for k, s in weight_map.items() if _wanted(k)}):
             tensors.update(reader(os.path.join(path, shard)))
         return config, tensors
-    raise ValueError(f"{path} has no weights: expected one of {[n for n, _ in candidates]}; "
-                     f"found {sorted(os.listdir(path))}")
+    raise ValueError(
+        f"{path} has no weights: expected one of {[n for n, _ in candidates]}; found {sorted(os.listdir(path))}"
+    )
 
 
-def _resolve_config(config: T5Config | Mapping[str, Any] | Any | None, file_config: dict | None,
-                    dtype: str | None) -> T5Config:
+def _resolve_config(
+    config: T5Config | Mapping[str, Any] | Any | None, file_config: dict | None, dtype: str | None
+) -> T5Config:
     if config is None:
         if file_config is None:
-            raise ValueError("converting an in-memory state dict needs config= (a T5Config or the checkpoint's "
-                             "config.json dict)")
+            raise ValueError(
+                "converting an in-memory state dict needs config= (a T5Config or the checkpoint's config.json dict)"
+            )
         config = file_config
     if not isinstance(config, T5Config):
         config = T5Config.from_transformers_config(config)
@@ -161,9 +183,12 @@ def _resolve_config(config: T5Config | Mapping[str, Any] | Any | None, file_conf
     return config
 
 
-def t5_from_transformers(path_or_state_dict: str | os.PathLike | Mapping[str, Any],
-                         config: T5Config | Mapping[str, Any] | None = None, *,
-                         dtype: str | None = None) -> T5Encoder:
+def t5_from_transformers(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    config: T5Config | Mapping[str, Any] | None = None,
+    *,
+    dtype: str | None = None,
+) -> T5Encoder:
     """A ``T5Encoder`` with the weights of a transformers T5 checkpoint directory or of
     an in-memory state dict (torch tensors or arrays).
 
@@ -182,7 +207,10 @@ def t5_from_transformers(path_or_state_dict: str | os.PathLike | Mapping[str, An
     abstract = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = [(tuple(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
-    arrays = gather_named([(path, tuple(var.shape), var.dtype) for path, var in flat],
-                          lambda path, shape: transformers_names(path, cfg.num_layers), sd)
+    arrays = gather_named(
+        [(path, tuple(var.shape), var.dtype) for path, var in flat],
+        lambda path, shape: transformers_names(path, cfg.num_layers),
+        sd,
+    )
     new_state = nnx.from_flat_state([(path, var.replace(jnp.asarray(arrays[path]))) for path, var in flat])
     return nnx.merge(graphdef, new_state)

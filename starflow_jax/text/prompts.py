@@ -8,11 +8,13 @@ positions are exactly zero. The guidance ("null") caption is the empty string, w
 goes through the same templates (``sample.py``: ``y += [""] * len(y)`` before
 ``encode_text``).
 """
+
 from __future__ import annotations
 
 import numbers
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model")
 
 # The reference's chat template; it only applies it for its Gemma embedding-table encoder,
 # never for T5 (``use_template=isinstance(text_encoder, TextEmbedder)``).
-CHAT_TEMPLATE = ("<start_of_turn>user\nPlease generate {mode} about: {prompt}<end_of_turn>\n"
-                 "<start_of_turn>model\n")
+CHAT_TEMPLATE = "<start_of_turn>user\nPlease generate {mode} about: {prompt}<end_of_turn>\n<start_of_turn>model\n"
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
@@ -34,12 +35,14 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     local files only: nothing is downloaded)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ValueError(f"tokenizer directory {path} does not exist (a local checkpoint directory is needed; "
-                         "nothing is downloaded)")
+        raise ValueError(
+            f"tokenizer directory {path} does not exist (a local checkpoint directory is needed; nothing is downloaded)"
+        )
     present = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(path, f))]
     if not present:
-        raise ValueError(f"{path} has no tokenizer files: expected some of {list(TOKENIZER_FILES)}, "
-                         f"found {sorted(os.listdir(path))}")
+        raise ValueError(
+            f"{path} has no tokenizer files: expected some of {list(TOKENIZER_FILES)}, found {sorted(os.listdir(path))}"
+        )
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
@@ -60,9 +63,14 @@ def _per_prompt(value: Any, n: int, name: str) -> list:
     return values
 
 
-def prepare_prompts(prompts: Sequence[str], *, aspect_ratio: str | None = None,
-                    fps: int | Sequence[int] | None = None, noise_std: float | Sequence[float] | None = None,
-                    use_template: bool = False) -> list[str]:
+def prepare_prompts(
+    prompts: Sequence[str],
+    *,
+    aspect_ratio: str | None = None,
+    fps: int | Sequence[int] | None = None,
+    noise_std: float | Sequence[float] | None = None,
+    use_template: bool = False,
+) -> list[str]:
     """The reference's ``preprocess_text``: for each prompt ``txt``,
 
     - ``fps``: ``"A video with {fps} fps:\\n{txt}\\n"`` if ``fps > 0`` else ``"An image:\\n{txt}\\n"``;
@@ -83,8 +91,7 @@ def prepare_prompts(prompts: Sequence[str], *, aspect_ratio: str | None = None,
             raise ValueError(f"fps must be an integer or a sequence of integers, got {fps!r}")
         fps_list = [int(f) for f in _per_prompt(fps, len(text), "fps")]
         modes = ["a video" if f > 0 else "an image" for f in fps_list]
-        text = [f"A video with {f} fps:\n{txt}\n" if f > 0 else f"An image:\n{txt}\n"
-                for txt, f in zip(text, fps_list)]
+        text = [f"A video with {f} fps:\n{txt}\n" if f > 0 else f"An image:\n{txt}\n" for txt, f in zip(text, fps_list)]
     if noise_std is not None:
         if isinstance(noise_std, numbers.Real) and not isinstance(noise_std, bool):
             levels = [int(float(noise_std) * 1000)] * len(text)
@@ -123,14 +130,22 @@ def encode_tokens(encoder: T5Encoder, input_ids: Any, attention_mask: Any) -> ja
     ids, mask = jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32)
     vocab = encoder.config.vocab_size
     if ids.size and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-        raise ValueError(f"token ids outside the encoder's vocabulary [0, {vocab}): the tokenizer does not "
-                         "belong to this encoder")
+        raise ValueError(
+            f"token ids outside the encoder's vocabulary [0, {vocab}): the tokenizer does not belong to this encoder"
+        )
     return _encode_masked(encoder, ids, mask)
 
 
-def encode_prompts(encoder: T5Encoder, tokenizer: Any, prompts: Sequence[str], txt_size: int, *,
-                   aspect_ratio: str | None = None, fps: int | Sequence[int] | None = None,
-                   noise_std: float | Sequence[float] | None = None) -> jax.Array:
+def encode_prompts(
+    encoder: T5Encoder,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    txt_size: int,
+    *,
+    aspect_ratio: str | None = None,
+    fps: int | Sequence[int] | None = None,
+    noise_std: float | Sequence[float] | None = None,
+) -> jax.Array:
     """The reference's ``encode_text`` for a T5 encoder: templates (``prepare_prompts``),
     tokens padded/truncated to ``txt_size``, encoder hidden states with the padded
     positions zeroed; ``(b, txt_size, d_model)`` float32."""
@@ -141,13 +156,21 @@ def encode_prompts(encoder: T5Encoder, tokenizer: Any, prompts: Sequence[str], t
     return encode_tokens(encoder, ids, mask)
 
 
-def null_embedding(encoder: T5Encoder, tokenizer: Any, txt_size: int, *, batch_size: int = 1,
-                   aspect_ratio: str | None = None, fps: int | Sequence[int] | None = None,
-                   noise_std: float | Sequence[float] | None = None) -> jax.Array:
+def null_embedding(
+    encoder: T5Encoder,
+    tokenizer: Any,
+    txt_size: int,
+    *,
+    batch_size: int = 1,
+    aspect_ratio: str | None = None,
+    fps: int | Sequence[int] | None = None,
+    noise_std: float | Sequence[float] | None = None,
+) -> jax.Array:
     """The embedding of the empty caption that the reference uses as the unconditional
     half under classifier-free guidance (and for dropped captions in training): ``""``
     through the same templates and encoder; ``(batch_size, txt_size, d_model)``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    return encode_prompts(encoder, tokenizer, [""] * batch_size, txt_size, aspect_ratio=aspect_ratio, fps=fps,
-                          noise_std=noise_std)
+    return encode_prompts(
+        encoder, tokenizer, [""] * batch_size, txt_size, aspect_ratio=aspect_ratio, fps=fps, noise_std=noise_std
+    )

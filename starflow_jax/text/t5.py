@@ -12,12 +12,14 @@ and applied with ``nnx.scan``. With ``dtype='bfloat16'`` the matmuls run in bflo
 while the parameters stay float32 (``param_dtype``) and the residual stream, norms,
 attention scores and softmax stay float32; the output is always float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +50,10 @@ def parse_feed_forward_proj(feed_forward_proj: str) -> tuple[bool, str]:
     if feed_forward_proj == "gated-gelu":
         act = "gelu_new"
     if act not in ACTIVATIONS:
-        raise ValueError(f"feed_forward_proj {feed_forward_proj!r}: activation {act!r} is not supported; "
-                         f"choose one of {sorted(ACTIVATIONS)}")
+        raise ValueError(
+            f"feed_forward_proj {feed_forward_proj!r}: activation {act!r} is not supported; "
+            f"choose one of {sorted(ACTIVATIONS)}"
+        )
     return gated, act
 
 
@@ -72,8 +76,15 @@ class T5Config:
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
-                     "relative_attention_max_distance"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "d_kv",
+            "d_ff",
+            "num_layers",
+            "num_heads",
+            "relative_attention_max_distance",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"T5Config.{name} must be a positive integer, got {value!r}")
@@ -83,7 +94,8 @@ class T5Config:
         if self.relative_attention_max_distance <= buckets // 4:
             raise ValueError(
                 f"T5Config.relative_attention_max_distance ({self.relative_attention_max_distance}) must exceed "
-                f"the exact-position buckets ({buckets // 4}) of relative_attention_num_buckets={buckets}")
+                f"the exact-position buckets ({buckets // 4}) of relative_attention_num_buckets={buckets}"
+            )
         if not self.layer_norm_epsilon > 0:
             raise ValueError(f"T5Config.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}")
         parse_feed_forward_proj(self.feed_forward_proj)
@@ -105,8 +117,9 @@ class T5Config:
         return self.num_heads * self.d_kv
 
     @classmethod
-    def from_transformers_config(cls, config: Mapping[str, Any] | Any, *, dtype: str = "float32",
-                                 param_dtype: str = "float32") -> "T5Config":
+    def from_transformers_config(
+        cls, config: Mapping[str, Any] | Any, *, dtype: str = "float32", param_dtype: str = "float32"
+    ) -> T5Config:
         """From a transformers T5 ``config.json`` dict (or a ``T5Config`` object).
 
         Missing fields take transformers' defaults; decoder-only and training fields
@@ -120,23 +133,32 @@ class T5Config:
         model_type = config.get("model_type", "t5")
         if model_type not in SUPPORTED_MODEL_TYPES:
             extra = " (umT5 has a relative attention bias in every layer)" if model_type == "umt5" else ""
-            raise ValueError(f"model_type {model_type!r} is not supported; expected one of "
-                             f"{list(SUPPORTED_MODEL_TYPES)}{extra}")
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; expected one of {list(SUPPORTED_MODEL_TYPES)}{extra}"
+            )
         if config.get("is_decoder", False):
             raise ValueError("this is a T5 decoder config (is_decoder=true); only the encoder is supported")
         if config.get("quantization_config") is not None:
             raise ValueError("quantized T5 checkpoints (quantization_config) are not supported")
         defaults = cls()
-        fields = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
-                  "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
-                  "feed_forward_proj")
+        fields = (
+            "vocab_size",
+            "d_model",
+            "d_kv",
+            "d_ff",
+            "num_layers",
+            "num_heads",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
+            "layer_norm_epsilon",
+            "feed_forward_proj",
+        )
         kwargs = {f: config.get(f, getattr(defaults, f)) for f in fields}
         kwargs["layer_norm_epsilon"] = float(kwargs["layer_norm_epsilon"])
         return cls(**kwargs, dtype=dtype, param_dtype=param_dtype)
 
 
-def relative_position_buckets(query_length: int, key_length: int, num_buckets: int,
-                              max_distance: int) -> np.ndarray:
+def relative_position_buckets(query_length: int, key_length: int, num_buckets: int, max_distance: int) -> np.ndarray:
     """The encoder's (bidirectional) relative position bucket of every ``(query, key)``
     pair, ``(query_length, key_length)`` int32, computed in float32 like transformers.
 
@@ -150,8 +172,11 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
     max_exact = half // 2
     is_small = distance < max_exact
     safe = np.maximum(distance, max_exact).astype(np.float32)  # log of the small ones is never used
-    scaled = (np.log(safe / np.float32(max_exact)) / np.float32(math.log(max_distance / max_exact))
-              * np.float32(half - max_exact))
+    scaled = (
+        np.log(safe / np.float32(max_exact))
+        / np.float32(math.log(max_distance / max_exact))
+        * np.float32(half - max_exact)
+    )
     large = np.minimum(max_exact + scaled.astype(np.int64), half - 1)
     return (buckets + np.where(is_small, distance, large)).astype(np.int32)
 
@@ -171,9 +196,16 @@ class T5LayerNorm(nnx.Module):
 
 def _linear(in_features: int, out_features: int, std: float, cfg: T5Config, rngs: nnx.Rngs) -> nnx.Linear:
     """A bias-free dense layer, kernel ``(in, out)``, initialised like transformers (normal)."""
-    return nnx.Linear(in_features, out_features, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                      param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=nnx.initializers.normal(std),
-                      precision=None, rngs=rngs)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=False,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nnx.initializers.normal(std),
+        precision=None,
+        rngs=rngs,
+    )
 
 
 class T5Attention(nnx.Module):
@@ -183,9 +215,9 @@ class T5Attention(nnx.Module):
         self.num_heads, self.d_kv = cfg.num_heads, cfg.d_kv
         d, inner = cfg.d_model, cfg.inner_dim
         self.q = _linear(d, inner, (d * cfg.d_kv) ** -0.5, cfg, rngs)
-        self.k = _linear(d, inner, d ** -0.5, cfg, rngs)
-        self.v = _linear(d, inner, d ** -0.5, cfg, rngs)
-        self.o = _linear(inner, d, inner ** -0.5, cfg, rngs)
+        self.k = _linear(d, inner, d**-0.5, cfg, rngs)
+        self.v = _linear(d, inner, d**-0.5, cfg, rngs)
+        self.o = _linear(inner, d, inner**-0.5, cfg, rngs)
 
     def __call__(self, x: jax.Array, position_bias: jax.Array, mask_bias: jax.Array) -> jax.Array:
         b, length, _ = x.shape
@@ -205,11 +237,11 @@ class T5FeedForward(nnx.Module):
         self.gated, self.activation = cfg.gated, cfg.activation
         d, ff = cfg.d_model, cfg.d_ff
         if self.gated:
-            self.wi_0 = _linear(d, ff, d ** -0.5, cfg, rngs)
-            self.wi_1 = _linear(d, ff, d ** -0.5, cfg, rngs)
+            self.wi_0 = _linear(d, ff, d**-0.5, cfg, rngs)
+            self.wi_1 = _linear(d, ff, d**-0.5, cfg, rngs)
         else:
-            self.wi = _linear(d, ff, d ** -0.5, cfg, rngs)
-        self.wo = _linear(ff, d, ff ** -0.5, cfg, rngs)
+            self.wi = _linear(d, ff, d**-0.5, cfg, rngs)
+        self.wo = _linear(ff, d, ff**-0.5, cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
@@ -250,20 +282,27 @@ class T5Encoder(nnx.Module):
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.config = config
         param_dtype = jnp.dtype(config.param_dtype)
-        self.embed_tokens = nnx.Embed(config.vocab_size, config.d_model, dtype=jnp.float32,
-                                      param_dtype=param_dtype, embedding_init=nnx.initializers.normal(1.0),
-                                      rngs=rngs)
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size,
+            config.d_model,
+            dtype=jnp.float32,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(1.0),
+            rngs=rngs,
+        )
         self.relative_attention_bias = nnx.Param(
             jax.random.normal(rngs.params(), (config.relative_attention_num_buckets, config.num_heads), param_dtype)
-            * config.d_model ** -0.5)
+            * config.d_model**-0.5
+        )
         self.layers = create_layers(config, rngs)
         self.final_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon, param_dtype=param_dtype)
 
     def position_bias(self, length: int) -> jax.Array:
         """The relative position bias ``(1, heads, length, length)``, float32."""
         cfg = self.config
-        buckets = relative_position_buckets(length, length, cfg.relative_attention_num_buckets,
-                                            cfg.relative_attention_max_distance)
+        buckets = relative_position_buckets(
+            length, length, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+        )
         bias = jnp.take(self.relative_attention_bias[...].astype(jnp.float32), jnp.asarray(buckets), axis=0)
         return jnp.transpose(bias, (2, 0, 1))[None]
 

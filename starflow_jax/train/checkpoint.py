@@ -1,14 +1,22 @@
 """Orbax checkpoints of the train state and the data iterator's position, with an
 integrity record (``interop.integrity``): a state holding NaN or Inf is never saved, a
 step that does not read back as saved is set aside and the previous one is used."""
+
 from __future__ import annotations
 
 import jax
 import orbax.checkpoint as ocp
 
 from starflow_jax import storage
-from starflow_jax.interop.integrity import (CheckpointUnreadable, first_line, fingerprints, non_finite_leaves,
-                                             read_integrity, silence_abandoned_reads, verify)
+from starflow_jax.interop.integrity import (
+    CheckpointUnreadable,
+    fingerprints,
+    first_line,
+    non_finite_leaves,
+    read_integrity,
+    silence_abandoned_reads,
+    verify,
+)
 
 SET_ASIDE = "checkpoints_set_aside"  # beside checkpoints/: steps moved out of the run, never deleted
 
@@ -20,9 +28,13 @@ class NonFiniteState(ValueError):
 def manager(directory, keep: int, every: int) -> ocp.CheckpointManager:
     if int(keep) < 1:
         raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(int(every), 1),
-                                           enable_async_checkpointing=True, create=True,
-                                           cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        save_interval_steps=max(int(every), 1),
+        enable_async_checkpointing=True,
+        create=True,
+        cleanup_tmp_directories=True,
+    )
     return ocp.CheckpointManager(storage.for_orbax(directory), options=options)
 
 
@@ -34,11 +46,16 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict, force: 
     sums, finite = fingerprints(state)
     if not finite:
         bad = non_finite_leaves(state)
-        raise NonFiniteState(f"the state at step {step} holds NaN or Inf ({len(bad)} arrays, e.g. {bad[:3]}); "
-                             "not saved")
-    return mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  data=ocp.args.JsonSave(data_state),
-                                                  integrity=ocp.args.JsonSave(sums)), force=True)
+        raise NonFiniteState(
+            f"the state at step {step} holds NaN or Inf ({len(bad)} arrays, e.g. {bad[:3]}); not saved"
+        )
+    return mgr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), integrity=ocp.args.JsonSave(sums)
+        ),
+        force=True,
+    )
 
 
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
@@ -47,8 +64,9 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
     where = f"checkpoint step {step} in {mgr.directory}"
     saved = read_integrity(mgr.directory, step)
     try:
-        out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                        data=ocp.args.JsonRestore()))
+        out = mgr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+        )
     except Exception as e:  # noqa: BLE001 - TensorStore, metadata and structure errors alike
         silence_abandoned_reads()
         raise CheckpointUnreadable(f"{where} cannot be read: {first_line(e)}") from None
@@ -71,8 +89,9 @@ def set_aside(workdir, step: int):
     return dst
 
 
-def restore_newest_good(mgr: ocp.CheckpointManager, abstract_state, workdir, log,
-                        step: int | None = None, barrier=lambda name: None):
+def restore_newest_good(
+    mgr: ocp.CheckpointManager, abstract_state, workdir, log, step: int | None = None, barrier=lambda name: None
+):
     """The newest checkpoint that reads back as saved (``step``: that one, and the newer
     ones are set aside so that the run continues from it). Unreadable steps are reported
     and set aside, never deleted. Returns ``(step, state, data state)``, or

@@ -1,5 +1,6 @@
 """The training loop: data, the training program (train.program), logging, held-out bits per
 dimension, checkpoints (resume picks up the latest), sample grids."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,12 +23,12 @@ from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, ev
 from starflow_jax.data.sources import DataSpec, make_data
 from starflow_jax.flow.loss import bits_per_dim
 from starflow_jax.train import checkpoint
+from starflow_jax.train import step as S
 from starflow_jax.train import workdir as wd
 from starflow_jax.train.metrics_writer import MetricsWriter
 from starflow_jax.train.program import Program, build_program, training_mesh
 from starflow_jax.train.termination import Termination, distributed_client
 from starflow_jax.train.workdir import WorkdirError, WorkdirLock
-from starflow_jax.train import step as S
 
 
 def data_scale(config) -> float:
@@ -92,9 +93,12 @@ def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, se
         shape, nrow = (frames,) + shape, frames
     noise = jax.random.normal(jax.random.key(seed), (y.shape[0],) + shape)
     noise = noise * float(config.sample.temperature)
-    x = sample(model, noise, jnp.concatenate([y, y_null]) if g > 0 else y,
-               SamplingOptions(guidance=g, jacobi=True, jacobi_block_size=cfg.seq_side ** 2, jacobi_th=1e-5,
-                               jacobi_max_iter=64))
+    x = sample(
+        model,
+        noise,
+        jnp.concatenate([y, y_null]) if g > 0 else y,
+        SamplingOptions(guidance=g, jacobi=True, jacobi_block_size=cfg.seq_side**2, jacobi_th=1e-5, jacobi_max_iter=64),
+    )
     x = np.asarray(x)
     if frames:
         x = x.reshape((-1,) + x.shape[2:])
@@ -120,8 +124,7 @@ class _Progress:
         rate = (done - self.start) / max(time.time() - self.t0, 1e-9)
         eta = (self.total - done) / max(rate, 1e-9)
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        print(f"\r[{bar}] {done}/{self.total} {rate:.1f} steps/s eta {eta:.0f}s", end="", file=sys.stderr,
-              flush=True)
+        print(f"\r[{bar}] {done}/{self.total} {rate:.1f} steps/s eta {eta:.0f}s", end="", file=sys.stderr, flush=True)
 
     def clear(self) -> None:
         if self.on:
@@ -140,8 +143,9 @@ def init_params_from(source: str | pathlib.Path, config, params, step: int | Non
     # how the model computes (dtypes, attention kernel) may change, and the parameters are cast
     # to this run's param_dtype; its architecture may not (equal architectures give equal
     # parameter shapes: load_params restored them by src_cfg)
-    arch = wd.model_differences(dataclasses.asdict(src_cfg), dataclasses.asdict(cfg),
-                                ignore=wd.COMPUTE_ONLY + ("param_dtype",), prefix="")
+    arch = wd.model_differences(
+        dataclasses.asdict(src_cfg), dataclasses.asdict(cfg), ignore=wd.COMPUTE_ONLY + ("param_dtype",), prefix=""
+    )
     if arch:
         raise WorkdirError(f"cannot initialise from {source}: its model differs: " + "; ".join(arch))
     return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), src_params, params)
@@ -152,9 +156,17 @@ class TrainingStopped(RuntimeError):
     good checkpoint."""
 
 
-def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: int | None = None,
-          init_from: str | None = None, init_step: int | None = None, init_ema: bool = False,
-          step: int | None = None) -> dict:
+def train(
+    config,
+    workdir: str,
+    overwrite: bool = False,
+    log=print,
+    stop_after: int | None = None,
+    init_from: str | None = None,
+    init_step: int | None = None,
+    init_ema: bool = False,
+    step: int | None = None,
+) -> dict:
     """Train ``config`` in ``workdir``, resuming its newest readable checkpoint (``step``:
     that checkpoint; newer ones are set aside). ``stop_after`` ends the run early after
     that step (with a checkpoint), as a preemption would; SIGTERM does the same at the
@@ -175,16 +187,19 @@ def train(config, workdir: str, overwrite: bool = False, log=print, stop_after: 
     mesh = training_mesh(config)
     lock = WorkdirLock(workdir)
     try:
-        with Termination(client=distributed_client(), process=jax.process_index(),
-                         processes=jax.process_count()) as term:
-            return _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_step, init_ema, step,
-                                 data, mesh, term)
+        with Termination(
+            client=distributed_client(), process=jax.process_index(), processes=jax.process_count()
+        ) as term:
+            return _train_locked(
+                config, workdir, overwrite, log, stop_after, init_from, init_step, init_ema, step, data, mesh, term
+            )
     finally:
         lock.release()
 
 
-def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_step, init_ema, step, data, mesh,
-                  term) -> dict:
+def _train_locked(
+    config, workdir, overwrite, log, stop_after, init_from, init_step, init_ema, step, data, mesh, term
+) -> dict:
     wd.prepare(workdir, config, overwrite, log)
     resume = wd.has_checkpoints(workdir)
     if step is not None and not resume:
@@ -202,21 +217,36 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
     mgr = checkpoint.manager(workdir / "checkpoints", int(t.keep_checkpoints), int(t.checkpoint_every))
     start = 0
     if resume:
-        found, restored, data_state = checkpoint.restore_newest_good(mgr, program.abstract_state, workdir, log, step,
-                                                                     wd.barrier)
+        found, restored, data_state = checkpoint.restore_newest_good(
+            mgr, program.abstract_state, workdir, log, step, wd.barrier
+        )
         if found is None:
-            raise WorkdirError(f"no checkpoint in {workdir / 'checkpoints'} could be read (each was set aside to "
-                               f"{workdir / checkpoint.SET_ASIDE}); pass --overwrite to start a new run there")
+            raise WorkdirError(
+                f"no checkpoint in {workdir / 'checkpoints'} could be read (each was set aside to "
+                f"{workdir / checkpoint.SET_ASIDE}); pass --overwrite to start a new run there"
+            )
         start, state = found, restored
         it.set_state(data_state)
         dropped = wd.truncate_metrics(workdir, start)
-        log(f"resumed from {workdir / 'checkpoints'} at step {start}"
-            + (f" (dropped {dropped} metrics rows logged after it)" if dropped else ""))
+        log(
+            f"resumed from {workdir / 'checkpoints'} at step {start}"
+            + (f" (dropped {dropped} metrics rows logged after it)" if dropped else "")
+        )
     else:
         state = program.init_state(params)
     step_fn = program.step  # one compilation per batch layout (image / video batches share the state)
-    run = _Run(config=config, workdir=workdir, hp=hp, data=data, mesh=mesh, program=program, mgr=mgr,
-               graphdef=graphdef, log=log, term=term)
+    run = _Run(
+        config=config,
+        workdir=workdir,
+        hp=hp,
+        data=data,
+        mesh=mesh,
+        program=program,
+        mgr=mgr,
+        graphdef=graphdef,
+        log=log,
+        term=term,
+    )
     with jax.set_mesh(mesh):  # activations keep their batch sharding (parallel.rules.constrain_batch)
         try:
             return _steps(run, it, state, start, step_fn, stop_after)
@@ -234,6 +264,7 @@ def _train_locked(config, workdir, overwrite, log, stop_after, init_from, init_s
 @dataclasses.dataclass
 class _Run:
     """What the step loop needs besides the state and the step function."""
+
     config: object
     workdir: pathlib.Path
     hp: S.StepConfig
@@ -273,10 +304,15 @@ class _SkipWatch:
 def _stop_message(run: _Run, why: str, before: int | None = None) -> str:
     """``why``, and the newest checkpoint (written before step ``before``) to go back to."""
     steps = [s for s in run.mgr.all_steps() if before is None or s < before]
-    where = (f"the last good checkpoint is step {max(steps)} in {run.workdir / 'checkpoints'}" if steps
-             else "no checkpoint was written before it")
-    return (f"{why}; {where}. Lower train.lr, check the data, or raise train.max_consecutive_skips, then resume "
-            "with --step N (or run the same command to resume the newest checkpoint)")
+    where = (
+        f"the last good checkpoint is step {max(steps)} in {run.workdir / 'checkpoints'}"
+        if steps
+        else "no checkpoint was written before it"
+    )
+    return (
+        f"{why}; {where}. Lower train.lr, check the data, or raise train.max_consecutive_skips, then resume "
+        "with --step N (or run the same command to resume the newest checkpoint)"
+    )
 
 
 class _Trace:
@@ -299,8 +335,9 @@ class _Trace:
         if self.on and step >= self.last:
             jax.block_until_ready(state)
             self.close()
-            self.log(f"profile of steps {self.first}-{self.last}: {self.directory} (tensorboard --logdir "
-                     f"{self.directory})")
+            self.log(
+                f"profile of steps {self.first}-{self.last}: {self.directory} (tensorboard --logdir {self.directory})"
+            )
 
     def close(self) -> None:
         if self.on:
@@ -334,8 +371,10 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
                 video = np.ndim(local["image"]) == 5  # image batches (secondary data) keep all of theirs
                 local = drop_first_frame(local, video and drop_image_decision(int(t.seed), s, drop_image))
             local = {k: np.asarray(v) for k, v in local.items() if k in ("image", "label", "cond")}
-            batch = {k: jax.make_array_from_process_local_data(sh, local[k])
-                     for k, sh in run.program.batch_shardings(local).items()}
+            batch = {
+                k: jax.make_array_from_process_local_data(sh, local[k])
+                for k, sh in run.program.batch_shardings(local).items()
+            }
             state, m = step_fn(state, batch)
             done = s + 1
             trace.after(done, state)
@@ -344,30 +383,50 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
                 bad = skips.flush()
             if bad is not None:
                 first = bad - skips.run + 1
-                raise TrainingStopped(_stop_message(run, f"stopped at step {bad}: the {skips.run} updates since step "
-                                                         f"{first} were all skipped (non-finite loss, gradients or "
-                                                         "parameters)", before=first))
+                raise TrainingStopped(
+                    _stop_message(
+                        run,
+                        f"stopped at step {bad}: the {skips.run} updates since step "
+                        f"{first} were all skipped (non-finite loss, gradients or "
+                        "parameters)",
+                        before=first,
+                    )
+                )
             progress.update(done)
             if done % int(t.log_every) == 0 or done == total:
                 now = time.time()
-                row = dict(step=done, loss=float(m["loss"]), bpd=float(bits_per_dim(m["loss"], data_scale(config))),
-                           grad_norm=float(m["grad_norm"]), lr=float(m["lr"]), skipped=int(m["skipped"]),
-                           steps_per_s=(done - last_step) / max(now - last_t, 1e-9))
+                row = dict(
+                    step=done,
+                    loss=float(m["loss"]),
+                    bpd=float(bits_per_dim(m["loss"], data_scale(config))),
+                    grad_norm=float(m["grad_norm"]),
+                    lr=float(m["lr"]),
+                    skipped=int(m["skipped"]),
+                    steps_per_s=(done - last_step) / max(now - last_t, 1e-9),
+                )
                 if hp.denoiser:
-                    row.update(denoiser_loss=float(m["denoiser_loss"]),
-                               denoiser_grad_norm=float(m["denoiser_grad_norm"]))
+                    row.update(
+                        denoiser_loss=float(m["denoiser_loss"]), denoiser_grad_norm=float(m["denoiser_grad_norm"])
+                    )
                 last_t, last_step = now, done
                 if heldout is not None and t.eval_every and (done % int(t.eval_every) == 0 or done == total):
                     row["heldout_bpd"] = evaluate(config, run.graphdef, state.params, heldout, hp, run.mesh)
                 writer.write(done, row)
                 progress.clear()
-                log(f"step {done}/{total}  loss {row['loss']:.4f}  bpd {row['bpd']:.3f}  grad {row['grad_norm']:.3f}  "
+                log(
+                    f"step {done}/{total}  loss {row['loss']:.4f}  bpd {row['bpd']:.3f}  grad {row['grad_norm']:.3f}  "
                     f"lr {row['lr']:.2e}  skipped {row['skipped']}  {row['steps_per_s']:.1f} steps/s"
                     + (f"  denoiser loss {row['denoiser_loss']:.4f}" if hp.denoiser else "")
-                    + (f"  held-out bpd {row['heldout_bpd']:.3f}" if "heldout_bpd" in row else ""))
+                    + (f"  held-out bpd {row['heldout_bpd']:.3f}" if "heldout_bpd" in row else "")
+                )
             if sample_every and done % sample_every == 0 and done < total:
-                sample_grid(config, run.graphdef, state.ema if state.ema is not None else state.params,
-                            workdir / f"samples_{done:07d}.png", data)
+                sample_grid(
+                    config,
+                    run.graphdef,
+                    state.ema if state.ema is not None else state.params,
+                    workdir / f"samples_{done:07d}.png",
+                    data,
+                )
             # asked to stop (SIGTERM, any process): every process stops after the agreed step, with a
             # checkpoint; agreed at the last step, the run simply ends as usual
             agreed = run.term.stop_step(done)
@@ -393,24 +452,37 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
     run.mgr.wait_until_finished()
     if stopped is not None and int(state.step) < total:
         if stopped == "SIGTERM":
-            log(f"stopped by SIGTERM after step {int(state.step)}; the newest checkpoint is step "
-                f"{run.mgr.latest_step()}: run the same command to resume")
+            log(
+                f"stopped by SIGTERM after step {int(state.step)}; the newest checkpoint is step "
+                f"{run.mgr.latest_step()}: run the same command to resume"
+            )
         return dict(steps=int(state.step), stopped=True, reason=stopped)
     heldout_bpd = None if heldout is None else evaluate(config, run.graphdef, state.params, heldout, hp, run.mesh)
-    sample_grid(config, run.graphdef, state.ema if state.ema is not None else state.params, workdir / "samples.png",
-                data)
-    result = dict(steps=total, heldout_bpd=heldout_bpd, seconds=time.time() - t0, skipped=int(state.skipped),
-                  samples=str(workdir / "samples.png"), checkpoint=str(workdir / "checkpoints"))
+    sample_grid(
+        config, run.graphdef, state.ema if state.ema is not None else state.params, workdir / "samples.png", data
+    )
+    result = dict(
+        steps=total,
+        heldout_bpd=heldout_bpd,
+        seconds=time.time() - t0,
+        skipped=int(state.skipped),
+        samples=str(workdir / "samples.png"),
+        checkpoint=str(workdir / "checkpoints"),
+    )
     summary = "" if heldout_bpd is None else f"held-out bits/dim {heldout_bpd:.3f}"
     if data.train_images is not None:  # the digits: Gaussian baselines on the same split
         from starflow_jax.data.baselines import gaussian_bpd
 
         levels = int(t.levels)
-        result["gaussian_full_cov_bpd"] = full = gaussian_bpd(data.train_images, data.heldout_images, levels,
-                                                              full_covariance=True)
-        result["gaussian_diag_bpd"] = diag = gaussian_bpd(data.train_images, data.heldout_images, levels,
-                                                          full_covariance=False)
-        summary += f" (Gaussians fitted to the training split: full covariance {full:.3f}, independent pixels {diag:.3f})"
+        result["gaussian_full_cov_bpd"] = full = gaussian_bpd(
+            data.train_images, data.heldout_images, levels, full_covariance=True
+        )
+        result["gaussian_diag_bpd"] = diag = gaussian_bpd(
+            data.train_images, data.heldout_images, levels, full_covariance=False
+        )
+        summary += (
+            f" (Gaussians fitted to the training split: full covariance {full:.3f}, independent pixels {diag:.3f})"
+        )
     if lead:
         (workdir / "result.json").write_text(json.dumps(result, indent=2))
     log(f"{summary}; samples {workdir / 'samples.png'}; {result['seconds']:.0f}s".lstrip("; "))

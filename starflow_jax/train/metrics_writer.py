@@ -6,6 +6,7 @@ in a local staging directory (``metrics.jsonl`` starting from the workdir's copy
 uploaded whole, at most every ``sync_s`` seconds and when the writer closes. A run killed
 without closing loses at most the last ``sync_s`` seconds of rows there (a resumed run logs
 the steps after its checkpoint again)."""
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,8 @@ def read_scalars(logdir: str | pathlib.Path) -> dict[str, list[tuple[int, float]
         data = path.read_bytes()
         i = 0
         while i + 12 <= len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
             i += 12 + n + 4
             for v in ev.summary.value:
                 out.setdefault(v.tag, []).append((int(ev.step), float(v.simple_value)))

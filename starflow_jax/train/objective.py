@@ -1,5 +1,6 @@
 """The training objective as pure functions: noise augmentation, label dropout, the
 reference's weighted NLL with latent-norm regularisation."""
+
 from __future__ import annotations
 
 import jax

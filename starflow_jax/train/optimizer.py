@@ -1,4 +1,5 @@
 """AdamW with the reference's defaults and a linear-warmup, cosine-decay schedule."""
+
 from __future__ import annotations
 
 import optax
@@ -8,13 +9,17 @@ def lr_schedule(lr: float, min_lr: float, warmup_steps: int, total_steps: int) -
     warmup_steps = max(int(warmup_steps), 1)
     decay = max(int(total_steps) - warmup_steps, 1)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, warmup_steps),
-         optax.cosine_decay_schedule(lr, decay, alpha=min_lr / lr if lr > 0 else 0.0)],
-        boundaries=[warmup_steps])
+        [
+            optax.linear_schedule(0.0, lr, warmup_steps),
+            optax.cosine_decay_schedule(lr, decay, alpha=min_lr / lr if lr > 0 else 0.0),
+        ],
+        boundaries=[warmup_steps],
+    )
 
 
-def adamw(schedule, *, b1: float = 0.9, b2: float = 0.95, weight_decay: float = 1e-4,
-          grad_clip: float = 0.0) -> optax.GradientTransformation:
+def adamw(
+    schedule, *, b1: float = 0.9, b2: float = 0.95, weight_decay: float = 1e-4, grad_clip: float = 0.0
+) -> optax.GradientTransformation:
     parts = []
     if grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
@@ -37,8 +42,9 @@ def param_labels(params):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def flow_and_denoiser(flow_tx: optax.GradientTransformation, denoiser_schedule, *, weight_decay: float = 1e-4,
-                      grad_clip: float = 0.0) -> optax.GradientTransformation:
+def flow_and_denoiser(
+    flow_tx: optax.GradientTransformation, denoiser_schedule, *, weight_decay: float = 1e-4, grad_clip: float = 0.0
+) -> optax.GradientTransformation:
     """The reference's two optimizers as one transformation: ``flow_tx`` for the flow and,
     for the learnable denoiser, its own AdamW (torch defaults b1 0.9, b2 0.999; lr 1e-4
     with warmup and cosine decay to 1e-6 in the reference) with its own gradient clipping."""

@@ -2,6 +2,7 @@
 alike: the model's structure, the optimizer and its schedules, the step settings, the
 train state's shardings over the mesh and the jitted step with explicit shardings. What
 ``plan`` compiles for a TPU slice is therefore what ``train`` runs there."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,13 +25,21 @@ from starflow_jax.train import step as S
 def step_settings(config, num_classes: int) -> S.StepConfig:
     """``config.train``'s settings of the step (noise, drops, clipping, remat, accumulation)."""
     t = config.train
-    return S.StepConfig(noise_std=float(t.noise_std), noise_type=str(t.noise_type), levels=int(t.levels),
-                        num_classes=num_classes,
-                        drop_label=float(t.drop_label), latent_norm_regularization=float(t.latent_norm_regularization),
-                        grad_clip=float(t.grad_clip), grad_skip=bool(t.grad_skip), ema_decay=float(t.ema_decay),
-                        remat=resolve_remat(t.remat), grad_accum=int(t.grad_accum),
-                        cond_noise_level=bool(t.cond_noise_level),
-                        denoiser=bool(config.model.learnable_self_denoiser))
+    return S.StepConfig(
+        noise_std=float(t.noise_std),
+        noise_type=str(t.noise_type),
+        levels=int(t.levels),
+        num_classes=num_classes,
+        drop_label=float(t.drop_label),
+        latent_norm_regularization=float(t.latent_norm_regularization),
+        grad_clip=float(t.grad_clip),
+        grad_skip=bool(t.grad_skip),
+        ema_decay=float(t.ema_decay),
+        remat=resolve_remat(t.remat),
+        grad_accum=int(t.grad_accum),
+        cond_noise_level=bool(t.cond_noise_level),
+        denoiser=bool(config.model.learnable_self_denoiser),
+    )
 
 
 def optimizer_for(config, cfg: ModelConfig):
@@ -38,13 +47,16 @@ def optimizer_for(config, cfg: ModelConfig):
     learnable denoiser, its parameters on their own schedule (``train.denoiser_lr``)."""
     t = config.train
     sched = optimizer.lr_schedule(float(t.lr), float(t.min_lr), int(t.warmup_steps), int(t.steps))
-    tx = optimizer.adamw(sched, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay),
-                         grad_clip=float(t.grad_clip))
+    tx = optimizer.adamw(
+        sched, b1=float(t.b1), b2=float(t.b2), weight_decay=float(t.weight_decay), grad_clip=float(t.grad_clip)
+    )
     if cfg.learnable_self_denoiser:
-        den_sched = optimizer.lr_schedule(float(t.denoiser_lr), float(t.denoiser_min_lr), int(t.warmup_steps),
-                                          int(t.steps))
-        tx = optimizer.flow_and_denoiser(tx, den_sched, weight_decay=float(t.weight_decay),
-                                         grad_clip=float(t.grad_clip))
+        den_sched = optimizer.lr_schedule(
+            float(t.denoiser_lr), float(t.denoiser_min_lr), int(t.warmup_steps), int(t.steps)
+        )
+        tx = optimizer.flow_and_denoiser(
+            tx, den_sched, weight_decay=float(t.weight_decay), grad_clip=float(t.grad_clip)
+        )
     return sched, tx
 
 
@@ -54,6 +66,7 @@ class Program:
     shapes, dtypes and shardings (nothing allocated); ``step(state, batch)`` runs the jitted
     step (one compilation per batch layout: keys and ranks); ``lower(state, batch)``
     lowers it (arrays or ``jax.ShapeDtypeStruct``s)."""
+
     config: object
     cfg: ModelConfig
     mesh: object
@@ -78,8 +91,10 @@ class Program:
             bshard = {k: batch_sharding(self.mesh, ndim) for k, ndim in layout}  # as batch_shardings gives
             self._jitted[layout] = jax.jit(
                 functools.partial(S.train_step, graphdef=self.graphdef, tx=self.tx, hp=self.hp, schedule=self.schedule),
-                in_shardings=(self.state_shardings, bshard), out_shardings=(self.state_shardings, None),
-                donate_argnums=0)
+                in_shardings=(self.state_shardings, bshard),
+                out_shardings=(self.state_shardings, None),
+                donate_argnums=0,
+            )
         return self._jitted[layout]
 
     @staticmethod
@@ -129,12 +144,22 @@ def build_program(config, mesh, num_classes: int) -> Program:
     graphdef = nnx.graphdef(model)
     sched, tx = optimizer_for(config, cfg)
     hp = step_settings(config, num_classes)
-    abstract = jax.eval_shape(lambda st: S.init_state(nnx.merge(graphdef, st), tx, seed, hp.ema_decay > 0),
-                              nnx.state(model))
+    abstract = jax.eval_shape(
+        lambda st: S.init_state(nnx.merge(graphdef, st), tx, seed, hp.ema_decay > 0), nnx.state(model)
+    )
     shard = tree_shardings(abstract, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
-    return Program(config=config, cfg=cfg, mesh=mesh, graphdef=graphdef, schedule=sched, tx=tx, hp=hp,
-                   state_shardings=shard, abstract_state=abstract)
+    return Program(
+        config=config,
+        cfg=cfg,
+        mesh=mesh,
+        graphdef=graphdef,
+        schedule=sched,
+        tx=tx,
+        hp=hp,
+        state_shardings=shard,
+        abstract_state=abstract,
+    )
 
 
 def batch_layout(config) -> tuple[int, dict]:
@@ -158,8 +183,9 @@ def batch_layout(config) -> tuple[int, dict]:
     if int(m.get("temporal_causal", 0) or 0):
         frames = latent_frames(config)
         if not frames:
-            raise ValueError("a video model's batches are clips: set data.num_frames (latent frames per clip) or "
-                             "data.vid_size")
+            raise ValueError(
+                "a video model's batches are clips: set data.num_frames (latent frames per clip) or data.vid_size"
+            )
         image = (frames,) + image
     layout = dict(image=(image, np.float32))
     if num_classes:

@@ -1,4 +1,5 @@
 """The train state and the pure train step (jit it with explicit shardings)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,9 +44,14 @@ class StepConfig:
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, ema: bool) -> TrainState:
     params = nnx.state(model, nnx.Param)
-    return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
-                      ema=jax.tree.map(jnp.copy, params) if ema else None, skipped=jnp.int32(0),
-                      rng=jax.random.key_data(jax.random.key(seed)))
+    return TrainState(
+        step=jnp.int32(0),
+        params=params,
+        opt_state=tx.init(params),
+        ema=jax.tree.map(jnp.copy, params) if ema else None,
+        skipped=jnp.int32(0),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
 
 
 def conditioning(batch: dict, labels, hp: StepConfig):
@@ -95,8 +101,9 @@ def _group_norm(grads, labels, group: str):
     return optax.tree.norm(leaves) if leaves else jnp.float32(0.0)
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation, hp: StepConfig,
-               schedule=None):
+def train_step(
+    state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation, hp: StepConfig, schedule=None
+):
     """One update. A non-finite loss, gradient norm or updated parameter (or, with ``grad_skip``, a gradient
     norm over ``grad_clip`` after ``grad_skip_after`` steps; the flow's or the denoiser's)
     skips the update and counts it. With ``hp.grad_accum = k`` the batch is split into
@@ -142,7 +149,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
     new_params = optax.apply_updates(state.params, updates)
     # an update that overflows (a diverging run) is skipped too: the state never holds NaN / Inf
     ok = ok & jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_params)]))
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+    def keep(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
     params = keep(new_params, state.params)
     opt_state = keep(new_opt, state.opt_state)
     ema = state.ema
@@ -153,8 +163,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
     metrics.update(grad_norm=gnorm, skipped=skipped)
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema,
-                              skipped=skipped)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, skipped=skipped)
     return new_state, metrics
 
 

@@ -14,6 +14,7 @@ Python runs signal handlers only when the main thread runs Python code, which a 
 blocked in a collective does not; the handler is therefore also watched through the
 signal wake-up descriptor by a thread of its own, which publishes the request and starts
 the grace timer."""
+
 from __future__ import annotations
 
 import os
@@ -70,15 +71,19 @@ class Termination:
             self._start()  # another process's signal: this one stops too, within the same grace
         self.client.key_value_set(f"{AT_KEY}/{self.process}", str(done), allow_overwrite=True)
         try:
-            at = [int(self.client.blocking_key_value_get(f"{AT_KEY}/{q}", int(self.grace * 1000)))
-                  for q in range(self.processes)]
+            at = [
+                int(self.client.blocking_key_value_get(f"{AT_KEY}/{q}", int(self.grace * 1000)))
+                for q in range(self.processes)
+            ]
         except Exception as e:  # noqa: BLE001 - a process never answered (gone, or finished)
-            raise RuntimeError(f"SIGTERM: the processes could not agree on a step to stop at within {self.grace:.0f} s "
-                               f"({str(e).splitlines()[0][:120]}); stopping without a checkpoint") from None
+            raise RuntimeError(
+                f"SIGTERM: the processes could not agree on a step to stop at within {self.grace:.0f} s "
+                f"({str(e).splitlines()[0][:120]}); stopping without a checkpoint"
+            ) from None
         self.agreed = max(at)
         return self.agreed
 
-    def __enter__(self) -> "Termination":
+    def __enter__(self) -> Termination:
         if threading.current_thread() is not threading.main_thread():
             return self
         self._r, self._w = socket.socketpair()
@@ -112,15 +117,22 @@ class Termination:
                 self.client.key_value_set(STOP_KEY, str(self.process), allow_overwrite=True)
             except Exception:  # noqa: BLE001 - the coordinator is gone: the grace timer still ends this process
                 pass
-        print(f"starflow-jax: SIGTERM: stopping at the next step (exiting in {self.grace:.0f} s at the latest)",
-              file=sys.stderr, flush=True)
+        print(
+            f"starflow-jax: SIGTERM: stopping at the next step (exiting in {self.grace:.0f} s at the latest)",
+            file=sys.stderr,
+            flush=True,
+        )
         self._timer = threading.Timer(self.grace, self._expire)
         self._timer.daemon = True
         self._timer.start()
 
     def _expire(self) -> None:
-        print(f"starflow-jax: still running {self.grace:.0f} s after SIGTERM (blocked, e.g. on a process that is "
-              f"gone); exiting now", file=sys.stderr, flush=True)
+        print(
+            f"starflow-jax: still running {self.grace:.0f} s after SIGTERM (blocked, e.g. on a process that is "
+            f"gone); exiting now",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(EXIT_CODE)
 
     def __exit__(self, *exc) -> None:

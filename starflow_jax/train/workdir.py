@@ -10,6 +10,7 @@ by ``starflow-jax import`` (a run trained there starts from those parameters).
 A workdir may lie on object storage (``gs://bucket/run``: ``starflow_jax.storage``); there it
 is not locked (see WorkdirLock).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,10 @@ class WorkdirLock:
         except OSError:
             holder = pathlib.Path(self.path).read_text().strip() or "another process"
             os.close(self.fd)
-            raise WorkdirError(f"{workdir} is in use by another run ({holder}); wait for it to finish or stop it, "
-                               "or choose another --workdir") from None
+            raise WorkdirError(
+                f"{workdir} is in use by another run ({holder}); wait for it to finish or stop it, "
+                "or choose another --workdir"
+            ) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
 
@@ -78,8 +81,11 @@ def model_differences(old: dict, new: dict, ignore=COMPUTE_ONLY, prefix: str = "
     """The model settings (but ``ignore``) in which two configs differ, each as
     ``<prefix>key: <old> there, <new> here``."""
     keys = sorted((set(old) | set(new)) - set(ignore))
-    return [f"{prefix}{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in keys
-            if _norm(old.get(k)) != _norm(new.get(k))]
+    return [
+        f"{prefix}{k}: {old.get(k)!r} there, {new.get(k)!r} here"
+        for k in keys
+        if _norm(old.get(k)) != _norm(new.get(k))
+    ]
 
 
 def _norm(v):
@@ -92,13 +98,18 @@ def config_conflicts(old: dict, new: dict, has_checkpoints: bool) -> list[str]:
     out = model_differences(old.get("model", {}), new.get("model", {}))
     if "data" in old:  # a workdir made by `import` has no data section
         keys = sorted(set(old["data"]) | set(new.get("data", {})))
-        out += [f"data.{k}: {old['data'].get(k)!r} there, {new.get('data', {}).get(k)!r} here" for k in keys
-                if _norm(old["data"].get(k)) != _norm(new.get("data", {}).get(k))]
+        out += [
+            f"data.{k}: {old['data'].get(k)!r} there, {new.get('data', {}).get(k)!r} here"
+            for k in keys
+            if _norm(old["data"].get(k)) != _norm(new.get("data", {}).get(k))
+        ]
     if has_checkpoints and "train" in old:
         was, now = float(old["train"].get("ema_decay", 0.0)) > 0, float(new["train"]["ema_decay"]) > 0
         if was != now:
-            out.append(f"train.ema_decay: the checkpoints {'hold' if was else 'hold no'} EMA parameters "
-                       f"(ema_decay {old['train'].get('ema_decay')} there, {new['train']['ema_decay']} here)")
+            out.append(
+                f"train.ema_decay: the checkpoints {'hold' if was else 'hold no'} EMA parameters "
+                f"(ema_decay {old['train'].get('ema_decay')} there, {new['train']['ema_decay']} here)"
+            )
     return out
 
 
@@ -140,9 +151,11 @@ def prepare(workdir, config, overwrite: bool, log) -> None:
     if old is not None and not overwrite:
         conflicts = config_conflicts(old, new, saved)
         if conflicts:
-            raise WorkdirError(f"{workdir} holds a run with a different config ({'; '.join(conflicts)}); resume it "
-                               "with the same model and data, choose another --workdir, or pass --overwrite to "
-                               "discard it")
+            raise WorkdirError(
+                f"{workdir} holds a run with a different config ({'; '.join(conflicts)}); resume it "
+                "with the same model and data, choose another --workdir, or pass --overwrite to "
+                "discard it"
+            )
     barrier("starflow_workdir_checked")
     if jax.process_index() == 0:
         if overwrite:
@@ -151,8 +164,10 @@ def prepare(workdir, config, overwrite: bool, log) -> None:
         elif old is not None and old != new:
             changes = changed_keys(old, new)
             log("config changed since this workdir's last run: " + "; ".join(changes))
-            storage.append_text(workdir / "config_history.jsonl",
-                                json.dumps(dict(replaced=time.strftime("%Y-%m-%dT%H:%M:%S"), config=old)) + "\n")
+            storage.append_text(
+                workdir / "config_history.jsonl",
+                json.dumps(dict(replaced=time.strftime("%Y-%m-%dT%H:%M:%S"), config=old)) + "\n",
+            )
         workdir.mkdir(parents=True, exist_ok=True)
         storage.replace_text(cfg_file, text)
     barrier("starflow_workdir_ready")

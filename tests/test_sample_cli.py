@@ -288,7 +288,7 @@ def test_sample_long_video_from_a_random_video_model(tmp_path, capsys):
     import jax
 
     from starflow_jax.cli import model_source
-    from starflow_jax.train.objective import one_hot_labels
+    from starflow_jax.flow.labels import one_hot_labels
 
     class A:  # the arguments load_model reads
         config, overrides, weights, workdir, random_init, step, ema = VIDEO_TINY, [], None, None, True, None, False

@@ -80,7 +80,7 @@ def _conditioning(args, cfg, n: int) -> np.ndarray | None:
         labels = _load(args.labels, "--labels").astype(np.int64).reshape(-1)
         if labels.min() < 0 or labels.max() >= cfg.txt_dim:
             raise ValueError(f"labels must lie in [0, {cfg.txt_dim}), got [{labels.min()}, {labels.max()}]")
-        from starflow_jax.train.objective import one_hot_labels
+        from starflow_jax.flow.labels import one_hot_labels
 
         y_all = np.asarray(one_hot_labels(jnp.asarray(labels), cfg.txt_dim - 1))
     if y_all is not None and y_all.shape[0] != n:

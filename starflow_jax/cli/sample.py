@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from starflow_jax.cli import model_source
 from starflow_jax.cli.output_paths import check_outputs
 from starflow_jax.config import model_config
-from starflow_jax.sampling import SamplingOptions, sample
-from starflow_jax.sampling.denoise import denoise, denoise_video
+from starflow_jax.sampling import SamplingOptions
+from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, encode_given, generate
 from starflow_jax.sampling.shapes import ASPECT_RATIOS, size_for_aspect_ratio
 from starflow_jax.sampling.visualize import grid, save_gif, save_mp4, save_png, to_uint8
 
@@ -69,7 +69,7 @@ def add_parser(sub):
     p.add_argument("--attn-temp", type=float, default=1.0)
     p.add_argument(
         "--jacobi",
-        action=__import__("argparse").BooleanOptionalAction,
+        action=argparse.BooleanOptionalAction,
         default=False,
         help="Jacobi iteration instead of sequential inversion",
     )
@@ -78,7 +78,7 @@ def add_parser(sub):
     p.add_argument("--jacobi-max-iter", type=int, default=32)
     p.add_argument(
         "--unroll-layers",
-        action=__import__("argparse").BooleanOptionalAction,
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="unroll the layers inside the token loop (default: on the CPU only)",
     )
@@ -218,7 +218,7 @@ def _conditioning(args, config, cfg, num: int):
             raise ValueError(f"--labels must be comma-separated integers, got {args.labels!r}") from e
         if not labels or min(labels) < 0 or max(labels) >= cfg.txt_dim - 1:
             raise ValueError(f"labels must lie in [0, {cfg.txt_dim - 1}) (index {cfg.txt_dim - 1} is the null class)")
-        from starflow_jax.train.objective import one_hot_labels
+        from starflow_jax.flow.labels import one_hot_labels
 
         idx = jnp.asarray(np.resize(np.asarray(labels), num))
         y = np.asarray(one_hot_labels(idx, cfg.txt_dim - 1))
@@ -241,10 +241,9 @@ def _conditioning(args, config, cfg, num: int):
     return jnp.asarray(y), jnp.asarray(y_null)
 
 
-def _given_frames(args, config, cfg, vae, num: int, frames: int, pixel_hw: tuple[int, int], seed: int):
-    """The first frames to keep (``--input-image`` / ``--input-video``): fitted to the
-    sample size, encoded by the VAE if any, noise-augmented as in training (the flow
-    models noisy data); ``(num, g, c, h, w)`` or ``None``."""
+def _given_frames(args, cfg, vae, frames: int, pixel_hw: tuple[int, int]):
+    """The first frames to keep (``--input-image`` / ``--input-video``), read and fitted to
+    the sample size, in the model's space (``encode_given``): ``(g, c, h, w)`` or ``None``."""
     if not (args.input_image or args.input_video):
         return None
     if args.input_image and args.input_video:
@@ -287,17 +286,7 @@ def _given_frames(args, config, cfg, vae, num: int, frames: int, pixel_hw: tuple
     from starflow_jax.data.video import resize_crop
 
     x = np.stack([resize_crop(p, *pixel_hw, channels) for p in pics])  # (g, c, H, W) pixels
-    if vae is not None:
-        x = vae.encode(x[None])[0] if vae.kind == "video" else vae.encode(x)
-    x = jnp.asarray(x)
-    noise_std = _noise_std(args, config) or 0.0
-    noise_type = str(config.train.get("noise_type", "gaussian")) if "train" in config else "gaussian"
-    if noise_std > 0 or noise_type == "uniform":
-        from starflow_jax.train.objective import add_noise
-
-        levels = int(config.train.get("levels", 256)) if "train" in config else 256
-        x = add_noise(jax.random.key(seed + 1), x, noise_std, noise_type, levels)
-    return jnp.broadcast_to(x[None], (num,) + x.shape)
+    return encode_given(x, vae)
 
 
 def _frames_progress(done: int, total: int, t0: float):
@@ -312,8 +301,10 @@ def _frames_progress(done: int, total: int, t0: float):
 
 
 def _video_frames(args, config, cfg) -> tuple[int, int | None]:
-    """``(frames to sample, attention window or None)`` from --num-frames /
-    --target-length (0 frames: an image model, which takes neither)."""
+    """``(frames to sample, SamplingOptions.window_frames)`` from --num-frames /
+    --target-length (0 frames: an image model, which takes neither). Beyond --num-frames the
+    attention window is the model's ``local_attn_window``, else --num-frames (the training
+    length); whether it slides is decided by ``sampler.attention_window``."""
     num = args.num_frames
     video = model_source.is_video_model(config, cfg)
     if not video and (num is not None or args.target_length is not None):
@@ -329,8 +320,7 @@ def _video_frames(args, config, cfg) -> tuple[int, int | None]:
             raise ValueError("--target-length needs --num-frames (the training length: the attention window)")
         if args.target_length < 1:
             raise ValueError(f"--target-length must be >= 1, got {args.target_length}")
-        window = cfg.local_attn_window or num
-        return args.target_length, (window if args.target_length > window else None)
+        return args.target_length, (None if cfg.local_attn_window else num)
     if num is None:
         if video:
             raise ValueError("a video model needs --num-frames (or config.data.num_frames)")
@@ -373,11 +363,7 @@ def run(args) -> int:
     shape = (args.num, cfg.in_channels, h // factor, w // factor)
     if frames:
         shape = (args.num, frames) + shape[1:]
-    given = _given_frames(args, config, cfg, vae, args.num, frames, (h, w), args.seed)
-    noise = jax.random.normal(jax.random.key(args.seed), shape, jnp.float32)
-    y = None
-    if cond is not None:
-        y = jnp.concatenate(cond, axis=0) if args.cfg > 0 else cond[0]
+    given = _given_frames(args, cfg, vae, frames, (h, w))
     opts = SamplingOptions(
         guidance=args.cfg,
         attn_temp=args.attn_temp,
@@ -391,31 +377,20 @@ def run(args) -> int:
         context_frames=args.context_frames,
     )
     t0 = time.time()
-    x, passes = sample(
+    out_samples = generate(
         model,
-        noise,
-        y,
+        shape,
+        args.seed,
+        None if cond is None else Conditioning(*cond),
         opts,
         given=given,
+        noise=TrainingNoise.from_config(config, std=args.noise_std),
+        denoise_samples=not args.no_denoise,
+        decode=vae.decode if vae is not None else None,
         on_block=lambda i, n: _progress(i, n, t0),
-        on_frame=(lambda d, n: _frames_progress(d, n, t0)) if frames else None,
-        return_passes=True,
+        on_frame=lambda d, n: _frames_progress(d, n, t0),
     )
-    noise_std = _noise_std(args, config)
-    if noise_std and not args.no_denoise:
-        y_cond = None if cond is None else cond[0]
-        if x.ndim == 5:
-            used = window or cfg.local_attn_window
-            x = denoise_video(
-                model, x, y_cond, noise_std=noise_std, window=used if used and x.shape[1] > used else None
-            )
-        else:
-            x = denoise(model, x, y_cond, noise_std=noise_std)
-    if vae is not None:
-        x = vae.decode(x)
-    x = np.asarray(jax.device_get(x))
-    if not np.all(np.isfinite(x)):
-        raise ValueError("sampling produced NaN or Inf values")
+    x, passes = out_samples.x, out_samples.passes
     pixel = args.pixel_space or cfg.in_channels in (1, 3) or vae is not None
     if x.ndim == 5:
         frames = [grid(to_uint8(x[:, t], pixel)) for t in range(x.shape[1])]

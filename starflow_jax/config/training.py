@@ -36,6 +36,11 @@ SAMPLE_DEFAULTS = dict(
     temperature=0.9,  # noise temperature of the preview samples
     scale=4,  # pixel upscaling of the PNG grid
     every=0,  # also write samples_<step>.png every N steps (0: only samples.png at the end)
+    jacobi=True,  # Jacobi iteration (else sequential inversion) for the previews
+    jacobi_block_size=0,  # tokens per Jacobi block (0: a whole frame)
+    jacobi_th=1e-5,  # Jacobi convergence threshold
+    jacobi_max_iter=64,  # Jacobi iterations per block at most
+    denoise=True,  # remove the training noise from the previews (sampling.pipeline), as `sample` does
 )
 
 MESH_DEFAULTS = dict(

@@ -66,44 +66,54 @@ def host_params(params):
 
 
 def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, seed: int = 0) -> None:
-    """A grid of samples: one column per class for labelled data (``sample.per_class``
-    rows), else ``sample.num`` samples conditioned on the first held-out (or training)
-    records' text embeddings (video latents: one row of frames per sample). Written by
-    process 0."""
-    from starflow_jax.sampling import SamplingOptions, sample
+    """A grid of preview samples through the sampling pipeline with the ``config.sample``
+    settings (denoised as ``starflow-jax sample`` does): one column per class for labelled
+    data (``sample.per_class`` rows), else ``sample.num`` samples conditioned on the first
+    held-out (or training) records' text embeddings (video latents: one row of frames per
+    sample). Written by process 0."""
+    from starflow_jax.flow.labels import one_hot_labels
+    from starflow_jax.sampling import SamplingOptions
+    from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, generate
     from starflow_jax.sampling.visualize import grid, save_png, to_uint8
-    from starflow_jax.train.objective import one_hot_labels
 
-    cfg = model_config(config)
+    cfg, s = model_config(config), config.sample
     model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, host_params(params)))
     if data.num_classes > 0:
-        labels = jnp.tile(jnp.arange(data.num_classes), int(config.sample.per_class))
-        y = one_hot_labels(labels, data.num_classes)
-        y_null = one_hot_labels(-jnp.ones_like(labels), data.num_classes)
+        labels = jnp.tile(jnp.arange(data.num_classes), int(s.per_class))
+        cond = Conditioning(
+            one_hot_labels(labels, data.num_classes), one_hot_labels(-jnp.ones_like(labels), data.num_classes)
+        )
         nrow = data.num_classes
     else:
         src = data.heldout if data.heldout is not None else data.train
-        n = min(int(config.sample.num), len(src))
+        n = min(int(s.num), len(src))
         y = jnp.stack([jnp.asarray(src[i]["cond"], jnp.float32) for i in range(n)])
-        y_null, nrow = jnp.zeros_like(y), None
-    g = float(config.sample.cfg)
-    shape = (cfg.in_channels, cfg.img_size, cfg.img_size)
+        cond, nrow = Conditioning(y, jnp.zeros_like(y)), None
+    shape = (cond.y.shape[0], cfg.in_channels, cfg.img_size, cfg.img_size)
     frames = np.shape(data.train[0]["image"])[0] if np.ndim(data.train[0]["image"]) == 4 else 0
     if frames:  # video latents: one row of frames per sample
-        shape, nrow = (frames,) + shape, frames
-    noise = jax.random.normal(jax.random.key(seed), (y.shape[0],) + shape)
-    noise = noise * float(config.sample.temperature)
-    x = sample(
-        model,
-        noise,
-        jnp.concatenate([y, y_null]) if g > 0 else y,
-        SamplingOptions(guidance=g, jacobi=True, jacobi_block_size=cfg.seq_side**2, jacobi_th=1e-5, jacobi_max_iter=64),
+        shape, nrow = shape[:1] + (frames,) + shape[1:], frames
+    opts = SamplingOptions(
+        guidance=float(s.cfg),
+        jacobi=bool(s.jacobi),
+        jacobi_block_size=int(s.jacobi_block_size) or cfg.seq_side**2,
+        jacobi_th=float(s.jacobi_th),
+        jacobi_max_iter=int(s.jacobi_max_iter),
     )
-    x = np.asarray(x)
+    x = generate(
+        model,
+        shape,
+        seed,
+        cond,
+        opts,
+        temperature=float(s.temperature),
+        noise=TrainingNoise.from_config(config),
+        denoise_samples=bool(s.denoise),
+    ).x
     if frames:
         x = x.reshape((-1,) + x.shape[2:])
     if jax.process_index() == 0:
-        save_png(path, grid(to_uint8(x, pixel_space=data.num_classes > 0), nrow=nrow), scale=int(config.sample.scale))
+        save_png(path, grid(to_uint8(x, pixel_space=data.num_classes > 0), nrow=nrow), scale=int(s.scale))
 
 
 class _Progress:

@@ -1,5 +1,5 @@
-"""The training objective as pure functions: noise augmentation, label dropout, the
-reference's weighted NLL with latent-norm regularisation."""
+"""The training objective as pure functions: label and caption dropout, the reference's
+weighted NLL with latent-norm regularisation (the training noise: ``flow.noise``)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,6 @@ import jax
 import jax.numpy as jnp
 
 from starflow_jax.flow.loss import nll_loss
-
-
-def add_noise(key, x: jax.Array, noise_std: float, noise_type: str, levels: int = 256) -> jax.Array:
-    """Gaussian augmentation ``x + noise_std * eps``, or uniform dequantisation of data in
-    ``[-1, 1]`` holding ``levels`` discrete values (the reference's rule for 256 levels)."""
-    if noise_type == "gaussian":
-        return x + noise_std * jax.random.normal(key, x.shape, x.dtype)
-    if noise_type == "uniform":
-        u = jax.random.uniform(key, x.shape, x.dtype)
-        return ((x + 1.0) * ((levels - 1) / 2.0) + u) / levels * 2.0 - 1.0
-    raise ValueError(f"noise_type must be 'gaussian' or 'uniform', got {noise_type!r}")
-
-
-def one_hot_labels(labels: jax.Array, num_classes: int) -> jax.Array:
-    """Labels to ``(b, 1, num_classes + 1)`` one-hot rows; label ``-1`` (dropped) is the null
-    class at index ``num_classes``, as the reference's label embedding does."""
-    idx = jnp.where(labels < 0, num_classes, labels)
-    return jax.nn.one_hot(idx, num_classes + 1, dtype=jnp.float32)[:, None, :]
 
 
 def drop_labels(key, labels: jax.Array, drop_prob: float) -> jax.Array:

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from starflow_jax.flow.labels import one_hot_labels
+from starflow_jax.flow.noise import add_noise
 from starflow_jax.train import objective
 
 
@@ -56,7 +58,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, e
 
 def conditioning(batch: dict, labels, hp: StepConfig):
     if hp.num_classes > 0:
-        return objective.one_hot_labels(labels, hp.num_classes)
+        return one_hot_labels(labels, hp.num_classes)
     return batch.get("cond")
 
 
@@ -67,7 +69,7 @@ def _micro_step(params, batch, key, *, graphdef, hp: StepConfig, split_key: bool
         k_noise, k_drop = jax.random.split(key)
     else:
         k_noise, k_drop = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-    x = objective.add_noise(k_noise, batch["image"].astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
+    x = add_noise(k_noise, batch["image"].astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
     labels = batch.get("label")
     if labels is not None and hp.num_classes > 0:
         labels = objective.drop_labels(k_drop, labels, hp.drop_label)
@@ -171,7 +173,7 @@ def eval_nll(params, batch: dict, key, *, graphdef, hp: StepConfig) -> jax.Array
     """Per-example NLL per dimension (nats) of a held-out batch under one dequantisation draw."""
     from starflow_jax.flow.loss import nll_per_example
 
-    x = objective.add_noise(key, batch["image"].astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
+    x = add_noise(key, batch["image"].astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
     y = conditioning(batch, batch.get("label"), hp)
     out = nnx.merge(graphdef, params)(x, y)
     return nll_per_example(out.z, out.logdets)

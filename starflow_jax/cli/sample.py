@@ -126,7 +126,12 @@ def add_parser(sub):
         default=None,
         help="training noise level for the denoising step (default: config.train.noise_std, else none)",
     )
-    p.add_argument("--no-denoise", action="store_true", help="skip the denoising step")
+    p.add_argument(
+        "--no-denoise",
+        action="store_true",
+        help="keep the training noise in the samples: no denoising step, and samples of uniformly "
+        "dequantised data (train.noise_type='uniform') are not rounded back to the data's train.levels",
+    )
     p.add_argument(
         "--pixel-space",
         action="store_true",

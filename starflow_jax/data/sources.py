@@ -56,7 +56,7 @@ class Subset:
 
 def make_data(config) -> DataSpec:
     d = config.data
-    d, m = config.data, config.model
+    m = config.model
     name = str(d.name)
     if name == "digits":
         from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits

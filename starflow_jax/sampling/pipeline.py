@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from starflow_jax.flow.noise import add_noise
+from starflow_jax.flow.noise import add_noise, quantize
 from starflow_jax.model.starflow import StarFlow
 from starflow_jax.sampling.denoise import denoise, denoise_video
 from starflow_jax.sampling.sampler import SamplingOptions, attention_window, sample
@@ -25,7 +25,8 @@ class TrainingNoise:
     """The noise the flow was trained on, so that given frames get the same and samples lose
     it: Gaussian augmentation ``x + std * eps`` or uniform dequantisation of data holding
     ``levels`` values in ``[-1, 1]``. Samples are denoised by the model's step (the
-    reference's) whenever ``std > 0``."""
+    reference's) whenever ``std > 0``; dequantised ones are rounded back to the data's levels
+    (``flow.noise.quantize``, the exact inverse)."""
 
     kind: str = "gaussian"  # 'gaussian' | 'uniform'
     std: float = 0.0
@@ -119,6 +120,8 @@ def generate(
             x = denoise_video(model, x, y_cond, noise_std=noise.std, window=window)
         else:
             x = denoise(model, x, y_cond, noise_std=noise.std)
+    if denoise_samples and noise.kind == "uniform":
+        x = quantize(x, noise.levels)
     if decode is not None:
         x = decode(x)
     x = np.asarray(jax.device_get(x))

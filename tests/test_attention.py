@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from starflow_jax.interop import reference_cases as rc
-from starflow_jax.layers.attention import ATTENTION_IMPLS, dot_product_attention, local_window_mask, resolve_attention
+from starflow_jax.layers.attention import ATTENTION_IMPLS, dot_product_attention, resolve_attention
 from starflow_jax.model.denoiser import block_causal_mask
 
 
@@ -35,7 +35,7 @@ CASES = {
         False,
         np.asarray(block_causal_mask(frames=3, frame_tokens=9, txt_len=5, lookahead=2, window=1)),
     ),
-    "sliding_window_text_prefix": (True, local_window_mask(frames=5, frame_tokens=6, txt_len=4, window=2)),
+    "causal_and_rule": (True, block_causal_mask(frames=5, frame_tokens=6, txt_len=4, lookahead=1, window=2)),
 }
 
 
@@ -67,7 +67,7 @@ def test_attention_paths_match_the_plain_computation(impl, case):
 
 
 def test_auto_picks_splash_only_for_tpu():
-    from starflow_jax.layers.splash import compile_target
+    from starflow_jax.layers.platform import compile_target
 
     assert resolve_attention("auto") == {"tpu": "splash", "cpu": "per_head"}.get(jax.default_backend(), "xla")
     with compile_target("tpu"):
@@ -90,8 +90,6 @@ def test_index_masks_materialise_as_the_rules_say():
     m = np.asarray(block_causal_mask(frames=3, frame_tokens=2, txt_len=1, lookahead=1, window=1))
     assert m.shape == (7, 7) and m[:, 0].all()  # every slot sees the text
     assert m[1:, 1:].tolist() == [[r // 2 - 1 <= c // 2 <= r // 2 for c in range(6)] for r in range(6)]
-    w = np.asarray(local_window_mask(frames=3, frame_tokens=2, txt_len=1, window=2))
-    assert w[1:, 1:].tolist() == [[c <= r and c // 2 > r // 2 - 2 for c in range(6)] for r in range(6)]
 
 
 def test_unknown_attention_impl():

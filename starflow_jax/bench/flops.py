@@ -115,7 +115,3 @@ def forward_flops(
 def train_step_flops(cfg: ModelConfig, x_shape: tuple[int, ...]) -> float:
     """Model FLOPs of one training step (forward + backward, denoiser included)."""
     return 3 * forward_flops(cfg, x_shape, causal_half=True, include_denoiser=True)
-
-
-def matmul_flops(m: int, k: int, n: int) -> float:
-    return 2.0 * m * k * n

@@ -21,7 +21,7 @@ from starflow_jax.bench.flops import train_step_flops
 from starflow_jax.bench.hlo_stats import CHIPS, chip_of, hlo_stats, roofline
 from starflow_jax.config import check_training_config, load_config
 from starflow_jax.layers.attention import resolve_attention
-from starflow_jax.layers.splash import compile_target
+from starflow_jax.layers.platform import compile_target
 from starflow_jax.train.program import batch_layout, build_program, training_mesh
 
 # HBM per chip (GiB) by the device kind the topology reports

@@ -8,7 +8,7 @@ implementations without renaming (see ``starflow_jax.config.reference_args``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 NORM_TYPES = ("layer_norm", "rms_norm", "none")
@@ -219,7 +219,3 @@ class ModelConfig:
         elif isinstance(lpb, str):
             values["layers_per_block"] = tuple(int(v) for v in lpb.replace(",", " ").split())
         return cls(**values)
-
-
-def as_tuple(v: int | Sequence[int]) -> tuple[int, ...]:
-    return (v,) if isinstance(v, int) else tuple(v)

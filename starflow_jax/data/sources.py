@@ -110,7 +110,7 @@ def make_data(config) -> DataSpec:
         return DataSpec(Subset(src, np.sort(perm[n_held:])), held, src.num_classes)
     if name == "array_record":
         return _array_record_data(config)
-    raise ValueError(f"data.name={name!r} unknown: choose 'digits', 'image_folder' or 'array_record'")
+    raise ValueError(f"data.name={name!r} unknown: choose 'digits', 'moving_digits', 'image_folder' or 'array_record'")
 
 
 def latent_frames(config) -> int | None:

@@ -12,42 +12,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from starflow_jax.layers.linear import apply_split_dense, dense
 from starflow_jax.layers.norms import RMSNorm, make_norm
+from starflow_jax.layers.platform import target_platform
 from starflow_jax.layers.rope import apply_rope
+from starflow_jax.layers.splash import splash_attention
 
 ATTENTION_IMPLS = ("auto", "xla", "per_head", "blocked", "splash")
-
-
-class IndexMask:
-    """A boolean ``(q_len, k_len)`` attention mask given as a rule ``fn(q_ids, k_ids)`` over
-    slot indices (broadcast ``(q, 1)`` and ``(1, k)`` integer arrays; arithmetic and
-    comparisons only, so it evaluates on NumPy and on JAX arrays alike). The splash kernel
-    evaluates the rule inside the kernel and over blocks when it builds its tables, so a
-    long video's mask is never materialised; the other paths materialise it
-    (``np.asarray(mask)``)."""
-
-    ndim = 2
-
-    def __init__(self, shape: tuple[int, int], fn, name: str = "mask"):
-        self.shape, self.fn, self.name = (int(shape[0]), int(shape[1])), fn, name
-
-    def __array__(self, dtype=None, copy=None):
-        a = np.asarray(self.fn(np.arange(self.shape[0])[:, None], np.arange(self.shape[1])[None, :]), bool)
-        return a if dtype is None else a.astype(dtype)
-
-    def __repr__(self) -> str:
-        return f"IndexMask({self.name}, {self.shape})"
-
-
-def local_window_mask(frames: int, frame_tokens: int, txt_len: int, window: int) -> IndexMask:
-    """The sliding-window mask over ``[text, frames]``, ``S = txt_len + frames *
-    frame_tokens`` slots: causal, every slot sees the text, and a token of frame ``f`` sees
-    the tokens of frames ``f - window + 1 .. f`` (the reference's ``get_local_window_mask``)."""
-    s = txt_len + frames * frame_tokens
-
-    def fn(q, k):
-        return (k <= q) & ((k < txt_len) | ((k - txt_len) // frame_tokens > (q - txt_len) // frame_tokens - window))
-
-    return IndexMask((s, s), fn, f"local_window({window})")
 
 
 def resolve_attention(impl: str) -> str:
@@ -56,8 +25,6 @@ def resolve_attention(impl: str) -> str:
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
-        from starflow_jax.layers.splash import target_platform
-
         return {"tpu": "splash", "cpu": "per_head"}.get(target_platform(), "xla")
     return impl
 
@@ -124,8 +91,6 @@ def dot_product_attention(
     TPU); ``"auto"``: see ``resolve_attention``."""
     impl = resolve_attention(impl)
     if impl == "splash":
-        from starflow_jax.layers.splash import splash_attention
-
         return splash_attention(q, k, v, scale=scale, causal=causal, mask=mask)
     if mask is not None and not isinstance(mask, jax.Array):
         mask = jnp.asarray(np.asarray(mask))

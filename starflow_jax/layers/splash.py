@@ -3,7 +3,7 @@
 The kernel takes per-example ``(heads, seq, head_dim)`` arrays with sequence lengths in
 multiples of its blocks, an unscaled query and a mask known when the program is traced:
 the causal mask (computed in the kernel, nothing stored), or any boolean ``(q, k)`` NumPy
-mask (the block-causal denoiser mask, a text prefix, a sliding window), from which the
+mask or ``IndexMask`` rule (the denoiser's block-causal mask), from which the
 kernel's block-sparsity tables are built once, so fully-masked blocks are skipped.
 
 Sequences are padded to a multiple of 128 (padded keys are masked, padded queries read
@@ -13,32 +13,15 @@ numbers, slowly."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_TARGET = contextvars.ContextVar("starflow_attention_target", default=None)
+from starflow_jax.layers.masks import IndexMask
+from starflow_jax.layers.platform import target_platform
+
 PAD = 128
 MAX_NUMPY_MASK = 1 << 26  # entries of a materialised (q, k) mask (64 Mi booleans)
-
-
-@contextlib.contextmanager
-def compile_target(platform: str):
-    """Trace attention for ``platform`` (``"tpu"``, ``"gpu"``, ``"cpu"``) instead of the
-    default backend: ahead-of-time compilation for a TPU slice from a CPU host
-    (``starflow-jax plan``) must pick the TPU kernels and compile them, not interpret them."""
-    token = _TARGET.set(platform)
-    try:
-        yield
-    finally:
-        _TARGET.reset(token)
-
-
-def target_platform() -> str:
-    return _TARGET.get() or jax.default_backend()
 
 
 def _block(n: int) -> int:
@@ -52,8 +35,6 @@ def _pad_to(n: int) -> int:
 def static_mask(mask):
     """A mask known at trace time: an ``IndexMask`` rule or a NumPy array (splash builds its
     block tables from it)."""
-    from starflow_jax.layers.attention import IndexMask
-
     if mask is None or isinstance(mask, (np.ndarray, IndexMask)):
         return mask
     if isinstance(mask, jax.core.Tracer):
@@ -117,8 +98,6 @@ def _rule_mask_class():
 
 def _mask_object(lq: int, lk: int, Lq: int, Lk: int, causal: bool, mask):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-    from starflow_jax.layers.attention import IndexMask
 
     if mask is None and causal and lq == lk:
         return sm.CausalMask((Lq, Lk))  # padded keys come after every real query: hidden by causality

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from starflow_jax.config.model_config import ModelConfig
-from starflow_jax.layers.attention import IndexMask
 from starflow_jax.layers.linear import dense
+from starflow_jax.layers.masks import IndexMask
 from starflow_jax.layers.norms import RMSNorm
 from starflow_jax.layers.transformer import LayerSpec, apply_stack, create_stack
 from starflow_jax.model.flow_block import block_rope

@@ -339,7 +339,9 @@ def _encode_program(graphdef, state, x, cache):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _decode_program(graphdef, state, z, cache):
+def decode_program(graphdef, state, z, cache):
+    """One jitted decoding chunk: latent frames ``z`` and the carried causal-conv cache to
+    ``(pixels, new cache)`` (also compiled alone by ``bench vae`` for its memory)."""
     return nnx.merge(graphdef, state).decode_chunk(z, cache)
 
 
@@ -363,10 +365,10 @@ def decode_pixels(vae: AutoencoderKLWan, z_cl: jax.Array, chunked: bool = True) 
     latent frame at a time (two jitted programs: the first frame, the others)."""
     graphdef, state = nnx.split(vae)
     if not chunked:
-        return _decode_program(graphdef, state, z_cl, None)[0]
+        return decode_program(graphdef, state, z_cl, None)[0]
     outs, cache = [], None
     for i in range(z_cl.shape[1]):
-        out, cache = _decode_program(graphdef, state, z_cl[:, i : i + 1], cache)
+        out, cache = decode_program(graphdef, state, z_cl[:, i : i + 1], cache)
         outs.append(out)
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
 

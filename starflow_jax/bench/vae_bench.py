@@ -84,16 +84,16 @@ def _models(cfg: dict, reference: bool):
 
 def decode_memory(vae, side: int, counts: list[int]) -> dict:
     """Compiled temporary memory (MiB) of the decoding programs, from abstract shapes."""
-    from starflow_jax.autoencoders.wan_vae import _decode_program
+    from starflow_jax.autoencoders.wan_vae import decode_program
 
     graphdef, state = nnx.split(vae)
     ls, z = side // vae.cfg.spatial_compression, vae.cfg.z_dim
 
     def temp(zs, cache):
-        return _decode_program.lower(graphdef, state, zs, cache).compile().memory_analysis().temp_size_in_bytes / MIB
+        return decode_program.lower(graphdef, state, zs, cache).compile().memory_analysis().temp_size_in_bytes / MIB
 
     one = jax.ShapeDtypeStruct((1, 1, ls, ls, z), jnp.float32)
-    cache = jax.eval_shape(lambda st, zz: _decode_program(graphdef, st, zz, None)[1], state, one)
+    cache = jax.eval_shape(lambda st, zz: decode_program(graphdef, st, zz, None)[1], state, one)
     return dict(
         first_chunk_mib=temp(one, None),
         next_chunk_mib=temp(one, cache),

@@ -134,7 +134,8 @@ def write_shards(
     return shards
 
 
-def _count_records(path: Path) -> int:
+def count_records(path: Path) -> int:
+    """The records in one ArrayRecord shard (a ValueError naming the file when it is unreadable)."""
     from array_record.python import array_record_module
 
     try:  # the C++ reader raises RuntimeError / ValueError on a bad file (some only on close)
@@ -191,7 +192,7 @@ class ArrayRecordSource:
             missing = [str(p) for p in self.shards if not p.is_file()]
             if missing:
                 raise ValueError(f"ArrayRecord shards do not exist: {missing}")
-        self.shard_counts = [_count_records(p) for p in self.shards]
+        self.shard_counts = [count_records(p) for p in self.shards]
         if self.index is not None:
             self._check_index()
         self.fields = None if fields is None else list(fields)
@@ -275,7 +276,7 @@ def write_one_shard(
 def write_index(out_dir: str | Path, shards: Sequence[Path], fields: dict) -> None:
     """``index.json`` for complete shards (counted from the files), written atomically."""
     out = Path(out_dir)
-    counts = [_count_records(Path(s)) for s in shards]
+    counts = [count_records(Path(s)) for s in shards]
     index = {
         "format": FORMAT,
         "num_records": sum(counts),

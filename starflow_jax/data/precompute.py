@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from starflow_jax.data.array_record import SHARD_SUFFIX, _count_records, shard_name, write_index, write_one_shard
+from starflow_jax.data.array_record import SHARD_SUFFIX, count_records, shard_name, write_index, write_one_shard
 from starflow_jax.data.image_folder import IMAGE_EXTENSIONS, load_image
 
 SETTINGS_FILE = "precompute.json"
@@ -102,7 +102,7 @@ def _write_resumable(
     for i in range(n_shards):
         lo, hi = i * records_per_shard, min((i + 1) * records_per_shard, n_items)
         path = out / shard_name(i, n_shards)
-        if path.exists() and _count_records(path) == hi - lo:
+        if path.exists() and count_records(path) == hi - lo:
             shards.append(path)
             done += hi - lo
             log(f"shard {i + 1}/{n_shards} already complete: skipped")

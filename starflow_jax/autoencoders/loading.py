@@ -11,6 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from starflow_jax.autoencoders.convert_vae import vae_from_diffusers
+from starflow_jax.autoencoders.convert_wan import wan_from_diffusers
+from starflow_jax.autoencoders.vae import decode_latents, encode_latents
+from starflow_jax.autoencoders.wan_vae import decode_video, encode_video
+
 
 @dataclasses.dataclass
 class Autoencoder:
@@ -35,11 +40,7 @@ class Autoencoder:
 
         x = np.asarray(x, np.float32)
         if self.kind == "video":
-            from starflow_jax.autoencoders.wan_vae import encode_video
-
             return np.asarray(encode_video(self.model, x))
-        from starflow_jax.autoencoders.vae import encode_latents
-
         flat = x.reshape((-1,) + x.shape[-3:])
         z = np.asarray(nnx.jit(encode_latents)(self.model, flat))
         return z.reshape(x.shape[:-3] + z.shape[-3:])
@@ -51,11 +52,7 @@ class Autoencoder:
 
         z = np.asarray(z, np.float32)
         if self.kind == "video":
-            from starflow_jax.autoencoders.wan_vae import decode_video
-
             return np.asarray(decode_video(self.model, z))
-        from starflow_jax.autoencoders.vae import decode_latents
-
         dec = nnx.jit(decode_latents)
         flat = z.reshape((-1,) + z.shape[-3:])
         out = np.concatenate([np.asarray(dec(self.model, flat[i : i + batch])) for i in range(0, flat.shape[0], batch)])
@@ -87,8 +84,6 @@ def load_autoencoder(spec: str) -> Autoencoder:
         raise FileNotFoundError(f"--vae {path} does not exist")
     name = _class_name(path)
     if name == "AutoencoderKLWan":
-        from starflow_jax.autoencoders.convert_wan import wan_from_diffusers
-
         m = wan_from_diffusers(path, temporal_latent_scale=scale)
         return Autoencoder(
             "video", m, m.cfg.z_dim, m.cfg.spatial_compression, m.cfg.temporal_compression, m.cfg.pixel_out_channels
@@ -98,8 +93,6 @@ def load_autoencoder(spec: str) -> Autoencoder:
             raise ValueError(
                 f"a temporal latent scale (':{scale}') applies to a Wan video VAE, {path} holds an AutoencoderKL"
             )
-        from starflow_jax.autoencoders.convert_vae import vae_from_diffusers
-
         vae_dir = path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(path, "vae")
         m = vae_from_diffusers(vae_dir)
         return Autoencoder("image", m, m.cfg.latent_channels, m.cfg.downsample_factor, 1, m.cfg.in_channels)

@@ -16,7 +16,12 @@ import ml_collections
 import yaml
 
 from starflow_jax.config.model_config import ConfigError, ModelConfig
-from starflow_jax.config.reference_args import model_config_from_train_args, read_yaml_arguments, train_args
+from starflow_jax.config.reference_args import (
+    from_model_kwargs,
+    model_config_from_train_args,
+    read_yaml_arguments,
+    train_args,
+)
 
 
 def model_section(**values: Any) -> ml_collections.ConfigDict:
@@ -58,8 +63,6 @@ def _load_model_kwargs_json(path: pathlib.Path) -> ml_collections.ConfigDict:
     """A JSON object of the reference ``Model(**kwargs)`` arguments (e.g. a case's
     ``meta.model_kwargs``), or ``{"model_kwargs": {...}}``."""
     import json
-
-    from starflow_jax.config.reference_args import from_model_kwargs
 
     data = json.loads(path.read_text())
     if isinstance(data, dict) and "model_kwargs" in data:

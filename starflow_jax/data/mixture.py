@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from starflow_jax.data.pipeline import train_dataset
+from starflow_jax.parallel.mesh import check_batch_split
 
 _SECONDARY_STREAM = 0x7365636E  # keeps these draws apart from any other use of (seed, step)
 _BUCKET_STREAM = 0x6275636B
@@ -179,8 +180,6 @@ def batch_sizes(config) -> dict:
 def check_secondary_split(config, mesh) -> None:
     """The secondary batch must split over the mesh like the primary one (checked before the
     run touches its workdir)."""
-    from starflow_jax.parallel.mesh import check_batch_split
-
     if config.data.secondary_path:
         check_batch_split(
             batch_sizes(config)[SECONDARY],

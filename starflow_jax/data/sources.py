@@ -27,6 +27,12 @@ import dataclasses
 
 import numpy as np
 
+from starflow_jax import storage
+from starflow_jax.data.array_record import SHARD_SUFFIX, TRAIN_STEP_KEYS, ArrayRecordSource
+from starflow_jax.data.buckets import ratio_of_dir
+from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
+from starflow_jax.data.image_folder import ImageFolderSource
+from starflow_jax.data.moving_digits import MovingDigitsSource
 from starflow_jax.data.pipeline import ArraySource
 
 
@@ -59,8 +65,6 @@ def make_data(config) -> DataSpec:
     m = config.model
     name = str(d.name)
     if name == "digits":
-        from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
-
         tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
         return DataSpec(
             ArraySource(image=tr.images, label=tr.labels),
@@ -70,9 +74,6 @@ def make_data(config) -> DataSpec:
             te.images,
         )
     if name == "moving_digits":
-        from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
-        from starflow_jax.data.moving_digits import MovingDigitsSource
-
         if int(m.get("temporal_causal", 0)) <= 0:
             raise ValueError(
                 "data.name='moving_digits' yields clips: the model must be a video model (model.temporal_causal > 0)"
@@ -85,8 +86,6 @@ def make_data(config) -> DataSpec:
         held = MovingDigitsSource(te.images, te.labels, frames, seed=int(d.split_seed) + 1)
         return DataSpec(train, held, NUM_CLASSES, train.clips(), held.clips())
     if name == "image_folder":
-        from starflow_jax.data.image_folder import ImageFolderSource
-
         if "root" not in d:
             raise ValueError("data.name='image_folder' needs data.root (a folder of class subfolders)")
         src = ImageFolderSource(d.root, int(m.img_size), int(m.in_channels))
@@ -133,10 +132,6 @@ def _bucket_dirs(path: str, mix_aspect: bool, what: str) -> dict:
     ``{"all": path}``; a layout that does not match the setting is an error."""
     import os
 
-    from starflow_jax import storage
-    from starflow_jax.data.array_record import SHARD_SUFFIX
-    from starflow_jax.data.buckets import ratio_of_dir
-
     root = storage.as_path(path)  # a local path or an object-storage prefix (gs://...)
     if not mix_aspect and not root.is_dir():
         return {"all": str(path)}  # a shard file, or a path ArrayRecordSource reports as missing
@@ -164,8 +159,6 @@ def _bucket_dirs(path: str, mix_aspect: bool, what: str) -> dict:
 
 
 def _array_record_data(config) -> DataSpec:
-    from starflow_jax.data.array_record import TRAIN_STEP_KEYS, ArrayRecordSource
-
     d, m = config.data, config.model
     if not d.path:
         raise ValueError(
@@ -208,8 +201,6 @@ def _checked_source(config, path: str, *, extend: bool, square: bool, images: bo
     """The ArrayRecordSource of ``path`` after checking its records against the model: latent
     channels (and side, when ``square``), frames, text embedding shape, and ``text_emb_extend``
     when ``extend``; ``images``: the latents must be images (secondary data)."""
-    from starflow_jax.data.array_record import TRAIN_STEP_KEYS, ArrayRecordSource
-
     m = config.model
     drop = float(config.train.drop_image) if "train" in config else 0.0
     fields, rename = list(TRAIN_STEP_KEYS), dict(TRAIN_STEP_KEYS)

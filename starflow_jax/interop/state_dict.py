@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from starflow_jax.config.model_config import ModelConfig
+from starflow_jax.model import StarFlow
 
 # Our module names that differ from the reference's.
 _RENAME = {"fc1": "main.0", "fc2": "main.2", "kernel": "weight"}
@@ -287,8 +288,6 @@ def load_reference_model(cfg: ModelConfig, source, *, report: list | None = None
     ``source`` is a mapping of reference names to arrays (NumPy, JAX or torch tensors)
     or a path to a ``.pth`` / ``.safetensors`` file. No random initialisation happens:
     the model is built abstractly and filled."""
-    from starflow_jax.model import StarFlow
-
     if not isinstance(source, Mapping):
         source = load_torch_file(source)
     abstract = nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(0)))

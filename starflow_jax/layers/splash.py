@@ -19,6 +19,7 @@ import numpy as np
 
 from starflow_jax.layers.masks import IndexMask
 from starflow_jax.layers.platform import target_platform
+from starflow_jax.parallel.rules import BATCH_AXES
 
 PAD = 128
 MAX_NUMPY_MASK = 1 << 26  # entries of a materialised (q, k) mask (64 Mi booleans)
@@ -156,8 +157,6 @@ def _shard_spec(batch: int, heads: int):
     kernel call sees (batch over ``(data, fsdp)``, heads over ``tensor``, when they divide)
     and the heads per device; ``(None, heads)`` without a mesh."""
     from jax.sharding import PartitionSpec as P
-
-    from starflow_jax.parallel.rules import BATCH_AXES
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

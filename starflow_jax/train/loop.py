@@ -21,7 +21,11 @@ from starflow_jax.config import check_training_config, model_config
 from starflow_jax.data.mixture import train_batches
 from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, eval_batches
 from starflow_jax.data.sources import DataSpec, make_data
+from starflow_jax.flow.labels import one_hot_labels
 from starflow_jax.flow.loss import bits_per_dim
+from starflow_jax.sampling import SamplingOptions
+from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, generate
+from starflow_jax.sampling.visualize import grid, save_png, to_uint8
 from starflow_jax.train import checkpoint
 from starflow_jax.train import step as S
 from starflow_jax.train import workdir as wd
@@ -71,11 +75,6 @@ def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, se
     data (``sample.per_class`` rows), else ``sample.num`` samples conditioned on the first
     held-out (or training) records' text embeddings (video latents: one row of frames per
     sample). Written by process 0."""
-    from starflow_jax.flow.labels import one_hot_labels
-    from starflow_jax.sampling import SamplingOptions
-    from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, generate
-    from starflow_jax.sampling.visualize import grid, save_png, to_uint8
-
     cfg, s = model_config(config), config.sample
     model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, host_params(params)))
     if data.num_classes > 0:

@@ -14,6 +14,9 @@ from flax import nnx
 
 from starflow_jax.config import model_config
 from starflow_jax.config.model_config import ModelConfig
+from starflow_jax.data.digits import NUM_CLASSES
+from starflow_jax.data.mixture import check_secondary_split
+from starflow_jax.data.sources import latent_frames
 from starflow_jax.layers.transformer import resolve_remat
 from starflow_jax.model import StarFlow
 from starflow_jax.parallel.mesh import check_batch_split, make_mesh
@@ -126,8 +129,6 @@ def training_mesh(config, devices=None):
     """The mesh of ``config.mesh`` over ``devices`` (default: all), after checking that every
     global batch the run feeds (``train.batch_size``, the secondary data's) splits over it
     into ``train.grad_accum`` micro-batches."""
-    from starflow_jax.data.mixture import check_secondary_split
-
     t = config.train
     mesh = make_mesh(dict(config.mesh), devices)
     check_batch_split(int(t.batch_size), int(t.grad_accum), mesh, "train.batch_size", "train.grad_accum")
@@ -167,13 +168,9 @@ def batch_layout(config) -> tuple[int, dict]:
     the step for ``config``, from the config alone (no data read: what ``plan`` compiles).
     Class-labelled data (digits, image folders) gives ``label``, text data ``cond``;
     video models get clips of the config's frames (``data.num_frames`` or ``data.vid_size``)."""
-    from starflow_jax.data.sources import latent_frames
-
     m, d = config.model, config.data
     name = str(d.name)
     if name in ("digits", "moving_digits"):
-        from starflow_jax.data.digits import NUM_CLASSES
-
         num_classes = NUM_CLASSES
     elif name == "image_folder":
         num_classes = int(m.txt_dim) - 1  # one-hot labels plus the null class

@@ -12,8 +12,10 @@ import optax
 from flax import nnx, struct
 
 from starflow_jax.flow.labels import one_hot_labels
+from starflow_jax.flow.loss import nll_per_example
 from starflow_jax.flow.noise import add_noise
 from starflow_jax.train import objective
+from starflow_jax.train.optimizer import DENOISER, FLOW, param_labels
 
 
 @struct.dataclass
@@ -110,8 +112,6 @@ def train_step(
     norm over ``grad_clip`` after ``grad_skip_after`` steps; the flow's or the denoiser's)
     skips the update and counts it. With ``hp.grad_accum = k`` the batch is split into
     ``k`` micro-batches whose gradients are averaged (one update)."""
-    from starflow_jax.train.optimizer import DENOISER, FLOW, param_labels
-
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     micro = functools.partial(_micro_step, graphdef=graphdef, hp=hp)
     k = int(hp.grad_accum)
@@ -171,8 +171,6 @@ def train_step(
 
 def eval_nll(params, batch: dict, key, *, graphdef, hp: StepConfig) -> jax.Array:
     """Per-example NLL per dimension (nats) of a held-out batch under one dequantisation draw."""
-    from starflow_jax.flow.loss import nll_per_example
-
     x = add_noise(key, batch["image"].astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
     y = conditioning(batch, batch.get("label"), hp)
     out = nnx.merge(graphdef, params)(x, y)

@@ -27,25 +27,21 @@ def test_mesh_shapes():
 
 
 def test_rules():
-    from types import SimpleNamespace
+    """The specs the declared logical axes give a small model's parameters (the pod-sized
+    models' in tests/test_param_axes.py)."""
+    from starflow_jax.config import load_config, model_config
+    from starflow_jax.parallel.rules import tree_specs
+    from starflow_jax.train.program import abstract_train_state, optimizer_for, step_settings
 
-    from jax.tree_util import DictKey
-
-    from starflow_jax.parallel.rules import param_spec
-
-    mesh = SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 2})
-
-    def path(*names):
-        return tuple(DictKey(n) for n in names)
-
-    assert param_spec(path("blocks", "attn_blocks", "attention", "qkv", "kernel"), (3, 64, 192), mesh) == P(
-        None, "fsdp", "tensor"
-    )
-    assert param_spec(path("blocks", "attn_blocks", "mlp", "fc2", "kernel"), (3, 256, 64), mesh) == P(
-        None, "tensor", "fsdp"
-    )
-    assert param_spec(path("blocks", "proj_in", "kernel"), (5, 64), mesh) == P(None, None)  # 5 not divisible
-    assert param_spec(path("blocks", "attn_blocks", "attention", "norm", "weight"), (3, 64), mesh) == P(None, None)
+    config = load_config(HERE.parent / "configs" / "tiny_cpu.py")
+    _, tx = optimizer_for(config, model_config(config))
+    params = abstract_train_state(config, tx, step_settings(config, 0))[1].params
+    block = tree_specs(params, {"data": 2, "fsdp": 2, "tensor": 2})["blocks"][0]
+    layers = block["attn_blocks"]
+    assert layers["attention"]["qkv"]["kernel"].get_value() == P(None, "fsdp", "tensor")  # (1, 64, 192)
+    assert layers["mlp"]["fc2"]["kernel"].get_value() == P(None, "tensor", "fsdp")
+    assert layers["attention"]["norm"]["weight"].get_value() == P(None, None)
+    assert block["proj_in"]["kernel"].get_value() == P("fsdp", None)  # (4, 64): FSDP on the input side
 
 
 @pytest.mark.slow

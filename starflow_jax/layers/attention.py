@@ -226,10 +226,10 @@ class Attention(nnx.Module):
         self.causal = causal
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.norm = make_norm(norm_type, channels, param_dtype)
-        self.qkv = dense(
-            channels, q_size + 2 * kv_size, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
-        self.proj = dense(q_size, channels, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # heads over ``tensor``: qkv column-parallel, the output projection row-parallel
+        self.qkv = dense(channels, q_size + 2 * kv_size, kernel_axes=("embed", "heads"), bias_axes=("heads",), **kw)
+        self.proj = dense(q_size, channels, kernel_axes=("heads", "embed"), bias_axes=("features",), **kw)
         self.query_norm = RMSNorm(head_dim, param_dtype=param_dtype) if use_qk_norm else None
         self.key_norm = RMSNorm(head_dim, param_dtype=param_dtype) if use_qk_norm else None
         self.post_norm = RMSNorm(channels, param_dtype=param_dtype) if use_post_norm else None

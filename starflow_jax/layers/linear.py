@@ -6,20 +6,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from starflow_jax.parallel.rules import logical_axes
+
 TORCH_KERNEL_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+# the logical axes of a projection into or out of the transformer (patches, text features):
+# split FSDP-style on its input side only
+PROJECTION_AXES = dict(kernel_axes=("embed", "features"), bias_axes=("features",))
 
 
 def dense(
     in_features: int,
     out_features: int,
     *,
+    kernel_axes: tuple[str, str] | None = None,
+    bias_axes: tuple[str] | None = None,
     use_bias: bool = True,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     zero_init: bool = False,
     rngs: nnx.Rngs,
 ) -> nnx.Linear:
-    """A Linear layer; its ``kernel`` is ``(in, out)`` (the transpose of torch's ``weight``)."""
+    """A Linear layer; its ``kernel`` is ``(in, out)`` (the transpose of torch's ``weight``),
+    with the logical axes ``kernel_axes`` / ``bias_axes`` (``parallel.rules.LOGICAL_RULES``;
+    every layer of the flow model declares them: ``parallel.rules.tree_shardings`` refuses
+    a parameter without; the autoencoders, never sharded, leave them out)."""
     bound = 1.0 / float(in_features) ** 0.5
 
     def bias_init(key, shape, dtype=param_dtype):
@@ -34,6 +45,8 @@ def dense(
         kernel_init=nnx.initializers.zeros if zero_init else TORCH_KERNEL_INIT,
         bias_init=bias_init,
         precision=None,
+        kernel_metadata=logical_axes(*kernel_axes) if kernel_axes else {},
+        bias_metadata=logical_axes(*bias_axes) if bias_axes else {},
         rngs=rngs,
     )
 

@@ -39,13 +39,16 @@ class MLP(nnx.Module):
         self.norm = make_norm(norm_type, channels, param_dtype)
         self.post_norm = RMSNorm(channels, param_dtype=param_dtype) if use_post_norm else None
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # input projections column-parallel (the hidden width over ``tensor``), the output one row-parallel
+        up = dict(kw, kernel_axes=("embed", "mlp"), bias_axes=("mlp",))
+        down = dict(kw, kernel_axes=("mlp", "embed"), bias_axes=("features",))
         if use_swiglu:
-            self.gate_proj = dense(channels, hidden, **kw)
-            self.up_proj = dense(channels, hidden, **kw)
-            self.down_proj = dense(hidden, channels, **kw)
+            self.gate_proj = dense(channels, hidden, **up)
+            self.up_proj = dense(channels, hidden, **up)
+            self.down_proj = dense(hidden, channels, **down)
         else:
-            self.fc1 = dense(channels, hidden, **kw)
-            self.fc2 = dense(hidden, channels, **kw)
+            self.fc1 = dense(channels, hidden, **up)
+            self.fc2 = dense(hidden, channels, **down)
 
     def split(self, parts: int) -> dict:
         """The weights cut for ``__call__(split=...)`` (decoding): input projections by

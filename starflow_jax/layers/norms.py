@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from starflow_jax.parallel.rules import logical_axes
+
 
 class RMSNorm(nnx.Module):
     """RMS norm with a unit offset: ``x / rms(x) * (1 + weight)``, computed in float32
@@ -13,7 +15,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
         self.eps = eps
-        self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.weight = nnx.Param(jnp.zeros((dim,), param_dtype), **logical_axes("norm"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
@@ -26,8 +28,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), **logical_axes("norm"))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), **logical_axes("norm"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)

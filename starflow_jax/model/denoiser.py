@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from starflow_jax.config.model_config import ModelConfig
-from starflow_jax.layers.linear import dense
+from starflow_jax.layers.linear import PROJECTION_AXES, dense
 from starflow_jax.layers.masks import IndexMask
 from starflow_jax.layers.norms import RMSNorm
 from starflow_jax.layers.transformer import LayerSpec, apply_stack, create_stack
@@ -43,13 +43,10 @@ class Denoiser(nnx.Module):
         d = cfg.patch_dim
         self.conditioned = bool(cfg.conditional_denoiser and cfg.txt_dim > 0)
         num_heads = cfg.num_heads or cfg.channels // cfg.head_dim
-        self.proj_in = dense(d, cfg.channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj_out = dense(cfg.channels, d, dtype=dtype, param_dtype=param_dtype, zero_init=True, rngs=rngs)
-        self.proj_txt = (
-            dense(cfg.txt_dim, cfg.channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            if self.conditioned
-            else None
-        )
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, **PROJECTION_AXES)
+        self.proj_in = dense(d, cfg.channels, **kw)
+        self.proj_out = dense(cfg.channels, d, zero_init=True, **kw)
+        self.proj_txt = dense(cfg.txt_dim, cfg.channels, **kw) if self.conditioned else None
         self.spec = LayerSpec(
             channels=cfg.channels,
             head_dim=cfg.head_dim,

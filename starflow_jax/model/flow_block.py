@@ -9,10 +9,11 @@ from flax import nnx
 
 from starflow_jax.config.model_config import ModelConfig
 from starflow_jax.flow import affine, permutation
-from starflow_jax.layers.linear import dense
+from starflow_jax.layers.linear import PROJECTION_AXES, dense
 from starflow_jax.layers.norms import RMSNorm
 from starflow_jax.layers.rope import rope_table
 from starflow_jax.layers.transformer import LayerSpec, apply_stack, create_stack
+from starflow_jax.parallel.rules import logical_axes
 
 
 def block_rope(cfg: ModelConfig, head_dim: int, x_shape: tuple[int, ...], txt_len: int, conditioned: bool):
@@ -54,17 +55,25 @@ class FlowBlock(nnx.Module):
         self.channels = channels
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         d = cfg.patch_dim
-        self.proj_in = dense(d, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj_out = dense(channels, 2 * d, dtype=dtype, param_dtype=param_dtype, zero_init=True, rngs=rngs)
-        self.sos_embed = nnx.Param(jax.random.normal(rngs.params(), (1, 1, d), param_dtype)) if cfg.sos else None
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, **PROJECTION_AXES)
+        self.proj_in = dense(d, channels, **kw)
+        self.proj_out = dense(channels, 2 * d, zero_init=True, **kw)
+        self.sos_embed = (
+            nnx.Param(
+                jax.random.normal(rngs.params(), (1, 1, d), param_dtype), **logical_axes(None, "positions", "features")
+            )
+            if cfg.sos
+            else None
+        )
         self.pos_embed = (
-            nnx.Param(jax.random.normal(rngs.params(), (cfg.seq_side**2, channels), param_dtype) * 1e-2)
+            nnx.Param(
+                jax.random.normal(rngs.params(), (cfg.seq_side**2, channels), param_dtype) * 1e-2,
+                **logical_axes("positions", "features"),
+            )
             if not cfg.rope
             else None
         )
-        self.proj_txt = (
-            dense(cfg.txt_dim, channels, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if conditioned else None
-        )
+        self.proj_txt = dense(cfg.txt_dim, channels, **kw) if conditioned else None
         self.spec = LayerSpec(
             channels=channels,
             head_dim=cfg.head_dim,

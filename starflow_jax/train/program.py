@@ -136,18 +136,26 @@ def training_mesh(config, devices=None):
     return mesh
 
 
-def build_program(config, mesh, num_classes: int) -> Program:
-    """The training program of ``config`` (a training config: model, train sections) on
-    ``mesh``; ``num_classes`` > 0 for class-labelled data."""
+def abstract_train_state(config, tx, hp: S.StepConfig):
+    """``(graphdef, state)``: the model's structure and the train state's shapes and dtypes
+    for ``config`` (nothing allocated; its parameters carry their declared logical axes)."""
     cfg = model_config(config)
     seed = int(config.train.seed)
     model = nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(seed)))
     graphdef = nnx.graphdef(model)
-    sched, tx = optimizer_for(config, cfg)
-    hp = step_settings(config, num_classes)
     abstract = jax.eval_shape(
         lambda st: S.init_state(nnx.merge(graphdef, st), tx, seed, hp.ema_decay > 0), nnx.state(model)
     )
+    return graphdef, abstract
+
+
+def build_program(config, mesh, num_classes: int) -> Program:
+    """The training program of ``config`` (a training config: model, train sections) on
+    ``mesh``; ``num_classes`` > 0 for class-labelled data."""
+    cfg = model_config(config)
+    sched, tx = optimizer_for(config, cfg)
+    hp = step_settings(config, num_classes)
+    graphdef, abstract = abstract_train_state(config, tx, hp)
     shard = tree_shardings(abstract, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
     return Program(

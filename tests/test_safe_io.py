@@ -18,7 +18,8 @@ from starflow_jax.cli.main import main
 from starflow_jax.config import ConfigError, ModelConfig, load_config, model_config
 from starflow_jax.config.reference_args import TRAIN_ARGUMENTS, check_train_arguments
 from starflow_jax.interop import checkpoints as ck
-from starflow_jax.interop.state_dict import StateDictMismatch, from_reference, to_reference
+from starflow_jax.interop.named_tensors import StateDictMismatch
+from starflow_jax.interop.state_dict import from_reference, to_reference
 from starflow_jax.model import StarFlow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

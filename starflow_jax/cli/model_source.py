@@ -10,7 +10,8 @@ import numpy as np
 from flax import nnx
 
 from starflow_jax.config import load_config, model_config
-from starflow_jax.interop.state_dict import StateDictFileError, load_reference_model
+from starflow_jax.interop.named_tensors import StateDictFileError
+from starflow_jax.interop.state_dict import load_reference_model
 from starflow_jax.model import StarFlow
 
 

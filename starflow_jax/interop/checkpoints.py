@@ -33,7 +33,8 @@ from starflow_jax.interop.integrity import (
     silence_abandoned_reads,
     verify,
 )
-from starflow_jax.interop.state_dict import from_reference, load_torch_file, reference_buffers, to_reference
+from starflow_jax.interop.named_tensors import load_torch_file
+from starflow_jax.interop.state_dict import from_reference, reference_buffers, to_reference
 from starflow_jax.model import StarFlow
 
 EXPORT_DTYPES = ("float32", "bfloat16")

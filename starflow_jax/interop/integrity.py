@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from starflow_jax import storage
+from starflow_jax.tree_paths import path_names
 
 INTEGRITY = "integrity"  # the item saved beside "state" and "data" in a checkpoint step
 
@@ -29,10 +30,7 @@ class CheckpointUnreadable(ValueError):
 def leaf_name(path) -> str:
     """``params/blocks/0/kernel`` for a pytree path (dict keys, attributes and indices;
     the ``value`` attribute of a variable dropped), the same for a restored dict."""
-    parts = []
-    for k in path:
-        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        parts.append(str(name))
+    parts = path_names(path)
     if parts and parts[-1] == "value":
         parts.pop()
     return "/".join(parts)

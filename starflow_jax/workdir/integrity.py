@@ -19,8 +19,7 @@ import orbax.checkpoint as ocp
 
 from starflow_jax import storage
 from starflow_jax.tree_paths import path_names
-
-INTEGRITY = "integrity"  # the item saved beside "state" and "data" in a checkpoint step
+from starflow_jax.workdir.layout import INTEGRITY_ITEM, STATE_ITEM
 
 
 class CheckpointUnreadable(ValueError):
@@ -139,11 +138,12 @@ def read_integrity(directory, step: int) -> dict | None:
     """The fingerprints saved with ``step`` (None for checkpoints written before they
     were); CheckpointUnreadable when the step lacks the files every restore needs."""
     root = storage.as_path(directory) / str(step)
-    if not (root / "state" / "_METADATA").exists():
+    if not (root / STATE_ITEM / "_METADATA").exists():
         raise CheckpointUnreadable(
-            f"checkpoint step {step} in {directory}: state/_METADATA is missing (an incomplete or damaged checkpoint)"
+            f"checkpoint step {step} in {directory}: {STATE_ITEM}/_METADATA is missing "
+            "(an incomplete or damaged checkpoint)"
         )
-    path = root / INTEGRITY
+    path = root / INTEGRITY_ITEM
     if not path.exists():
         return None
     try:

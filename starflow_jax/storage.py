@@ -2,7 +2,7 @@
 (any scheme ``etils.epath`` reads, the path type orbax uses) or as a local path.
 
 Local paths are handled exactly as before (atomic replacement by rename, appends); on object
-storage there is no rename and no append (nor ``flock``: ``train.workdir.WorkdirLock``), so:
+storage there is no rename and no append (nor ``flock``: ``workdir.run.WorkdirLock``), so:
 
 * ``replace_text``: a local file is written beside and renamed into place; an object is
   written in one upload (readers see the old object or the new one, never a part);

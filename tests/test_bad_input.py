@@ -10,8 +10,8 @@ from flax import nnx
 from starflow_jax.config import ConfigError, ModelConfig
 from starflow_jax.config.reference_args import from_model_kwargs, read_yaml_arguments
 from starflow_jax.interop import reference_cases as rc
+from starflow_jax.interop.named_tensors import StateDictMismatch
 from starflow_jax.interop.state_dict import (
-    StateDictMismatch,
     from_reference,
     is_deprecated_buffer,
     load_reference_model,

@@ -9,8 +9,9 @@ import pytest
 
 from starflow_jax.cli.main import main
 from starflow_jax.config import load_config
-from starflow_jax.interop import checkpoints as ck
+from starflow_jax.interop import formats
 from starflow_jax.interop import reference_cases as rc
+from starflow_jax.workdir import params as workdir_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CASES = rc.discover()
@@ -110,8 +111,8 @@ def test_training_checkpoint_exports_and_imports_exactly(tmp_path):
         )
         == 0
     )
-    _, _, p_run = ck.load_params(tmp_path / "run")
-    _, _, p_imp = ck.load_params(tmp_path / "imp")
+    _, _, p_run = workdir_params.load_params(tmp_path / "run")
+    _, _, p_imp = workdir_params.load_params(tmp_path / "imp")
     import jax
 
     for a, b in zip(jax.tree.leaves(p_run), jax.tree.leaves(p_imp)):
@@ -137,7 +138,7 @@ def test_pth_import_reproduces_the_forward(tmp_path):
         )
         == 0
     )
-    _, model = ck.model_from_workdir(tmp_path / "wd")
+    _, model = workdir_params.model_from_workdir(tmp_path / "wd")
     out = model(jnp.asarray(case.arrays["input/x"]), jnp.asarray(case.arrays["input/y"]))
     assert rc.relative_error(out.z, case.arrays["forward/z"]) < 1e-4
     # and back to .pth, bfloat16 on request
@@ -168,9 +169,9 @@ def test_exported_pth_loads_strictly_into_the_reference(path, tmp_path):
     model, _ = rc.build_model(case)
     from flax import nnx
 
-    arrays = ck.export_arrays(model.cfg, nnx.state(model, nnx.Param))
+    arrays = formats.export_arrays(model.cfg, nnx.state(model, nnx.Param))
     pth = tmp_path / "exported.pth"
-    ck.write_torch(pth, arrays, "float32")
+    formats.write_torch(pth, arrays, "float32")
     tf = import_reference(REFERENCE_REPO)
     y = case.arrays["input/y"] if model.cfg.txt_dim > 0 else None
     ref = float(np.mean(reference_loss(tf, model.cfg, str(pth), case.arrays["input/x"], y)))
@@ -196,8 +197,8 @@ def test_export_holds_one_copy_of_the_parameters(tmp_path):
     params = nnx.state(StarFlow(model_config(config), rngs=nnx.Rngs(0)), nnx.Param)
     nbytes = sum(a.nbytes for a in jax.tree.leaves(params))
     tracemalloc.start()
-    arrays = ck.export_arrays(model_config(config), params, "float32", release=True)
-    ck.write_torch(tmp_path / "m.pth", arrays, "float32")
+    arrays = formats.export_arrays(model_config(config), params, "float32", release=True)
+    formats.write_torch(tmp_path / "m.pth", arrays, "float32")
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert all(a.is_deleted() for a in jax.tree.leaves(params))

@@ -50,9 +50,9 @@ def test_workdir_files_on_gcs_without_training(gcs):
     a PNG, a step set aside, and no lock."""
     from starflow_jax.config import load_config
     from starflow_jax.sampling.visualize import save_png
-    from starflow_jax.train import checkpoint
-    from starflow_jax.train import workdir as wd
     from starflow_jax.train.metrics_writer import MetricsWriter
+    from starflow_jax.workdir import checkpoints
+    from starflow_jax.workdir import run as wd
 
     root = storage.as_path(f"gs://{BUCKET}/files")
     wd.WorkdirLock(root).release()
@@ -76,10 +76,10 @@ def test_workdir_files_on_gcs_without_training(gcs):
     assert not wd.has_checkpoints(root)  # a step orbax did not finish writing there (no commit_success.txt)
     (root / "checkpoints" / "3" / "commit_success.txt").write_text("")
     assert wd.has_checkpoints(root)
-    dst = checkpoint.set_aside(root, 3)
+    dst = checkpoints.set_aside(root, 3)
     assert os.fspath(dst) == f"gs://{BUCKET}/files/checkpoints_set_aside/3"
     assert (dst / "state" / "_METADATA").read_text() == "{}" and not (root / "checkpoints" / "3").exists()
-    assert os.fspath(checkpoint.set_aside(root, 3)).endswith("checkpoints_set_aside/3.1")  # never replaced
+    assert os.fspath(checkpoints.set_aside(root, 3)).endswith("checkpoints_set_aside/3.1")  # never replaced
     assert not list(root.glob(".lock.*"))
     wd.prepare(root, load_config(TINY, FAST), overwrite=True, log=quiet)  # --overwrite: the run's files go
     assert sorted(p.name for p in root.iterdir()) == ["config.json"]
@@ -88,8 +88,8 @@ def test_workdir_files_on_gcs_without_training(gcs):
 @pytest.mark.slow
 def test_a_run_on_gcs_writes_everything_there_resumes_and_is_read_back(gcs):
     from starflow_jax.config import load_config
-    from starflow_jax.interop.checkpoints import load_params
     from starflow_jax.train.loop import train
+    from starflow_jax.workdir.params import load_params
 
     workdir = f"gs://{BUCKET}/fast"
     run = FAST + ["train.profile=[2, 1]"]  # (a profile of step 2, uploaded to WORKDIR/profile)
@@ -128,7 +128,8 @@ def test_outputs_to_gcs_are_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="outputs are written to local files"):
         check_outputs(["gs://b/out.png"], overwrite=False)
     from starflow_jax.config import load_config
-    from starflow_jax.interop.checkpoints import CheckpointError, import_reference
+    from starflow_jax.interop.formats import import_reference
+    from starflow_jax.workdir.layout import CheckpointError
 
     with pytest.raises(CheckpointError, match="import writes a local workdir"):
         import_reference(tmp_path / "w.pth", load_config(TINY, FAST), "gs://b/imported")

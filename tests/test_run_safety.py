@@ -20,12 +20,12 @@ from fast_run import FAST, ROOT, TINY, quiet
 
 from starflow_jax.cli.main import main
 from starflow_jax.config import ConfigError, load_config
-from starflow_jax.interop.checkpoints import load_params
-from starflow_jax.interop.integrity import CheckpointUnreadable
 from starflow_jax.train import loop
-from starflow_jax.train.checkpoint import SET_ASIDE
 from starflow_jax.train.loop import TrainingStopped, train
-from starflow_jax.train.workdir import WorkdirError, WorkdirLock
+from starflow_jax.workdir.integrity import CheckpointUnreadable
+from starflow_jax.workdir.layout import SET_ASIDE
+from starflow_jax.workdir.params import load_params
+from starflow_jax.workdir.run import WorkdirError, WorkdirLock
 
 
 def _rows(workdir):

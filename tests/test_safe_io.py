@@ -17,9 +17,11 @@ from starflow_jax.cli import model_source
 from starflow_jax.cli.main import main
 from starflow_jax.config import ConfigError, ModelConfig, load_config, model_config
 from starflow_jax.config.reference_args import TRAIN_ARGUMENTS, check_train_arguments
-from starflow_jax.interop import checkpoints as ck
-from starflow_jax.interop.state_dict import StateDictMismatch, from_reference, to_reference
+from starflow_jax.interop import formats
+from starflow_jax.interop.named_tensors import StateDictMismatch
+from starflow_jax.interop.state_dict import from_reference, to_reference
 from starflow_jax.model import StarFlow
+from starflow_jax.workdir import params as workdir_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_CPU = str(ROOT / "configs" / "tiny_cpu.py")
@@ -112,7 +114,7 @@ def test_import_overwrite_replaces_only_what_a_workdir_holds(tmp_path, files):
     assert main(["import", "--torch", str(new), "--config", str(files[0]), "--out", str(wd), "--overwrite"]) == 0
     assert sorted(p.name for p in wd.iterdir()) == ["config.json", "notes.txt", "params", "params.integrity.json"]
     assert (wd / "notes.txt").read_text() == "the user's own file"
-    _, _, params = ck.load_params(wd)
+    _, _, params = workdir_params.load_params(wd)
     assert all(np.all(np.asarray(a) == 0.5) for a in jax.tree.leaves(params))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.safetensors", "tiny.json", "tiny.safetensors", "wd"]
 
@@ -128,7 +130,7 @@ def test_import_that_fails_while_moving_in_puts_the_old_workdir_back(tmp_path, f
             raise OSError(28, "No space left on device")
         return replace(src, dst)
 
-    monkeypatch.setattr(ck.os, "replace", full_disk)
+    monkeypatch.setattr(workdir_params.os, "replace", full_disk)
     assert main(["import", "--torch", str(files[1]), "--config", str(files[0]), "--out", str(wd), "--overwrite"]) == 2
     one_line_error(capsys, "import", "cannot write the workdir", "No space left on device")
     assert failed and snapshot(tmp_path) == before
@@ -154,7 +156,7 @@ def test_export_checks_every_output_before_any_work(tmp_path, files, capsys, mon
     out.with_suffix(".yaml").write_text("mine")
     export = ["export", "--workdir", str(wd), "--format", "safetensors", "--out", str(out)]
     with monkeypatch.context() as m:
-        m.setattr(ck, "load_params", boom)
+        m.setattr(workdir_params, "load_params", boom)
         assert main(export) == 2
     one_line_error(capsys, "export", f"{out.with_suffix('.yaml')} exists; pass --overwrite")
     assert out.with_suffix(".yaml").read_text() == "mine" and not out.exists()
@@ -170,7 +172,7 @@ def test_a_failed_export_leaves_no_half_written_file(tmp_path, files, capsys, mo
     out.write_bytes(b"old")
     out.with_suffix(".yaml").write_text("old")
 
-    real, calls = ck.to_yaml_arguments, []
+    real, calls = formats.to_yaml_arguments, []
 
     def fails_writing_the_yaml(cfg):  # the first call makes the metadata, the second the .yaml file
         calls.append(cfg)
@@ -178,7 +180,7 @@ def test_a_failed_export_leaves_no_half_written_file(tmp_path, files, capsys, mo
             raise ValueError("disk trouble")
         return real(cfg)
 
-    monkeypatch.setattr(ck, "to_yaml_arguments", fails_writing_the_yaml)
+    monkeypatch.setattr(formats, "to_yaml_arguments", fails_writing_the_yaml)
     before = snapshot(tmp_path)
     assert main(["export", "--workdir", str(wd), "--format", "safetensors", "--out", str(out), "--overwrite"]) == 2
     one_line_error(capsys, "export", "disk trouble")

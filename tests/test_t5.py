@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 spm = pytest.importorskip("sentencepiece")
 
-from starflow_jax.interop.state_dict import StateDictMismatch  # noqa: E402
+from starflow_jax.interop.named_tensors import StateDictMismatch  # noqa: E402
 from starflow_jax.text import (
     T5Config,
     encode_prompts,

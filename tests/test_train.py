@@ -84,7 +84,7 @@ def test_short_digits_run_beats_a_full_covariance_gaussian(tmp_path):
 def test_fine_tune_from_another_workdir(tmp_path):
     """A fresh run initialised from another run's checkpoint (or an imported workdir) starts
     from its parameters with a new optimizer: at learning rate 0 they stay exactly those."""
-    from starflow_jax.interop.checkpoints import load_params
+    from starflow_jax.workdir.params import load_params
 
     base = load_config(TINY, FAST + ["train.steps=2", "train.checkpoint_every=2"])
     train(base, str(tmp_path / "a"), log=lambda *a: None)

@@ -25,7 +25,7 @@ from starflow_jax.autoencoders import (
     encode_latents,
     vae_from_diffusers,
 )
-from starflow_jax.interop.state_dict import StateDictMismatch  # noqa: E402
+from starflow_jax.interop.named_tensors import StateDictMismatch  # noqa: E402
 
 RTOL = 1e-4
 SMALL = dict(

@@ -29,7 +29,7 @@ from starflow_jax.autoencoders import (
     wan_from_diffusers,
 )
 from starflow_jax.autoencoders.wan_vae import apply_temporal_scale, encode_moments, split_moments  # noqa: E402
-from starflow_jax.interop.state_dict import StateDictMismatch  # noqa: E402
+from starflow_jax.interop.named_tensors import StateDictMismatch  # noqa: E402
 
 RTOL = 1e-4
 _rng = np.random.default_rng(3)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from starflow_jax.autoencoders.vae import AutoencoderKL
 from starflow_jax.autoencoders.vae_config import VAEConfig
-from starflow_jax.interop.state_dict import StateDictMismatch, gather_named
+from starflow_jax.interop.named_tensors import StateDictMismatch, gather_named
 
 __all__ = [
     "vae_from_diffusers",

@@ -18,7 +18,7 @@ from flax import nnx
 from starflow_jax.autoencoders.convert_vae import diffusers_name, fill_named_state, load_diffusers_checkpoint
 from starflow_jax.autoencoders.wan_config import WanVAEConfig
 from starflow_jax.autoencoders.wan_vae import AutoencoderKLWan
-from starflow_jax.interop.state_dict import StateDictMismatch
+from starflow_jax.interop.named_tensors import StateDictMismatch
 
 __all__ = ["wan_from_diffusers", "fill_wan_state", "wan_diffusers_name", "StateDictMismatch"]
 

@@ -28,27 +28,28 @@ def add_parsers(sub):
 
 
 def run_export(args) -> int:
-    from starflow_jax.interop import checkpoints as ck
+    from starflow_jax.interop import formats
+    from starflow_jax.workdir import params as workdir_params
 
     # every file it writes (a safetensors file has its .yaml beside it), before any work
-    out = check_outputs(ck.export_outputs(args.out, args.format), args.overwrite)[0]
-    _, cfg, params = ck.load_params(args.workdir, args.step, args.ema)
-    arrays = ck.export_arrays(cfg, params, args.dtype, release=True)
+    out = check_outputs(formats.export_outputs(args.out, args.format), args.overwrite)[0]
+    _, cfg, params = workdir_params.load_params(args.workdir, args.step, args.ema)
+    arrays = formats.export_arrays(cfg, params, args.dtype, release=True)
     n = len(arrays)
     if args.format == "torch":
-        ck.write_torch(out, arrays, args.dtype, overwrite=args.overwrite)
+        formats.write_torch(out, arrays, args.dtype, overwrite=args.overwrite)
     else:
-        ck.write_safetensors(out, arrays, cfg, args.dtype, overwrite=args.overwrite)
+        formats.write_safetensors(out, arrays, cfg, args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}: {n} tensors ({args.format}, {args.dtype})")
     return 0
 
 
 def run_import(args) -> int:
-    from starflow_jax.interop import checkpoints as ck
+    from starflow_jax.interop import formats
 
     if not pathlib.Path(args.source).exists():
         raise FileNotFoundError(f"--torch {args.source} does not exist")
     config = load_config(args.config, args.overrides)
-    ignored = ck.import_reference(args.source, config, args.out, overwrite=args.overwrite)
+    ignored = formats.import_reference(args.source, config, args.out, overwrite=args.overwrite)
     print(f"imported {args.source} into {args.out}" + (f" (ignored deprecated buffers: {ignored})" if ignored else ""))
     return 0

@@ -10,7 +10,8 @@ import numpy as np
 from flax import nnx
 
 from starflow_jax.config import load_config, model_config
-from starflow_jax.interop.state_dict import StateDictFileError, load_reference_model
+from starflow_jax.interop.named_tensors import StateDictFileError
+from starflow_jax.interop.state_dict import load_reference_model
 from starflow_jax.model import StarFlow
 
 
@@ -55,7 +56,7 @@ def read_config(args):
     """The config of the model ``load_model`` builds, without reading any weights (for
     checks before any work)."""
     if getattr(args, "workdir", None):
-        from starflow_jax.interop.checkpoints import read_workdir_config
+        from starflow_jax.workdir.layout import read_workdir_config
 
         return read_workdir_config(args.workdir)
     if not args.config:
@@ -83,7 +84,7 @@ def is_video_model(config, cfg) -> bool:
 def load_model(args, seed: int = 0):
     """``(config, model)`` from the parsed arguments."""
     if getattr(args, "workdir", None):
-        from starflow_jax.interop.checkpoints import model_from_workdir
+        from starflow_jax.workdir.params import model_from_workdir
 
         return model_from_workdir(args.workdir, args.step, args.ema)
     config = read_config(args)

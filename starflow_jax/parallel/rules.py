@@ -20,6 +20,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from starflow_jax.tree_paths import path_name
+
 BATCH_AXES = ("data", "fsdp")
 
 # logical axis name -> mesh axis (None: never split)
@@ -46,7 +48,7 @@ def declared_axes(variable: nnx.Variable, path=()) -> tuple:
     """The logical axes a parameter declares (its ``out_sharding`` metadata); an error
     naming its path when it declares none or a wrong number."""
     axes = variable.get_metadata().get("out_sharding")
-    where = jax.tree_util.keystr(tuple(path)) or type(variable).__name__
+    where = path_name(path) or type(variable).__name__
     shape = tuple(variable.get_value().shape)
     if not axes:
         raise ValueError(
@@ -89,7 +91,7 @@ def tree_specs(tree, mesh_shape: Mapping[str, int]):
             return P(*([None] * len(getattr(x, "shape", ()))))
         if not hasattr(x.get_value(), "shape"):
             return x  # no array inside (optax's MaskedNode for parameters another optimizer owns)
-        spec = logical_spec(declared_axes(x, path), tuple(x.get_value().shape), mesh_shape, jax.tree_util.keystr(path))
+        spec = logical_spec(declared_axes(x, path), tuple(x.get_value().shape), mesh_shape, path_name(path))
         return jax.tree.map(lambda _: spec, x)
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_is_variable)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from starflow_jax.interop.state_dict import _to_numpy, gather_named
+from starflow_jax.interop.named_tensors import gather_named, to_numpy
 from starflow_jax.text.t5 import T5Config, T5Encoder
 
 EMBEDDING_KEYS = ("shared.weight", "encoder.embed_tokens.weight")
@@ -91,7 +91,7 @@ def encoder_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             return out
     present = [k for k in EMBEDDING_KEYS if k in state_dict]
     if len(present) == 2:
-        a, b = (np.asarray(_to_numpy(state_dict[k])) for k in present)
+        a, b = (np.asarray(to_numpy(state_dict[k])) for k in present)
         if a.shape != b.shape or not np.array_equal(a, b):
             raise ValueError(
                 "the state dict has both shared.weight and encoder.embed_tokens.weight and they "

@@ -26,13 +26,14 @@ from starflow_jax.flow.loss import bits_per_dim
 from starflow_jax.sampling import SamplingOptions
 from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, generate
 from starflow_jax.sampling.visualize import grid, save_png, to_uint8
-from starflow_jax.train import checkpoint
 from starflow_jax.train import step as S
-from starflow_jax.train import workdir as wd
 from starflow_jax.train.metrics_writer import MetricsWriter
 from starflow_jax.train.program import Program, build_program, training_mesh
 from starflow_jax.train.termination import Termination, distributed_client
-from starflow_jax.train.workdir import WorkdirError, WorkdirLock
+from starflow_jax.workdir import checkpoints, layout
+from starflow_jax.workdir import run as wd
+from starflow_jax.workdir.params import load_params
+from starflow_jax.workdir.run import WorkdirError, WorkdirLock
 
 
 def data_scale(config) -> float:
@@ -145,7 +146,6 @@ class _Progress:
 def init_params_from(source: str | pathlib.Path, config, params, step: int | None = None, ema: bool = False):
     """Parameters of another workdir (a training run's checkpoint, or reference weights
     imported with ``starflow-jax import``) for fine-tuning: the architectures must agree."""
-    from starflow_jax.interop.checkpoints import load_params
 
     _, src_cfg, src_params = load_params(source, step, ema)
     cfg = model_config(config)
@@ -216,29 +216,29 @@ def _train_locked(
     t = config.train
     program = build_program(config, mesh, data.num_classes)
     graphdef, hp = program.graphdef, program.hp
-    if not resume and init_from is None and (workdir / "params").exists():
+    if not resume and init_from is None and (workdir / layout.IMPORTED_PARAMS).exists():
         init_from = workdir  # an imported workdir: its reference weights are where the run starts
     params = None
     if init_from is not None and not resume:
         params = init_params_from(init_from, config, program.abstract_state.params, init_step, init_ema)
         log(f"initialised the parameters from {init_from} (fresh optimizer)")
     it = train_batches(data, config)  # buckets / secondary data: batches of several shapes
-    mgr = checkpoint.manager(workdir / "checkpoints", int(t.keep_checkpoints), int(t.checkpoint_every))
+    mgr = checkpoints.manager(workdir / layout.CHECKPOINTS, int(t.keep_checkpoints), int(t.checkpoint_every))
     start = 0
     if resume:
-        found, restored, data_state = checkpoint.restore_newest_good(
+        found, restored, data_state = checkpoints.restore_newest_good(
             mgr, program.abstract_state, workdir, log, step, wd.barrier
         )
         if found is None:
             raise WorkdirError(
-                f"no checkpoint in {workdir / 'checkpoints'} could be read (each was set aside to "
-                f"{workdir / checkpoint.SET_ASIDE}); pass --overwrite to start a new run there"
+                f"no checkpoint in {workdir / layout.CHECKPOINTS} could be read (each was set aside to "
+                f"{workdir / layout.SET_ASIDE}); pass --overwrite to start a new run there"
             )
         start, state = found, restored
         it.set_state(data_state)
         dropped = wd.truncate_metrics(workdir, start)
         log(
-            f"resumed from {workdir / 'checkpoints'} at step {start}"
+            f"resumed from {workdir / layout.CHECKPOINTS} at step {start}"
             + (f" (dropped {dropped} metrics rows logged after it)" if dropped else "")
         )
     else:
@@ -264,7 +264,7 @@ def _train_locked(
             # it half-saved), then report which step a rerun resumes from
             mgr.wait_until_finished()
             if isinstance(e, KeyboardInterrupt):
-                log(f"interrupted; the newest checkpoint is step {mgr.latest_step()} in {workdir / 'checkpoints'}")
+                log(f"interrupted; the newest checkpoint is step {mgr.latest_step()} in {workdir / layout.CHECKPOINTS}")
             raise
         finally:
             mgr.close()
@@ -314,7 +314,7 @@ def _stop_message(run: _Run, why: str, before: int | None = None) -> str:
     """``why``, and the newest checkpoint (written before step ``before``) to go back to."""
     steps = [s for s in run.mgr.all_steps() if before is None or s < before]
     where = (
-        f"the last good checkpoint is step {max(steps)} in {run.workdir / 'checkpoints'}"
+        f"the last good checkpoint is step {max(steps)} in {run.workdir / layout.CHECKPOINTS}"
         if steps
         else "no checkpoint was written before it"
     )
@@ -445,8 +445,8 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
                 stopped = "SIGTERM"
             t_save = time.time()
             try:
-                saved = checkpoint.save(run.mgr, done, state, it.get_state(), force=done == total or bool(stopped))
-            except checkpoint.NonFiniteState as e:
+                saved = checkpoints.save(run.mgr, done, state, it.get_state(), force=done == total or bool(stopped))
+            except checkpoints.NonFiniteState as e:
                 raise TrainingStopped(_stop_message(run, str(e))) from None
             if saved:
                 blocked = time.time() - t_save
@@ -476,7 +476,7 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
         seconds=time.time() - t0,
         skipped=int(state.skipped),
         samples=str(workdir / "samples.png"),
-        checkpoint=str(workdir / "checkpoints"),
+        checkpoint=str(workdir / layout.CHECKPOINTS),
     )
     summary = "" if heldout_bpd is None else f"held-out bits/dim {heldout_bpd:.3f}"
     if data.train_images is not None:  # the digits: Gaussian baselines on the same split
@@ -493,6 +493,6 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
             f" (Gaussians fitted to the training split: full covariance {full:.3f}, independent pixels {diag:.3f})"
         )
     if lead:
-        (workdir / "result.json").write_text(json.dumps(result, indent=2))
+        (workdir / layout.RESULT).write_text(json.dumps(result, indent=2))
     log(f"{summary}; samples {workdir / 'samples.png'}; {result['seconds']:.0f}s".lstrip("; "))
     return result

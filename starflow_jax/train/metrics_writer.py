@@ -18,6 +18,7 @@ import time
 import jax
 
 from starflow_jax import storage
+from starflow_jax.workdir.layout import METRICS, TENSORBOARD
 
 
 class MetricsWriter:
@@ -33,10 +34,10 @@ class MetricsWriter:
             if local is None:
                 self._remote = storage.as_path(workdir)
                 local = self._staging = storage.local_staging_dir("starflow-metrics-")
-                if (self._remote / "metrics.jsonl").exists():
-                    storage.download_file(self._remote / "metrics.jsonl", local / "metrics.jsonl")
-            self._jsonl = open(local / "metrics.jsonl", "a")
-            self._tb = SummaryWriter(logdir=str(local / "tensorboard"), flush_secs=10)
+                if (self._remote / METRICS).exists():
+                    storage.download_file(self._remote / METRICS, local / METRICS)
+            self._jsonl = open(local / METRICS, "a")
+            self._tb = SummaryWriter(logdir=str(local / TENSORBOARD), flush_secs=10)
 
     def write(self, step: int, row: dict) -> None:
         if not self.enabled:

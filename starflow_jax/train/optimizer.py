@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from starflow_jax.tree_paths import path_names
+
 
 def lr_schedule(lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
     warmup_steps = max(int(warmup_steps), 1)
@@ -36,7 +38,7 @@ def param_labels(params):
     import jax
 
     def label(path, _):
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        names = path_names(path)
         return DENOISER if "learnable_self_denoiser" in names else FLOW
 
     return jax.tree_util.tree_map_with_path(label, params)

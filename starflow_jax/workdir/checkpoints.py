@@ -1,5 +1,5 @@
 """Orbax checkpoints of the train state and the data iterator's position, with an
-integrity record (``interop.integrity``): a state holding NaN or Inf is never saved, a
+integrity record (``workdir.integrity``): a state holding NaN or Inf is never saved, a
 step that does not read back as saved is set aside and the previous one is used."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from starflow_jax import storage
-from starflow_jax.interop.integrity import (
+from starflow_jax.workdir.integrity import (
     CheckpointUnreadable,
     fingerprints,
     first_line,
@@ -17,8 +17,7 @@ from starflow_jax.interop.integrity import (
     silence_abandoned_reads,
     verify,
 )
-
-SET_ASIDE = "checkpoints_set_aside"  # beside checkpoints/: steps moved out of the run, never deleted
+from starflow_jax.workdir.layout import CHECKPOINTS, DATA_ITEM, INTEGRITY_ITEM, SET_ASIDE, STATE_ITEM
 
 
 class NonFiniteState(ValueError):
@@ -52,7 +51,11 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_state: dict, force: 
     return mgr.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), integrity=ocp.args.JsonSave(sums)
+            **{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                DATA_ITEM: ocp.args.JsonSave(data_state),
+                INTEGRITY_ITEM: ocp.args.JsonSave(sums),
+            }
         ),
         force=True,
     )
@@ -65,19 +68,22 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
     saved = read_integrity(mgr.directory, step)
     try:
         out = mgr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+            step,
+            args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardRestore(abstract_state), DATA_ITEM: ocp.args.JsonRestore()}
+            ),
         )
     except Exception as e:  # noqa: BLE001 - TensorStore, metadata and structure errors alike
         silence_abandoned_reads()
         raise CheckpointUnreadable(f"{where} cannot be read: {first_line(e)}") from None
-    verify(out.state, None if saved is None else saved, where)
-    return out.state, out.data
+    verify(out[STATE_ITEM], None if saved is None else saved, where)
+    return out[STATE_ITEM], out[DATA_ITEM]
 
 
 def set_aside(workdir, step: int):
     """Move ``checkpoints/<step>`` to ``checkpoints_set_aside/<step>[.n]`` (process 0):
     out of the run, kept for the user."""
-    src = workdir / "checkpoints" / str(step)
+    src = workdir / CHECKPOINTS / str(step)
     dst_root = workdir / SET_ASIDE
     dst = dst_root / str(step)
     n = 1

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from starflow_jax import storage
-
-INTEGRITY = "integrity"  # the item saved beside "state" and "data" in a checkpoint step
+from starflow_jax.tree_paths import path_names
+from starflow_jax.workdir.layout import INTEGRITY_ITEM, STATE_ITEM
 
 
 class CheckpointUnreadable(ValueError):
@@ -29,10 +29,7 @@ class CheckpointUnreadable(ValueError):
 def leaf_name(path) -> str:
     """``params/blocks/0/kernel`` for a pytree path (dict keys, attributes and indices;
     the ``value`` attribute of a variable dropped), the same for a restored dict."""
-    parts = []
-    for k in path:
-        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        parts.append(str(name))
+    parts = path_names(path)
     if parts and parts[-1] == "value":
         parts.pop()
     return "/".join(parts)
@@ -141,11 +138,12 @@ def read_integrity(directory, step: int) -> dict | None:
     """The fingerprints saved with ``step`` (None for checkpoints written before they
     were); CheckpointUnreadable when the step lacks the files every restore needs."""
     root = storage.as_path(directory) / str(step)
-    if not (root / "state" / "_METADATA").exists():
+    if not (root / STATE_ITEM / "_METADATA").exists():
         raise CheckpointUnreadable(
-            f"checkpoint step {step} in {directory}: state/_METADATA is missing (an incomplete or damaged checkpoint)"
+            f"checkpoint step {step} in {directory}: {STATE_ITEM}/_METADATA is missing "
+            "(an incomplete or damaged checkpoint)"
         )
-    path = root / INTEGRITY
+    path = root / INTEGRITY_ITEM
     if not path.exists():
         return None
     try:

@@ -1,11 +1,5 @@
 """A training run's workdir: its lock, its config, what a resumed run may change, and the
-metrics rows a resume replays.
-
-Layout (written by ``train``): ``config.json``, ``checkpoints/<step>/`` (orbax),
-``checkpoints_set_aside/<step>/`` (unreadable or abandoned steps, kept for the user),
-``config_history.jsonl`` (configs a resumed run replaced), ``metrics.jsonl``,
-``tensorboard/``, ``samples*.png``, ``result.json``; ``params/`` when the workdir was made
-by ``starflow-jax import`` (a run trained there starts from those parameters).
+metrics rows a resume replays (the layout: ``workdir.layout``).
 
 A workdir may lie on object storage (``gs://bucket/run``: ``starflow_jax.storage``); there it
 is not locked (see WorkdirLock).
@@ -23,12 +17,21 @@ import jax
 
 from starflow_jax import storage
 from starflow_jax.config import with_defaults
-from starflow_jax.interop.checkpoints import WORKDIR_ENTRIES
+from starflow_jax.workdir.layout import (
+    CHECKPOINTS,
+    CONFIG,
+    CONFIG_HISTORY,
+    IMPORTED_INTEGRITY,
+    IMPORTED_PARAMS,
+    METRICS,
+    WORKDIR_ENTRIES,
+    config_json,
+)
 
 # model settings that change how the model computes, not its parameters: a resumed run may change them
 COMPUTE_ONLY = ("dtype", "attention_impl", "attention_block")
 # what `train --overwrite` discards (an imported workdir's params/ stay: they are the run's start)
-DISCARDED = tuple(e for e in WORKDIR_ENTRIES if not e.startswith("params"))
+DISCARDED = tuple(e for e in WORKDIR_ENTRIES if e not in (IMPORTED_PARAMS, IMPORTED_INTEGRITY))
 
 
 class WorkdirError(ValueError):
@@ -127,7 +130,7 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 def has_checkpoints(workdir) -> bool:
     """Whether ``checkpoints/`` holds a step. On object storage orbax writes a step in place
     and marks it complete last (``commit_success.txt``): a step killed before that is none."""
-    ckpt = workdir / "checkpoints"
+    ckpt = workdir / CHECKPOINTS
     if not ckpt.is_dir():
         return False
     steps = [p for p in ckpt.iterdir() if p.name.isdigit()]
@@ -142,8 +145,8 @@ def prepare(workdir, config, overwrite: bool, log) -> None:
     checkpoints, metrics and pictures (files the run did not write are kept). Other
     changes (more steps, another learning rate) are allowed; the replaced config is
     appended to ``config_history.jsonl``."""
-    cfg_file = workdir / "config.json"
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    cfg_file = workdir / CONFIG
+    text = config_json(config)
     new = json.loads(text)
     # (keys added to the schema since that run was written take their defaults)
     old = with_defaults(json.loads(cfg_file.read_text())) if cfg_file.exists() else None
@@ -165,7 +168,7 @@ def prepare(workdir, config, overwrite: bool, log) -> None:
             changes = changed_keys(old, new)
             log("config changed since this workdir's last run: " + "; ".join(changes))
             storage.append_text(
-                workdir / "config_history.jsonl",
+                workdir / CONFIG_HISTORY,
                 json.dumps(dict(replaced=time.strftime("%Y-%m-%dT%H:%M:%S"), config=old)) + "\n",
             )
         workdir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +186,7 @@ def _row_step(line: str) -> float:
 def truncate_metrics(workdir, step: int) -> int:
     """Drop the ``metrics.jsonl`` rows after ``step`` (a resumed run logs those steps
     again); returns how many were dropped. Process 0."""
-    path = workdir / "metrics.jsonl"
+    path = workdir / METRICS
     if jax.process_index() != 0 or not path.exists():
         return 0
     lines = path.read_text().splitlines()

@@ -433,7 +433,7 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
                     config,
                     run.graphdef,
                     state.ema if state.ema is not None else state.params,
-                    workdir / f"samples_{done:07d}.png",
+                    workdir / layout.periodic_samples(done),
                     data,
                 )
             # asked to stop (SIGTERM, any process): every process stops after the agreed step, with a
@@ -468,14 +468,14 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
         return dict(steps=int(state.step), stopped=True, reason=stopped)
     heldout_bpd = None if heldout is None else evaluate(config, run.graphdef, state.params, heldout, hp, run.mesh)
     sample_grid(
-        config, run.graphdef, state.ema if state.ema is not None else state.params, workdir / "samples.png", data
+        config, run.graphdef, state.ema if state.ema is not None else state.params, workdir / layout.FINAL_SAMPLES, data
     )
     result = dict(
         steps=total,
         heldout_bpd=heldout_bpd,
         seconds=time.time() - t0,
         skipped=int(state.skipped),
-        samples=str(workdir / "samples.png"),
+        samples=str(workdir / layout.FINAL_SAMPLES),
         checkpoint=str(workdir / layout.CHECKPOINTS),
     )
     summary = "" if heldout_bpd is None else f"held-out bits/dim {heldout_bpd:.3f}"

@@ -30,7 +30,14 @@ CONFIG_HISTORY = "config_history.jsonl"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 RESULT = "result.json"
-SAMPLES = "samples*.png"
+SAMPLES = "samples*.png"  # the preview grids: FINAL_SAMPLES and periodic_samples(step)
+FINAL_SAMPLES = "samples.png"
+
+
+def periodic_samples(step: int) -> str:
+    """The preview grid written at ``step`` (``sample.every``)."""
+    return f"samples_{step:07d}.png"
+
 
 # the items of a checkpoint step
 STATE_ITEM = "state"

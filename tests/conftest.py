@@ -3,6 +3,7 @@ after every test module."""
 
 import gc
 import json
+import os
 
 import jax
 import pytest
@@ -18,6 +19,26 @@ def _drop_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def reference_case_path(name):
+    """The path of reference case ``name`` in the cases directory (the repository's
+    ``tests/reference_cases``, or ``$STARFLOW_REFERENCE_CASES``); the test is skipped, saying
+    so, when that directory has no such case."""
+    from starflow_jax.interop import reference_cases as rc
+
+    path = rc.cases_dir() / f"{name}.npz"
+    if not path.is_file():
+        where = f"${rc.ENV_VAR}={rc.cases_dir()}" if os.environ.get(rc.ENV_VAR) else str(rc.cases_dir())
+        pytest.skip(f"reference case {name}.npz is not in {where} (the repository's cases: tests/reference_cases)")
+    return path
+
+
+def reference_case(name):
+    """Reference case ``name`` loaded (skips the test when absent: ``reference_case_path``)."""
+    from starflow_jax.interop import reference_cases as rc
+
+    return rc.load_case(reference_case_path(name))
 
 
 def write_case_config(tmp_path, case):

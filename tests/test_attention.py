@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_case
 
 from starflow_jax.interop import reference_cases as rc
 from starflow_jax.layers.attention import ATTENTION_IMPLS, dot_product_attention, resolve_attention
@@ -101,7 +102,7 @@ def test_unknown_attention_impl():
 def test_model_with_blocked_attention_matches_the_reference_case():
     """A whole model (text prefix, causal blocks) with blocked attention in blocks that do
     not divide the sequence reproduces the reference's forward loss."""
-    case = [rc.load_case(p) for p in rc.discover() if p.stem == "t2i_small"][0]
+    case = reference_case("t2i_small")
     model, _ = rc.build_model(case, attention_impl="blocked", attention_block=24)
     x, y = jnp.asarray(case.arrays["input/x"]), jnp.asarray(case.arrays["input/y"])
     assert model.cfg.attention_impl == "blocked"
@@ -112,7 +113,7 @@ def test_model_with_blocked_attention_matches_the_reference_case():
 def test_video_model_with_splash_attention_matches_the_reference_case():
     """A video model with the learnable denoiser (block-causal mask) through the splash
     kernel (interpreted here) reproduces the reference's forward loss and denoiser output."""
-    case = [rc.load_case(p) for p in rc.discover() if p.stem == "video_small"][0]
+    case = reference_case("video_small")
     model, _ = rc.build_model(case, attention_impl="splash")
     x, y = jnp.asarray(case.arrays["input/x"]), jnp.asarray(case.arrays["input/y"])
     np.testing.assert_allclose(float(model.loss(x, y)), float(case.arrays["forward/loss"]), rtol=1e-5)

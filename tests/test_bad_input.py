@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_case
 from flax import nnx
 
 from starflow_jax.config import ConfigError, ModelConfig
 from starflow_jax.config.reference_args import from_model_kwargs, read_yaml_arguments
-from starflow_jax.interop import reference_cases as rc
 from starflow_jax.interop.named_tensors import StateDictMismatch
 from starflow_jax.interop.state_dict import (
     from_reference,
@@ -178,7 +178,7 @@ def test_yaml_without_arguments(tmp_path):
 # ------------------------------------------------------------------ state dicts
 @pytest.fixture(scope="module")
 def t2i():
-    case = rc.load_case(rc.cases_dir() / "t2i_small.npz")
+    case = reference_case("t2i_small")
     cfg = from_model_kwargs(case.meta["model_kwargs"])
     _, state = nnx.split(nnx.eval_shape(lambda: StarFlow(cfg, rngs=nnx.Rngs(0))))
     return case, cfg, state

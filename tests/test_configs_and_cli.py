@@ -109,11 +109,11 @@ def test_reference_yaml_config_through_the_cli(tmp_path, capsys):
 
 
 def test_parity_cli_on_one_case(tmp_path, capsys):
-    from starflow_jax.interop import reference_cases as rc
 
-    files = [p for p in rc.discover() if p.stem == "pixel_classcond"]
-    assert files, f"pixel_classcond.npz not found in {rc.cases_dir()}"
-    (tmp_path / files[0].name).symlink_to(files[0])
+    from conftest import reference_case_path
+
+    path = reference_case_path("pixel_classcond")
+    (tmp_path / path.name).symlink_to(path)
     out_json = tmp_path / "parity.json"
     assert main(["parity", "--cases", str(tmp_path), "--json", str(out_json)]) == 0
     rows = json.loads(out_json.read_text())
@@ -123,12 +123,12 @@ def test_parity_cli_on_one_case(tmp_path, capsys):
 
 def test_nll_cli_reproduces_the_reference_loss(tmp_path, capsys):
     import numpy as np
+    from conftest import reference_case_path, write_case_config
 
     from starflow_jax.interop import reference_cases as rc
 
-    path = [p for p in rc.discover() if p.stem == "t2i_small"][0]
+    path = reference_case_path("t2i_small")
     case = rc.load_case(path)
-    from conftest import write_case_config
 
     cfg_file = write_case_config(tmp_path, case)
     np.save(tmp_path / "x.npy", case.arrays["input/x"])

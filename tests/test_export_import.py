@@ -6,6 +6,7 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_case
 
 from starflow_jax.cli.main import main
 from starflow_jax.config import load_config
@@ -47,7 +48,7 @@ def test_import_export_round_trip_equals_the_case(path, tmp_path):
 def test_export_refuses_to_overwrite_and_import_refuses_another_architecture(tmp_path, capsys):
     from safetensors.numpy import save_file
 
-    case = rc.load_case([p for p in CASES if p.stem == "t2i_small"][0])
+    case = reference_case("t2i_small")
     src = tmp_path / "case.safetensors"
     save_file({k: np.ascontiguousarray(v) for k, v in case.params().items()}, str(src))
     cfg_file = _case_config_file(tmp_path, case)
@@ -121,7 +122,7 @@ def test_training_checkpoint_exports_and_imports_exactly(tmp_path):
 
 def test_pth_import_reproduces_the_forward(tmp_path):
     torch = pytest.importorskip("torch", reason="torch not installed (pip install -e '.[torch]')")
-    case = rc.load_case([p for p in CASES if p.stem == "video_small"][0])
+    case = reference_case("video_small")
     src = tmp_path / "case.pth"
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in case.params().items()}, src)
     assert (

@@ -5,6 +5,7 @@ import pathlib
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_case
 from PIL import Image
 
 from starflow_jax.cli.main import main
@@ -47,9 +48,10 @@ def test_sample_random_tiny_model_writes_png(tmp_path, capsys):
 
 
 def test_sample_from_reference_weights_matches_the_library(tmp_path):
-    path = [p for p in rc.discover() if p.stem == "t2i_small"][0]
+    from conftest import reference_case_path, write_case_config
+
+    path = reference_case_path("t2i_small")
     case = rc.load_case(path)
-    from conftest import write_case_config
 
     cfg_file = write_case_config(tmp_path, case)
     np.save(tmp_path / "y.npy", case.arrays["input/y"])
@@ -130,7 +132,7 @@ def test_sample_missing_weights(capsys, tmp_path):
 @pytest.mark.parametrize("suffix", [".mp4", ".gif"])
 def test_sample_video_writes_frames_that_decode(tmp_path, suffix):
     """A video model's samples written as MP4 (or GIF) decode back to --num-frames frames."""
-    case = [rc.load_case(p) for p in rc.discover() if p.stem == "video_small"][0]
+    case = reference_case("video_small")
     from conftest import write_case_config
 
     cfg_file = write_case_config(tmp_path, case)

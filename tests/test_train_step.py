@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import reference_case
 from flax import nnx
 
 from starflow_jax.config import load_config, model_config
@@ -86,7 +87,7 @@ def test_denoiser_learns_the_flow_score_and_leaves_the_flow_alone():
     """With a learnable denoiser: its loss is the MSE to noise_std * grad_x NLL (the flow's
     score of the noisy input); only the denoiser's parameters move by its optimizer, and
     the flow's update equals a run without the denoiser."""
-    case = [rc.load_case(p) for p in rc.discover() if p.stem == "video_small"][0]
+    case = reference_case("video_small")
     model, _ = rc.build_model(case)
     x0, y = np.asarray(case.arrays["input/x"]), np.asarray(case.arrays["input/y"])
     batch = dict(image=x0, cond=y)

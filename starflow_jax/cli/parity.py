@@ -9,16 +9,24 @@ from starflow_jax.interop import reference_cases as rc
 
 def add_parser(sub):
     p = sub.add_parser("parity", help="compare with PyTorch reference cases (.npz) and print the worst error per op")
-    p.add_argument("--cases", default=None, help=f"directory of cases (default ${rc.ENV_VAR} or ../shared/reference)")
+    p.add_argument(
+        "--cases",
+        default=None,
+        help=f"directory of cases (default: ${rc.ENV_VAR}, else tests/reference_cases of this checkout)",
+    )
     p.add_argument("--json", help="also write the table to this JSON file")
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    files = rc.discover(args.cases)
+    directory = args.cases or rc.cases_dir()
+    files = rc.discover(directory)
     if not files:
-        raise FileNotFoundError(f"no *.npz cases in {args.cases or rc.cases_dir()}")
+        raise FileNotFoundError(
+            f"no *.npz cases in {directory}: pass --cases DIR (or set ${rc.ENV_VAR}); the cases are in "
+            "tests/reference_cases of a source checkout"
+        )
     rows, failed = [], 0
     print(f"{'case':<20}{'op':<28}{'outputs':>8}  {'worst err':>10}  {'tolerance':>9}  {'status':<8}worst output")
     for path in files:

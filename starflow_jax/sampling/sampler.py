@@ -23,9 +23,6 @@ class SamplingOptions:
     jacobi_block_size: int = 32
     jacobi_th: float = 1e-3
     jacobi_max_iter: int = 32
-    # The reference computes an annealing ratio (t+1)/T but its guidance rule uses the
-    # unscaled weight, so annealing does not change its samples; accepted for parity.
-    annealed_guidance: bool = False
     # Layers inside the token loop: None = unrolled on the CPU, scanned elsewhere
     # (sampling.invert.resolve_unroll); True / False forces one.
     unroll_layers: bool | None = None

@@ -6,12 +6,16 @@ import pathlib
 
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
-from starflow_jax.config import load_config
+from starflow_jax.config import load_config, model_config
 from starflow_jax.data.moving_digits import VELOCITIES, MovingDigitsSource, shift_clip
 from starflow_jax.data.sources import make_data
-from starflow_jax.train.loop import train
+from starflow_jax.model import StarFlow
+from starflow_jax.train.loop import evaluate, train
+from starflow_jax.train.program import step_settings
+from starflow_jax.workdir.params import load_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VIDEO_TINY = ROOT / "configs" / "video_tiny_cpu.py"
@@ -63,4 +67,15 @@ def test_video_main_job_trains_a_few_steps(tmp_path):
     result = train(config, str(tmp_path), log=lambda *a: None)
     assert np.isfinite(result["heldout_bpd"]) and "gaussian_full_cov_bpd" in result
     # one row of 4 frames per class: 10 rows x 4 columns of 8x8 with 1-pixel padding
-    assert Image.open(tmp_path / "samples.png").size == (4 * 9 + 1, 10 * 9 + 1)
+    png = np.asarray(Image.open(tmp_path / "samples.png"))
+    assert png.shape == (10 * 9 + 1, 4 * 9 + 1)
+    # the preview is denoised: every pixel is one of the data's 17 grey levels (or padding)
+    levels = int(config.train.levels)
+    allowed = set(np.round(np.arange(levels) / (levels - 1) * 255).astype(int).tolist()) | {0}
+    assert set(np.unique(png).tolist()) <= allowed
+    # the reported held-out bits per dimension are those of the saved parameters
+    _, _, params = load_params(tmp_path)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: StarFlow(model_config(config), rngs=nnx.Rngs(0))))
+    data = make_data(config)
+    bpd = evaluate(config, graphdef, params, data.heldout, step_settings(config, data.num_classes))
+    np.testing.assert_allclose(bpd, result["heldout_bpd"], rtol=1e-5)

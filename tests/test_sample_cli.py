@@ -44,6 +44,13 @@ def test_sample_random_tiny_model_writes_png(tmp_path, capsys):
     assert img.size == (2 * 9 + 1, 2 * 9 + 1) and img.mode == "L"
     x = np.load(tmp_path / "x.npy")
     assert x.shape == (4, 1, 8, 8) and np.all(np.isfinite(x))
+    # the picture is those samples: cell (r, c) holds sample 2 r + c as [-1, 1] -> 0..255 grey
+    png = np.asarray(img)
+    for i in range(4):
+        r, c = divmod(i, 2)
+        cell = png[1 + 9 * r : 9 + 9 * r, 1 + 9 * c : 9 + 9 * c]
+        np.testing.assert_array_equal(cell, np.round((np.clip(x[i, 0], -1, 1) + 1) * 127.5).astype(np.uint8))
+    assert (png[0] == 0).all() and (png[:, 9] == 0).all()  # the padding
     assert "wrote" in capsys.readouterr().out
 
 

@@ -61,6 +61,7 @@ def test_preview_is_the_pipeline_and_is_denoised(tmp_path):
         SamplingOptions(guidance=1.0, jacobi=True, jacobi_block_size=64, jacobi_th=1e-5, jacobi_max_iter=64),
         temperature=0.9,
         noise=TrainingNoise("uniform", 0.0, LEVELS),
+        quantize_samples=True,
     ).x
     assert np.all(_on_levels(x))
     cells = np.stack([png[1:9, 1 + 9 * i : 9 + 9 * i] for i in range(10)])
@@ -73,12 +74,12 @@ def test_preview_is_the_pipeline_and_is_denoised(tmp_path):
     assert not set(np.unique(noisy).tolist()) <= allowed
 
 
-@pytest.mark.parametrize("denoise", [True, False])
-def test_sample_cli_is_the_pipeline(tmp_path, denoise):
+@pytest.mark.parametrize("quantize", [True, False])
+def test_sample_cli_is_the_pipeline(tmp_path, quantize):
     npy = tmp_path / "x.npy"
     args = ["sample", "--config", str(TINY), "--set", "model.channels=32", "--random-init", "--labels", "1,7"]
     args += ["--num", "4", "--seed", "2", "--cfg", "1.5", "--out", str(tmp_path / "x.png"), "--save-npy", str(npy)]
-    assert main(args + ([] if denoise else ["--no-denoise"])) == 0
+    assert main(args + (["--quantize"] if quantize else [])) == 0
     config = load_config(TINY, ["model.channels=32"])
     model = StarFlow(model_config(config), rngs=nnx.Rngs(2))
     labels = jnp.array([1, 7, 1, 7])
@@ -89,8 +90,8 @@ def test_sample_cli_is_the_pipeline(tmp_path, denoise):
         Conditioning(one_hot_labels(labels, 10), one_hot_labels(-jnp.ones_like(labels), 10)),
         SamplingOptions(guidance=1.5),
         noise=TrainingNoise.from_config(config),
-        denoise_samples=denoise,
+        quantize_samples=quantize,
     ).x
     got = np.load(npy)
     np.testing.assert_array_equal(got, want)
-    assert np.all(_on_levels(got)) == denoise
+    assert np.all(_on_levels(got)) == quantize

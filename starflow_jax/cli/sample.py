@@ -129,8 +129,13 @@ def add_parser(sub):
     p.add_argument(
         "--no-denoise",
         action="store_true",
-        help="keep the training noise in the samples: no denoising step, and samples of uniformly "
-        "dequantised data (train.noise_type='uniform') are not rounded back to the data's train.levels",
+        help="keep the training noise in the samples: no denoising step (models trained with train.noise_std > 0)",
+    )
+    p.add_argument(
+        "--quantize",
+        action="store_true",
+        help="round samples of uniformly dequantised data (train.noise_type='uniform') back to the "
+        "data's train.levels, as the training previews do",
     )
     p.add_argument(
         "--pixel-space",
@@ -391,6 +396,7 @@ def run(args) -> int:
         given=given,
         noise=TrainingNoise.from_config(config, std=args.noise_std),
         denoise_samples=not args.no_denoise,
+        quantize_samples=args.quantize,
         decode=vae.decode if vae is not None else None,
         on_block=lambda i, n: _progress(i, n, t0),
         on_frame=lambda d, n: _frames_progress(d, n, t0),

@@ -25,7 +25,7 @@ class TrainingNoise:
     """The noise the flow was trained on, so that given frames get the same and samples lose
     it: Gaussian augmentation ``x + std * eps`` or uniform dequantisation of data holding
     ``levels`` values in ``[-1, 1]``. Samples are denoised by the model's step (the
-    reference's) whenever ``std > 0``; dequantised ones are rounded back to the data's levels
+    reference's) whenever ``std > 0``; dequantised ones can be rounded back to the data's levels
     (``flow.noise.quantize``, the exact inverse)."""
 
     kind: str = "gaussian"  # 'gaussian' | 'uniform'
@@ -85,6 +85,7 @@ def generate(
     given: jax.Array | None = None,
     noise: TrainingNoise = TrainingNoise(),
     denoise_samples: bool = True,
+    quantize_samples: bool = False,
     decode: Callable[[jax.Array], jax.Array] | None = None,
     on_block: Callable[[int, int], None] | None = None,
     on_frame: Callable[[int, int], None] | None = None,
@@ -95,8 +96,9 @@ def generate(
     ``cond``: the conditioning of each sample (guidance with ``opts.guidance > 0`` uses its
     null rows). ``given``: the first frames of every sample in the model's space,
     ``(g, c, h, w)`` (``encode_given``), noise-augmented by ``noise`` with ``seed + 1`` and
-    kept. ``noise``: the training noise, removed after sampling unless
-    ``denoise_samples=False``. ``decode``: the autoencoder's decoder, for latent models.
+    kept. ``noise``: the training noise; its Gaussian part is removed after sampling unless
+    ``denoise_samples=False``, and with ``quantize_samples`` samples of uniformly dequantised
+    data are rounded back to its ``levels``. ``decode``: the autoencoder's decoder, for latent models.
     Raises ValueError when the result holds NaN or Inf."""
     opts = opts or SamplingOptions()
     cfg = model.cfg
@@ -120,7 +122,7 @@ def generate(
             x = denoise_video(model, x, y_cond, noise_std=noise.std, window=window)
         else:
             x = denoise(model, x, y_cond, noise_std=noise.std)
-    if denoise_samples and noise.kind == "uniform":
+    if quantize_samples and noise.kind == "uniform":
         x = quantize(x, noise.levels)
     if decode is not None:
         x = decode(x)

@@ -109,6 +109,7 @@ def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, se
         temperature=float(s.temperature),
         noise=TrainingNoise.from_config(config),
         denoise_samples=bool(s.denoise),
+        quantize_samples=bool(s.denoise),
     ).x
     if frames:
         x = x.reshape((-1,) + x.shape[2:])

@@ -197,3 +197,36 @@ def test_trajectory_matches_the_reference(case, tmp_path):
         assert worst[key] < 1e-5, (key, worst)
     if case == "t2v_denoiser":
         assert worst["denoiser_loss_rel"] < 1e-5 and worst["denoiser_lr_rel"] < 1e-5, worst
+
+
+def test_quality_settings_and_plot(tmp_path):
+    from starflow_jax.bench import train_quality as Q
+
+    assert Q.parse_points("3000, 500,1000") == [500, 1000, 3000]
+    for bad in ("", "0,5", "a,b"):
+        with pytest.raises(ValueError, match="--quality-steps"):
+            Q.parse_points(bad)
+    with pytest.raises(ValueError, match="embedded digits"):
+        Q.quality_config(str(ROOT / "configs" / "t2i_latents_tiny.py"), [], None)
+    assert Q.quality_config(str(ROOT / "configs" / "tiny_cpu.py"), [], None).train.batch_size == 128
+    out = tmp_path / "q.png"
+    Q.plot(str(out), [dict(seconds=1.0, bpd=3.0), dict(seconds=2.0, bpd=2.5)], [dict(seconds=3.0, bpd=2.9)], "t")
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == (720, 480)
+        colours = {c for _, c in im.getcolors(1 << 16)}
+        assert (0, 0, 255) in colours and (255, 0, 0) in colours  # both curves drawn
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE_REPO, reason="STARFLOW_REFERENCE_REPO is unset: no apple/ml-starflow checkout")
+def test_quality_runs_both_sides(tmp_path):
+    out, png = tmp_path / "quality.json", tmp_path / "quality.png"
+    argv = ["bench", "train", "--config", str(ROOT / "configs" / "tiny_cpu.py"), "--set", "model.channels=32"]
+    argv += ["--batch", "16", "--quality", "--quality-steps", "2,4", "--plot", str(png), "--json", str(out)]
+    assert main([*argv, "--reference", REFERENCE_REPO]) == 0
+    result = json.loads(out.read_text())
+    assert [r["step"] for r in result["rows"]] == [2, 4] and png.is_file()
+    for r in result["rows"]:
+        assert 0 < r["bpd_jax"] < 10 and 0 < r["bpd_ref"] < 10 and r["seconds_jax"] > 0 and r["seconds_ref"] > 0

@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 
 from starflow_jax.bench.common import print_table, reference_child_output, reference_rows_in_child, write_json
-from starflow_jax.config import load_config, model_config
+from starflow_jax.config import load_config
 from starflow_jax.config.training import SECTIONS
 
 # what the reference's train.py fixes (the project makes them settings)
@@ -227,130 +227,39 @@ def _tree_rel(jax_flat: dict, ref: dict) -> tuple[float, float, str]:
 
 
 def run_reference(path: str, config, steps: int, directory: pathlib.Path) -> list[dict]:
-    """The reference's training step (``train.py``) on the inputs ``run_jax`` wrote, compared
-    to the JAX parameters after each update."""
-    import importlib.util
-
+    """The reference's training step (``train.py``, ``bench.reference_train``) on the inputs
+    ``run_jax`` wrote, compared to the JAX parameters and EMA after each update."""
     import torch
-    import torch.nn.functional as F
 
-    from starflow_jax.bench.reference import import_reference
-    from starflow_jax.config.reference_args import to_model_kwargs
-    from starflow_jax.interop.state_dict import reference_buffers
+    from starflow_jax.bench.reference_train import ReferenceTrainer
     from starflow_jax.train.program import batch_layout
 
     torch.use_deterministic_algorithms(True)
-    tf = import_reference(path)
-    spec = importlib.util.spec_from_file_location(
-        "starflow_reference_training", pathlib.Path(path).resolve() / "utils" / "training.py"
-    )
-    training = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(training)
-
-    cfg = model_config(config)
-    t = config.train
     num_classes, _ = batch_layout(config)
-    model = tf.Model(**to_model_kwargs(cfg))
     with np.load(directory / "inputs.npz") as f:
-        sd = {k: f[k] for k in f.files}
-    sd.update(reference_buffers(cfg))
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=True)
-    model.train()
-    denoiser = bool(cfg.learnable_self_denoiser)
-    trainable = [
-        p for k, p in model.named_parameters() if p.requires_grad and not k.startswith("learnable_self_denoiser")
-    ]
-    lr, min_lr, warmup, total = float(t.lr), float(t.min_lr), int(t.warmup_steps), int(t.steps)
-    optimizer = torch.optim.AdamW(trainable, betas=(0.9, 0.95), lr=lr, weight_decay=1e-4)
-    schedule = training.CosineLRSchedule(optimizer, warmup, total, min_lr, lr)
-    if denoiser:
-        den_opt = torch.optim.AdamW(model.learnable_self_denoiser.parameters(), lr=1e-4, weight_decay=1e-4)
-        den_schedule = training.CosineLRSchedule(den_opt, warmup, total, 1e-6, 1e-4)
-    named = {k: p for k, p in model.named_parameters()}
-    ema_decay = float(t.ema_decay)
-    ema = {k: p.detach().clone() for k, p in named.items()} if ema_decay > 0 else None
-    noise_std, clip = float(t.noise_std), float(t.grad_clip)
-    levels = int(t.levels)
-    total_steps, skipped = 0, 0
+        trainer = ReferenceTrainer(path, config, {k: f[k] for k in f.files}, num_classes)
     rows = []
     for s in range(steps):
         with np.load(directory / f"step_{s:04d}.npz") as f:
             rec = {k: f[k] for k in f.files}
-        x = torch.from_numpy(rec["image"])
-        u = torch.from_numpy(rec["noise"])
-        if str(t.noise_type) == "gaussian":
-            x = x + noise_std * u
-        else:  # the reference's dequantisation, ((x + 1) * 255 / 2 + u) / 256 * 2 - 1, at train.levels
-            x = ((x + 1) * ((levels - 1) / 2) + u) / levels * 2 - 1
-        if bool(rec["drop_image"]):
-            x = x[:, 1:]
-        drop = torch.from_numpy(rec["drop"]) if "drop" in rec else torch.zeros(x.shape[0], dtype=torch.bool)
-        if num_classes:  # the label embedding: one-hot rows, the null label at index num_classes
-            ids = torch.where(drop, num_classes, torch.from_numpy(rec["label"]).long())
-            y = F.embedding(ids[:, None], torch.eye(num_classes + 1))
-        elif "cond" in rec:
-            y = torch.from_numpy(rec["cond"])
-            y = torch.where(drop.view(-1, *([1] * (y.dim() - 1))), torch.zeros_like(y), y)
-        else:
-            y = None
-        x.requires_grad_(True)
-        optimizer.zero_grad()
-        if denoiser and not bool(t.denoiser_accumulate_grads):
-            den_opt.zero_grad()
-        z, _, outputs, logdets = model(x, y)
-        weights = noise_std / 0.3 if bool(t.cond_noise_level) else None
-        loss = model.get_loss(z, logdets, weights)["loss"]
-        if float(t.latent_norm_regularization) > 0:
-            loss = loss + float(t.latent_norm_regularization) * sum([o.pow(2).mean() for o in outputs[:-1]])
-        row = dict(step=s + 1, loss=loss.item())
-        if torch.isnan(loss):  # train.py: `continue` (the project counts it as a skipped update)
-            skipped += 1
-            rows.append(dict(row, skipped=skipped))
-            continue
-        loss.backward()
-        if denoiser:
-            score = x.grad.clone().detach() * float(x.numel()) * noise_std
-            pred = model(x, y, denoiser=True)
-            loss_den = F.mse_loss(pred, score, reduction="mean")
-            loss_den.backward()
-            row["denoiser_loss"] = loss_den.item()
-        skip = False
-        if clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
-            row["grad_norm"] = float(grad_norm)
-            skip = float(grad_norm) > clip if bool(t.grad_skip) and total_steps > 100 else False
-            if denoiser:
-                den_norm = torch.nn.utils.clip_grad_norm_(model.learnable_self_denoiser.parameters(), clip)
-                row["denoiser_grad_norm"] = float(den_norm)
-                skip = skip or (float(den_norm) > clip if bool(t.grad_skip) and total_steps > 100 else False)
-        else:
-            row["grad_norm"] = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in trainable if p.grad is not None)))
-        if skip:
-            optimizer.zero_grad()
-            if denoiser:
-                den_opt.zero_grad()
-        row["lr"] = float(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-        if denoiser:
-            den_schedule.step()
-            row["denoiser_lr"] = float(den_opt.param_groups[0]["lr"])
-            den_opt.step()
-        total_steps += 1
-        skipped += int(skip)
-        if ema is not None and not skip:
-            with torch.no_grad():
-                for k, p in named.items():
-                    ema[k].mul_(ema_decay).add_(p.detach(), alpha=1 - ema_decay)
-        row["skipped"] = skipped
-        ref_params = {k: p.detach().numpy() for k, p in named.items()}
-        jax_params = {k[2:]: rec[k] for k in rec if k.startswith("p/")}
-        row["params_rel"], row["params_max_rel"], row["params_max_tensor"] = _tree_rel(jax_params, ref_params)
-        if ema is not None and any(k.startswith("e/") for k in rec):
-            jax_ema = {k[2:]: rec[k] for k in rec if k.startswith("e/")}
-            row["ema_rel"], row["ema_max_rel"], row["ema_max_tensor"] = _tree_rel(
-                jax_ema, {k: v.numpy() for k, v in ema.items()}
+        row = dict(step=s + 1)
+        row.update(
+            trainer.step(
+                rec["image"],
+                rec["noise"],
+                bool(rec["drop_image"]),
+                label=rec.get("label"),
+                cond=rec.get("cond"),
+                drop=rec.get("drop"),
             )
+        )
+        if "lr" in row:  # an update was made (train.py skips a NaN loss's batch altogether)
+            jax_params = {k[2:]: rec[k] for k in rec if k.startswith("p/")}
+            row["params_rel"], row["params_max_rel"], row["params_max_tensor"] = _tree_rel(jax_params, trainer.params())
+            ema = trainer.ema()
+            if ema is not None and any(k.startswith("e/") for k in rec):
+                jax_ema = {k[2:]: rec[k] for k in rec if k.startswith("e/")}
+                row["ema_rel"], row["ema_max_rel"], row["ema_max_tensor"] = _tree_rel(jax_ema, ema)
         rows.append(row)
     return rows
 

@@ -7,6 +7,7 @@ dense matmuls alone (``bench.matmul_floor``), the floor of the step time."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import resource
 import statistics
@@ -69,6 +70,26 @@ def add_parser(sub):
         action="store_true",
         help="also time the step's dense matmuls alone (bench.matmul_floor): the floor of the step time",
     )
+    p.add_argument(
+        "--trajectory",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead of timing: N updates of this project's training program and of the reference's train.py "
+        "step (--reference) from the same weights, batches and random draws, compared after every update "
+        "(bench.train_trajectory)",
+    )
+    p.add_argument(
+        "--quality",
+        action="store_true",
+        help="instead of timing: train the digits model with this project's program and the reference's train.py "
+        "step (--reference) from the same start; held-out bits/dim and training seconds at --quality-steps, "
+        "side by side (bench.train_quality)",
+    )
+    p.add_argument("--quality-steps", default="500,1000,2000,3000", help="--quality: the steps to evaluate at")
+    p.add_argument("--budget", type=float, default=None, help="--quality: train each side for this many seconds")
+    p.add_argument("--plot", help="--quality: write a PNG of both curves (bits/dim against training seconds)")
+    p.add_argument("--trajectory-inputs", help=argparse.SUPPRESS)  # the reference's child: the JAX side's inputs
     p.add_argument("--json", help="write the rows to this JSON file")
     p.set_defaults(func=run)
     return p
@@ -123,6 +144,14 @@ def _peak_rss_mb() -> float:
 
 
 def run(args) -> int:
+    if args.trajectory is not None:
+        from starflow_jax.bench import train_trajectory
+
+        return train_trajectory.run(args)
+    if args.quality:
+        from starflow_jax.bench import train_quality
+
+        return train_quality.run(args)
     config = load_config(args.config, args.overrides)
     cfg = model_config(config)
     batch = args.batch or int(bench_setting(config, "batch", 8))

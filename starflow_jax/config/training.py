@@ -54,10 +54,10 @@ TRAIN_DEFAULTS = dict(
     batch_size=64,  # global batch, over all processes and devices
     lr=1e-3,  # peak learning rate (AdamW), reached after warmup_steps
     min_lr=1e-5,  # end of the cosine decay
-    warmup_steps=100,  # linear warmup from 0
+    warmup_steps=100,  # linear warmup (from min(min_lr, 1e-6); the reference's schedule: train.optimizer)
     b1=0.9,  # Adam beta1
     b2=0.95,  # Adam beta2
-    weight_decay=1e-4,  # decoupled weight decay (not on norms, biases, embeddings)
+    weight_decay=1e-4,  # decoupled weight decay, on every parameter (the reference's one parameter group)
     grad_clip=1.0,  # global gradient norm clip (0: none)
     grad_skip=False,  # the reference's skip rule: skip updates whose gradient norm exceeds grad_clip
     noise_type="gaussian",  # 'gaussian' (noise augmentation, latents) or 'uniform' (dequantisation, pixels)
@@ -74,6 +74,10 @@ TRAIN_DEFAULTS = dict(
     cond_noise_level=False,  # weight the loss by noise_std / 0.3 (the reference's option)
     denoiser_lr=1e-4,  # learnable denoiser: its own peak learning rate
     denoiser_min_lr=1e-6,  # learnable denoiser: end of its cosine decay
+    # learnable denoiser: never zero its gradients between updates (each update adds the new ones to
+    # those of the last update, clipped), as the reference's train.py does (a bug there: it zeroes only
+    # the flow's); false: fresh gradients every update
+    denoiser_accumulate_grads=False,
     seed=0,  # parameters, data order, noise and label drops
     log_every=100,  # steps between console / metrics.jsonl rows
     eval_every=1000,  # steps between held-out evaluations (0: only at the end)

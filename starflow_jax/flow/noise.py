@@ -8,15 +8,34 @@ import jax
 import jax.numpy as jnp
 
 
+def _check_type(noise_type: str) -> None:
+    if noise_type not in ("gaussian", "uniform"):
+        raise ValueError(f"noise_type must be 'gaussian' or 'uniform', got {noise_type!r}")
+
+
+def draw_noise(key, shape, dtype, noise_type: str) -> jax.Array:
+    """The random part of ``add_noise``: standard normal draws (``gaussian``) or uniform
+    draws in ``[0, 1)`` (``uniform``) of ``shape``."""
+    _check_type(noise_type)
+    if noise_type == "gaussian":
+        return jax.random.normal(key, shape, dtype)
+    return jax.random.uniform(key, shape, dtype)
+
+
+def apply_noise(x: jax.Array, draw: jax.Array, noise_std: float, noise_type: str, levels: int = 256) -> jax.Array:
+    """``x`` with the noise of ``draw`` (``draw_noise``'s) added: ``x + noise_std * draw``, or
+    the uniform dequantisation of data in ``[-1, 1]`` holding ``levels`` discrete values (the
+    reference's rule for 256 levels: ``((x + 1) * 255 / 2 + u) / 256 * 2 - 1``)."""
+    _check_type(noise_type)
+    if noise_type == "gaussian":
+        return x + noise_std * draw
+    return ((x + 1.0) * ((levels - 1) / 2.0) + draw) / levels * 2.0 - 1.0
+
+
 def add_noise(key, x: jax.Array, noise_std: float, noise_type: str, levels: int = 256) -> jax.Array:
     """Gaussian augmentation ``x + noise_std * eps``, or uniform dequantisation of data in
     ``[-1, 1]`` holding ``levels`` discrete values (the reference's rule for 256 levels)."""
-    if noise_type == "gaussian":
-        return x + noise_std * jax.random.normal(key, x.shape, x.dtype)
-    if noise_type == "uniform":
-        u = jax.random.uniform(key, x.shape, x.dtype)
-        return ((x + 1.0) * ((levels - 1) / 2.0) + u) / levels * 2.0 - 1.0
-    raise ValueError(f"noise_type must be 'gaussian' or 'uniform', got {noise_type!r}")
+    return apply_noise(x, draw_noise(key, x.shape, x.dtype, noise_type), noise_std, noise_type, levels)
 
 
 def quantize(x: jax.Array, levels: int) -> jax.Array:

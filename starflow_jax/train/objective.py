@@ -9,11 +9,27 @@ import jax.numpy as jnp
 from starflow_jax.flow.loss import nll_loss
 
 
+def drop_draw(key, n: int, drop_prob: float) -> jax.Array:
+    """Which of ``n`` examples lose their label / caption: ``(n,)`` booleans, each true with
+    probability ``drop_prob`` (the random part of ``drop_labels`` and ``drop_embeddings``)."""
+    return jax.random.uniform(key, (n,)) < drop_prob
+
+
+def apply_label_drop(labels: jax.Array, drop: jax.Array) -> jax.Array:
+    """Labels with the rows ``drop`` marks replaced by -1 (the null label)."""
+    return jnp.where(drop, -1, labels)
+
+
+def apply_embedding_drop(y: jax.Array, drop: jax.Array) -> jax.Array:
+    """Conditioning rows ``y[i]`` that ``drop`` marks replaced by the null conditioning, zeros."""
+    return jnp.where(drop.reshape((-1,) + (1,) * (y.ndim - 1)), jnp.zeros_like(y), y)
+
+
 def drop_labels(key, labels: jax.Array, drop_prob: float) -> jax.Array:
     """Replace labels by -1 with probability ``drop_prob`` (for classifier-free guidance)."""
     if drop_prob <= 0:
         return labels
-    return jnp.where(jax.random.uniform(key, labels.shape) < drop_prob, -1, labels)
+    return apply_label_drop(labels, drop_draw(key, labels.shape[0], drop_prob))
 
 
 def drop_embeddings(key, y: jax.Array, drop_prob: float) -> jax.Array:
@@ -22,8 +38,7 @@ def drop_embeddings(key, y: jax.Array, drop_prob: float) -> jax.Array:
     dropout for classifier-free guidance; sample with a zero null embedding to match)."""
     if drop_prob <= 0:
         return y
-    drop = jax.random.uniform(key, (y.shape[0],) + (1,) * (y.ndim - 1)) < drop_prob
-    return jnp.where(drop, jnp.zeros_like(y), y)
+    return apply_embedding_drop(y, drop_draw(key, y.shape[0], drop_prob))
 
 
 def flow_loss(out, *, weights: jax.Array | None = None, latent_norm_regularization: float = 0.0) -> jax.Array:

@@ -55,10 +55,14 @@ def optimizer_for(config, cfg: ModelConfig):
     )
     if cfg.learnable_self_denoiser:
         den_sched = optimizer.lr_schedule(
-            float(t.denoiser_lr), float(t.denoiser_min_lr), int(t.warmup_steps), int(t.steps)
+            float(t.denoiser_lr), float(t.denoiser_min_lr), int(t.warmup_steps), int(t.steps), offset=1
         )
         tx = optimizer.flow_and_denoiser(
-            tx, den_sched, weight_decay=float(t.weight_decay), grad_clip=float(t.grad_clip)
+            tx,
+            den_sched,
+            weight_decay=float(t.weight_decay),
+            grad_clip=float(t.grad_clip),
+            accumulate_denoiser_grads=bool(t.denoiser_accumulate_grads),
         )
     return sched, tx
 

@@ -13,7 +13,7 @@ from flax import nnx, struct
 
 from starflow_jax.flow.labels import one_hot_labels
 from starflow_jax.flow.loss import nll_per_example
-from starflow_jax.flow.noise import add_noise
+from starflow_jax.flow.noise import add_noise, apply_noise, draw_noise
 from starflow_jax.train import objective
 from starflow_jax.train.optimizer import DENOISER, FLOW, param_labels
 
@@ -64,20 +64,49 @@ def conditioning(batch: dict, labels, hp: StepConfig):
     return batch.get("cond")
 
 
-def _micro_step(params, batch, key, *, graphdef, hp: StepConfig, split_key: bool):
-    """Loss, denoiser loss and gradients (flow + denoiser, summed: they touch disjoint
-    parameters) of one micro-batch."""
+def step_key(rng, step) -> jax.Array:
+    """The key of update ``step`` of a state whose ``rng`` is ``rng`` (key data): its draws
+    (``step_draws``) come from it."""
+    return jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+
+
+def step_draws(key, batch: dict, hp: StepConfig, *, split_key: bool = True) -> dict:
+    """The random draws of one (micro-)batch's update from ``key``: ``noise``, the image's
+    shape (``flow.noise.draw_noise``: standard normal or uniform), and ``drop``, which
+    examples lose their label or caption (``(b,)`` booleans; ``None`` when nothing can be
+    dropped). ``bench train --trajectory`` hands the same draws to the reference."""
     if split_key:
         k_noise, k_drop = jax.random.split(key)
     else:
         k_noise, k_drop = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-    x = add_noise(k_noise, batch["image"].astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
+    image = batch["image"]
+    draws = dict(noise=draw_noise(k_noise, image.shape, jnp.float32, hp.noise_type), drop=None)
+    labelled = batch.get("label") is not None and hp.num_classes > 0
+    captioned = hp.num_classes == 0 and batch.get("cond") is not None
+    if hp.drop_label > 0 and (labelled or captioned):
+        draws["drop"] = objective.drop_draw(k_drop, image.shape[0], hp.drop_label)
+    return draws
+
+
+def step_inputs(batch: dict, draws: dict, hp: StepConfig):
+    """``(x, y)``: the noisy input and the conditioning (labels or captions dropped) that a
+    batch's update trains on, given its draws (``step_draws``)."""
+    x = apply_noise(batch["image"].astype(jnp.float32), draws["noise"], hp.noise_std, hp.noise_type, hp.levels)
     labels = batch.get("label")
-    if labels is not None and hp.num_classes > 0:
-        labels = objective.drop_labels(k_drop, labels, hp.drop_label)
+    if labels is not None and hp.num_classes > 0 and draws["drop"] is not None:
+        labels = objective.apply_label_drop(labels, draws["drop"])
     y = conditioning(batch, labels, hp)
     if hp.num_classes == 0 and y is not None:
-        y = objective.drop_embeddings(k_drop, y.astype(jnp.float32), hp.drop_label)
+        y = y.astype(jnp.float32)
+        if draws["drop"] is not None:
+            y = objective.apply_embedding_drop(y, draws["drop"])
+    return x, y
+
+
+def _micro_step(params, batch, key, *, graphdef, hp: StepConfig, split_key: bool):
+    """Loss, denoiser loss and gradients (flow + denoiser, summed: they touch disjoint
+    parameters) of one micro-batch."""
+    x, y = step_inputs(batch, step_draws(key, batch, hp, split_key=split_key), hp)
     weights = hp.noise_std / 0.3 if hp.cond_noise_level else None
 
     def loss_fn(params, x):
@@ -112,7 +141,7 @@ def train_step(
     norm over ``grad_clip`` after ``grad_skip_after`` steps; the flow's or the denoiser's)
     skips the update and counts it. With ``hp.grad_accum = k`` the batch is split into
     ``k`` micro-batches whose gradients are averaged (one update)."""
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    key = step_key(state.rng, state.step)
     micro = functools.partial(_micro_step, graphdef=graphdef, hp=hp)
     k = int(hp.grad_accum)
     if k < 1:

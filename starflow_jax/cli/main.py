@@ -7,7 +7,7 @@ import os
 import sys
 
 from starflow_jax.bench import plan as plan_cmd
-from starflow_jax.cli import bench, convert, info, nll, parity, precompute, sample, train
+from starflow_jax.cli import bench, convert, evaluate, info, nll, parity, precompute, sample, train
 from starflow_jax.parallel.host_memory import keep_freed_host_memory
 
 DEBUG_ENV = "STARFLOW_DEBUG"
@@ -16,7 +16,7 @@ DEBUG_ENV = "STARFLOW_DEBUG"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="starflow-jax",
-        description="STARFlow / STARFlow-V in JAX: train, sample, convert, precompute, benchmark.",
+        description="STARFlow / STARFlow-V in JAX: train, sample, evaluate, convert, precompute, benchmark.",
         epilog=f"Errors are reported in one line; --debug (anywhere on the command line) or {DEBUG_ENV}=1 shows the "
         "traceback instead.",
     )
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_parser(sub)
     nll.add_parser(sub)
     sample.add_parser(sub)
+    evaluate.add_parser(sub)
     bench.add_parser(sub)
     convert.add_parsers(sub)
     precompute.add_parser(sub)

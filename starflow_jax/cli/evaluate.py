@@ -1,0 +1,229 @@
+"""``starflow-jax eval``: generate samples in batches and score them (digits FD and class
+accuracy for models of the embedded digits; FID and Inception Score with the FID
+Inception-v3 weights and a statistics file); a JSON result and a printed table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from starflow_jax.cli import model_source
+from starflow_jax.cli.output_paths import check_outputs
+from starflow_jax.config import model_config
+from starflow_jax.sampling import SamplingOptions
+from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, generate
+from starflow_jax.sampling.visualize import to_uint8
+
+EVAL_RESULT = "eval.json"  # default --out in the workdir
+
+
+def add_parser(sub):
+    p = sub.add_parser("eval", help="sample N images and score them (digits FD + accuracy, or FID + IS)")
+    model_source.add_arguments(p, allow_random=True)
+    p.add_argument("--out", help=f"the JSON result (default: WORKDIR/{EVAL_RESULT}; required without --workdir)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--num", type=int, default=1000, help="number of samples")
+    p.add_argument("--batch-size", type=int, default=250, help="samples generated per batch")
+    p.add_argument("--seed", type=int, default=0, help="batch i samples with a seed derived from (seed, i)")
+    p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance weight (0: off)")
+    p.add_argument("--attn-temp", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="prior noise scale")
+    p.add_argument("--jacobi", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--jacobi-block-size", type=int, default=32)
+    p.add_argument("--jacobi-th", type=float, default=1e-3)
+    p.add_argument("--jacobi-max-iter", type=int, default=32)
+    p.add_argument("--noise-std", type=float, default=None, help="training noise level (default: config.train)")
+    p.add_argument("--no-denoise", action="store_true", help="no denoising step (as `sample --no-denoise`)")
+    p.add_argument("--quantize", action="store_true", help="round to train.levels (as `sample --quantize`)")
+    p.add_argument(
+        "--classifier",
+        help="digits models: the cached digits classifier (.npz; trained there in seconds when absent; "
+        "default: digits_classifier.npz beside --out)",
+    )
+    p.add_argument(
+        "--inception-weights",
+        help="other models: the FID Inception-v3 weights, pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+        "or torch-fidelity's weights-inception-2015-12-05-6726825d.pth",
+    )
+    p.add_argument("--stats", help="with --inception-weights: the reference statistics .npz (mu, sigma) for FID")
+    p.add_argument("--save-npy", help="also save the samples (n, c, h, w) and their labels: X.npy and X.labels.npy")
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
+    p.set_defaults(func=run)
+    return p
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The sampling seed of batch ``index``: distinct over (seed, index) pairs."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _is_digits(config, cfg) -> bool:
+    name = str(config.data.get("name", "")) if "data" in config else ""
+    return name == "digits" and cfg.in_channels == 1 and cfg.img_size == 8
+
+
+def _labels(cfg, num: int):
+    """Labels spread over the classes for a label-conditioned model (txt_size 1; the last
+    of txt_dim's rows is the null class), ``None`` for an unconditional one."""
+    from starflow_jax.evaluate.scores import spread_labels
+
+    if cfg.txt_dim == 0:
+        return None
+    if cfg.txt_size != 1:
+        raise ValueError(f"eval conditions on class labels (txt_size=1); this model has txt_size={cfg.txt_size}")
+    return spread_labels(num, cfg.txt_dim - 1)
+
+
+def _check(args) -> pathlib.Path:
+    if args.num < 2:
+        raise ValueError(f"--num must be >= 2 (a covariance), got {args.num}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.cfg < 0:
+        raise ValueError(f"--cfg must be >= 0, got {args.cfg}")
+    if args.stats and not args.inception_weights:
+        raise ValueError("--stats needs --inception-weights (the FID Inception-v3)")
+    if args.out:
+        return pathlib.Path(args.out)
+    if not args.workdir:
+        raise ValueError("--out is required unless --workdir is given")
+    if "://" in str(args.workdir):
+        raise ValueError("a workdir on object storage needs --out (a local file)")
+    return pathlib.Path(args.workdir) / EVAL_RESULT
+
+
+def _sample_all(args, config, model, labels) -> np.ndarray:
+    cfg = model.cfg
+    opts = SamplingOptions(
+        guidance=args.cfg,
+        attn_temp=args.attn_temp,
+        jacobi=args.jacobi,
+        jacobi_block_size=args.jacobi_block_size,
+        jacobi_th=args.jacobi_th,
+        jacobi_max_iter=args.jacobi_max_iter,
+    )
+    noise = TrainingNoise.from_config(config, std=args.noise_std)
+    batches, t0 = math.ceil(args.num / args.batch_size), time.time()
+    out = []
+    for i in range(batches):
+        start = i * args.batch_size
+        n = min(args.batch_size, args.num - start)
+        cond = None
+        if labels is not None:
+            from starflow_jax.flow.labels import one_hot_labels
+
+            idx = jnp.asarray(labels[start : start + n])
+            cond = Conditioning(
+                one_hot_labels(idx, cfg.txt_dim - 1), one_hot_labels(-jnp.ones_like(idx), cfg.txt_dim - 1)
+            )
+        samples = generate(
+            model,
+            (n, cfg.in_channels, cfg.img_size, cfg.img_size),
+            batch_seed(args.seed, i),
+            cond,
+            opts,
+            temperature=args.temperature,
+            noise=noise,
+            denoise_samples=not args.no_denoise,
+            quantize_samples=args.quantize,
+        )
+        out.append(np.asarray(samples.x, np.float32))
+        print(f"sampled batch {i + 1}/{batches} ({start + n} samples, {time.time() - t0:.1f}s)", file=sys.stderr)
+    return np.concatenate(out)
+
+
+def _digits(args, samples, labels, out_path: pathlib.Path) -> dict:
+    from starflow_jax.evaluate import digits_classifier as dc
+    from starflow_jax.evaluate.scores import digits_scores
+
+    path = pathlib.Path(args.classifier) if args.classifier else out_path.parent / dc.CACHE_NAME
+    classifier = dc.load_or_train(path, log=lambda m: print(m, file=sys.stderr))
+    return {"classifier": str(path), **digits_scores(classifier, np.clip(samples, -1.0, 1.0), labels)}
+
+
+def _inception(model, stats, samples, splits: int) -> dict:
+    from starflow_jax.evaluate.scores import inception_features, inception_scores
+
+    pool, logits = inception_features(model, to_uint8(samples, pixel_space=True))
+    return inception_scores(pool, logits, stats, splits=splits)
+
+
+def run(args) -> int:
+    out_path = _check(args)
+    npy = pathlib.Path(args.save_npy) if args.save_npy else None
+    labels_npy = npy.with_suffix(".labels.npy") if npy is not None else None
+    check_outputs([out_path, npy, labels_npy], args.overwrite)
+    config = model_source.read_config(args)
+    cfg = model_config(config)
+    digits = _is_digits(config, cfg)
+    if model_source.is_video_model(config, cfg):
+        raise ValueError("eval scores image models; this is a video model")
+    if not digits and not args.inception_weights:
+        raise ValueError(
+            "this is not a model of the embedded digits: scoring it needs --inception-weights "
+            "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth) and, for FID, --stats"
+        )
+    if not digits and cfg.in_channels not in (1, 3):
+        raise ValueError(f"FID/IS need pixels; this model has {cfg.in_channels} (latent) channels (no --vae in eval)")
+    labels = _labels(cfg, args.num)
+    inception = stats = None
+    if args.inception_weights:  # read before any sampling: a missing file fails at once
+        from starflow_jax.evaluate.frechet import load_statistics
+        from starflow_jax.evaluate.inception import load_fid_inception
+
+        stats = load_statistics(args.stats) if args.stats else None
+        inception = load_fid_inception(args.inception_weights)
+    config, model = model_source.load_model(args, seed=args.seed)
+    samples = _sample_all(args, config, model, labels)
+    if npy is not None:
+        np.save(npy, samples)
+        if labels is not None:
+            np.save(labels_npy, labels)
+    metrics = _digits(args, samples, labels, out_path) if digits else {}
+    if inception is not None:
+        metrics.update(_inception(inception, stats, samples, args.is_splits))
+    result = {
+        "source": args.workdir or args.weights or "random-init",
+        "step": args.step,
+        "ema": bool(args.ema),
+        "num_samples": int(args.num),
+        "seed": int(args.seed),
+        "options": {
+            "cfg": args.cfg,
+            "attn_temp": args.attn_temp,
+            "temperature": args.temperature,
+            "jacobi": bool(args.jacobi),
+            "denoise": not args.no_denoise,
+            "quantize": bool(args.quantize),
+            "labels": "spread over classes" if labels is not None else None,
+        },
+        "metrics": metrics,
+    }
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(metrics))
+    print(f"wrote {out_path}")
+    return 0
+
+
+_NAMES = {
+    "digits_fd": "digits FD (vs train split)",
+    "digits_fd_heldout": "digits FD floor (held-out vs train)",
+    "accuracy": "class accuracy (digits classifier)",
+    "fid": "FID",
+    "inception_score": "Inception Score",
+    "inception_score_std": "Inception Score std",
+}
+
+
+def format_table(metrics: dict) -> str:
+    """The numeric metrics, one per line, named for people."""
+    rows = [(_NAMES.get(k, k), v) for k, v in metrics.items() if isinstance(v, (int, float))]
+    width = max((len(name) for name, _ in rows), default=0)
+    return "\n".join(f"{name:<{width}}  {value:.4f}" for name, value in rows)

@@ -1,0 +1,97 @@
+"""``starflow-jax eval``: a briefly trained digits workdir scored (digits FD, accuracy; the
+numbers recomputed from the saved samples), random-init models, and bad arguments."""
+
+import json
+
+import numpy as np
+import pytest
+from fast_run import FAST, TINY
+
+from starflow_jax.cli.evaluate import batch_seed, format_table
+from starflow_jax.cli.main import main
+from starflow_jax.evaluate import digits_classifier as dc
+from starflow_jax.evaluate.scores import digits_scores, spread_labels
+
+FAST_SET = sum((["--set", o] for o in FAST), [])
+
+
+@pytest.mark.slow  # a few minutes on two CPU cores: a 6-step training, the classifier, three evaluations
+def test_eval_of_a_trained_digits_workdir(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), "--workdir", str(workdir)] + FAST_SET) == 0
+    capsys.readouterr()
+    npy = tmp_path / "x.npy"
+    args = ["eval", "--workdir", str(workdir), "--num", "25", "--batch-size", "10", "--save-npy", str(npy)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((workdir / "eval.json").read_text())
+    assert result["num_samples"] == 25 and result["source"] == str(workdir)
+    assert result["options"]["denoise"] and not result["options"]["quantize"]
+    metrics = result["metrics"]
+    assert metrics["classifier"] == str(workdir / dc.CACHE_NAME)
+    samples, labels = np.load(npy), np.load(tmp_path / "x.labels.npy")
+    assert samples.shape == (25, 1, 8, 8)
+    np.testing.assert_array_equal(labels, np.arange(25) % 10)
+    want = digits_scores(dc.load_classifier(workdir / dc.CACHE_NAME), np.clip(samples, -1, 1), labels)
+    for key in ("digits_fd", "digits_fd_heldout", "accuracy"):
+        assert metrics[key] == pytest.approx(want[key], rel=1e-9), key
+    assert metrics["digits_fd"] > metrics["digits_fd_heldout"]  # 6 training steps do not draw digits
+    assert "digits FD (vs train split)" in printed and "class accuracy" in printed
+    # the batches draw different noise; a second run reuses the cached classifier, --overwrite needed
+    assert len({batch_seed(0, i) for i in range(3)}) == 3
+    assert main(args) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite", "--quantize", "--seed", "1"]) == 0
+    assert "retraining" not in capsys.readouterr().err
+    quantized = np.load(npy)
+    levels = (quantized + 1) / 2 * 16
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-5)
+    assert json.loads((workdir / "eval.json").read_text())["options"]["quantize"]
+
+
+def test_eval_of_a_random_model_with_a_cached_classifier(tmp_path, capsys):
+    """The fast path: the classifier cache is trusted (here a 5-step one filed under the
+    default settings, so that nothing trains), samples of a random model scored from it."""
+    cache = tmp_path / "classifier.npz"
+    dc.save_classifier(cache, dc.train_digits_classifier(dc.TrainingSettings(steps=5)), dc.TrainingSettings())
+    out, npy = tmp_path / "e.json", tmp_path / "x.npy"
+    args = ["eval", "--config", str(TINY), "--random-init", "--num", "10", "--batch-size", "10", "--cfg", "1.0"]
+    assert main(args + FAST_SET + ["--out", str(out), "--classifier", str(cache), "--save-npy", str(npy)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    want = digits_scores(dc.load_classifier(cache), np.clip(np.load(npy), -1, 1), np.load(tmp_path / "x.labels.npy"))
+    assert metrics["digits_fd"] == pytest.approx(want["digits_fd"], rel=1e-9)
+    assert metrics["accuracy"] == pytest.approx(want["accuracy"])
+    assert json.loads(out.read_text())["options"]["cfg"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--num", "1"], "--num must be >= 2"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--cfg", "-1"], "--cfg must be >= 0"),
+        (["--stats", "s.npz"], "--stats needs --inception-weights"),
+        ([], "--out is required unless --workdir"),
+    ],
+)
+def test_eval_bad_arguments(extra, message, capsys):
+    assert main(["eval", "--config", str(TINY), "--random-init"] + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_of_other_models_needs_inception_weights(tmp_path, capsys):
+    args = ["eval", "--config", str(TINY), "--random-init", "--set", "data.name=image_folder"]
+    assert main(args + ["--out", str(tmp_path / "e.json")]) == 2
+    assert "--inception-weights" in capsys.readouterr().err
+    missing = tmp_path / "nope.pth"
+    assert main(args + ["--out", str(tmp_path / "e.json"), "--inception-weights", str(missing), "--num", "2"]) == 2
+    assert "pt_inception-2015-12-05-6726825d.pth" in capsys.readouterr().err
+
+
+def test_spread_labels_and_table():
+    np.testing.assert_array_equal(np.bincount(spread_labels(30, 10)), [3] * 10)
+    table = format_table({"digits_fd": 1.5, "accuracy": 0.25, "classifier": "x.npz"})
+    assert table.splitlines() == [
+        "digits FD (vs train split)          1.5000",
+        "class accuracy (digits classifier)  0.2500",
+    ]

@@ -113,22 +113,37 @@ def run(args) -> int:
     @nnx.jit
     def batch_nll(model, x, y):
         out = model(x, y)
-        return nll_per_example(out.z, out.logdets)
+        if x.ndim == 5:  # video: (b, t), per frame
+            return model.nll_per_frame(out)
+        return nll_per_example(out.z, out.logdets)[:, None]
 
     total = 0.0
     for i in range(0, n, args.batch_size):
         x = jnp.asarray(x_all[i : i + args.batch_size], jnp.float32)
         y = None if y_all is None else jnp.asarray(y_all[i : i + args.batch_size], jnp.float32)
-        total += float(jnp.sum(batch_nll(model, x, y)))
-    nll = total / n
+        total = total + np.asarray(batch_nll(model, x, y), np.float64).sum(0)
+    per_frame = total / n
+    nll = float(np.mean(per_frame))
     bpd = float(bits_per_dim(nll, args.data_scale))
     print(f"examples: {n}")
     print(f"nll per dim (nats, no Gaussian constant): {nll:.6f}")
     print(f"bits per dim: {bpd:.6f}")
+    result = dict(examples=n, nll=nll, bits_per_dim=bpd, data_scale=args.data_scale)
+    if x_all.ndim == 5:
+        frames = [float(bits_per_dim(float(v), args.data_scale)) for v in per_frame]
+        _print_frames(frames)
+        result.update(bits_per_dim_per_frame=frames, nll_per_frame=[float(v) for v in per_frame])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(examples=n, nll=nll, bits_per_dim=bpd, data_scale=args.data_scale), f, indent=2)
+            json.dump(result, f, indent=2)
     return 0
+
+
+def _print_frames(frames: list[float]) -> None:
+    """Per-frame bits per dimension of a video model (frame k given the frames before it)."""
+    print("bits per dim per frame: " + " ".join(f"{v:.6f}" for v in frames))
+    if len(frames) > 1:
+        print(f"bits per dim, frame 1: {frames[0]:.6f}; later frames (mean): {float(np.mean(frames[1:])):.6f}")
 
 
 def _heldout_digits(args, config, model) -> int:
@@ -145,7 +160,8 @@ def _heldout_digits(args, config, model) -> int:
     if heldout is None:
         raise ValueError("this run's data has no held-out split: give --data")
     graphdef, params = nnx.split(model)
-    bpd = loop.evaluate(config, graphdef, params, heldout, step_settings(config, data.num_classes))
+    held = loop.heldout_bpd(config, graphdef, params, heldout, step_settings(config, data.num_classes))
+    bpd = held.bpd
     print(f"examples: {len(heldout)}")
     t = config.train
     if t.noise_type == "uniform":
@@ -153,7 +169,11 @@ def _heldout_digits(args, config, model) -> int:
     else:
         noise = f"noise_std {float(t.noise_std):g}"
     print(f"held-out bits per dim ({noise}): {bpd:.6f}")
+    result = dict(examples=len(heldout), bits_per_dim=bpd)
+    if held.frames is not None:
+        _print_frames(list(held.frames))
+        result["bits_per_dim_per_frame"] = list(held.frames)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(examples=len(heldout), bits_per_dim=bpd), f, indent=2)
+            json.dump(result, f, indent=2)
     return 0

@@ -144,6 +144,12 @@ def add_parser(sub):
     )
     p.add_argument("--scale", type=int, default=1, help="integer upscaling of the written picture")
     p.add_argument("--save-npy", help="also save the raw samples to this .npy")
+    p.add_argument(
+        "--motion-score",
+        action="store_true",
+        help="video: print how far the clips are from moving digits (data.moving_digits.motion_score: "
+        "0 for a frame rolled by one constant velocity), next to the real held-out clips' for a moving-digits workdir",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -340,6 +346,21 @@ def _video_frames(args, config, cfg) -> tuple[int, int | None]:
     return num, None
 
 
+def _motion(config, x: np.ndarray) -> str:
+    """The motion score line of ``--motion-score`` (the real clips' and chance's too when the
+    workdir trained on moving digits)."""
+    from starflow_jax.data import moving_digits as md
+
+    if "data" in config and config.data.get("name") == "moving_digits":
+        from starflow_jax.data.sources import make_data
+
+        data = make_data(config)
+        real = data.heldout if data.heldout is not None else data.train
+        clips = np.stack([real[i]["image"] for i in range(len(real))])
+        return md.describe_motion(md.motion_report(x, clips))  # real clips of the training length
+    return f"motion score {md.motion_score(x):.4f}"
+
+
 def run(args) -> int:
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".png", ".gif", ".mp4"):
@@ -356,6 +377,8 @@ def run(args) -> int:
     frames, window = _video_frames(args, config, model_config(config))
     if not frames and out.suffix.lower() != ".png":
         raise ValueError(f"image samples are written as a .png grid, not {out.suffix}")
+    if args.motion_score and frames < 2:
+        raise ValueError("--motion-score needs video samples of 2 frames or more")
     config, model = model_source.load_model(args, seed=args.seed)
     cfg = model.cfg
     cond = _conditioning(args, config, cfg, args.num)
@@ -415,6 +438,8 @@ def run(args) -> int:
         save_png(out, grid(to_uint8(x, pixel)), scale=args.scale)
     if args.save_npy:
         np.save(args.save_npy, x)
+    if args.motion_score:
+        print(_motion(config, np.asarray(x)))
     print(
         f"wrote {out} ({args.num} samples, {'jacobi' if args.jacobi else 'sequential'}, "
         f"network passes per block {passes}, {time.time() - t0:.1f}s)"

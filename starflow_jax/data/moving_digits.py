@@ -50,3 +50,60 @@ class MovingDigitsSource:
     def clips(self) -> np.ndarray:
         """Every clip, ``(n, num_frames, c, h, w)``."""
         return np.stack([self[i]["image"] for i in range(len(self))])
+
+
+def _check_clips(clips: np.ndarray) -> np.ndarray:
+    clips = np.asarray(clips, np.float64)
+    if clips.ndim != 5 or clips.shape[0] == 0 or clips.shape[1] < 2:
+        raise ValueError(f"clips must be (n >= 1, t >= 2, c, h, w), got shape {clips.shape}")
+    if not np.all(np.isfinite(clips)):
+        raise ValueError("clips hold NaN or Inf values")
+    return clips
+
+
+def motion_errors(clips: np.ndarray) -> np.ndarray:
+    """How far each clip is from moving digits, ``(n,)``: for the best of the 8 constant
+    velocities ``v`` of the clip, the mean absolute difference between frame ``k + 1`` and
+    frame ``k`` rolled by ``v`` (over frame pairs and pixels), in units of the grey range
+    (clips in ``[-1, 1]``: differences halved). 0 for an exactly rolled clip."""
+    clips = _check_clips(clips)
+    prev, nxt = clips[:, :-1], clips[:, 1:]
+    per_v = np.stack(
+        [
+            np.abs(nxt - np.roll(prev, tuple(int(d) for d in v), axis=(-2, -1))).mean(axis=(1, 2, 3, 4))
+            for v in VELOCITIES
+        ]
+    )  # (8, n)
+    return per_v.min(axis=0) / 2.0
+
+
+def motion_score(clips: np.ndarray) -> float:
+    """The mean of ``motion_errors`` over clips: 0 for moving digits, larger the more the
+    frames change otherwise than by one constant roll."""
+    return float(np.mean(motion_errors(clips)))
+
+
+def shuffle_frames(clips: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Clips whose frame ``k`` is frame ``k`` of a random clip (the same digit positions
+    and grey levels, no motion): the chance level of ``motion_score``."""
+    clips = _check_clips(clips)
+    rng = np.random.default_rng(seed)
+    n, t = clips.shape[:2]
+    return np.stack([clips[rng.integers(n, size=n), k] for k in range(t)], axis=1)
+
+
+def motion_report(samples: np.ndarray, real: np.ndarray, seed: int = 0) -> dict:
+    """``motion_score`` of generated clips next to that of real clips (the floor: 0 for
+    exactly rolled ones) and of the real clips with frames shuffled across clips (chance)."""
+    return dict(
+        motion_score=motion_score(samples),
+        motion_score_real=motion_score(real),
+        motion_score_shuffled=motion_score(shuffle_frames(real, seed)),
+    )
+
+
+def describe_motion(report: dict) -> str:
+    return (
+        f"motion score {report['motion_score']:.4f} (real clips {report['motion_score_real']:.4f}, "
+        f"frames shuffled across clips {report['motion_score_shuffled']:.4f})"
+    )

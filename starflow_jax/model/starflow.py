@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from starflow_jax.config.model_config import ModelConfig
 from starflow_jax.flow.loss import nll_loss
-from starflow_jax.flow.permutation import block_orders
+from starflow_jax.flow.permutation import block_orders, token_index
 from starflow_jax.model.denoiser import Denoiser
 from starflow_jax.model.flow_block import FlowBlock, IdentityBlock
 from starflow_jax.model.patchify import patchify, unpatchify
@@ -114,6 +116,35 @@ class StarFlow(nnx.Module):
         logdets.append(ld)
         outputs.append(h)
         return FlowOutput(unpatchify(h, cfg.patch_size), logdets, outputs)
+
+    def nll_per_frame(self, out: FlowOutput) -> jax.Array:
+        """The per-dimension NLL (nats, no Gaussian constant) of every frame of a video
+        forward pass, ``(b, t)``: each frame's ``0.5 z^2`` and the log-determinants of its
+        own tokens (every block's, mapped back from the block's reading order), over the
+        frame's dimensions. Their mean over frames is ``nll_per_example``; for a
+        time-causal model frame ``k``'s is the NLL of frame ``k`` given the frames before it."""
+        z = out.z
+        if z.ndim != 5:
+            raise ValueError(f"nll_per_frame needs a video forward pass (z of rank 5), got z of shape {tuple(z.shape)}")
+        b, t = z.shape[:2]
+        dims = z[0, 0].size
+        nll = 0.5 * jnp.square(z.astype(jnp.float32)).reshape(b, t, -1).sum(-1)
+        for block, ld in zip(self.blocks, out.logdets):
+            nll = nll - self._frame_logdet(block, ld, t)
+        return nll / dims
+
+    def _frame_logdet(self, block, ld: jax.Array, t: int) -> jax.Array:
+        """A block's log-determinant summed over each frame's tokens, ``(b, t)``."""
+        ld = ld.astype(jnp.float32)
+        b = ld.shape[0]
+        if isinstance(block, IdentityBlock):
+            return jnp.zeros((b, t), jnp.float32)
+        if ld.ndim == 4:  # a frame-local shallow block: (b, t, n, c)
+            return ld.sum((2, 3))
+        n = ld.shape[1]  # (b, n, c) in the block's reading order
+        frame = token_index(n, block.order, block.flip_groups(t)) // (n // t)
+        onehot = jnp.asarray(frame[:, None] == np.arange(t)[None, :], jnp.float32)  # (n, t)
+        return jnp.einsum("bn,nt->bt", ld.sum(-1), onehot)
 
     def denoise(self, x: jax.Array, y: jax.Array | None = None, *, remat: bool | str = False) -> jax.Array:
         """The learnable self-denoiser's prediction for ``x`` (the reference's ``denoiser=True``)."""

@@ -48,16 +48,64 @@ def _eval_fn(graphdef, hp: S.StepConfig, out_sharding=None):
     return jax.jit(functools.partial(S.eval_nll, graphdef=graphdef, hp=hp), out_shardings=out_sharding)
 
 
-def evaluate(config, graphdef, params, source, hp, mesh=None, batch_size: int = 256) -> float:
-    """Held-out bits per dimension over a source. Every process runs it (the parameters
-    may be sharded over all of them) on the whole split; the result is replicated."""
+@dataclasses.dataclass(frozen=True)
+class HeldOutBpd:
+    """Held-out bits per dimension; for video models also per frame (``frames[k]``: frame
+    ``k + 1``'s, given the frames before it for a time-causal model). ``bpd`` is the mean of
+    ``frames`` (every frame has as many dimensions)."""
+
+    bpd: float
+    frames: tuple[float, ...] | None = None
+
+    @property
+    def first_frame(self) -> float | None:
+        return None if self.frames is None else self.frames[0]
+
+    @property
+    def later_frames(self) -> float | None:
+        """The mean over frames 2.. (``None`` for images and one-frame clips)."""
+        return None if self.frames is None or len(self.frames) < 2 else float(np.mean(self.frames[1:]))
+
+    def fields(self, prefix: str = "heldout_bpd") -> dict:
+        """The metrics.jsonl / result.json fields: ``prefix``, and for video
+        ``prefix_frame1``, ``prefix_later_frames``, ``prefix_per_frame``."""
+        out = {prefix: self.bpd}
+        if self.frames is not None:
+            out[f"{prefix}_frame1"] = self.first_frame
+            if self.later_frames is not None:
+                out[f"{prefix}_later_frames"] = self.later_frames
+            out[f"{prefix}_per_frame"] = list(self.frames)
+        return out
+
+    def describe(self) -> str:
+        """``2.676`` or, for video, ``2.676 (frame 1 2.901, later frames 2.601)``."""
+        text = f"{self.bpd:.3f}"
+        if self.frames is not None and self.later_frames is not None:
+            text += f" (frame 1 {self.first_frame:.3f}, later frames {self.later_frames:.3f})"
+        return text
+
+
+def heldout_bpd(config, graphdef, params, source, hp, mesh=None, batch_size: int = 256) -> HeldOutBpd:
+    """Held-out bits per dimension over a source (per frame for clips). Every process runs
+    it (the parameters may be sharded over all of them) on the whole split; the result is
+    replicated."""
     rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     ev = _eval_fn(graphdef, hp, rep)
     nll = []
+    video = False
     for i, batch in enumerate(eval_batches(source, batch_size)):
         batch = {k: np.asarray(v) for k, v in batch.items() if k in ("image", "label", "cond")}
+        video = batch["image"].ndim == 5
         nll.append(np.asarray(ev(params, batch, jax.random.key(1234 + i * batch_size))))
-    return float(bits_per_dim(float(np.mean(np.concatenate(nll))), data_scale(config)))
+    per_frame = np.mean(np.concatenate(nll), axis=0)  # (t,): every example has as many frames
+    scale = data_scale(config)
+    frames = tuple(float(bits_per_dim(float(v), scale)) for v in per_frame)
+    return HeldOutBpd(float(bits_per_dim(float(np.mean(per_frame)), scale)), frames if video else None)
+
+
+def evaluate(config, graphdef, params, source, hp, mesh=None, batch_size: int = 256) -> float:
+    """Held-out bits per dimension over a source (``heldout_bpd(...).bpd``)."""
+    return heldout_bpd(config, graphdef, params, source, hp, mesh, batch_size).bpd
 
 
 def host_params(params):
@@ -70,12 +118,12 @@ def host_params(params):
     return jax.device_get(params)
 
 
-def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, seed: int = 0) -> None:
+def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, seed: int = 0) -> np.ndarray:
     """A grid of preview samples through the sampling pipeline with the ``config.sample``
     settings (denoised as ``starflow-jax sample`` does): one column per class for labelled
     data (``sample.per_class`` rows), else ``sample.num`` samples conditioned on the first
     held-out (or training) records' text embeddings (video latents: one row of frames per
-    sample). Written by process 0."""
+    sample). Written by process 0; returns the samples (video: ``(n, t, c, h, w)``)."""
     cfg, s = model_config(config), config.sample
     model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, host_params(params)))
     if data.num_classes > 0:
@@ -111,10 +159,12 @@ def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, se
         denoise_samples=bool(s.denoise),
         quantize_samples=bool(s.denoise),
     ).x
+    samples = np.asarray(x)
     if frames:
         x = x.reshape((-1,) + x.shape[2:])
     if jax.process_index() == 0:
         save_png(path, grid(to_uint8(x, pixel_space=data.num_classes > 0), nrow=nrow), scale=int(s.scale))
+    return samples
 
 
 class _Progress:
@@ -419,15 +469,17 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
                         denoiser_loss=float(m["denoiser_loss"]), denoiser_grad_norm=float(m["denoiser_grad_norm"])
                     )
                 last_t, last_step = now, done
+                held = None
                 if heldout is not None and t.eval_every and (done % int(t.eval_every) == 0 or done == total):
-                    row["heldout_bpd"] = evaluate(config, run.graphdef, state.params, heldout, hp, run.mesh)
+                    held = heldout_bpd(config, run.graphdef, state.params, heldout, hp, run.mesh)
+                    row.update(held.fields())
                 writer.write(done, row)
                 progress.clear()
                 log(
                     f"step {done}/{total}  loss {row['loss']:.4f}  bpd {row['bpd']:.3f}  grad {row['grad_norm']:.3f}  "
                     f"lr {row['lr']:.2e}  skipped {row['skipped']}  {row['steps_per_s']:.1f} steps/s"
                     + (f"  denoiser loss {row['denoiser_loss']:.4f}" if hp.denoiser else "")
-                    + (f"  held-out bpd {row['heldout_bpd']:.3f}" if "heldout_bpd" in row else "")
+                    + (f"  held-out bpd {held.describe()}" if held is not None else "")
                 )
             if sample_every and done % sample_every == 0 and done < total:
                 sample_grid(
@@ -467,19 +519,19 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
                 f"{run.mgr.latest_step()}: run the same command to resume"
             )
         return dict(steps=int(state.step), stopped=True, reason=stopped)
-    heldout_bpd = None if heldout is None else evaluate(config, run.graphdef, state.params, heldout, hp, run.mesh)
-    sample_grid(
+    held = None if heldout is None else heldout_bpd(config, run.graphdef, state.params, heldout, hp, run.mesh)
+    samples = sample_grid(
         config, run.graphdef, state.ema if state.ema is not None else state.params, workdir / layout.FINAL_SAMPLES, data
     )
     result = dict(
         steps=total,
-        heldout_bpd=heldout_bpd,
+        **(held.fields() if held is not None else dict(heldout_bpd=None)),
         seconds=time.time() - t0,
         skipped=int(state.skipped),
         samples=str(workdir / layout.FINAL_SAMPLES),
         checkpoint=str(workdir / layout.CHECKPOINTS),
     )
-    summary = "" if heldout_bpd is None else f"held-out bits/dim {heldout_bpd:.3f}"
+    summary = "" if held is None else f"held-out bits/dim {held.describe()}"
     if data.train_images is not None:  # the digits: Gaussian baselines on the same split
         from starflow_jax.data.baselines import gaussian_bpd
 
@@ -493,6 +545,14 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
         summary += (
             f" (Gaussians fitted to the training split: full covariance {full:.3f}, independent pixels {diag:.3f})"
         )
+    if config.data.name == "moving_digits" and samples.ndim == 5 and samples.shape[1] > 1:
+        # how much the preview clips move like the data: 0 for a digit rolled by one velocity
+        from starflow_jax.data.moving_digits import describe_motion, motion_report
+
+        real = heldout if heldout is not None else data.train
+        motion = motion_report(samples, np.stack([real[i]["image"] for i in range(len(real))]))
+        result.update(motion)
+        summary += f"; {describe_motion(motion)}"
     if lead:
         (workdir / layout.RESULT).write_text(json.dumps(result, indent=2))
     log(f"{summary}; samples {workdir / 'samples.png'}; {result['seconds']:.0f}s".lstrip("; "))

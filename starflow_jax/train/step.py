@@ -199,8 +199,13 @@ def train_step(
 
 
 def eval_nll(params, batch: dict, key, *, graphdef, hp: StepConfig) -> jax.Array:
-    """Per-example NLL per dimension (nats) of a held-out batch under one dequantisation draw."""
+    """NLL per dimension (nats) of a held-out batch under one dequantisation draw, per
+    example and frame: ``(b, t)`` for video batches (``StarFlow.nll_per_frame``), ``(b, 1)``
+    for images."""
     x = add_noise(key, batch["image"].astype(jnp.float32), hp.noise_std, hp.noise_type, hp.levels)
     y = conditioning(batch, batch.get("label"), hp)
-    out = nnx.merge(graphdef, params)(x, y)
-    return nll_per_example(out.z, out.logdets)
+    model = nnx.merge(graphdef, params)
+    out = model(x, y)
+    if x.ndim == 5:
+        return model.nll_per_frame(out)
+    return nll_per_example(out.z, out.logdets)[:, None]

@@ -4,7 +4,6 @@ Inception-v3 weights and a statistics file); a JSON result and a printed table."
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
@@ -14,10 +13,9 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from starflow_jax.cli import model_source
+from starflow_jax.cli import model_source, sampling_args
 from starflow_jax.cli.output_paths import check_outputs
 from starflow_jax.config import model_config
-from starflow_jax.sampling import SamplingOptions
 from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, generate
 from starflow_jax.sampling.visualize import to_uint8
 
@@ -32,13 +30,8 @@ def add_parser(sub):
     p.add_argument("--num", type=int, default=1000, help="number of samples")
     p.add_argument("--batch-size", type=int, default=250, help="samples generated per batch")
     p.add_argument("--seed", type=int, default=0, help="batch i samples with a seed derived from (seed, i)")
-    p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance weight (0: off)")
-    p.add_argument("--attn-temp", type=float, default=1.0)
+    sampling_args.add_arguments(p)
     p.add_argument("--temperature", type=float, default=1.0, help="prior noise scale")
-    p.add_argument("--jacobi", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--jacobi-block-size", type=int, default=32)
-    p.add_argument("--jacobi-th", type=float, default=1e-3)
-    p.add_argument("--jacobi-max-iter", type=int, default=32)
     p.add_argument("--noise-std", type=float, default=None, help="training noise level (default: config.train)")
     p.add_argument("--no-denoise", action="store_true", help="no denoising step (as `sample --no-denoise`)")
     p.add_argument("--quantize", action="store_true", help="round to train.levels (as `sample --quantize`)")
@@ -86,8 +79,7 @@ def _check(args) -> pathlib.Path:
         raise ValueError(f"--num must be >= 2 (a covariance), got {args.num}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.cfg < 0:
-        raise ValueError(f"--cfg must be >= 0, got {args.cfg}")
+    sampling_args.check(args)
     if args.stats and not args.inception_weights:
         raise ValueError("--stats needs --inception-weights (the FID Inception-v3)")
     if args.out:
@@ -101,14 +93,7 @@ def _check(args) -> pathlib.Path:
 
 def _sample_all(args, config, model, labels) -> np.ndarray:
     cfg = model.cfg
-    opts = SamplingOptions(
-        guidance=args.cfg,
-        attn_temp=args.attn_temp,
-        jacobi=args.jacobi,
-        jacobi_block_size=args.jacobi_block_size,
-        jacobi_th=args.jacobi_th,
-        jacobi_max_iter=args.jacobi_max_iter,
-    )
+    opts = sampling_args.options(args)
     noise = TrainingNoise.from_config(config, std=args.noise_std)
     batches, t0 = math.ceil(args.num / args.batch_size), time.time()
     out = []

@@ -10,10 +10,9 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from starflow_jax.cli import model_source
+from starflow_jax.cli import model_source, sampling_args
 from starflow_jax.cli.output_paths import check_outputs
 from starflow_jax.config import model_config
-from starflow_jax.sampling import SamplingOptions
 from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, encode_given, generate
 from starflow_jax.sampling.shapes import ASPECT_RATIOS, size_for_aspect_ratio
 from starflow_jax.sampling.visualize import grid, save_gif, save_mp4, save_png, to_uint8
@@ -65,17 +64,7 @@ def add_parser(sub):
         help="prompts carry the noise level (the reference's cond_noise_level template)",
     )
     p.add_argument("--cond-null", help=".npy of the null conditioning (txt_size, txt_dim); default zeros")
-    p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance weight (0: off)")
-    p.add_argument("--attn-temp", type=float, default=1.0)
-    p.add_argument(
-        "--jacobi",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="Jacobi iteration instead of sequential inversion",
-    )
-    p.add_argument("--jacobi-block-size", type=int, default=32)
-    p.add_argument("--jacobi-th", type=float, default=1e-3)
-    p.add_argument("--jacobi-max-iter", type=int, default=32)
+    sampling_args.add_arguments(p)
     p.add_argument(
         "--unroll-layers",
         action=argparse.BooleanOptionalAction,
@@ -369,8 +358,7 @@ def run(args) -> int:
         raise ValueError(f"--fps must be > 0, got {args.fps}")
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    if args.cfg < 0:
-        raise ValueError(f"--cfg must be >= 0, got {args.cfg}")
+    sampling_args.check(args)
     # the outputs and the sample's frames are checked before the model is loaded
     check_outputs([out, args.save_npy], args.overwrite)
     config = model_source.read_config(args)
@@ -397,13 +385,8 @@ def run(args) -> int:
     if frames:
         shape = (args.num, frames) + shape[1:]
     given = _given_frames(args, cfg, vae, frames, (h, w))
-    opts = SamplingOptions(
-        guidance=args.cfg,
-        attn_temp=args.attn_temp,
-        jacobi=args.jacobi,
-        jacobi_block_size=args.jacobi_block_size,
-        jacobi_th=args.jacobi_th,
-        jacobi_max_iter=args.jacobi_max_iter,
+    opts = sampling_args.options(
+        args,
         unroll_layers=args.unroll_layers,
         cache_segments=args.cache_segments,
         window_frames=window,

@@ -95,3 +95,93 @@ def test_spread_labels_and_table():
         "digits FD (vs train split)          1.5000",
         "class accuracy (digits classifier)  0.2500",
     ]
+
+
+def _random_eval(tmp_path, cache, out, *extra):
+    return (
+        ["eval", "--config", str(TINY), "--random-init", "--num", "30", "--batch-size", "10"]
+        + FAST_SET
+        + ["--out", str(out), "--classifier", str(cache), *extra]
+    )
+
+
+@pytest.fixture
+def small_classifier(tmp_path):
+    cache = tmp_path / "classifier.npz"
+    dc.save_classifier(cache, dc.train_digits_classifier(dc.TrainingSettings(steps=5)), dc.TrainingSettings())
+    return cache
+
+
+def test_an_interrupted_eval_continues_and_gives_the_same_result(tmp_path, small_classifier, capsys, monkeypatch):
+    from starflow_jax.cli import evaluate
+    from starflow_jax.evaluate.batch_store import parts_dir
+
+    whole = tmp_path / "whole.json"
+    assert main(_random_eval(tmp_path, small_classifier, whole, "--save-npy", str(tmp_path / "w.npy"))) == 0
+    assert not parts_dir(whole).exists()  # the kept batches go once the result is written
+
+    real, calls = evaluate.generate, []
+
+    def dies_at_the_third_batch(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill would stop it: two batches kept, no result
+        return real(*args, **kwargs)
+
+    out = tmp_path / "cut.json"
+    args = _random_eval(tmp_path, small_classifier, out, "--save-npy", str(tmp_path / "c.npy"))
+    monkeypatch.setattr(evaluate, "generate", dies_at_the_third_batch)
+    assert main(args) == 130  # Ctrl-C's exit status
+    assert not out.exists() and sorted(p.name for p in parts_dir(out).glob("batch_*")) == [
+        "batch_00000.npz",
+        "batch_00001.npz",
+    ]
+    calls.clear()
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert len(calls) == 1 and "2 of 3 batches already done" in capsys.readouterr().err  # only the missing one
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), np.load(tmp_path / "w.npy"))
+    assert json.loads(out.read_text())["metrics"] == json.loads(whole.read_text())["metrics"]
+
+
+def test_kept_batches_of_other_settings_are_refused_and_overwrite_starts_over(tmp_path, small_classifier, capsys):
+    from starflow_jax.evaluate.batch_store import BatchStore, parts_dir
+
+    out = tmp_path / "e.json"
+    BatchStore(parts_dir(out), {"seed": 7}).save(0, {"samples": np.zeros((10, 1, 8, 8), np.float32)})
+    assert main(_random_eval(tmp_path, small_classifier, out)) == 2
+    err = capsys.readouterr().err
+    assert "holds the batches of an eval with other settings" in err and "seed: 7 there, 0 now" in err
+    assert main(_random_eval(tmp_path, small_classifier, out, "--overwrite")) == 0
+    assert out.exists() and not parts_dir(out).exists()
+
+
+@pytest.mark.slow  # two processes joining jax.distributed, each compiling the sampler
+def test_two_processes_share_the_batches_and_give_the_one_process_result(tmp_path, small_classifier):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    one = tmp_path / "one.json"
+    assert main(_random_eval(tmp_path, small_classifier, one)) == 0
+    two = tmp_path / "two.json"
+    dist = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+    cmd = [sys.executable, "-m", "starflow_jax.cli.main", *_random_eval(tmp_path, small_classifier, two, *dist)]
+    procs = [
+        subprocess.Popen(
+            cmd + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, stderr) in zip(procs, outs):
+        assert p.returncode == 0, stderr[-3000:]
+    assert "sampled batch 2/3" in outs[1][1] and "sampled batch 2/3" not in outs[0][1]  # batch 1 on process 1
+    assert json.loads(two.read_text())["metrics"] == json.loads(one.read_text())["metrics"]

@@ -13,7 +13,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from starflow_jax.cli import model_source, sampling_args
+from starflow_jax.cli import model_source, processes, sampling_args
 from starflow_jax.cli.output_paths import check_outputs
 from starflow_jax.config import model_config
 from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, generate
@@ -48,6 +48,7 @@ def add_parser(sub):
     p.add_argument("--stats", help="with --inception-weights: the reference statistics .npz (mu, sigma) for FID")
     p.add_argument("--save-npy", help="also save the samples (n, c, h, w) and their labels: X.npy and X.labels.npy")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
+    processes.add_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -91,37 +92,46 @@ def _check(args) -> pathlib.Path:
     return pathlib.Path(args.workdir) / EVAL_RESULT
 
 
-def _sample_all(args, config, model, labels) -> np.ndarray:
+def _conditioning(cfg, labels, start: int, n: int):
+    if labels is None:
+        return None
+    from starflow_jax.flow.labels import one_hot_labels
+
+    idx = jnp.asarray(labels[start : start + n])
+    return Conditioning(one_hot_labels(idx, cfg.txt_dim - 1), one_hot_labels(-jnp.ones_like(idx), cfg.txt_dim - 1))
+
+
+def _run_batches(args, config, model, labels, store, keep) -> None:
+    """Sample this process's share of the batches (batch ``i`` on process ``i mod count``)
+    that ``store`` does not hold yet, and save for each what ``keep(samples)`` keeps."""
+    import jax
+
     cfg = model.cfg
     opts = sampling_args.options(args)
     noise = TrainingNoise.from_config(config, std=args.noise_std)
     batches, t0 = math.ceil(args.num / args.batch_size), time.time()
-    out = []
-    for i in range(batches):
+    mine = range(jax.process_index(), batches, jax.process_count())
+    kept = [i for i in mine if store.done(i)]
+    if kept:
+        print(f"{len(kept)} of {len(mine)} batches already done in {store.directory}: continuing", file=sys.stderr)
+    for i in mine:
+        if store.done(i):
+            continue
         start = i * args.batch_size
         n = min(args.batch_size, args.num - start)
-        cond = None
-        if labels is not None:
-            from starflow_jax.flow.labels import one_hot_labels
-
-            idx = jnp.asarray(labels[start : start + n])
-            cond = Conditioning(
-                one_hot_labels(idx, cfg.txt_dim - 1), one_hot_labels(-jnp.ones_like(idx), cfg.txt_dim - 1)
-            )
         samples = generate(
             model,
             (n, cfg.in_channels, cfg.img_size, cfg.img_size),
             batch_seed(args.seed, i),
-            cond,
+            _conditioning(cfg, labels, start, n),
             opts,
             temperature=args.temperature,
             noise=noise,
             denoise_samples=not args.no_denoise,
             quantize_samples=args.quantize,
         )
-        out.append(np.asarray(samples.x, np.float32))
-        print(f"sampled batch {i + 1}/{batches} ({start + n} samples, {time.time() - t0:.1f}s)", file=sys.stderr)
-    return np.concatenate(out)
+        store.save(i, keep(np.asarray(samples.x, np.float32)))
+        print(f"sampled batch {i + 1}/{batches} ({time.time() - t0:.1f}s)", file=sys.stderr)
 
 
 def _digits(args, samples, labels, out_path: pathlib.Path) -> dict:
@@ -133,14 +143,42 @@ def _digits(args, samples, labels, out_path: pathlib.Path) -> dict:
     return {"classifier": str(path), **digits_scores(classifier, np.clip(samples, -1.0, 1.0), labels)}
 
 
-def _inception(model, stats, samples, splits: int) -> dict:
-    from starflow_jax.evaluate.scores import inception_features, inception_scores
-
-    pool, logits = inception_features(model, to_uint8(samples, pixel_space=True))
-    return inception_scores(pool, logits, stats, splits=splits)
+def _settings(args, labels) -> dict:
+    """What the samples and their scores depend on: the result's header, and what a run
+    continued from kept batches must share with the one that made them."""
+    return {
+        "source": args.workdir or args.weights or "random-init",
+        "step": args.step,
+        "ema": bool(args.ema),
+        "num_samples": int(args.num),
+        "batch_size": int(args.batch_size),
+        "seed": int(args.seed),
+        "options": {
+            "cfg": args.cfg,
+            "attn_temp": args.attn_temp,
+            "temperature": args.temperature,
+            "jacobi": bool(args.jacobi),
+            "jacobi_block_size": args.jacobi_block_size,
+            "jacobi_th": args.jacobi_th,
+            "jacobi_max_iter": args.jacobi_max_iter,
+            "noise_std": args.noise_std,
+            "denoise": not args.no_denoise,
+            "quantize": bool(args.quantize),
+            "labels": "spread over classes" if labels is not None else None,
+        },
+        "overrides": list(args.overrides),
+        "inception_weights": args.inception_weights,
+        "kept": "samples" if args.save_npy or not args.inception_weights else "features",
+    }
 
 
 def run(args) -> int:
+    import jax
+
+    from starflow_jax.evaluate.batch_store import BatchStore, parts_dir
+
+    processes.initialize(args)
+    lead = jax.process_index() == 0
     out_path = _check(args)
     npy = pathlib.Path(args.save_npy) if args.save_npy else None
     labels_npy = npy.with_suffix(".labels.npy") if npy is not None else None
@@ -165,33 +203,40 @@ def run(args) -> int:
 
         stats = load_statistics(args.stats) if args.stats else None
         inception = load_fid_inception(args.inception_weights)
+    settings = _settings(args, labels)
+    # process 0 sets the store up (or starts it over); the others wait for it
+    store = BatchStore(parts_dir(out_path), settings, restart=args.overwrite) if lead else None
+    processes.barrier("eval-store")
+    store = store or BatchStore(parts_dir(out_path), settings)
+
+    def keep(samples):
+        out = {"samples": samples} if settings["kept"] == "samples" else {}
+        if inception is not None:
+            from starflow_jax.evaluate.scores import inception_features
+
+            out["pool"], out["logits"] = inception_features(inception, to_uint8(samples, pixel_space=True))
+        return out
+
     config, model = model_source.load_model(args, seed=args.seed)
-    samples = _sample_all(args, config, model, labels)
+    _run_batches(args, config, model, labels, store, keep)
+    processes.barrier("eval-batches")
+    if not lead:
+        print(f"process {jax.process_index()}: its batches are in {store.directory}; process 0 scores them")
+        return 0
+    kept = store.gather(math.ceil(args.num / args.batch_size))
     if npy is not None:
-        np.save(npy, samples)
+        np.save(npy, kept["samples"])
         if labels is not None:
             np.save(labels_npy, labels)
-    metrics = _digits(args, samples, labels, out_path) if digits else {}
+    metrics = _digits(args, kept["samples"], labels, out_path) if digits else {}
     if inception is not None:
-        metrics.update(_inception(inception, stats, samples, args.is_splits))
-    result = {
-        "source": args.workdir or args.weights or "random-init",
-        "step": args.step,
-        "ema": bool(args.ema),
-        "num_samples": int(args.num),
-        "seed": int(args.seed),
-        "options": {
-            "cfg": args.cfg,
-            "attn_temp": args.attn_temp,
-            "temperature": args.temperature,
-            "jacobi": bool(args.jacobi),
-            "denoise": not args.no_denoise,
-            "quantize": bool(args.quantize),
-            "labels": "spread over classes" if labels is not None else None,
-        },
-        "metrics": metrics,
-    }
+        from starflow_jax.evaluate.scores import inception_scores
+
+        metrics.update(inception_scores(kept["pool"], kept["logits"], stats, splits=args.is_splits))
+    result = {k: v for k, v in settings.items() if k not in ("batch_size", "kept", "inception_weights")}
+    result["metrics"] = metrics
     out_path.write_text(json.dumps(result, indent=2) + "\n")
+    store.remove()
     print(format_table(metrics))
     print(f"wrote {out_path}")
     return 0

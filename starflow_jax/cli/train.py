@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from starflow_jax.cli import processes
 from starflow_jax.config import check_training_config, load_config
 from starflow_jax.train.termination import EXIT_CODE
 
@@ -38,36 +39,14 @@ def add_parser(sub):
     )
     p.add_argument("--init-step", type=int, default=None, help="with --init-from: its checkpoint step (default latest)")
     p.add_argument("--init-ema", action="store_true", help="with --init-from: its EMA parameters")
-    d = p.add_argument_group(
-        "multi-process runs (jax.distributed)",
-        "One process per host (or per GPU), every process running the same command with its own --process-id. "
-        "Defaults: STARFLOW_COORDINATOR, STARFLOW_NUM_PROCESSES, STARFLOW_PROCESS_ID, then SLURM's srun "
-        "variables; on a Cloud TPU pod slice JAX discovers the processes itself. Without any of these: one process.",
-    )
-    d.add_argument(
-        "--coordinator-address",
-        default=None,
-        metavar="HOST:PORT",
-        help="address of process 0's coordinator service, the same for every process",
-    )
-    d.add_argument("--num-processes", type=int, default=None, metavar="N", help="number of processes in the run")
-    d.add_argument("--process-id", type=int, default=None, metavar="I", help="this process's id, 0..N-1")
+    processes.add_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    from starflow_jax.parallel import distributed
-
     # Before anything touches the JAX devices (the train loop builds the mesh from them).
-    info = distributed.initialize(
-        getattr(args, "coordinator_address", None),
-        getattr(args, "num_processes", None),
-        getattr(args, "process_id", None),
-        log=print,
-    )
-    if info.is_multiprocess:
-        print(f"process {info.process_index} of {info.process_count} ({info.source})", flush=True)
+    info = processes.initialize(args, log=lambda m: print(m, flush=True))
 
     from starflow_jax.train.loop import train
 

@@ -10,7 +10,7 @@ from flax import nnx
 from PIL import Image
 
 from starflow_jax.config import load_config, model_config
-from starflow_jax.data.moving_digits import VELOCITIES, MovingDigitsSource, shift_clip
+from starflow_jax.data.moving_digits import VELOCITIES, MovingDigitsSource, parse_velocities, shift_clip
 from starflow_jax.data.sources import make_data
 from starflow_jax.model import StarFlow
 from starflow_jax.train.loop import evaluate, train
@@ -41,6 +41,25 @@ def test_source_is_deterministic_and_moves():
     np.testing.assert_array_equal(a["image"][3], np.roll(a["image"][0], (3 * v[0][0], 3 * v[0][1]), axis=(-2, -1)))
     with pytest.raises(ValueError, match="num_frames"):
         MovingDigitsSource(imgs, np.arange(5), num_frames=0)
+
+
+def test_chosen_velocities_make_clips_of_those_velocities_only():
+    config = load_config(VIDEO_TINY, ["data.velocities=0,2;-1,0"])
+    data = make_data(config)
+    for i in range(20):
+        clip = data.train[i]["image"]
+        moves = {
+            (dy, dx) for dy, dx in [(0, 2), (-1, 0)] if np.array_equal(np.roll(clip[0], (dy, dx), (-2, -1)), clip[1])
+        }
+        assert moves, i
+    # the default draws the clips it always drew (same velocity per index as before the option)
+    np.testing.assert_array_equal(parse_velocities(""), VELOCITIES)
+    default = make_data(load_config(VIDEO_TINY, []))
+    imgs, labels = default.train.images, default.train.labels
+    np.testing.assert_array_equal(default.train[5]["image"], MovingDigitsSource(imgs, labels, 4, seed=0)[5]["image"])
+    for bad in ("1", "a,b", "1,2,3", ";"):
+        with pytest.raises(ValueError, match="data.velocities"):
+            parse_velocities(bad)
 
 
 def test_moving_digits_need_a_video_model():

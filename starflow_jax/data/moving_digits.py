@@ -22,10 +22,32 @@ def shift_clip(image: np.ndarray, num_frames: int, velocity: tuple[int, int], of
     return np.stack([np.roll(image, (oy + k * dy, ox + k * dx), axis=(-2, -1)) for k in range(num_frames)])
 
 
+def parse_velocities(text: str) -> np.ndarray:
+    """``"dy,dx;dy,dx"`` (``data.velocities``) as an ``(n, 2)`` array; ``""``: ``VELOCITIES``.
+    Other sets of velocities make diagnostic data (one known velocity, or whole patches per
+    frame); the motion score still measures against the 8 of ``VELOCITIES``."""
+    if not text.strip():
+        return VELOCITIES
+    try:
+        out = np.array([[int(a) for a in pair.split(",")] for pair in text.split(";") if pair.strip()], np.int64)
+    except ValueError:
+        out = np.zeros((0, 0))
+    if out.ndim != 2 or out.shape[0] == 0 or out.shape[1] != 2:
+        raise ValueError(f'data.velocities must be "dy,dx" pairs separated by ";" (e.g. "0,1;1,1"), got {text!r}')
+    return out
+
+
 class MovingDigitsSource:
     """Clips ``{"image": (num_frames, 1, 8, 8) float32 in [-1, 1], "label": int32}``."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, num_frames: int, seed: int = 0):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        num_frames: int,
+        seed: int = 0,
+        velocities: np.ndarray = VELOCITIES,
+    ):
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         if images.ndim != 4 or len(images) != len(labels) or len(images) == 0:
@@ -34,6 +56,7 @@ class MovingDigitsSource:
             )
         self.images, self.labels = images, labels
         self.num_frames, self.seed = int(num_frames), int(seed)
+        self.velocities = np.asarray(velocities, np.int64).reshape(-1, 2)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -41,7 +64,7 @@ class MovingDigitsSource:
     def __getitem__(self, i: int) -> dict:
         i = int(i)
         rng = np.random.default_rng((self.seed, i))
-        velocity = VELOCITIES[rng.integers(len(VELOCITIES))]
+        velocity = self.velocities[rng.integers(len(self.velocities))]
         h, w = self.images.shape[-2:]
         offset = (int(rng.integers(h)), int(rng.integers(w)))
         clip = shift_clip(self.images[i], self.num_frames, tuple(velocity), offset)

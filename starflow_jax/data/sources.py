@@ -32,7 +32,7 @@ from starflow_jax.data.array_record import SHARD_SUFFIX, TRAIN_STEP_KEYS, ArrayR
 from starflow_jax.data.buckets import ratio_of_dir
 from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
 from starflow_jax.data.image_folder import ImageFolderSource
-from starflow_jax.data.moving_digits import MovingDigitsSource
+from starflow_jax.data.moving_digits import MovingDigitsSource, parse_velocities
 from starflow_jax.data.pipeline import ArraySource
 
 
@@ -82,8 +82,9 @@ def make_data(config) -> DataSpec:
         if frames < 2:
             raise ValueError(f"data.name='moving_digits' needs data.num_frames >= 2 (frames per clip), got {frames}")
         tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
-        train = MovingDigitsSource(tr.images, tr.labels, frames, seed=int(d.split_seed))
-        held = MovingDigitsSource(te.images, te.labels, frames, seed=int(d.split_seed) + 1)
+        v = parse_velocities(str(d.get("velocities", "")))
+        train = MovingDigitsSource(tr.images, tr.labels, frames, seed=int(d.split_seed), velocities=v)
+        held = MovingDigitsSource(te.images, te.labels, frames, seed=int(d.split_seed) + 1, velocities=v)
         return DataSpec(train, held, NUM_CLASSES, train.clips(), held.clips())
     if name == "image_folder":
         if "root" not in d:

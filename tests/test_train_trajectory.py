@@ -227,6 +227,44 @@ def test_quality_runs_both_sides(tmp_path):
     argv += ["--batch", "16", "--quality", "--quality-steps", "2,4", "--plot", str(png), "--json", str(out)]
     assert main([*argv, "--reference", REFERENCE_REPO]) == 0
     result = json.loads(out.read_text())
-    assert [r["step"] for r in result["rows"]] == [2, 4] and png.is_file()
-    for r in result["rows"]:
+    assert [r["step"] for r in result["rows"]] == [0, 2, 4] and png.is_file()
+    start = result["rows"][0]  # the same weights and dequantisation draw: the same held-out bits/dim
+    assert start["bpd_jax"] == pytest.approx(start["bpd_ref"], rel=1e-5)
+    for r in result["rows"][1:]:
         assert 0 < r["bpd_jax"] < 10 and 0 < r["bpd_ref"] < 10 and r["seconds_jax"] > 0 and r["seconds_ref"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REFERENCE_REPO, reason="STARFLOW_REFERENCE_REPO is unset: no apple/ml-starflow checkout")
+def test_quality_on_moving_digits_gives_the_same_frames_at_the_start(tmp_path):
+    out = tmp_path / "quality.json"
+    argv = ["bench", "train", "--config", str(ROOT / "configs" / "video_tiny_cpu.py"), "--set", "model.channels=32"]
+    argv += ["--batch", "8", "--quality", "--quality-steps", "2", "--json", str(out), "--reference", REFERENCE_REPO]
+    assert main(argv) == 0
+    start = json.loads(out.read_text())["rows"][0]
+    for key in ("bpd", "bpd_frame1", "bpd_later"):  # the reference's per frame read from clip prefixes
+        assert start[f"{key}_jax"] == pytest.approx(start[f"{key}_ref"], rel=1e-5), key
+
+
+def test_per_frame_nll_from_clip_prefixes_equals_the_models_own():
+    """``prefix_frame_nll`` (how the reference's per-frame NLL is read) agrees with
+    ``StarFlow.nll_per_frame`` on a time-causal model with frame-local shallow blocks."""
+    from flax import nnx
+
+    from starflow_jax.bench.train_quality import prefix_frame_nll
+    from starflow_jax.config import load_config, model_config
+    from starflow_jax.flow.labels import one_hot_labels
+    from starflow_jax.flow.loss import nll_per_example
+    from starflow_jax.model import StarFlow
+
+    cfg = model_config(load_config(ROOT / "configs" / "video_tiny_cpu.py", ["model.channels=32"]))
+    model = StarFlow(cfg, rngs=nnx.Rngs(3))
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 4, 1, 8, 8)).astype(np.float32)
+    y = one_hot_labels(np.array([1, 4, 7]), 10)
+
+    def prefix(k):
+        out = model(x[:, :k], y)
+        return np.asarray(nll_per_example(out.z, out.logdets))
+
+    want = np.asarray(model.nll_per_frame(model(x, y)))
+    np.testing.assert_allclose(prefix_frame_nll(prefix, 4), want, rtol=1e-4, atol=1e-5)

@@ -1,11 +1,13 @@
 """``starflow-jax bench train --quality``: this project's training program and the
 reference's ``train.py`` step (``bench.reference_train``) train the same model from the same
-initial weights on the embedded digits' training split, in the same batch order, each with
-its own random draws (noise, label drops: JAX's, and torch's / Python's as ``train.py``
-draws them), for the same number of updates, or for the same wall-clock budget; held-out
-bits/dim at the given steps (the whole held-out split under one shared dequantisation draw)
-and the training seconds it took to get there (evaluations and the JAX step's compilation
-excluded; the compilation is reported apart), side by side, with a PNG plot."""
+initial weights on the embedded digits' training split (or the moving digits' clips), in the
+same batch order, each with its own random draws (noise, label drops: JAX's, and torch's /
+Python's as ``train.py`` draws them), for the same number of updates, or for the same
+wall-clock budget; held-out bits/dim at step 0 and the given steps (the whole held-out split
+under one shared dequantisation draw; for clips also frame 1's and the later frames', the
+reference's read from the NLL of each clip's first k frames: ``prefix_frame_nll``) and the
+training seconds it took to get there (evaluations and the JAX step's compilation excluded;
+the compilation is reported apart), side by side, with a PNG plot."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pathlib
 import random
 import tempfile
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -26,6 +29,16 @@ COLUMNS = [
     ("bpd_ref", "bpd_ref", ".4f"),
     ("seconds_ref", "s_ref", ".1f"),
 ]
+# clips: the clip's bits/dim, frame 1's and the later frames' (each given the frames before it)
+VIDEO_COLUMNS = COLUMNS[:2] + [
+    ("bpd_frame1_jax", "frame1_jax", ".4f"),
+    ("bpd_later_jax", "later_jax", ".4f"),
+    ("seconds_jax", "s_jax", ".1f"),
+    ("bpd_ref", "bpd_ref", ".4f"),
+    ("bpd_frame1_ref", "frame1_ref", ".4f"),
+    ("bpd_later_ref", "later_ref", ".4f"),
+    ("seconds_ref", "s_ref", ".1f"),
+]
 
 
 def quality_config(config_path: str, overrides, batch: int | None):
@@ -33,9 +46,10 @@ def quality_config(config_path: str, overrides, batch: int | None):
 
     config = trajectory_config(config_path, overrides, None)
     config.train.batch_size = int(batch or load_batch(config_path, overrides))
-    if str(config.data.name) != "digits":
+    if str(config.data.name) not in ("digits", "moving_digits"):
         raise ValueError(
-            f"--quality trains on the embedded digits: a digits config (data.name), got {config.data.name}"
+            "--quality trains on the embedded digits: a digits or moving_digits config (data.name), "
+            f"got {config.data.name}"
         )
     return config
 
@@ -56,19 +70,35 @@ def parse_points(text: str) -> list[int]:
     return points
 
 
+class Split(NamedTuple):
+    images: np.ndarray  # (n, c, h, w), or clips (n, t, c, h, w)
+    labels: np.ndarray
+
+
+def _splits(config) -> tuple[Split, Split]:
+    """The training and held-out splits: the digits, or the moving digits' clips."""
+    if str(config.data.name) == "moving_digits":
+        from starflow_jax.data.sources import make_data
+
+        data = make_data(config)
+        return tuple(Split(src.clips(), np.asarray(src.labels, np.int32)) for src in (data.train, data.heldout))
+    from starflow_jax.data.digits import load_digits_splits
+
+    d = config.data
+    return tuple(Split(s.images, s.labels) for s in load_digits_splits(int(d.num_train), int(d.split_seed)))
+
+
 def _plan(config, steps: int):
     """The batch order (a seeded permutation of the training split per epoch), the held-out
     split and its dequantisation draw, shared by both sides."""
-    from starflow_jax.data.digits import load_digits_splits
-
-    t, d = config.train, config.data
-    train, heldout = load_digits_splits(int(d.num_train), int(d.split_seed))
+    t = config.train
+    train, heldout = _splits(config)
     b = int(t.batch_size)
     rng = np.random.default_rng(int(t.seed))
-    per_epoch = len(train) // b
+    per_epoch = len(train.images) // b
     order = []
     while len(order) < steps:
-        perm = rng.permutation(len(train))
+        perm = rng.permutation(len(train.images))
         order += [perm[i * b : (i + 1) * b] for i in range(per_epoch)]
     u = np.random.default_rng(1234).uniform(size=heldout.images.shape).astype(np.float32)
     return train, heldout, np.stack(order[:steps]), u
@@ -79,6 +109,25 @@ def _bpd(nll: np.ndarray, config) -> float:
     from starflow_jax.train.loop import data_scale
 
     return float(bits_per_dim(float(np.mean(nll)), data_scale(config)))
+
+
+def _row(step: int, seconds: float, nll: np.ndarray, config) -> dict:
+    """A row of held-out results from per-example NLLs ``(n,)``, or per frame ``(n, t)``
+    (clips: the clip's bits/dim is the frames' mean; frame 1's and the later frames' apart)."""
+    row = dict(step=step, bpd=_bpd(nll, config), seconds=seconds)
+    if nll.ndim == 2:
+        row["bpd_frame1"] = _bpd(nll[:, 0], config)
+        row["bpd_later"] = _bpd(nll[:, 1:], config)
+    return row
+
+
+def prefix_frame_nll(nll_of_prefix, frames: int) -> np.ndarray:
+    """Per-frame NLL ``(n, t)`` of a time-causal model from the NLL per dimension of each
+    clip's first ``k`` frames (``nll_of_prefix(k) -> (n,)``, k = 1..t): frame ``k``'s is
+    ``k m_k - (k - 1) m_{k-1}``. Needs nothing inside the model (the reference's is read
+    this way)."""
+    means = [np.zeros(())] + [np.asarray(nll_of_prefix(k), np.float64) for k in range(1, frames + 1)]
+    return np.stack([k * means[k] - (k - 1) * means[k - 1] for k in range(1, frames + 1)], axis=1)
 
 
 def run_jax(config, points: list[int], budget: float | None, directory: pathlib.Path):
@@ -94,6 +143,7 @@ def run_jax(config, points: list[int], budget: float | None, directory: pathlib.
 
     steps = points[-1]
     train, heldout, order, u = _plan(config, steps)
+    video = heldout.images.ndim == 5
     program = build_program(config, make_mesh(dict(config.mesh)), NUM_CLASSES)
     state = program.init_state()
     np.savez(directory / "inputs.npz", **{k: np.asarray(v, np.float32) for k, v in to_reference(state.params).items()})
@@ -103,8 +153,9 @@ def run_jax(config, points: list[int], budget: float | None, directory: pathlib.
 
     @jax.jit
     def nll(params):
-        out = nnx.merge(program.graphdef, params)(x_held, y_held)
-        return nll_per_example(out.z, out.logdets)
+        model = nnx.merge(program.graphdef, params)
+        out = model(x_held, y_held)
+        return model.nll_per_frame(out) if video else nll_per_example(out.z, out.logdets)
 
     def device_batch(s):
         batch = dict(image=train.images[order[s]], label=train.labels[order[s]])
@@ -114,7 +165,7 @@ def run_jax(config, points: list[int], budget: float | None, directory: pathlib.
     with jax.set_mesh(program.mesh):
         compiled = program.lower(state, device_batch(0)).compile()
     compile_s = time.perf_counter() - t0
-    rows, elapsed = [], 0.0
+    rows, elapsed = [_row(0, 0.0, np.asarray(nll(state.params)), config)], 0.0
     for s in range(steps):
         batch = device_batch(s)
         t0 = time.perf_counter()
@@ -126,7 +177,7 @@ def run_jax(config, points: list[int], budget: float | None, directory: pathlib.
         done = s + 1
         over = budget is not None and elapsed >= budget
         if done in points or over or done == steps:
-            rows.append(dict(step=done, bpd=_bpd(np.asarray(nll(state.params)), config), seconds=elapsed))
+            rows.append(_row(done, elapsed, np.asarray(nll(state.params)), config))
         if over:
             break
     return rows, compile_s
@@ -143,11 +194,20 @@ def run_reference(path: str, config, points: list[int], budget: float | None, di
     with np.load(directory / "inputs.npz") as f:
         sd = {k: f[k] for k in f.files}
     trainer = ReferenceTrainer(path, config, sd, NUM_CLASSES)
+
+    def heldout_nll():
+        if heldout.images.ndim == 5:  # per frame, from the clips' first k frames
+            frames = heldout.images.shape[1]
+            return prefix_frame_nll(
+                lambda k: trainer.nll(heldout.images[:, :k], u[:, :k], label=heldout.labels), frames
+            )
+        return trainer.nll(heldout.images, u, label=heldout.labels)
+
     t = config.train
     torch.manual_seed(int(t.seed))
     random.seed(int(t.seed))
     drop_p = float(t.drop_label)
-    rows, elapsed = [], 0.0
+    rows, elapsed = [_row(0, 0.0, heldout_nll(), config)], 0.0
     for s in range(steps):
         idx = order[s]
         t0 = time.perf_counter()
@@ -161,9 +221,7 @@ def run_reference(path: str, config, points: list[int], budget: float | None, di
         done = s + 1
         over = budget is not None and elapsed >= budget
         if done in points or over or done == steps:
-            rows.append(
-                dict(step=done, bpd=_bpd(trainer.nll(heldout.images, u, label=heldout.labels), config), seconds=elapsed)
-            )
+            rows.append(_row(done, elapsed, heldout_nll(), config))
         if over:
             break
     return rows
@@ -229,8 +287,9 @@ def run(args) -> int:
     for side, rows in (("jax", jax_rows), ("ref", ref_rows)):
         for r in rows:
             by_step.setdefault(r["step"], dict(step=r["step"]))
-            by_step[r["step"]].update({f"bpd_{side}": r["bpd"], f"seconds_{side}": r["seconds"]})
+            by_step[r["step"]].update({f"{k}_{side}": v for k, v in r.items() if k != "step"})
     table = [by_step[k] for k in sorted(by_step)]
+    video = "bpd_frame1" in jax_rows[0]
     t = config.train
     length = f"budget {budget} s" if budget else f"up to {points[-1]} updates"
     print(
@@ -238,7 +297,7 @@ def run(args) -> int:
         f"{t.steps} schedule steps, {length}; "
         f"held-out bits/dim and training seconds (the JAX step's compilation, not counted: {compile_s:.1f} s)"
     )
-    print_table(table, COLUMNS)
+    print_table(table, VIDEO_COLUMNS if video else COLUMNS)
     if args.plot:
         plot(args.plot, jax_rows, ref_rows, f"{pathlib.Path(args.config).name}: held-out bits/dim vs training time")
         print(f"plot: {args.plot}")

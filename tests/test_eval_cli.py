@@ -185,3 +185,35 @@ def test_two_processes_share_the_batches_and_give_the_one_process_result(tmp_pat
         assert p.returncode == 0, stderr[-3000:]
     assert "sampled batch 2/3" in outs[1][1] and "sampled batch 2/3" not in outs[0][1]  # batch 1 on process 1
     assert json.loads(two.read_text())["metrics"] == json.loads(one.read_text())["metrics"]
+
+
+def test_eval_of_a_moving_digits_model_scores_every_frame_and_the_motion(tmp_path, small_classifier):
+    from starflow_jax.config import load_config
+    from starflow_jax.data.moving_digits import motion_score
+    from starflow_jax.data.sources import make_data
+
+    video = TINY.parent / "video_tiny_cpu.py"
+    out, npy = tmp_path / "v.json", tmp_path / "v.npy"
+    args = ["eval", "--config", str(video), "--random-init", "--set", "model.channels=32", "--num", "4"]
+    args += ["--batch-size", "2", "--out", str(out), "--classifier", str(small_classifier), "--save-npy", str(npy)]
+    assert main(args) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    clips, labels = np.load(npy), np.load(tmp_path / "v.labels.npy")
+    assert clips.shape == (4, 4, 1, 8, 8)
+    frames = np.clip(clips.reshape(-1, 1, 8, 8), -1, 1)
+    data = make_data(load_config(video, ["model.channels=32"]))
+    real = (data.train_images.reshape(-1, 1, 8, 8), data.heldout_images.reshape(-1, 1, 8, 8))
+    want = digits_scores(dc.load_classifier(small_classifier), frames, np.repeat(labels, 4), real=real)
+    assert metrics["digits_fd_heldout"] == pytest.approx(want["digits_fd_heldout"], rel=1e-9)  # frames of clips
+    assert metrics["digits_fd"] == pytest.approx(want["digits_fd"], rel=1e-9)
+    assert metrics["accuracy"] == pytest.approx(want["accuracy"])
+    assert metrics["motion_score"] == pytest.approx(motion_score(clips), rel=1e-9)
+    assert metrics["motion_score_real"] == 0.0 and metrics["motion_score_shuffled"] > 0.05
+    assert 0 < metrics["accuracy_real"] <= 1
+
+
+def test_eval_refuses_other_video_models(tmp_path, capsys):
+    video = TINY.parent / "video_tiny_cpu.py"
+    args = ["eval", "--config", str(video), "--random-init", "--set", "data.name=array_record", "--out", "x.json"]
+    assert main(args + ["--inception-weights", str(tmp_path / "w.pth")]) == 2
+    assert "moving-digits clips; this is another video model" in capsys.readouterr().err

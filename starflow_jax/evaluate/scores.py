@@ -27,16 +27,20 @@ def digits_scores(
     samples: np.ndarray,
     labels: np.ndarray | None,
     settings: TrainingSettings | None = None,
+    real: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """``digits_fd`` of ``samples`` ``(n, 1, 8, 8)`` in [-1, 1] to the digits' training split,
     the floor (``digits_fd_heldout``: the held-out split's distance to it), and, given
     ``labels``, ``accuracy``: the share classified as their own labels. ``settings``: the
-    classifier's (its split; default ``TrainingSettings()``)."""
+    classifier's (its split; default ``TrainingSettings()``). ``real``: other real images
+    ``(train, heldout)`` to measure against instead (the frames of moving-digits clips)."""
     settings = settings or TrainingSettings()
-    train, heldout = load_digits_splits(settings.num_train, settings.split_seed)
-    reference = frechet.feature_statistics(np.asarray(classifier.features(train.images)))
+    if real is None:
+        train, heldout = load_digits_splits(settings.num_train, settings.split_seed)
+        real = (train.images, heldout.images)
+    reference = frechet.feature_statistics(np.asarray(classifier.features(real[0])))
     own = frechet.feature_statistics(np.asarray(classifier.features(samples)))
-    floor = frechet.feature_statistics(np.asarray(classifier.features(heldout.images)))
+    floor = frechet.feature_statistics(np.asarray(classifier.features(real[1])))
     out = {
         "digits_fd": frechet.frechet_distance(*own, *reference),
         "digits_fd_heldout": frechet.frechet_distance(*floor, *reference),

@@ -80,8 +80,11 @@ def _splits(config) -> tuple[Split, Split]:
     if str(config.data.name) == "moving_digits":
         from starflow_jax.data.sources import make_data
 
-        data = make_data(config)
-        return tuple(Split(src.clips(), np.asarray(src.labels, np.int32)) for src in (data.train, data.heldout))
+        data = make_data(config)  # it holds every clip of both splits already
+        return (
+            Split(data.train_images, np.asarray(data.train.labels, np.int32)),
+            Split(data.heldout_images, np.asarray(data.heldout.labels, np.int32)),
+        )
     from starflow_jax.data.digits import load_digits_splits
 
     d = config.data

@@ -123,6 +123,7 @@ def _run_batches(args, config, model, labels, store, keep) -> None:
     cfg = model.cfg
     opts = sampling_args.options(args)
     noise = TrainingNoise.from_config(config, std=args.noise_std)
+    frames = (_frames(config),) if _frames(config) else ()  # clips: (n, t, c, h, w)
     batches, t0 = math.ceil(args.num / args.batch_size), time.time()
     mine = range(jax.process_index(), batches, jax.process_count())
     kept = [i for i in mine if store.done(i)]
@@ -135,7 +136,7 @@ def _run_batches(args, config, model, labels, store, keep) -> None:
         n = min(args.batch_size, args.num - start)
         samples = generate(
             model,
-            (n, *([_frames(config)] if _frames(config) else []), cfg.in_channels, cfg.img_size, cfg.img_size),
+            (n, *frames, cfg.in_channels, cfg.img_size, cfg.img_size),
             batch_seed(args.seed, i),
             _conditioning(cfg, labels, start, n),
             opts,

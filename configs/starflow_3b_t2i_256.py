@@ -30,7 +30,7 @@ Expected result: not measured here (the reference reports its released checkpoin
 
 import ml_collections
 
-from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
+from starflow_jax.config import data_section, eval_section, mesh_section, model_section, sample_section, train_section
 
 
 def get_config():
@@ -76,5 +76,6 @@ def get_config():
         checkpoint_every=1000,
     )
     config.mesh = mesh_section(data=1, fsdp=-1)
+    config.eval = eval_section()
     config.sample = sample_section(num=16, cfg=2.5, every=480)
     return config

@@ -11,7 +11,7 @@ pod recipe on one machine.
 
 import ml_collections
 
-from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
+from starflow_jax.config import data_section, eval_section, mesh_section, model_section, sample_section, train_section
 
 
 def get_config():
@@ -55,5 +55,6 @@ def get_config():
         checkpoint_every=500,
     )
     config.mesh = mesh_section(data=1, fsdp=-1)
+    config.eval = eval_section()
     config.sample = sample_section(num=4, cfg=2.5)
     return config

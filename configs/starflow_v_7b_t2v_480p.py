@@ -40,7 +40,7 @@ check the fit with ``starflow-jax plan``. Expected result: not measured here.
 
 import ml_collections
 
-from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
+from starflow_jax.config import data_section, eval_section, mesh_section, model_section, sample_section, train_section
 
 
 def get_config():
@@ -108,5 +108,6 @@ def get_config():
         checkpoint_every=1000,
     )
     config.mesh = mesh_section(data=1, fsdp=-1, tensor=2)
+    config.eval = eval_section()
     config.sample = sample_section(num=4, per_class=1, cfg=2.5)
     return config

@@ -10,7 +10,7 @@ with ``--image-size 64 --num-frames 9 --txt-size 16`` (3 latent frames) for the 
 
 import ml_collections
 
-from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
+from starflow_jax.config import data_section, eval_section, mesh_section, model_section, sample_section, train_section
 
 
 def get_config():
@@ -76,5 +76,6 @@ def get_config():
         checkpoint_every=500,
     )
     config.mesh = mesh_section(data=1, fsdp=-1)
+    config.eval = eval_section()
     config.sample = sample_section(num=2, per_class=1, cfg=2.5)
     return config

@@ -14,7 +14,7 @@ the text encoder's width (2048 for flan-t5-xl), ``model.txt_size`` precompute's
 
 import ml_collections
 
-from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
+from starflow_jax.config import data_section, eval_section, mesh_section, model_section, sample_section, train_section
 
 
 def get_config():
@@ -42,5 +42,6 @@ def get_config():
     config.data = data_section(name="array_record")  # set data.path (and data.heldout_path)
     config.train = train_section(steps=2000, batch_size=32, lr=5e-4, log_every=50, eval_every=500, checkpoint_every=500)
     config.mesh = mesh_section()
+    config.eval = eval_section()
     config.sample = sample_section(num=8, per_class=1, cfg=2.0, temperature=1.0)
     return config

@@ -15,7 +15,7 @@ batch is trained without its first frame, conditioned on the ``"(extend) "`` cap
 
 import ml_collections
 
-from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
+from starflow_jax.config import data_section, eval_section, mesh_section, model_section, sample_section, train_section
 
 
 def get_config():
@@ -47,5 +47,6 @@ def get_config():
         steps=2000, batch_size=16, lr=5e-4, drop_image=0.25, log_every=50, eval_every=500, checkpoint_every=500
     )
     config.mesh = mesh_section()
+    config.eval = eval_section()
     config.sample = sample_section(num=4, per_class=1, cfg=2.0, temperature=1.0)
     return config

@@ -15,7 +15,7 @@ blocks and a deep block.
 
 import ml_collections
 
-from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
+from starflow_jax.config import data_section, eval_section, mesh_section, model_section, sample_section, train_section
 
 
 def get_config():
@@ -45,5 +45,6 @@ def get_config():
         steps=3000, batch_size=128, warmup_steps=200, noise_type="uniform", noise_std=0.0, levels=17
     )
     config.mesh = mesh_section()
+    config.eval = eval_section(num_samples=500)  # sample quality at the end (digits FD, accuracy)
     config.sample = sample_section()
     return config

@@ -16,7 +16,7 @@ deep block's attention window can slide over longer videos.
 
 import ml_collections
 
-from starflow_jax.config import data_section, mesh_section, model_section, sample_section, train_section
+from starflow_jax.config import data_section, eval_section, mesh_section, model_section, sample_section, train_section
 
 
 def get_config():
@@ -46,5 +46,6 @@ def get_config():
     config.data = data_section(name="moving_digits", num_frames=4)
     config.train = train_section(steps=2000, warmup_steps=200, noise_type="uniform", noise_std=0.0, levels=17)
     config.mesh = mesh_section()
+    config.eval = eval_section(num_samples=200)  # sample quality at the end (digits FD, accuracy)
     config.sample = sample_section(per_class=1)  # rows per digit, each the frames of one clip
     return config

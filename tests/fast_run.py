@@ -16,6 +16,7 @@ FAST = [
     "train.checkpoint_every=3",
     "sample.per_class=1",
     "sample.scale=1",
+    "eval.num_samples=0",  # the main job scores 500 samples at its end: not these runs
 ]
 
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from fast_run import FAST, TINY
 
-from starflow_jax.cli.evaluate import batch_seed, format_table
+from starflow_jax.cli.evaluate import format_table
 from starflow_jax.cli.main import main
 from starflow_jax.evaluate import digits_classifier as dc
+from starflow_jax.evaluate.quality import batch_seed
 from starflow_jax.evaluate.scores import digits_scores, spread_labels
 
 FAST_SET = sum((["--set", o] for o in FAST), [])
@@ -113,14 +114,14 @@ def small_classifier(tmp_path):
 
 
 def test_an_interrupted_eval_continues_and_gives_the_same_result(tmp_path, small_classifier, capsys, monkeypatch):
-    from starflow_jax.cli import evaluate
+    from starflow_jax.evaluate import quality
     from starflow_jax.evaluate.batch_store import parts_dir
 
     whole = tmp_path / "whole.json"
     assert main(_random_eval(tmp_path, small_classifier, whole, "--save-npy", str(tmp_path / "w.npy"))) == 0
     assert not parts_dir(whole).exists()  # the kept batches go once the result is written
 
-    real, calls = evaluate.generate, []
+    real, calls = quality.generate, []
 
     def dies_at_the_third_batch(*args, **kwargs):
         calls.append(args[2])
@@ -130,14 +131,14 @@ def test_an_interrupted_eval_continues_and_gives_the_same_result(tmp_path, small
 
     out = tmp_path / "cut.json"
     args = _random_eval(tmp_path, small_classifier, out, "--save-npy", str(tmp_path / "c.npy"))
-    monkeypatch.setattr(evaluate, "generate", dies_at_the_third_batch)
+    monkeypatch.setattr(quality, "generate", dies_at_the_third_batch)
     assert main(args) == 130  # Ctrl-C's exit status
     assert not out.exists() and sorted(p.name for p in parts_dir(out).glob("batch_*")) == [
         "batch_00000.npz",
         "batch_00001.npz",
     ]
     calls.clear()
-    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    monkeypatch.setattr(quality, "generate", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     capsys.readouterr()
     assert main(args) == 0
     assert len(calls) == 1 and "2 of 3 batches already done" in capsys.readouterr().err  # only the missing one

@@ -93,6 +93,7 @@ def test_training_checkpoint_exports_and_imports_exactly(tmp_path):
         "train.checkpoint_every=3",
         "sample.per_class=1",
         "sample.scale=1",
+        "eval.num_samples=0",
     ]
     train(load_config(ROOT / "configs" / "tiny_cpu.py", fast), str(tmp_path / "run"), log=lambda *a: None)
     out = tmp_path / "run.safetensors"

@@ -81,10 +81,14 @@ def test_video_main_job_trains_a_few_steps(tmp_path):
             "data.num_train=200",
             "model.channels=32",
             "sample.scale=1",
+            "eval.num_samples=8",  # the clips' quality at the end: digits FD over frames, motion
+            "eval.batch_size=8",
         ],
     )
     result = train(config, str(tmp_path), log=lambda *a: None)
     assert np.isfinite(result["heldout_bpd"]) and "gaussian_full_cov_bpd" in result
+    for key in ("digits_fd", "accuracy", "accuracy_real", "motion_score", "motion_score_real"):
+        assert np.isfinite(result[key]), key
     # one row of 4 frames per class: 10 rows x 4 columns of 8x8 with 1-pixel padding
     png = np.asarray(Image.open(tmp_path / "samples.png"))
     assert png.shape == (10 * 9 + 1, 4 * 9 + 1)

@@ -33,6 +33,7 @@ SHORT = [
     "train.checkpoint_every=4",
     "sample.per_class=1",
     "sample.scale=1",
+    "eval.num_samples=0",
 ]
 
 

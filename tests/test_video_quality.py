@@ -159,6 +159,7 @@ def test_train_report_and_nll_cli_give_per_frame_bpd_and_motion(tmp_path, capsys
             "data.num_train=1700",
             "model.channels=32",
             "sample.scale=1",
+            "eval.num_samples=0",
         ],
     )
     result = train(config, str(tmp_path), log=print)

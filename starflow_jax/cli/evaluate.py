@@ -8,15 +8,14 @@ import json
 import math
 import pathlib
 import sys
-import time
 
-import jax.numpy as jnp
 import numpy as np
 
 from starflow_jax.cli import model_source, processes, sampling_args
 from starflow_jax.cli.output_paths import check_outputs
 from starflow_jax.config import model_config
-from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, generate
+from starflow_jax.evaluate import quality
+from starflow_jax.sampling.pipeline import TrainingNoise
 from starflow_jax.sampling.visualize import to_uint8
 
 EVAL_RESULT = "eval.json"  # default --out in the workdir
@@ -58,37 +57,6 @@ def add_parser(sub):
     return p
 
 
-def batch_seed(seed: int, index: int) -> int:
-    """The sampling seed of batch ``index``: distinct over (seed, index) pairs."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def _data_name(config) -> str:
-    return str(config.data.get("name", "")) if "data" in config else ""
-
-
-def _is_digits(config, cfg) -> bool:
-    """A model of the embedded digits: images, or moving digits' clips."""
-    return _data_name(config) in ("digits", "moving_digits") and cfg.in_channels == 1 and cfg.img_size == 8
-
-
-def _frames(config) -> int:
-    """Frames per sampled clip (moving digits: the training clips' length), 0 for images."""
-    return int(config.data.num_frames) if _data_name(config) == "moving_digits" else 0
-
-
-def _labels(cfg, num: int):
-    """Labels spread over the classes for a label-conditioned model (txt_size 1; the last
-    of txt_dim's rows is the null class), ``None`` for an unconditional one."""
-    from starflow_jax.evaluate.scores import spread_labels
-
-    if cfg.txt_dim == 0:
-        return None
-    if cfg.txt_size != 1:
-        raise ValueError(f"eval conditions on class labels (txt_size=1); this model has txt_size={cfg.txt_size}")
-    return spread_labels(num, cfg.txt_dim - 1)
-
-
 def _check(args) -> pathlib.Path:
     if args.num < 2:
         raise ValueError(f"--num must be >= 2 (a covariance), got {args.num}")
@@ -106,77 +74,39 @@ def _check(args) -> pathlib.Path:
     return pathlib.Path(args.workdir) / EVAL_RESULT
 
 
-def _conditioning(cfg, labels, start: int, n: int):
-    if labels is None:
-        return None
-    from starflow_jax.flow.labels import one_hot_labels
-
-    idx = jnp.asarray(labels[start : start + n])
-    return Conditioning(one_hot_labels(idx, cfg.txt_dim - 1), one_hot_labels(-jnp.ones_like(idx), cfg.txt_dim - 1))
-
-
 def _run_batches(args, config, model, labels, store, keep) -> None:
     """Sample this process's share of the batches (batch ``i`` on process ``i mod count``)
     that ``store`` does not hold yet, and save for each what ``keep(samples)`` keeps."""
     import jax
 
-    cfg = model.cfg
-    opts = sampling_args.options(args)
-    noise = TrainingNoise.from_config(config, std=args.noise_std)
-    frames = (_frames(config),) if _frames(config) else ()  # clips: (n, t, c, h, w)
-    batches, t0 = math.ceil(args.num / args.batch_size), time.time()
+    batches = math.ceil(args.num / args.batch_size)
     mine = range(jax.process_index(), batches, jax.process_count())
     kept = [i for i in mine if store.done(i)]
     if kept:
         print(f"{len(kept)} of {len(mine)} batches already done in {store.directory}: continuing", file=sys.stderr)
-    for i in mine:
-        if store.done(i):
-            continue
-        start = i * args.batch_size
-        n = min(args.batch_size, args.num - start)
-        samples = generate(
-            model,
-            (n, *frames, cfg.in_channels, cfg.img_size, cfg.img_size),
-            batch_seed(args.seed, i),
-            _conditioning(cfg, labels, start, n),
-            opts,
-            temperature=args.temperature,
-            noise=noise,
-            denoise_samples=not args.no_denoise,
-            quantize_samples=args.quantize,
-        )
-        store.save(i, keep(np.asarray(samples.x, np.float32)))
-        print(f"sampled batch {i + 1}/{batches} ({time.time() - t0:.1f}s)", file=sys.stderr)
+    quality.sample_batches(
+        model,
+        config,
+        [i for i in mine if not store.done(i)],
+        num=args.num,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        opts=sampling_args.options(args),
+        labels=labels,
+        temperature=args.temperature,
+        noise=TrainingNoise.from_config(config, std=args.noise_std),
+        denoise=not args.no_denoise,
+        quantize=args.quantize,
+        save=lambda i, samples: store.save(i, keep(samples)),
+        log=lambda m: print(m, file=sys.stderr),
+    )
 
 
 def _digits(args, config, samples, labels, out_path: pathlib.Path) -> dict:
-    """Digits FD and accuracy; for clips over all their frames (each frame drawn for the
-    clip's label), with the motion score of the clips beside the real held-out clips'."""
     from starflow_jax.evaluate import digits_classifier as dc
-    from starflow_jax.evaluate.scores import digits_scores
 
     path = pathlib.Path(args.classifier) if args.classifier else out_path.parent / dc.CACHE_NAME
-    classifier = dc.load_or_train(path, log=lambda m: print(m, file=sys.stderr))
-    if samples.ndim == 4:
-        return {"classifier": str(path), **digits_scores(classifier, np.clip(samples, -1.0, 1.0), labels)}
-    # clips: every frame, against the frames of real clips (digits rolled off the centre, which
-    # the classifier, trained on centred digits, reads less well: the real frames' accuracy is
-    # given as the ceiling), and the motion score beside the real held-out clips'
-    from starflow_jax.data.moving_digits import motion_report
-    from starflow_jax.data.sources import make_data
-    from starflow_jax.evaluate.digits_classifier import accuracy
-
-    data = make_data(config)
-    train, held = data.train_images, data.heldout_images  # (n, t, 1, 8, 8)
-    t = samples.shape[1]
-    frames = np.clip(samples.reshape(-1, *samples.shape[2:]), -1.0, 1.0)
-    frame_labels = None if labels is None else np.repeat(labels, t)
-    real = (train.reshape(-1, *train.shape[2:]), held.reshape(-1, *held.shape[2:]))
-    out = {"classifier": str(path), **digits_scores(classifier, frames, frame_labels, real=real)}
-    if labels is not None:
-        out["accuracy_real"] = accuracy(classifier, real[1], np.repeat(data.heldout.labels, held.shape[1]))
-    out.update(motion_report(samples, held))
-    return out
+    return quality.digits_quality(config, samples, labels, path, log=lambda m: print(m, file=sys.stderr))
 
 
 def _settings(args, labels) -> dict:
@@ -221,8 +151,8 @@ def run(args) -> int:
     check_outputs([out_path, npy, labels_npy], args.overwrite)
     config = model_source.read_config(args)
     cfg = model_config(config)
-    digits = _is_digits(config, cfg)
-    if model_source.is_video_model(config, cfg) and not (digits and _frames(config) >= 2):
+    digits = quality.is_digits(config, cfg)
+    if model_source.is_video_model(config, cfg) and not (digits and quality.clip_frames(config) >= 2):
         raise ValueError("eval scores image models and moving-digits clips; this is another video model")
     if not digits and not args.inception_weights:
         raise ValueError(
@@ -231,7 +161,7 @@ def run(args) -> int:
         )
     if not digits and cfg.in_channels not in (1, 3):
         raise ValueError(f"FID/IS need pixels; this model has {cfg.in_channels} (latent) channels (no --vae in eval)")
-    labels = _labels(cfg, args.num)
+    labels = quality.class_labels(cfg, args.num)
     inception = stats = None
     if args.inception_weights:  # read before any sampling: a missing file fails at once
         from starflow_jax.evaluate.frechet import load_statistics

@@ -4,11 +4,13 @@ from starflow_jax.config.loader import apply_overrides, load_config, model_confi
 from starflow_jax.config.model_config import ConfigError, ModelConfig
 from starflow_jax.config.training import (
     DATA_DEFAULTS,
+    EVAL_DEFAULTS,
     MESH_DEFAULTS,
     SAMPLE_DEFAULTS,
     TRAIN_DEFAULTS,
     check_training_config,
     data_section,
+    eval_section,
     mesh_section,
     sample_section,
     train_section,
@@ -18,6 +20,7 @@ from starflow_jax.config.training import (
 __all__ = [
     "ConfigError",
     "DATA_DEFAULTS",
+    "EVAL_DEFAULTS",
     "MESH_DEFAULTS",
     "ModelConfig",
     "SAMPLE_DEFAULTS",
@@ -25,6 +28,7 @@ __all__ = [
     "apply_overrides",
     "check_training_config",
     "data_section",
+    "eval_section",
     "load_config",
     "mesh_section",
     "model_config",

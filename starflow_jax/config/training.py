@@ -44,6 +44,19 @@ SAMPLE_DEFAULTS = dict(
     denoise=True,  # remove the training noise from the previews (sampling.pipeline), as `sample` does
 )
 
+EVAL_DEFAULTS = dict(
+    num_samples=0,  # samples whose quality is measured at the end of the run (and every `every` steps); 0: none
+    every=0,  # steps between those measurements during the run (a multiple of train.log_every; 0: only at the end)
+    batch_size=250,  # samples generated per batch
+    seed=0,  # the samples' noise (the same samples at every measurement, for a fixed model)
+    cfg=0.0,  # guidance weight (0: none); the other sampling settings are config.sample's (jacobi, denoise)
+    temperature=1.0,  # prior noise scale
+    classifier="",  # digits models: the digits classifier cache ("": WORKDIR/digits_classifier.npz, trained once)
+    inception_weights="",  # other pixel models: the FID Inception-v3 weight file (pytorch-fid's .pth)
+    stats="",  # with inception_weights: the reference statistics .npz (mu, sigma) for FID ("": IS only)
+    is_splits=10,  # Inception Score splits
+)
+
 MESH_DEFAULTS = dict(
     data=-1,  # data-parallel axis (-1: the devices the other axes leave)
     fsdp=1,  # parameters, gradients and optimizer state sharded (ZeRO-3 style); the batch too
@@ -89,7 +102,9 @@ TRAIN_DEFAULTS = dict(
 )
 
 
-SECTIONS = dict(data=DATA_DEFAULTS, train=TRAIN_DEFAULTS, sample=SAMPLE_DEFAULTS, mesh=MESH_DEFAULTS)
+SECTIONS = dict(
+    data=DATA_DEFAULTS, train=TRAIN_DEFAULTS, sample=SAMPLE_DEFAULTS, mesh=MESH_DEFAULTS, eval=EVAL_DEFAULTS
+)
 
 
 def _section(name: str, values: dict) -> ml_collections.ConfigDict:
@@ -115,6 +130,12 @@ def sample_section(**values) -> ml_collections.ConfigDict:
     return _section("sample", values)
 
 
+def eval_section(**values) -> ml_collections.ConfigDict:
+    """A ``config.eval`` section (sample quality measured during training): EVAL_DEFAULTS
+    with ``values`` applied."""
+    return _section("eval", values)
+
+
 def mesh_section(**values) -> ml_collections.ConfigDict:
     """A ``config.mesh`` section: MESH_DEFAULTS with ``values`` applied."""
     return _section("mesh", values)
@@ -127,6 +148,8 @@ def with_defaults(config: dict) -> dict:
     for name, defaults in SECTIONS.items():
         if name in out and isinstance(out[name], dict):
             out[name] = {**defaults, **out[name]}
+        elif name == "eval" and "train" in out:  # a run from before the eval section
+            out[name] = dict(defaults)
     return out
 
 
@@ -152,7 +175,7 @@ def _float(t, key: str, low: float, high: float | None = None) -> float:
 def check_training_config(config) -> None:
     """Refuse a training config whose ``train`` values cannot run (before any file is
     written): missing keys, non-positive counts, probabilities outside [0, 1]."""
-    for section in ("data", "train", "sample", "mesh"):
+    for section in ("data", "train", "sample", "mesh", "eval"):
         if section not in config:
             raise ConfigError(f"the config has no '{section}' section: it is not a training config")
         missing = sorted(set(SECTIONS[section]) - set(config[section].keys()))
@@ -204,3 +227,32 @@ def check_training_config(config) -> None:
         raise ConfigError(
             f"train.batch_size={t.batch_size} does not split into train.grad_accum={t.grad_accum} micro-batches"
         )
+    _check_eval(config.eval, t)
+
+
+def _check_eval(e, t) -> None:
+    def count(key: str, low: int) -> int:
+        v = e[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"eval.{key} must be an integer >= {low}, got {v!r}")
+        return v
+
+    num = count("num_samples", 0)
+    if num == 1:
+        raise ConfigError("eval.num_samples must be 0 (none) or >= 2 (a covariance), got 1")
+    every = count("every", 0)
+    count("batch_size", 1)
+    count("seed", 0)
+    count("is_splits", 1)
+    for key in ("cfg", "temperature"):
+        v = e[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"eval.{key} must be a number >= 0, got {v!r}")
+    if every and every % int(t.log_every):
+        raise ConfigError(
+            f"eval.every={every} must be a multiple of train.log_every={t.log_every} (the scores go in the logged rows)"
+        )
+    if every and not num:
+        raise ConfigError(f"eval.every={every} needs eval.num_samples > 0 (how many samples to score)")
+    if e.stats and not e.inception_weights:
+        raise ConfigError("eval.stats needs eval.inception_weights (the FID Inception-v3 weight file)")

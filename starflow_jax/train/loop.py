@@ -23,12 +23,12 @@ from starflow_jax.data.pipeline import drop_first_frame, drop_image_decision, ev
 from starflow_jax.data.sources import DataSpec, make_data
 from starflow_jax.flow.labels import one_hot_labels
 from starflow_jax.flow.loss import bits_per_dim
-from starflow_jax.sampling import SamplingOptions
 from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, generate
 from starflow_jax.sampling.visualize import grid, save_png, to_uint8
 from starflow_jax.train import step as S
 from starflow_jax.train.metrics_writer import MetricsWriter
 from starflow_jax.train.program import Program, build_program, training_mesh
+from starflow_jax.train.sample_quality import SampleQuality, preview_options
 from starflow_jax.train.termination import Termination, distributed_client
 from starflow_jax.workdir import checkpoints, layout
 from starflow_jax.workdir import run as wd
@@ -141,19 +141,12 @@ def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, se
     frames = np.shape(data.train[0]["image"])[0] if np.ndim(data.train[0]["image"]) == 4 else 0
     if frames:  # video latents: one row of frames per sample
         shape, nrow = shape[:1] + (frames,) + shape[1:], frames
-    opts = SamplingOptions(
-        guidance=float(s.cfg),
-        jacobi=bool(s.jacobi),
-        jacobi_block_size=int(s.jacobi_block_size) or cfg.seq_side**2,
-        jacobi_th=float(s.jacobi_th),
-        jacobi_max_iter=int(s.jacobi_max_iter),
-    )
     x = generate(
         model,
         shape,
         seed,
         cond,
-        opts,
+        preview_options(config, float(s.cfg)),
         temperature=float(s.temperature),
         noise=TrainingNoise.from_config(config),
         denoise_samples=bool(s.denoise),
@@ -245,20 +238,33 @@ def train(
     check_training_config(config)
     data = make_data(config)
     mesh = training_mesh(config)
+    scorer = SampleQuality(config, workdir, log)  # its settings checked, its networks read, before the workdir
     lock = WorkdirLock(workdir)
     try:
         with Termination(
             client=distributed_client(), process=jax.process_index(), processes=jax.process_count()
         ) as term:
             return _train_locked(
-                config, workdir, overwrite, log, stop_after, init_from, init_step, init_ema, step, data, mesh, term
+                config,
+                workdir,
+                overwrite,
+                log,
+                stop_after,
+                init_from,
+                init_step,
+                init_ema,
+                step,
+                data,
+                mesh,
+                term,
+                scorer,
             )
     finally:
         lock.release()
 
 
 def _train_locked(
-    config, workdir, overwrite, log, stop_after, init_from, init_step, init_ema, step, data, mesh, term
+    config, workdir, overwrite, log, stop_after, init_from, init_step, init_ema, step, data, mesh, term, scorer
 ) -> dict:
     wd.prepare(workdir, config, overwrite, log)
     resume = wd.has_checkpoints(workdir)
@@ -306,6 +312,7 @@ def _train_locked(
         graphdef=graphdef,
         log=log,
         term=term,
+        scorer=scorer,
     )
     with jax.set_mesh(mesh):  # activations keep their batch sharding (parallel.rules.constrain_batch)
         try:
@@ -335,6 +342,7 @@ class _Run:
     graphdef: object
     log: object
     term: Termination
+    scorer: SampleQuality  # config.eval: sample quality in the logged rows
 
 
 class _SkipWatch:
@@ -408,6 +416,11 @@ class _Trace:
                 shutil.rmtree(self.local, ignore_errors=True)
 
 
+def _preview_params(state):
+    """The parameters samples are drawn from: the EMA when the run keeps one."""
+    return state.ema if state.ema is not None else state.params
+
+
 def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) -> dict:
     """The step loop, periodic evaluation, samples and checkpoints, then the final report."""
     config, workdir, hp, data, log = run.config, run.workdir, run.hp, run.data, run.log
@@ -422,6 +435,7 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
     drop_image = float(t.drop_image)
     skips = _SkipWatch(int(t.max_consecutive_skips), int(state.skipped))
     stopped = None
+    last_scores: dict = {}
     trace = _Trace(workdir / "profile", *tuple(t.profile), log)
     try:
         for s in range(start, total):
@@ -473,6 +487,11 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
                 if heldout is not None and t.eval_every and (done % int(t.eval_every) == 0 or done == total):
                     held = heldout_bpd(config, run.graphdef, state.params, heldout, hp, run.mesh)
                     row.update(held.fields())
+                scores = None
+                if run.scorer.due(done, total):
+                    scores = run.scorer(run.graphdef, host_params(_preview_params(state)))
+                    row.update(scores)
+                    last_scores = scores
                 writer.write(done, row)
                 progress.clear()
                 log(
@@ -480,15 +499,10 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
                     f"lr {row['lr']:.2e}  skipped {row['skipped']}  {row['steps_per_s']:.1f} steps/s"
                     + (f"  denoiser loss {row['denoiser_loss']:.4f}" if hp.denoiser else "")
                     + (f"  held-out bpd {held.describe()}" if held is not None else "")
+                    + (f"  {SampleQuality.describe(scores)}" if scores else "")
                 )
             if sample_every and done % sample_every == 0 and done < total:
-                sample_grid(
-                    config,
-                    run.graphdef,
-                    state.ema if state.ema is not None else state.params,
-                    workdir / layout.periodic_samples(done),
-                    data,
-                )
+                sample_grid(config, run.graphdef, _preview_params(state), workdir / layout.periodic_samples(done), data)
             # asked to stop (SIGTERM, any process): every process stops after the agreed step, with a
             # checkpoint; agreed at the last step, the run simply ends as usual
             agreed = run.term.stop_step(done)
@@ -520,18 +534,19 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
             )
         return dict(steps=int(state.step), stopped=True, reason=stopped)
     held = None if heldout is None else heldout_bpd(config, run.graphdef, state.params, heldout, hp, run.mesh)
-    samples = sample_grid(
-        config, run.graphdef, state.ema if state.ema is not None else state.params, workdir / layout.FINAL_SAMPLES, data
-    )
+    samples = sample_grid(config, run.graphdef, _preview_params(state), workdir / layout.FINAL_SAMPLES, data)
     result = dict(
         steps=total,
         **(held.fields() if held is not None else dict(heldout_bpd=None)),
         seconds=time.time() - t0,
         skipped=int(state.skipped),
+        **last_scores,
         samples=str(workdir / layout.FINAL_SAMPLES),
         checkpoint=str(workdir / layout.CHECKPOINTS),
     )
     summary = "" if held is None else f"held-out bits/dim {held.describe()}"
+    if last_scores:
+        summary += f"; samples: {SampleQuality.describe(last_scores)}"
     if data.train_images is not None:  # the digits: Gaussian baselines on the same split
         from starflow_jax.data.baselines import gaussian_bpd
 

@@ -121,3 +121,53 @@ def test_wrong_image_dtype_is_refused():
         model(jnp.zeros((1, 8, 8, 3), jnp.float32))
     with pytest.raises(ValueError, match="height, width, 3"):
         model(jnp.zeros((1, 3, 8, 8), jnp.uint8))
+
+
+def test_reference_statistics_of_an_image_folder(tmp_path, capsys):
+    """``eval --stats-from``: the statistics of every image under a folder (nested folders,
+    other sizes, hidden folders and other files skipped) equal those of the same images'
+    features computed directly; an existing file is not replaced; bad arguments are named."""
+    from PIL import Image
+
+    from starflow_jax.cli.main import main
+    from starflow_jax.data.image_folder import load_image
+    from starflow_jax.evaluate.frechet import feature_statistics, load_statistics
+    from starflow_jax.evaluate.scores import inception_features
+
+    _, path = _random_torch_inception(tmp_path)
+    root, rng = tmp_path / "real", np.random.default_rng(0)
+    files = []
+    for i, (sub, size) in enumerate([("a", (20, 24)), ("a", (16, 16)), ("b/c", (30, 18)), ("b", (16, 40))]):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        files.append(root / sub / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(files[-1])
+    (root / ".hidden").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / ".hidden" / "x.png")
+    (root / "notes.txt").write_text("not an image")
+    out = tmp_path / "stats.npz"
+    args = ["eval", "--stats-from", str(root), "--image-size", "16", "--inception-weights", str(path)]
+    assert main(args + ["--out", str(out)]) == 0
+    assert "the statistics of 4 images" in capsys.readouterr().out
+    mu, sigma = load_statistics(out)
+    pixels = np.stack([np.round((load_image(f, 16, 3).transpose(1, 2, 0) + 1) * 127.5) for f in sorted(files)])
+    pool, _ = inception_features(inception.load_fid_inception(path), pixels.astype(np.uint8))
+    want_mu, want_sigma = feature_statistics(pool)
+    np.testing.assert_allclose(mu, want_mu, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(sigma, want_sigma, rtol=1e-6, atol=1e-9)
+
+    before = out.read_bytes()
+    assert main(args + ["--out", str(out)]) == 2  # kept: --overwrite replaces it
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(args[:3] + args[5:] + ["--out", str(tmp_path / "s.npz")]) == 2
+    assert "needs --image-size" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "s.json")]) == 2
+    assert "FILE.npz" in capsys.readouterr().err
+    assert (
+        main(
+            ["eval", "--stats-from", str(tmp_path / "none"), "--image-size", "16"]
+            + args[5:]
+            + ["--out", str(tmp_path / "t.npz")]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err

@@ -25,7 +25,7 @@ def add_parser(sub):
     p = sub.add_parser(
         "eval", help="sample N images (or moving-digits clips) and score them (digits FD + accuracy, or FID + IS)"
     )
-    model_source.add_arguments(p, allow_random=True)
+    model_source.add_arguments(p, allow_random=True, required=False)  # not with --stats-from
     p.add_argument("--out", help=f"the JSON result (default: WORKDIR/{EVAL_RESULT}; required without --workdir)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--num", type=int, default=1000, help="number of samples")
@@ -52,6 +52,13 @@ def add_parser(sub):
         help="also save the samples (n, c, h, w; clips n, t, c, h, w) and their labels: X.npy and X.labels.npy",
     )
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
+    p.add_argument(
+        "--stats-from",
+        metavar="DIR",
+        help="instead of sampling: write the FID reference statistics (--out, an .npz with mu and sigma) of the "
+        "images under DIR (any depth) with --inception-weights, each read at --image-size",
+    )
+    p.add_argument("--image-size", type=int, help="--stats-from: the side images are resized and cropped to")
     processes.add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -138,11 +145,38 @@ def _settings(args, labels) -> dict:
     }
 
 
+def write_statistics(args) -> int:
+    """``eval --stats-from DIR``: the reference statistics of real images, for ``--stats``."""
+    from starflow_jax.evaluate.frechet import save_statistics
+    from starflow_jax.evaluate.inception import load_fid_inception
+    from starflow_jax.evaluate.reference_stats import folder_statistics
+
+    if not args.inception_weights:
+        raise ValueError("--stats-from needs --inception-weights (the FID Inception-v3 weight file)")
+    if not args.image_size:
+        raise ValueError("--stats-from needs --image-size (the side of the model's samples, in pixels)")
+    if not args.out or pathlib.Path(args.out).suffix != ".npz":
+        raise ValueError(f"--stats-from writes pytorch-fid's .npz: give --out FILE.npz (got {args.out!r})")
+    out = pathlib.Path(args.out)
+    check_outputs([out], args.overwrite)
+    model = load_fid_inception(args.inception_weights)
+    mu, sigma, count = folder_statistics(
+        model, args.stats_from, args.image_size, log=lambda m: print(m, file=sys.stderr)
+    )
+    save_statistics(out, mu, sigma)
+    print(f"wrote {out}: the statistics of {count} images under {args.stats_from} at {args.image_size}px")
+    return 0
+
+
 def run(args) -> int:
     import jax
 
     from starflow_jax.evaluate.batch_store import BatchStore, parts_dir
 
+    if args.stats_from:
+        return write_statistics(args)
+    if not (args.weights or args.workdir or args.random_init):
+        raise ValueError("one of --weights, --workdir or --random-init is required (the model to sample)")
     processes.initialize(args)
     lead = jax.process_index() == 0
     out_path = _check(args)

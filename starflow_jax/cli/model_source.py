@@ -15,14 +15,16 @@ from starflow_jax.interop.state_dict import load_reference_model
 from starflow_jax.model import StarFlow
 
 
-def add_arguments(p, allow_random: bool = False) -> None:
+def add_arguments(p, allow_random: bool = False, required: bool = True) -> None:
+    """The model's source: ``--weights``, ``--workdir`` or (``allow_random``) ``--random-init``;
+    one of them is required unless ``required`` is false (the command checks then)."""
     p.add_argument(
         "--config",
         help="config file (configs/*.py, reference .yaml or Model-kwargs .json); "
         "with --weights" + (" / --random-init" if allow_random else ""),
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--weights", help="reference state dict: .pth (torch), .safetensors, or .npz of reference names")
     src.add_argument("--workdir", help="a starflow-jax workdir (training checkpoints or imported parameters)")
     if allow_random:

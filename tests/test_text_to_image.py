@@ -389,3 +389,69 @@ def test_precompute_an_aspect_ratio_bucket_with_the_templates(checkpoints, tmp_p
         == 2
     )
     assert "not a bucket" in capsys.readouterr().err
+
+
+def _tiny_clip_with_tokenizer(directory):
+    """A random transformers CLIP checkpoint with a CLIP tokenizer of the letters a-c."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abc":
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    torch.manual_seed(1)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    text.update(num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, pad_token_id=1, eos_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vision.update(image_size=32, patch_size=8)
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(directory)
+
+
+def test_eval_of_a_text_to_image_model_decodes_and_scores_against_the_prompts(checkpoints, tmp_path, capsys):
+    """`eval --prompts --text-encoder --vae --clip`: latent samples decoded to pixels, each
+    scored against its own prompt (cycled over the samples); the CLIP score equals the one
+    computed from the saved pixels directly."""
+    import jax.numpy as jnp
+
+    from starflow_jax.evaluate import clip
+    from starflow_jax.sampling.visualize import to_uint8
+
+    root, text_dir = checkpoints
+    _tiny_clip_with_tokenizer(tmp_path / "clip")
+    (tmp_path / "prompts.txt").write_text("a b\n\nc a b\nb\n")
+    out, npy = tmp_path / "e.json", tmp_path / "x.npy"
+    args = ["eval", "--config", str(root / "flow.json"), "--random-init", "--num", "5", "--batch-size", "2"]
+    args += ["--prompts", str(tmp_path / "prompts.txt"), "--text-encoder", str(text_dir), "--vae", str(root / "vae")]
+    args += ["--clip", str(tmp_path / "clip"), "--cfg", "1.5", "--out", str(out), "--save-npy", str(npy)]
+    assert main(args) == 0
+    assert "CLIP score" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["options"]["prompts"] == ["a b", "c a b", "b"]
+    x = np.load(npy)
+    assert x.shape == (5, 3, 16, 16) and np.all(np.isfinite(x))  # decoded pixels (latent 8x8, factor 2)
+    model = clip.load_clip(tmp_path / "clip")
+    pixels = clip.preprocess_images(to_uint8(x, pixel_space=True), 32)
+    ids = clip.tokenize(tmp_path / "clip", ["a b", "c a b", "b", "a b", "c a b"])
+    want = clip.clip_score(model.image_features(jnp.asarray(pixels)), model.text_features(jnp.asarray(ids)))
+    raw = float(jnp.mean(clip.clip_scores(model.image_features(jnp.asarray(pixels)), model.text_features(ids))))
+    assert result["metrics"]["clip_score_mean"] == pytest.approx(raw, rel=1e-5, abs=1e-5)  # before the clamp
+    assert result["metrics"]["clip_score"] == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--clip", "c"], "needs --prompts"),
+        (["--prompts", "p.txt"], "need --text-encoder"),
+        (["--prompts", "missing.txt", "--text-encoder", "t", "--clip", "c"], "does not exist"),
+    ],
+)
+def test_eval_prompt_errors(checkpoints, tmp_path, capsys, monkeypatch, extra, message):
+    root, _ = checkpoints
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a\n")
+    args = ["eval", "--config", str(root / "flow.json"), "--random-init", "--out", "e.json", "--vae", str(root / "vae")]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err

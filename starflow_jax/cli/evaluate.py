@@ -48,6 +48,21 @@ def add_parser(sub):
     )
     p.add_argument("--stats", help="with --inception-weights: the reference statistics .npz (mu, sigma) for FID")
     p.add_argument(
+        "--prompts",
+        help="text-conditioned models: a text file of prompts, one per line, cycled over the samples (needs "
+        "--text-encoder)",
+    )
+    p.add_argument("--text-encoder", help="with --prompts: the T5 checkpoint directory the model was trained with")
+    p.add_argument(
+        "--vae",
+        help="latent models: the diffusers autoencoder directory that decodes the samples to pixels before scoring",
+    )
+    p.add_argument(
+        "--clip",
+        help="with --prompts: a transformers CLIP checkpoint directory (e.g. openai/clip-vit-large-patch14) for "
+        "the CLIP score of each sample against its prompt",
+    )
+    p.add_argument(
         "--save-npy",
         help="also save the samples (n, c, h, w; clips n, t, c, h, w) and their labels: X.npy and X.labels.npy",
     )
@@ -72,6 +87,10 @@ def _check(args) -> pathlib.Path:
     sampling_args.check(args)
     if args.stats and not args.inception_weights:
         raise ValueError("--stats needs --inception-weights (the FID Inception-v3)")
+    if args.clip and not args.prompts:
+        raise ValueError("--clip scores samples against their prompts: it needs --prompts")
+    if args.prompts and not args.text_encoder:
+        raise ValueError("--prompts need --text-encoder (the T5 checkpoint directory the model was trained with)")
     if args.out:
         return pathlib.Path(args.out)
     if not args.workdir:
@@ -81,9 +100,9 @@ def _check(args) -> pathlib.Path:
     return pathlib.Path(args.workdir) / EVAL_RESULT
 
 
-def _run_batches(args, config, model, labels, store, keep) -> None:
+def _run_batches(args, config, model, conditioning, decode, store, keep) -> None:
     """Sample this process's share of the batches (batch ``i`` on process ``i mod count``)
-    that ``store`` does not hold yet, and save for each what ``keep(samples)`` keeps."""
+    that ``store`` does not hold yet, and save for each what ``keep(i, samples)`` keeps."""
     import jax
 
     batches = math.ceil(args.num / args.batch_size)
@@ -99,12 +118,13 @@ def _run_batches(args, config, model, labels, store, keep) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
         opts=sampling_args.options(args),
-        labels=labels,
+        conditioning=conditioning,
         temperature=args.temperature,
         noise=TrainingNoise.from_config(config, std=args.noise_std),
         denoise=not args.no_denoise,
         quantize=args.quantize,
-        save=lambda i, samples: store.save(i, keep(samples)),
+        decode=decode,
+        save=lambda i, samples: store.save(i, keep(i, samples)),
         log=lambda m: print(m, file=sys.stderr),
     )
 
@@ -116,7 +136,58 @@ def _digits(args, config, samples, labels, out_path: pathlib.Path) -> dict:
     return quality.digits_quality(config, samples, labels, path, log=lambda m: print(m, file=sys.stderr))
 
 
-def _settings(args, labels) -> dict:
+def _read_prompts(path: str) -> list[str]:
+    """The prompts of ``--prompts``: one per non-empty line."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--prompts {p} does not exist")
+    prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {p} holds no prompt (one per line)")
+    return prompts
+
+
+def _prompt_conditioning(text_encoder: str, cfg, prompts: list[str]):
+    """Sample ``i``'s conditioning: prompt ``i mod len(prompts)`` through the T5 encoder (the
+    empty prompt's embedding as the null condition for guidance), batch by batch."""
+    from starflow_jax.sampling.pipeline import Conditioning
+    from starflow_jax.text import convert_t5
+    from starflow_jax.text import prompts as P
+
+    encoder = convert_t5.t5_from_transformers(text_encoder)
+    if encoder.config.d_model != cfg.txt_dim:
+        raise ValueError(
+            f"the text encoder in {text_encoder} gives {encoder.config.d_model}-dim embeddings, "
+            f"the model reads txt_dim={cfg.txt_dim}"
+        )
+    tokenizer = P.load_tokenizer(text_encoder)
+
+    def cond(start: int, n: int):
+        texts = [prompts[(start + j) % len(prompts)] for j in range(n)]
+        y = P.encode_prompts(encoder, tokenizer, texts, cfg.txt_size)
+        y_null = P.null_embedding(encoder, tokenizer, cfg.txt_size, batch_size=n)
+        return Conditioning(np.asarray(y, np.float32), np.asarray(y_null, np.float32))
+
+    return cond
+
+
+def _clip_batch(model, directory: str, pixels: np.ndarray, ids: np.ndarray, start: int) -> np.ndarray:
+    """``100 cos(image, prompt)`` of each sample of a batch (uint8 pixels, grey repeated to RGB)
+    against its prompt (row ``(start + j) mod len(ids)`` of the token ids), as torchmetrics
+    preprocesses and scores them."""
+    import jax.numpy as jnp
+
+    from starflow_jax.evaluate import clip
+
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    size = model.config.vision.image_size
+    image = model.image_features(jnp.asarray(clip.preprocess_images(pixels, size)))
+    text = model.text_features(jnp.asarray(ids[(start + np.arange(len(pixels))) % len(ids)]))
+    return np.asarray(clip.clip_scores(image, text), np.float64)
+
+
+def _settings(args, labels, prompts=None) -> dict:
     """What the samples and their scores depend on: the result's header, and what a run
     continued from kept batches must share with the one that made them."""
     return {
@@ -138,9 +209,13 @@ def _settings(args, labels) -> dict:
             "denoise": not args.no_denoise,
             "quantize": bool(args.quantize),
             "labels": "spread over classes" if labels is not None else None,
+            "prompts": prompts,
         },
         "overrides": list(args.overrides),
         "inception_weights": args.inception_weights,
+        "vae": args.vae,
+        "text_encoder": args.text_encoder,
+        "clip": args.clip,
         "kept": "samples" if args.save_npy or not args.inception_weights else "features",
     }
 
@@ -188,37 +263,65 @@ def run(args) -> int:
     digits = quality.is_digits(config, cfg)
     if model_source.is_video_model(config, cfg) and not (digits and quality.clip_frames(config) >= 2):
         raise ValueError("eval scores image models and moving-digits clips; this is another video model")
-    if not digits and not args.inception_weights:
+    if not digits and not (args.inception_weights or args.clip):
         raise ValueError(
             "this is not a model of the embedded digits: scoring it needs --inception-weights "
-            "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth) and, for FID, --stats"
+            "(pytorch-fid's pt_inception-2015-12-05-6726825d.pth) and, for FID, --stats; or, with --prompts, --clip"
         )
-    if not digits and cfg.in_channels not in (1, 3):
-        raise ValueError(f"FID/IS need pixels; this model has {cfg.in_channels} (latent) channels (no --vae in eval)")
-    labels = quality.class_labels(cfg, args.num)
-    inception = stats = None
-    if args.inception_weights:  # read before any sampling: a missing file fails at once
+    if not digits and cfg.in_channels not in (1, 3) and not args.vae:
+        raise ValueError(
+            f"FID/IS need pixels; this model has {cfg.in_channels} (latent) channels: give --vae (its autoencoder)"
+        )
+    prompts = _read_prompts(args.prompts) if args.prompts else None
+    if prompts is None:
+        labels = quality.class_labels(cfg, args.num)
+    elif cfg.txt_size <= 1:
+        raise ValueError(f"--prompts: this model is not text-conditioned (txt_size={cfg.txt_size})")
+    inception = stats = vae = clip_model = clip_ids = None
+    # everything is read before any sampling: a missing file fails at once
+    if args.inception_weights:
         from starflow_jax.evaluate.frechet import load_statistics
         from starflow_jax.evaluate.inception import load_fid_inception
 
         stats = load_statistics(args.stats) if args.stats else None
         inception = load_fid_inception(args.inception_weights)
-    settings = _settings(args, labels)
+    if args.vae:
+        from starflow_jax.autoencoders.loading import load_autoencoder
+
+        vae = load_autoencoder(args.vae)
+        if vae.latent_channels != cfg.in_channels:
+            raise ValueError(
+                f"the VAE in {args.vae} has {vae.latent_channels} latent channels, the model models {cfg.in_channels}"
+            )
+    if prompts is not None:
+        conditioning = _prompt_conditioning(args.text_encoder, cfg, prompts)
+        labels = None
+    else:
+        conditioning = quality.label_conditioning(cfg, labels)
+    if args.clip:
+        from starflow_jax.evaluate import clip
+
+        clip_model = clip.load_clip(args.clip)
+        clip_ids = clip.tokenize(args.clip, prompts)  # (len(prompts), length): sample i's are row i mod len
+    settings = _settings(args, labels, prompts)
     # process 0 sets the store up (or starts it over); the others wait for it
     store = BatchStore(parts_dir(out_path), settings, restart=args.overwrite) if lead else None
     processes.barrier("eval-store")
     store = store or BatchStore(parts_dir(out_path), settings)
 
-    def keep(samples):
+    def keep(i, samples):
         out = {"samples": samples} if settings["kept"] == "samples" else {}
+        pixels = None if digits else to_uint8(samples, pixel_space=True)
         if inception is not None:
             from starflow_jax.evaluate.scores import inception_features
 
-            out["pool"], out["logits"] = inception_features(inception, to_uint8(samples, pixel_space=True))
+            out["pool"], out["logits"] = inception_features(inception, pixels)
+        if clip_model is not None:
+            out["clip"] = _clip_batch(clip_model, args.clip, pixels, clip_ids, i * args.batch_size)
         return out
 
     config, model = model_source.load_model(args, seed=args.seed)
-    _run_batches(args, config, model, labels, store, keep)
+    _run_batches(args, config, model, conditioning, vae.decode if vae is not None else None, store, keep)
     processes.barrier("eval-batches")
     if not lead:
         print(f"process {jax.process_index()}: its batches are in {store.directory}; process 0 scores them")
@@ -233,6 +336,9 @@ def run(args) -> int:
         from starflow_jax.evaluate.scores import inception_scores
 
         metrics.update(inception_scores(kept["pool"], kept["logits"], stats, splits=args.is_splits))
+    if clip_model is not None:  # torchmetrics: the mean over every pair, then clamped at 0
+        metrics["clip_score_mean"] = float(np.mean(kept["clip"]))
+        metrics["clip_score"] = max(metrics["clip_score_mean"], 0.0)
     result = {k: v for k, v in settings.items() if k not in ("batch_size", "kept", "inception_weights")}
     result["metrics"] = metrics
     out_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -253,6 +359,8 @@ _NAMES = {
     "fid": "FID",
     "inception_score": "Inception Score",
     "inception_score_std": "Inception Score std",
+    "clip_score": "CLIP score",
+    "clip_score_mean": "CLIP score before the clamp at 0",
 }
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "is_digits",
     "clip_frames",
     "class_labels",
+    "label_conditioning",
     "sample_batches",
     "digits_quality",
 ]
@@ -58,13 +59,18 @@ def class_labels(cfg, num: int) -> np.ndarray | None:
     return spread_labels(num, cfg.txt_dim - 1)
 
 
-def _conditioning(cfg, labels, start: int, n: int) -> Conditioning | None:
-    if labels is None:
-        return None
+def label_conditioning(cfg, labels: np.ndarray | None) -> Callable[[int, int], Conditioning | None]:
+    """The conditioning of samples ``start .. start + n``: their one-hot ``labels`` (the null
+    class for guidance), or ``None`` for an unconditional model (``labels is None``)."""
     from starflow_jax.flow.labels import one_hot_labels
 
-    idx = jnp.asarray(labels[start : start + n])
-    return Conditioning(one_hot_labels(idx, cfg.txt_dim - 1), one_hot_labels(-jnp.ones_like(idx), cfg.txt_dim - 1))
+    def cond(start: int, n: int) -> Conditioning | None:
+        if labels is None:
+            return None
+        idx = jnp.asarray(labels[start : start + n])
+        return Conditioning(one_hot_labels(idx, cfg.txt_dim - 1), one_hot_labels(-jnp.ones_like(idx), cfg.txt_dim - 1))
+
+    return cond
 
 
 def sample_batches(
@@ -76,11 +82,12 @@ def sample_batches(
     batch_size: int,
     seed: int,
     opts: SamplingOptions,
-    labels: np.ndarray | None,
+    conditioning: Callable[[int, int], Conditioning | None],
     temperature: float = 1.0,
     noise: TrainingNoise | None = None,
     denoise: bool = True,
     quantize: bool = False,
+    decode: Callable | None = None,
     save: Callable[[int, np.ndarray], None],
     log: Callable[[str], None] = lambda _: None,
 ) -> None:
@@ -102,12 +109,13 @@ def sample_batches(
             model,
             (n, *frames, cfg.in_channels, cfg.img_size, cfg.img_size),
             batch_seed(seed, i),
-            _conditioning(cfg, labels, start, n),
+            conditioning(start, n),
             opts,
             temperature=temperature,
             noise=noise,
             denoise_samples=denoise,
             quantize_samples=quantize,
+            decode=decode,
         )
         save(i, np.asarray(samples.x, np.float32))
         log(f"sampled batch {i + 1}/{total} ({time.time() - t0:.1f}s)")

@@ -55,6 +55,7 @@ class SampleQuality:
         if not self.num:
             return
         cfg = model_config(config)
+        quality.class_labels(cfg, self.num)  # labelled or unconditional: text models are scored by `eval --prompts`
         self.digits = quality.is_digits(config, cfg)
         if self.digits:
             self.classifier = (
@@ -97,7 +98,7 @@ class SampleQuality:
             batch_size=int(e.batch_size),
             seed=int(e.seed),
             opts=preview_options(config, float(e.cfg)),
-            labels=labels,
+            conditioning=quality.label_conditioning(model.cfg, labels),
             temperature=float(e.temperature),
             noise=TrainingNoise.from_config(config),
             denoise=bool(config.sample.denoise),

@@ -188,6 +188,32 @@ def test_two_processes_share_the_batches_and_give_the_one_process_result(tmp_pat
     assert json.loads(two.read_text())["metrics"] == json.loads(one.read_text())["metrics"]
 
 
+@pytest.mark.slow  # a second process with two CPU devices compiling the sampler
+def test_batches_split_over_the_devices_give_the_one_device_samples(tmp_path, small_classifier):
+    """Each batch is split over the process's devices (here 2 CPU devices; batch size 10
+    divides, the last batch of 5 of --num 25 does not and runs unsplit): the same samples
+    and scores as on one device."""
+    import os
+    import subprocess
+    import sys
+
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert (
+        main(_random_eval(tmp_path, small_classifier, one, "--num", "25", "--save-npy", str(tmp_path / "1.npy"))) == 0
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    args = _random_eval(tmp_path, small_classifier, two, "--num", "25", "--save-npy", str(tmp_path / "2.npy"))
+    code = "import jax, sys; assert jax.local_device_count() == 2; from starflow_jax.cli.main import main; "
+    code += "sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "each batch split over 2 devices" in proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "2.npy"), np.load(tmp_path / "1.npy"), rtol=1e-5, atol=1e-5)
+    got, want = json.loads(two.read_text())["metrics"], json.loads(one.read_text())["metrics"]
+    for key in ("digits_fd", "accuracy"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+
 def test_eval_of_a_moving_digits_model_scores_every_frame_and_the_motion(tmp_path, small_classifier):
     from starflow_jax.config import load_config
     from starflow_jax.data.moving_digits import motion_score

@@ -43,6 +43,31 @@ def test_source_is_deterministic_and_moves():
         MovingDigitsSource(imgs, np.arange(5), num_frames=0)
 
 
+def test_clip_variants_show_each_digit_moving_in_several_ways():
+    imgs = np.random.default_rng(0).uniform(-1, 1, (5, 1, 8, 8)).astype(np.float32)
+    one = MovingDigitsSource(imgs, np.arange(5), num_frames=3, seed=1)
+    three = MovingDigitsSource(imgs, np.arange(5), num_frames=3, seed=1, variants=3)
+    assert len(one) == 5 and len(three) == 15
+    for i in range(5):  # the first clips are the one-variant source's
+        np.testing.assert_array_equal(three[i]["image"], one[i]["image"])
+    # clip j is image j mod 5, with its own velocity and offset
+    for j in range(15):
+        assert int(three[j]["label"]) == j % 5
+        assert any(
+            np.array_equal(three[j]["image"][0], np.roll(imgs[j % 5], (y, x), (-2, -1)))
+            for y in range(8)
+            for x in range(8)
+        )
+    assert len({three[j]["image"].tobytes() for j in (0, 5, 10)}) == 3
+    np.testing.assert_array_equal(three.clips(), one.clips())  # one clip per image (baselines, real frames)
+    with pytest.raises(IndexError):
+        three[15]
+    with pytest.raises(ValueError, match="variants"):
+        MovingDigitsSource(imgs, np.arange(5), num_frames=3, variants=0)
+    data = make_data(load_config(VIDEO_TINY, ["data.clip_variants=4"]))
+    assert len(data.train) == 4 * len(data.train_images) and len(data.heldout) == len(data.heldout_images)
+
+
 def test_chosen_velocities_make_clips_of_those_velocities_only():
     config = load_config(VIDEO_TINY, ["data.velocities=0,2;-1,0"])
     data = make_data(config)

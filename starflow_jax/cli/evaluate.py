@@ -15,7 +15,7 @@ from starflow_jax.cli import model_source, processes, sampling_args
 from starflow_jax.cli.output_paths import check_outputs
 from starflow_jax.config import model_config
 from starflow_jax.evaluate import quality
-from starflow_jax.sampling.pipeline import TrainingNoise
+from starflow_jax.sampling.pipeline import TrainingNoise, batch_split, replicate
 from starflow_jax.sampling.visualize import to_uint8
 
 EVAL_RESULT = "eval.json"  # default --out in the workdir
@@ -100,7 +100,7 @@ def _check(args) -> pathlib.Path:
     return pathlib.Path(args.workdir) / EVAL_RESULT
 
 
-def _run_batches(args, config, model, conditioning, decode, store, keep) -> None:
+def _run_batches(args, config, model, conditioning, decode, store, keep, split) -> None:
     """Sample this process's share of the batches (batch ``i`` on process ``i mod count``)
     that ``store`` does not hold yet, and save for each what ``keep(i, samples)`` keeps."""
     import jax
@@ -124,6 +124,7 @@ def _run_batches(args, config, model, conditioning, decode, store, keep) -> None
         denoise=not args.no_denoise,
         quantize=args.quantize,
         decode=decode,
+        batch_sharding=split,
         save=lambda i, samples: store.save(i, keep(i, samples)),
         log=lambda m: print(m, file=sys.stderr),
     )
@@ -321,7 +322,11 @@ def run(args) -> int:
         return out
 
     config, model = model_source.load_model(args, seed=args.seed)
-    _run_batches(args, config, model, conditioning, vae.decode if vae is not None else None, store, keep)
+    split = batch_split()  # each batch over this process's devices, the model on each
+    replicate(model, split)
+    if split.mesh.size > 1:
+        print(f"each batch split over {split.mesh.size} devices (when it divides evenly)", file=sys.stderr)
+    _run_batches(args, config, model, conditioning, vae.decode if vae is not None else None, store, keep, split)
     processes.barrier("eval-batches")
     if not lead:
         print(f"process {jax.process_index()}: its batches are in {store.directory}; process 0 scores them")

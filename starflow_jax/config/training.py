@@ -19,6 +19,7 @@ DATA_DEFAULTS = dict(
     num_train=1500,  # digits / moving_digits: images of the training split (the rest are held out)
     split_seed=0,  # the train / held-out split (and moving_digits' clips)
     num_frames=0,  # clips: frames per clip (latent frames for array_record); 0: images, or from vid_size
+    clip_variants=1,  # moving_digits: training clips per image, each with its own velocity and offset
     velocities="",  # moving_digits: the clips' velocities "dy,dx;dy,dx" in pixels per frame ("": the 8 of {-1,0,1}^2)
     vid_size="",  # the reference's "frames:fps": latent frames through the autoencoder's temporal factor
     root="",  # image_folder: root/<class>/<image>

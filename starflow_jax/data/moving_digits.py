@@ -5,7 +5,8 @@ trained on short clips can be asked for longer ones.
 
 Clip ``i`` of a split is digit ``i mod n`` with a velocity ``(dy, dx)`` in
 ``{-1, 0, 1}^2 \\ {(0, 0)}`` and a start offset, both drawn from ``(seed, i)``: a
-deterministic random-access source (grain-compatible)."""
+deterministic random-access source (grain-compatible). A training split of ``variants``
+clips per image shows each digit moving in several ways (``data.clip_variants``)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class MovingDigitsSource:
         num_frames: int,
         seed: int = 0,
         velocities: np.ndarray = VELOCITIES,
+        variants: int = 1,
     ):
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -57,13 +59,21 @@ class MovingDigitsSource:
         self.images, self.labels = images, labels
         self.num_frames, self.seed = int(num_frames), int(seed)
         self.velocities = np.asarray(velocities, np.int64).reshape(-1, 2)
+        if isinstance(variants, bool) or int(variants) < 1:
+            raise ValueError(f"variants (clips per image) must be >= 1, got {variants!r}")
+        self.variants = int(variants)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) * self.variants
 
-    def __getitem__(self, i: int) -> dict:
-        i = int(i)
-        rng = np.random.default_rng((self.seed, i))
+    def __getitem__(self, j: int) -> dict:
+        """Clip ``j``: image ``j mod n`` with the velocity and offset drawn from ``(seed, j)``
+        (clips ``0 .. n - 1``, one per image, are the same whatever ``variants``)."""
+        j = int(j)
+        if not 0 <= j < len(self):
+            raise IndexError(f"clip {j} of a source of {len(self)}")
+        i = j % len(self.images)
+        rng = np.random.default_rng((self.seed, j))
         velocity = self.velocities[rng.integers(len(self.velocities))]
         h, w = self.images.shape[-2:]
         offset = (int(rng.integers(h)), int(rng.integers(w)))
@@ -71,8 +81,8 @@ class MovingDigitsSource:
         return {"image": clip.astype(np.float32), "label": np.int32(self.labels[i])}
 
     def clips(self) -> np.ndarray:
-        """Every clip, ``(n, num_frames, c, h, w)``."""
-        return np.stack([self[i]["image"] for i in range(len(self))])
+        """One clip per image (the first ``n``), ``(n, num_frames, c, h, w)``."""
+        return np.stack([self[i]["image"] for i in range(len(self.images))])
 
 
 def _check_clips(clips: np.ndarray) -> np.ndarray:

@@ -83,7 +83,10 @@ def make_data(config) -> DataSpec:
             raise ValueError(f"data.name='moving_digits' needs data.num_frames >= 2 (frames per clip), got {frames}")
         tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
         v = parse_velocities(str(d.get("velocities", "")))
-        train = MovingDigitsSource(tr.images, tr.labels, frames, seed=int(d.split_seed), velocities=v)
+        variants = int(d.get("clip_variants", 1))
+        train = MovingDigitsSource(
+            tr.images, tr.labels, frames, seed=int(d.split_seed), velocities=v, variants=variants
+        )
         held = MovingDigitsSource(te.images, te.labels, frames, seed=int(d.split_seed) + 1, velocities=v)
         return DataSpec(train, held, NUM_CLASSES, train.clips(), held.clips())
     if name == "image_folder":

@@ -88,6 +88,7 @@ def sample_batches(
     denoise: bool = True,
     quantize: bool = False,
     decode: Callable | None = None,
+    batch_sharding=None,
     save: Callable[[int, np.ndarray], None],
     log: Callable[[str], None] = lambda _: None,
 ) -> None:
@@ -102,7 +103,8 @@ def sample_batches(
     noise = noise if noise is not None else TrainingNoise.from_config(config)
     frames = (clip_frames(config),) if clip_frames(config) else ()
     total, t0 = math.ceil(num / batch_size), time.time()
-    for i in batches:
+    batches = list(batches)
+    for k, i in enumerate(batches):
         start = i * batch_size
         n = min(batch_size, num - start)
         samples = generate(
@@ -116,9 +118,12 @@ def sample_batches(
             denoise_samples=denoise,
             quantize_samples=quantize,
             decode=decode,
+            batch_sharding=batch_sharding,
         )
         save(i, np.asarray(samples.x, np.float32))
-        log(f"sampled batch {i + 1}/{total} ({time.time() - t0:.1f}s)")
+        spent = time.time() - t0
+        left = spent / (k + 1) * (len(batches) - k - 1)
+        log(f"sampled batch {i + 1}/{total} ({k + 1} of this run's {len(batches)}; {spent:.1f}s, ~{left:.0f}s left)")
 
 
 def digits_quality(config, samples: np.ndarray, labels: np.ndarray | None, classifier_path, log=print) -> dict:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from starflow_jax.flow.noise import add_noise, quantize
 from starflow_jax.model.starflow import StarFlow
@@ -74,6 +76,19 @@ class Samples:
     passes: list[int]  # network passes per flow block, deep block first
 
 
+def batch_split(devices=None) -> NamedSharding:
+    """Arrays split along their first (batch) axis over ``devices`` (default: this process's)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    return NamedSharding(Mesh(np.asarray(devices), ("batch",)), PartitionSpec("batch"))
+
+
+def replicate(model, sharding: NamedSharding):
+    """``model`` with every parameter copied to each device of ``sharding``'s mesh (in place)."""
+    whole = NamedSharding(sharding.mesh, PartitionSpec())
+    nnx.update(model, jax.device_put(nnx.state(model), whole))
+    return model
+
+
 def generate(
     model: StarFlow,
     shape: tuple[int, ...],
@@ -89,6 +104,7 @@ def generate(
     decode: Callable[[jax.Array], jax.Array] | None = None,
     on_block: Callable[[int, int], None] | None = None,
     on_frame: Callable[[int, int], None] | None = None,
+    batch_sharding: NamedSharding | None = None,
 ) -> Samples:
     """``shape[0]`` samples of ``shape`` (``(n, c, h, w)``, or ``(n, t, c, h, w)`` for video)
     from the prior noise ``N(0, temperature^2)`` drawn with ``seed``.
@@ -99,6 +115,8 @@ def generate(
     kept. ``noise``: the training noise; its Gaussian part is removed after sampling unless
     ``denoise_samples=False``, and with ``quantize_samples`` samples of uniformly dequantised
     data are rounded back to its ``levels``. ``decode``: the autoencoder's decoder, for latent models.
+    ``batch_sharding``: the samples split over its mesh's devices along the batch (the model
+    replicated there: ``replicate``); a batch that does not divide evenly runs unsplit.
     Raises ValueError when the result holds NaN or Inf."""
     opts = opts or SamplingOptions()
     cfg = model.cfg
@@ -113,6 +131,8 @@ def generate(
     if given is not None:
         given = noise.augment(jax.random.key(seed + 1), jnp.asarray(given))
         given = jnp.broadcast_to(given[None], (shape[0],) + given.shape)
+    if batch_sharding is not None and shape[0] % batch_sharding.mesh.size == 0:
+        prior, y, given = (None if a is None else jax.device_put(a, batch_sharding) for a in (prior, y, given))
     x, passes = sample(
         model, prior, y, opts, given=given, on_block=on_block, on_frame=on_frame if video else None, return_passes=True
     )

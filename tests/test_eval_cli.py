@@ -57,7 +57,17 @@ def test_eval_of_a_random_model_with_a_cached_classifier(tmp_path, capsys):
     dc.save_classifier(cache, dc.train_digits_classifier(dc.TrainingSettings(steps=5)), dc.TrainingSettings())
     out, npy = tmp_path / "e.json", tmp_path / "x.npy"
     args = ["eval", "--config", str(TINY), "--random-init", "--num", "10", "--batch-size", "10", "--cfg", "1.0"]
-    assert main(args + FAST_SET + ["--out", str(out), "--classifier", str(cache), "--save-npy", str(npy)]) == 0
+    png = tmp_path / "grid.png"
+    extra = ["--out", str(out), "--classifier", str(cache), "--save-npy", str(npy), "--grid", str(png)]
+    assert main(args + FAST_SET + extra + ["--grid-scale", "1"]) == 0
+    from PIL import Image
+
+    from starflow_jax.sampling.visualize import to_uint8
+
+    picture, samples = np.asarray(Image.open(png)), to_uint8(np.load(npy), pixel_space=True)
+    assert picture.shape == (9 + 1, 10 * 9 + 1)  # one row of 10 cells of 8x8, 1-pixel padding
+    for i in range(10):
+        np.testing.assert_array_equal(picture[1:9, 1 + 9 * i : 9 + 9 * i], samples[i, ..., 0])
     metrics = json.loads(out.read_text())["metrics"]
     want = digits_scores(dc.load_classifier(cache), np.clip(np.load(npy), -1, 1), np.load(tmp_path / "x.labels.npy"))
     assert metrics["digits_fd"] == pytest.approx(want["digits_fd"], rel=1e-9)
@@ -73,6 +83,7 @@ def test_eval_of_a_random_model_with_a_cached_classifier(tmp_path, capsys):
         (["--cfg", "-1"], "--cfg must be >= 0"),
         (["--stats", "s.npz"], "--stats needs --inception-weights"),
         ([], "--out is required unless --workdir"),
+        (["--out", "e.json", "--grid", "g.jpg"], "--grid writes a .png"),
     ],
 )
 def test_eval_bad_arguments(extra, message, capsys):

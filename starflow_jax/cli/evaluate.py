@@ -66,6 +66,11 @@ def add_parser(sub):
         "--save-npy",
         help="also save the samples (n, c, h, w; clips n, t, c, h, w) and their labels: X.npy and X.labels.npy",
     )
+    p.add_argument(
+        "--grid",
+        help="also write a PNG grid of the first samples (up to 100; clips: one row of frames each, up to 20)",
+    )
+    p.add_argument("--grid-scale", type=int, default=4, help="--grid: pixel upscaling")
     p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
     p.add_argument(
         "--stats-from",
@@ -188,6 +193,19 @@ def _clip_batch(model, directory: str, pixels: np.ndarray, ids: np.ndarray, star
     return np.asarray(clip.clip_scores(image, text), np.float64)
 
 
+def _write_grid(path: pathlib.Path, samples: np.ndarray, scale: int) -> None:
+    """The first samples as a PNG: 100 images in rows of 10, or 20 clips, a row of frames each."""
+    from starflow_jax.sampling.visualize import grid, save_png
+
+    if samples.ndim == 5:
+        clips = samples[:20]
+        images, nrow = clips.reshape(-1, *clips.shape[2:]), clips.shape[1]
+    else:
+        images, nrow = samples[:100], 10
+    save_png(path, grid(to_uint8(images, pixel_space=True), nrow=nrow), scale=scale)
+    print(f"wrote {path}")
+
+
 def _settings(args, labels, prompts=None) -> dict:
     """What the samples and their scores depend on: the result's header, and what a run
     continued from kept batches must share with the one that made them."""
@@ -217,7 +235,7 @@ def _settings(args, labels, prompts=None) -> dict:
         "vae": args.vae,
         "text_encoder": args.text_encoder,
         "clip": args.clip,
-        "kept": "samples" if args.save_npy or not args.inception_weights else "features",
+        "kept": "samples" if args.save_npy or args.grid or not args.inception_weights else "features",
     }
 
 
@@ -258,7 +276,10 @@ def run(args) -> int:
     out_path = _check(args)
     npy = pathlib.Path(args.save_npy) if args.save_npy else None
     labels_npy = npy.with_suffix(".labels.npy") if npy is not None else None
-    check_outputs([out_path, npy, labels_npy], args.overwrite)
+    grid_path = pathlib.Path(args.grid) if args.grid else None
+    if grid_path is not None and grid_path.suffix.lower() != ".png":
+        raise ValueError(f"--grid writes a .png, got {grid_path}")
+    check_outputs([out_path, npy, labels_npy, grid_path], args.overwrite)
     config = model_source.read_config(args)
     cfg = model_config(config)
     digits = quality.is_digits(config, cfg)
@@ -336,6 +357,8 @@ def run(args) -> int:
         np.save(npy, kept["samples"])
         if labels is not None:
             np.save(labels_npy, labels)
+    if args.grid:
+        _write_grid(pathlib.Path(args.grid), kept["samples"], args.grid_scale)
     metrics = _digits(args, config, kept["samples"], labels, out_path) if digits else {}
     if inception is not None:
         from starflow_jax.evaluate.scores import inception_scores

@@ -409,6 +409,7 @@ def _tiny_clip_with_tokenizer(directory):
     transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(directory)
 
 
+@pytest.mark.slow  # sampling, VAE decoding and CLIP compiled for three batches: about a minute
 def test_eval_of_a_text_to_image_model_decodes_and_scores_against_the_prompts(checkpoints, tmp_path, capsys):
     """`eval --prompts --text-encoder --vae --clip`: latent samples decoded to pixels, each
     scored against its own prompt (cycled over the samples); the CLIP score equals the one

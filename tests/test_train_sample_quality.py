@@ -21,6 +21,7 @@ def small_classifier(tmp_path):
     return cache
 
 
+@pytest.mark.slow  # a training run, its samples scored twice, then eval on its checkpoint: about a minute
 def test_training_scores_its_samples_as_eval_does(tmp_path, small_classifier, capsys):
     workdir = tmp_path / "run"
     settings = [f"eval.classifier={small_classifier}", "eval.num_samples=12", "eval.batch_size=5", "eval.every=3"]

@@ -432,7 +432,18 @@ def jacobi_schedule(start: int, end: int, frame: int, block_size: int) -> list[t
 
 @functools.partial(
     nnx.jit,
-    static_argnames=("guidance", "attn_temp", "block_size", "max_iter", "unroll", "window", "context", "progress"),
+    static_argnames=(
+        "guidance",
+        "attn_temp",
+        "block_size",
+        "max_iter",
+        "unroll",
+        "window",
+        "context",
+        "progress",
+        "policy",
+        "init",
+    ),
 )
 def jacobi(
     block: FlowBlock,
@@ -449,11 +460,30 @@ def jacobi(
     window: int | None = None,
     context: int | None = None,
     progress: bool = False,
+    policy: str = "blockwise",
+    init: str = "noise",
 ):
-    """Block-wise Jacobi inversion of ``block`` (needs an SOS token). Returns ``(x, passes)``,
+    """Jacobi inversion of ``block`` (needs an SOS token). Returns ``(x, passes)``,
     ``passes`` the number of network passes over chunks (text prefill not counted; the
     passes writing a given prefix or a re-encoded context counted). ``given`` /
-    ``window`` / ``context``: see the module docstring."""
+    ``window`` / ``context``: see the module docstring.
+
+    ``policy="blockwise"``: the reference's fixed chunks (``block_size`` tokens, 4x after
+    the first frame), each iterated until its relative mean squared change is under
+    ``threshold`` or ``max_iter`` passes were made. ``policy="adaptive"``: a window of
+    ``block_size`` tokens that advances past every token known to be final after each pass:
+    the window's first token (its inputs are all final), and each next one while the tokens
+    before it did not change in the pass by more than ``threshold`` times the sample's mean
+    square (per sample; the batch advances by its smallest advance). At ``threshold=0`` it
+    gives sequential decoding's result, and it never makes more passes than there are
+    tokens. ``init``: the first iterate of the tokens not yet sampled, the prior noise
+    ``z`` (``"noise"``, the reference's) or ``"zeros"``."""
+    if policy not in ("blockwise", "adaptive"):
+        raise ValueError(f"jacobi policy must be 'blockwise' or 'adaptive', got {policy!r}")
+    if init not in ("noise", "zeros"):
+        raise ValueError(f"jacobi init must be 'noise' or 'zeros', got {init!r}")
+    if block_size < 1:
+        raise ValueError(f"jacobi_block_size must be positive, got {block_size}")
     if block.sos_embed is None:
         raise ValueError("Jacobi sampling needs a model with an SOS token (sos=True); use sequential sampling")
     if max_iter < 1:
@@ -464,8 +494,42 @@ def jacobi(
     slots = n_tok if window is None else min(n_tok, window * (n_tok // frames))
     z, frames, prefix, rope, _, cache = _setup(dec, z_img, y, guidance, attn_temp, slots)
     x_full, sos, frame, n_given = _start_sequence(block, z, z_img, given, frames, window, guidance)
+    if init == "zeros":
+        x_full = x_full.at[:, 1 + n_given :].set(0.0)
     plan = window_plan(z.shape[1], frame, n_given, window, context)
     threshold = jnp.asarray(threshold, jnp.float32)
+
+    def run_adaptive(lo, count: int, base, carry):
+        """Tokens ``[lo, lo + count)`` by the adaptive window (``count`` static)."""
+        width = min(block_size, count)
+        hi = lo + count
+
+        def body(s):
+            pos, x_full, cache, passes = s
+            start = jnp.minimum(pos, hi - width)  # the last windows end at hi
+            block, layers = dec.modules()
+            tok = jax.lax.dynamic_slice_in_dim(x_full, start, width, 1)
+            scale, shift, cache = _predict(
+                dec, block, layers, tok, cache, rope, prefix + start - base, 0, start - base, attn_temp, guidance
+            )
+            new = affine.affine_inverse(jax.lax.dynamic_slice_in_dim(z, start, width, 1), scale, shift)
+            old = jax.lax.dynamic_slice_in_dim(x_full, start + 1, width, 1)
+            change = jnp.mean(jnp.square(new - old), axis=-1)  # (b, width)
+            still = change <= threshold * jnp.mean(jnp.square(new), axis=(1, 2))[:, None]
+            still = still | (jnp.arange(width) < pos - start)[None]  # tokens before pos are final
+            lead = jnp.sum(jnp.cumprod(still.astype(jnp.int32), axis=1), axis=1)  # (b,)
+            # final after this pass: window tokens 0 .. lead (each one's inputs did not change)
+            reach = start + jnp.minimum(jnp.min(lead) + 1, width)
+            x_full = jax.lax.dynamic_update_slice_in_dim(x_full, new, start + 1, 1)
+            return reach, x_full, cache, passes + 1
+
+        x_full, cache, passes = carry
+        _, x_full, cache, passes = jax.lax.while_loop(
+            lambda s: s[0] < hi, body, (jnp.asarray(lo, jnp.int32), x_full, cache, passes)
+        )
+        if progress:
+            jax.debug.callback(_report, hi, z.shape[1])
+        return x_full, cache, passes
 
     def run_chunk(start, size, base, carry):
         x_full, cache, passes = carry
@@ -503,6 +567,8 @@ def jacobi(
         lo = base + known
         static_lo = first_start if first_start is not None else max(frame + 1, known)
         carry = (x_full, cache, passes)
+        if policy == "adaptive":
+            return run_adaptive(lo, new, base, carry)
         for first, size, count in jacobi_schedule(static_lo, static_lo + new, frame, block_size):
             off = first - static_lo
             if count == 1:

@@ -23,6 +23,11 @@ class SamplingOptions:
     jacobi_block_size: int = 32
     jacobi_th: float = 1e-3
     jacobi_max_iter: int = 32
+    # "blockwise": the reference's fixed chunks of jacobi_block_size tokens; "adaptive": a
+    # window of jacobi_block_size tokens advancing past the tokens that stopped changing
+    # (sampling.invert.jacobi)
+    jacobi_policy: str = "blockwise"
+    jacobi_init: str = "noise"  # the first iterate of unsampled tokens: the prior noise or "zeros"
     # Layers inside the token loop: None = unrolled on the CPU, scanned elsewhere
     # (sampling.invert.resolve_unroll); True / False forces one.
     unroll_layers: bool | None = None
@@ -63,6 +68,8 @@ def _invert_block(
             window=window,
             context=context,
             progress=progress,
+            policy=opts.jacobi_policy,
+            init=opts.jacobi_init,
         )
     return invert.sequential(
         block,

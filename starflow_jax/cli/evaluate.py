@@ -224,6 +224,8 @@ def _settings(args, labels, prompts=None) -> dict:
             "jacobi_block_size": args.jacobi_block_size,
             "jacobi_th": args.jacobi_th,
             "jacobi_max_iter": args.jacobi_max_iter,
+            "jacobi_policy": args.jacobi_policy,
+            "jacobi_init": args.jacobi_init,
             "noise_std": args.noise_std,
             "denoise": not args.no_denoise,
             "quantize": bool(args.quantize),

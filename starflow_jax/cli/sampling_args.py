@@ -17,6 +17,19 @@ def add_arguments(p) -> None:
         default=False,
         help="Jacobi iteration instead of sequential inversion",
     )
+    p.add_argument(
+        "--jacobi-policy",
+        choices=("blockwise", "adaptive"),
+        default="blockwise",
+        help="blockwise: the reference's fixed chunks of --jacobi-block-size tokens; adaptive: a window of that "
+        "many tokens advancing past the tokens that stopped changing (never more passes than sequential)",
+    )
+    p.add_argument(
+        "--jacobi-init",
+        choices=("noise", "zeros"),
+        default="noise",
+        help="the first iterate of tokens not yet sampled: the prior noise (the reference's) or zeros",
+    )
     p.add_argument("--jacobi-block-size", type=int, default=32)
     p.add_argument("--jacobi-th", type=float, default=1e-3)
     p.add_argument("--jacobi-max-iter", type=int, default=32)
@@ -39,5 +52,7 @@ def options(args, **extra) -> SamplingOptions:
         jacobi_block_size=args.jacobi_block_size,
         jacobi_th=args.jacobi_th,
         jacobi_max_iter=args.jacobi_max_iter,
+        jacobi_policy=args.jacobi_policy,
+        jacobi_init=args.jacobi_init,
         **extra,
     )

@@ -42,6 +42,8 @@ SAMPLE_DEFAULTS = dict(
     jacobi_block_size=0,  # tokens per Jacobi block (0: a whole frame)
     jacobi_th=1e-5,  # Jacobi convergence threshold
     jacobi_max_iter=64,  # Jacobi iterations per block at most
+    jacobi_policy="blockwise",  # blockwise (the reference's chunks) or adaptive (sampling.invert.jacobi)
+    jacobi_init="noise",  # the first iterate of unsampled tokens: noise or zeros
     denoise=True,  # remove the training noise from the previews (sampling.pipeline), as `sample` does
 )
 
@@ -229,6 +231,11 @@ def check_training_config(config) -> None:
             f"train.batch_size={t.batch_size} does not split into train.grad_accum={t.grad_accum} micro-batches"
         )
     _check_eval(config.eval, t)
+    s = config.sample
+    if s.jacobi_policy not in ("blockwise", "adaptive"):
+        raise ConfigError(f"sample.jacobi_policy must be 'blockwise' or 'adaptive', got {s.jacobi_policy!r}")
+    if s.jacobi_init not in ("noise", "zeros"):
+        raise ConfigError(f"sample.jacobi_init must be 'noise' or 'zeros', got {s.jacobi_init!r}")
 
 
 def _check_eval(e, t) -> None:

@@ -39,6 +39,8 @@ def preview_options(config, guidance: float) -> SamplingOptions:
         jacobi_block_size=int(s.jacobi_block_size) or cfg.seq_side**2,
         jacobi_th=float(s.jacobi_th),
         jacobi_max_iter=int(s.jacobi_max_iter),
+        jacobi_policy=str(s.jacobi_policy),
+        jacobi_init=str(s.jacobi_init),
     )
 
 

@@ -545,8 +545,6 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
         checkpoint=str(workdir / layout.CHECKPOINTS),
     )
     summary = "" if held is None else f"held-out bits/dim {held.describe()}"
-    if last_scores:
-        summary += f"; samples: {SampleQuality.describe(last_scores)}"
     if data.train_images is not None:  # the digits: Gaussian baselines on the same split
         from starflow_jax.data.baselines import gaussian_bpd
 
@@ -560,6 +558,8 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
         summary += (
             f" (Gaussians fitted to the training split: full covariance {full:.3f}, independent pixels {diag:.3f})"
         )
+    if last_scores:
+        summary += f"; {config.eval.num_samples} samples: {SampleQuality.describe(last_scores)}"
     if config.data.name == "moving_digits" and samples.ndim == 5 and samples.shape[1] > 1:
         # how much the preview clips move like the data: 0 for a digit rolled by one velocity
         from starflow_jax.data.moving_digits import describe_motion, motion_report

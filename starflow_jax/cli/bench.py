@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from starflow_jax.bench import sample_bench, train_bench, vae_bench
+from starflow_jax.bench import jacobi_bench, sample_bench, train_bench, vae_bench
 
 
 def add_parser(sub):
@@ -11,6 +11,7 @@ def add_parser(sub):
     )
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
     sample_bench.add_parser(bsub)
+    jacobi_bench.add_parser(bsub)
     train_bench.add_parser(bsub)
     vae_bench.add_parser(bsub)
     return p

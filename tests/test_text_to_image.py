@@ -456,3 +456,82 @@ def test_eval_prompt_errors(checkpoints, tmp_path, capsys, monkeypatch, extra, m
     args = ["eval", "--config", str(root / "flow.json"), "--random-init", "--out", "e.json", "--vae", str(root / "vae")]
     assert main(args + extra) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow  # precompute, train, and sample + decode + CLIP at the end: about a minute
+def test_training_of_a_latent_text_model_reports_the_clip_score_of_its_samples(checkpoints, tmp_path):
+    """config.eval on a text-to-image latent model trained on precomputed shards: samples
+    conditioned on the records' text embeddings, decoded by eval.vae, scored by eval.clip
+    against the records' captions; the score equals the one recomputed from the checkpoint."""
+    import pathlib
+
+    import jax.numpy as jnp
+
+    from starflow_jax.config import load_config
+    from starflow_jax.data.array_record import ArrayRecordSource
+    from starflow_jax.evaluate import clip, quality
+    from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, generate
+    from starflow_jax.sampling.visualize import to_uint8
+    from starflow_jax.train.loop import train
+    from starflow_jax.train.sample_quality import preview_options
+    from starflow_jax.workdir.params import model_from_workdir
+
+    root, text_dir = checkpoints
+    _tiny_clip_with_tokenizer(tmp_path / "clip")
+    rng = np.random.default_rng(2)
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.jpg")
+    captions = ["a b", "c", "b a c"]
+    (tmp_path / "c.jsonl").write_text(
+        "".join(json.dumps({"file": f"{i}.jpg", "caption": captions[i % 3]}) + "\n" for i in range(6))
+    )
+    args = ["precompute", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "c.jsonl")]
+    args += ["--vae", str(root / "vae"), "--text-encoder", str(text_dir), "--out", str(tmp_path / "shards")]
+    assert main(args + ["--image-size", "16", "--txt-size", "6", "--batch-size", "3"]) == 0
+    config = load_config(
+        pathlib.Path(__file__).resolve().parents[1] / "configs" / "t2i_latents_tiny.py",
+        [
+            f"data.path={tmp_path / 'shards'}",
+            "model.txt_dim=32",
+            "model.txt_size=6",
+            "model.channels=64",
+            "model.layers_per_block=[1, 0, 1]",
+            "train.steps=2",
+            "train.batch_size=3",
+            "train.warmup_steps=1",
+            "train.log_every=1",
+            "sample.num=2",
+            "sample.scale=1",
+            "eval.num_samples=5",
+            "eval.batch_size=3",
+            f"eval.vae={root / 'vae'}",
+            f"eval.clip={tmp_path / 'clip'}",
+        ],
+    )
+    result = train(config, tmp_path / "run", log=lambda *a: None)
+    assert np.isfinite(result["clip_score_mean"]) and result["clip_score"] == max(result["clip_score_mean"], 0.0)
+
+    # the same samples from the saved parameters, scored against records 0..4's captions
+    from starflow_jax.autoencoders.loading import load_autoencoder
+
+    _, model = model_from_workdir(tmp_path / "run", ema=float(config.train.ema_decay) > 0)
+    records, vae = ArrayRecordSource(tmp_path / "shards"), load_autoencoder(str(root / "vae"))
+    opts, cfg = preview_options(config, 0.0), model.cfg
+    pixels = []
+    for b, (start, n) in enumerate(((0, 3), (3, 2))):
+        y = jnp.asarray(np.stack([records[start + j]["text_emb"] for j in range(n)]), jnp.float32)
+        x = generate(
+            model,
+            (n, cfg.in_channels, cfg.img_size, cfg.img_size),
+            quality.batch_seed(0, b),
+            Conditioning(y, jnp.zeros_like(y)),
+            opts,
+            noise=TrainingNoise.from_config(config),
+            decode=vae.decode,
+        ).x
+        pixels.append(to_uint8(x, pixel_space=True))
+    texts = [str(records[i]["caption"]) for i in range(5)]
+    ids = clip.tokenize(tmp_path / "clip", texts)
+    want = quality.clip_quality(clip.load_clip(tmp_path / "clip"), np.concatenate(pixels), ids)
+    assert result["clip_score_mean"] == pytest.approx(want["clip_score_mean"], rel=1e-4, abs=1e-4)

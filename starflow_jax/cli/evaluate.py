@@ -177,22 +177,6 @@ def _prompt_conditioning(text_encoder: str, cfg, prompts: list[str]):
     return cond
 
 
-def _clip_batch(model, directory: str, pixels: np.ndarray, ids: np.ndarray, start: int) -> np.ndarray:
-    """``100 cos(image, prompt)`` of each sample of a batch (uint8 pixels, grey repeated to RGB)
-    against its prompt (row ``(start + j) mod len(ids)`` of the token ids), as torchmetrics
-    preprocesses and scores them."""
-    import jax.numpy as jnp
-
-    from starflow_jax.evaluate import clip
-
-    if pixels.shape[-1] == 1:
-        pixels = np.repeat(pixels, 3, axis=-1)
-    size = model.config.vision.image_size
-    image = model.image_features(jnp.asarray(clip.preprocess_images(pixels, size)))
-    text = model.text_features(jnp.asarray(ids[(start + np.arange(len(pixels))) % len(ids)]))
-    return np.asarray(clip.clip_scores(image, text), np.float64)
-
-
 def _write_grid(path: pathlib.Path, samples: np.ndarray, scale: int) -> None:
     """The first samples as a PNG: 100 images in rows of 10, or 20 clips, a row of frames each."""
     from starflow_jax.sampling.visualize import grid, save_png
@@ -341,7 +325,7 @@ def run(args) -> int:
 
             out["pool"], out["logits"] = inception_features(inception, pixels)
         if clip_model is not None:
-            out["clip"] = _clip_batch(clip_model, args.clip, pixels, clip_ids, i * args.batch_size)
+            out["clip"] = quality.clip_cosines(clip_model, pixels, clip_ids, i * args.batch_size)
         return out
 
     config, model = model_source.load_model(args, seed=args.seed)

@@ -58,6 +58,8 @@ EVAL_DEFAULTS = dict(
     inception_weights="",  # other pixel models: the FID Inception-v3 weight file (pytorch-fid's .pth)
     stats="",  # with inception_weights: the reference statistics .npz (mu, sigma) for FID ("": IS only)
     is_splits=10,  # Inception Score splits
+    vae="",  # latent models: the diffusers autoencoder directory that decodes the samples before scoring
+    clip="",  # text models on precomputed shards: a transformers CLIP directory, CLIP score against the captions
 )
 
 MESH_DEFAULTS = dict(

@@ -25,6 +25,8 @@ __all__ = [
     "label_conditioning",
     "sample_batches",
     "digits_quality",
+    "clip_cosines",
+    "clip_quality",
 ]
 
 
@@ -154,3 +156,23 @@ def digits_quality(config, samples: np.ndarray, labels: np.ndarray | None, class
         out["accuracy_real"] = dc.accuracy(classifier, real[1], np.repeat(data.heldout.labels, held.shape[1]))
     out.update(motion_report(samples, held))
     return out
+
+
+def clip_cosines(model, pixels: np.ndarray, ids: np.ndarray, start: int = 0) -> np.ndarray:
+    """``100 cos(image, prompt)`` of each of a batch of uint8 images ``(n, h, w, 1|3)`` (grey
+    repeated to RGB) against its prompt, row ``(start + j) mod len(ids)`` of the CLIP token
+    ids, preprocessed and scored as torchmetrics does."""
+    from starflow_jax.evaluate import clip
+
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    image = model.image_features(jnp.asarray(clip.preprocess_images(pixels, model.config.vision.image_size)))
+    text = model.text_features(jnp.asarray(ids[(start + np.arange(len(pixels))) % len(ids)]))
+    return np.asarray(clip.clip_scores(image, text), np.float64)
+
+
+def clip_quality(model, pixels: np.ndarray, ids: np.ndarray) -> dict:
+    """torchmetrics' CLIP score of the images against their prompts (the mean of the pairs'
+    ``100 cos``, clamped at 0) and the mean before the clamp."""
+    mean = float(np.mean(clip_cosines(model, pixels, ids)))
+    return {"clip_score": max(mean, 0.0), "clip_score_mean": mean}

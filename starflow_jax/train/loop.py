@@ -238,7 +238,7 @@ def train(
     check_training_config(config)
     data = make_data(config)
     mesh = training_mesh(config)
-    scorer = SampleQuality(config, workdir, log)  # its settings checked, its networks read, before the workdir
+    scorer = SampleQuality(config, workdir, log, data)  # its settings checked, its networks read, before the workdir
     lock = WorkdirLock(workdir)
     try:
         with Termination(

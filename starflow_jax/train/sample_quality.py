@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from starflow_jax import storage
 from starflow_jax.config import ConfigError, model_config
 from starflow_jax.evaluate import quality
 from starflow_jax.sampling.pipeline import TrainingNoise
@@ -68,7 +69,10 @@ class SampleQuality:
         if self.digits:
             from starflow_jax.evaluate.digits_classifier import CACHE_NAME
 
-            self.classifier = pathlib.Path(e.classifier) if e.classifier else pathlib.Path(workdir) / CACHE_NAME
+            # a workdir on object storage: the classifier is cached on the local disk instead
+            local = storage.is_local(workdir)
+            cache = pathlib.Path(workdir) if local else pathlib.Path.home() / ".cache" / "starflow_jax"
+            self.classifier = pathlib.Path(e.classifier) if e.classifier else cache / CACHE_NAME
             return
         if not (e.inception_weights or e.clip):
             raise ConfigError(

@@ -274,13 +274,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(workdir, extra, nproc=1, pid=0, port=0):
+def _spawn(workdir, extra, nproc=1, pid=0, port=0, grace="8"):
     env = dict(
         os.environ,
         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
-        STARFLOW_SIGTERM_GRACE_S="8",
+        STARFLOW_SIGTERM_GRACE_S=grace,
     )
     env.pop("XLA_FLAGS", None)
     cmd = [sys.executable, "-m", "starflow_jax.cli.main", "train", "--config", str(TINY), "--workdir", str(workdir)]
@@ -340,9 +340,9 @@ def test_the_survivor_of_a_killed_peer_exits_soon_after_sigterm(tmp_path):
                 p.kill()
 
 
-def _two_processes(workdir, extra):
+def _two_processes(workdir, extra, grace="8"):
     port = _free_port()
-    return [_spawn(workdir, extra, 2, i, port) for i in range(2)]
+    return [_spawn(workdir, extra, 2, i, port, grace) for i in range(2)]
 
 
 @pytest.mark.slow
@@ -354,7 +354,9 @@ def test_sigterm_to_one_of_two_processes_saves_at_one_step_and_resumes_exactly(t
     for p in full:
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-3000:]
-    procs = _two_processes(tmp_path / "part", extra)
+    # a grace period long enough for the agreed save on a loaded CI machine (the grace timer's own
+    # exit is tested by test_the_survivor_of_a_killed_peer_exits_soon_after_sigterm)
+    procs = _two_processes(tmp_path / "part", extra, grace="120")
     try:
         _wait_for(procs[0], "step 5/")
         procs[1].send_signal(signal.SIGTERM)
@@ -366,7 +368,7 @@ def test_sigterm_to_one_of_two_processes_saves_at_one_step_and_resumes_exactly(t
     assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outs[0][-2000:] + outs[1][-2000:]
     steps = sorted(int(p.name) for p in (tmp_path / "part" / "checkpoints").iterdir() if p.name.isdigit())
     stop = max(steps)
-    assert 5 <= stop < 60, steps
+    assert 5 <= stop < 60, (steps, outs[0][-2000:], outs[1][-2000:])
     assert f"stopped by SIGTERM after step {stop}" in outs[0], outs[0][-2000:]
     resumed = _two_processes(tmp_path / "part", extra)
     for p in resumed:

@@ -8,27 +8,16 @@ import numpy as np
 import pytest
 from test_video_sampling import make, normal, rel
 
-from starflow_jax.config import ModelConfig
-from starflow_jax.model import StarFlow
 from starflow_jax.sampling import SamplingOptions, invert, sample
 
+# frames of test_video_sampling's model made an image model: 4x4 tokens, two blocks
 IMAGE = dict(
-    in_channels=2,
     img_size=4,
-    patch_size=1,
-    channels=32,
     num_blocks=2,
     layers_per_block=(1, 2),
-    head_dim=32,
-    rope=True,
-    sos=True,
-    txt_size=3,
-    txt_dim=5,
-    cond_top_only=True,
-    use_softplus=True,
-    use_final_norm=True,
-    soft_clip=2.0,
-    seq_order="L2R",
+    temporal_causal=0,
+    shallow_block_local=False,
+    local_attn_window=None,
 )
 
 
@@ -39,13 +28,7 @@ def _adaptive(window: int, th: float = 0.0, init: str = "noise", **kw) -> Sampli
 
 
 def _image_model():
-    import jax
-    from flax import nnx
-
-    model = StarFlow(ModelConfig(**IMAGE), rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    keys = iter(jax.random.split(jax.random.key(7), len(jax.tree.leaves(state))))
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a + 0.15 * jax.random.normal(next(keys), a.shape), state))
+    return make(0, **IMAGE)
 
 
 @pytest.mark.parametrize("init", ["noise", "zeros"])

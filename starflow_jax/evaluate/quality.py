@@ -1,7 +1,8 @@
 """Sample quality of a model: samples generated in seeded batches through the sampling
 pipeline, then scored: digits FD and class accuracy for models of the embedded digits
-(with the motion score for moving-digits clips), FID and Inception Score with the FID
-Inception-v3 and a statistics file for other pixel models. ``starflow-jax eval`` and the
+(with the motion score for moving-digits clips); FID and Inception Score (the FID
+Inception-v3 and a statistics file) and the CLIP score (against prompts or captions) of
+other models, decoded to pixels first when latent. ``starflow-jax eval`` and the
 training loop's ``config.eval`` both run through here."""
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def sample_batches(
     log: Callable[[str], None] = lambda _: None,
 ) -> None:
     """Generate the given ``batches`` of ``num`` samples (batch ``i``: samples ``i *
-    batch_size ..``, seed ``batch_seed(seed, i)``, the labels of those samples) and hand
+    batch_size ..``, seed ``batch_seed(seed, i)``, ``conditioning(start, n)`` of those samples,
+    decoded by ``decode`` when given, split over ``batch_sharding``'s devices) and hand
     each to ``save(i, samples)`` as float32 host arrays ``(n, c, h, w)`` or, for clips,
     ``(n, t, c, h, w)``. The same (seed, batch) gives the same samples whichever process
     or run makes it."""

@@ -128,9 +128,9 @@ class SampleQuality:
     def due(self, step: int, total: int) -> bool:
         return bool(self.num) and (step == total or (self.every > 0 and step % self.every == 0))
 
-    def _conditioning(self, cfg):
+    def _conditioning(self, cfg, labels):
         if self.records is None:
-            return quality.label_conditioning(cfg, quality.class_labels(cfg, self.num))
+            return quality.label_conditioning(cfg, labels)
         from starflow_jax.sampling.pipeline import Conditioning
 
         records = self.records
@@ -158,7 +158,7 @@ class SampleQuality:
             batch_size=int(e.batch_size),
             seed=int(e.seed),
             opts=preview_options(config, float(e.cfg)),
-            conditioning=self._conditioning(model.cfg),
+            conditioning=self._conditioning(model.cfg, labels),
             temperature=float(e.temperature),
             noise=TrainingNoise.from_config(config),
             denoise=bool(config.sample.denoise),

@@ -82,7 +82,7 @@ def test_bad_policy_settings_are_named():
     noise, y = normal((1, 2, 4, 4), 1), normal((1, 3, 5), 2)
     with pytest.raises(ValueError, match="policy must be 'blockwise' or 'adaptive'"):
         sample(model, noise, y, SamplingOptions(jacobi=True, jacobi_policy="greedy"))
-    with pytest.raises(ValueError, match="init must be 'noise' or 'zeros'"):
-        sample(model, noise, y, _adaptive(4, init="previous"))
+    with pytest.raises(ValueError, match="init must be one of noise, zeros, previous"):
+        sample(model, noise, y, _adaptive(4, init="last"))
     with pytest.raises(ValueError, match="positive"):
         sample(model, noise, y, _adaptive(0))

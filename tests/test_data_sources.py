@@ -194,3 +194,31 @@ def test_train_dataset_over_sources(tmp_path, folder):
         ArrayRecordSource(tmp_path / "ar", fields=["latent", "text_emb"], rename=TRAIN_STEP_KEYS),
         {"image": (4, 4, 2, 2), "cond": (4, 3, 5)},
     )
+
+
+def test_digits_at_the_model_size_and_as_captions():
+    """data.name='digits' for a model of other size / channels (a latent stand-in) and,
+    text-conditioned, with a fixed embedding per class as each record's caption."""
+    from starflow_jax.config import load_config
+    from starflow_jax.data.digits import digits_at, load_digits_splits
+    from starflow_jax.data.sources import make_data
+
+    tr, _ = load_digits_splits()
+    big = digits_at(tr.images[:3], 16, 4)
+    assert big.shape == (3, 4, 16, 16) and big.dtype == np.float32
+    np.testing.assert_array_equal(big[:, 0, ::2, ::2], tr.images[:3, 0])  # each pixel repeated 2x2
+    np.testing.assert_array_equal(big[:, 3], np.roll(big[:, 0], (1, 1), axis=(-2, -1)))
+    assert set(np.unique(big)) <= set(np.unique(tr.images))  # the same 17 grey levels
+    with pytest.raises(ValueError, match="multiple of 8 pixels"):
+        digits_at(tr.images[:1], 12, 4)
+
+    config = load_config("configs/bench_s_digits.py")
+    data = make_data(config)
+    assert data.num_classes == 0  # records carry captions
+    r0, r1 = data.train[0], data.train[1]
+    assert r0["image"].shape == (4, 16, 16) and r0["cond"].shape == (8, 32)
+    labels = tr.labels
+    same = [i for i in range(1, 50) if labels[i] == labels[0]][0]
+    np.testing.assert_array_equal(data.train[same]["cond"], r0["cond"])  # one caption per class
+    assert labels[1] == labels[0] or not np.allclose(r1["cond"], r0["cond"])
+    assert "label" not in r0 and data.heldout[0]["cond"].shape == (8, 32)

@@ -127,3 +127,18 @@ def test_video_main_job_trains_a_few_steps(tmp_path):
     data = make_data(config)
     bpd = evaluate(config, graphdef, params, data.heldout, step_settings(config, data.num_classes))
     np.testing.assert_allclose(bpd, result["heldout_bpd"], rtol=1e-5)
+
+
+def test_motion_labels_name_the_digit_and_the_velocity():
+    from starflow_jax.data.moving_digits import VELOCITIES, MovingDigitsSource
+
+    images = np.random.default_rng(0).uniform(-1, 1, (5, 1, 8, 8)).astype(np.float32)
+    labels = np.arange(5, dtype=np.int32)
+    plain = MovingDigitsSource(images, labels, 3, seed=1)
+    src = MovingDigitsSource(images, labels, 3, seed=1, motion_labels=True)
+    for j in range(5):
+        a, b = plain[j], src[j]
+        np.testing.assert_array_equal(a["image"], b["image"])
+        digit, v = int(b["label"]) % 10, VELOCITIES[int(b["label"]) // 10]
+        assert digit == a["label"]
+        np.testing.assert_array_equal(b["image"][1], np.roll(b["image"][0], tuple(v), axis=(-2, -1)))

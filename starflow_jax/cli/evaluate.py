@@ -15,6 +15,7 @@ from starflow_jax.cli import model_source, processes, sampling_args
 from starflow_jax.cli.output_paths import check_outputs
 from starflow_jax.config import model_config
 from starflow_jax.evaluate import quality
+from starflow_jax.sampling import block_policies
 from starflow_jax.sampling.pipeline import TrainingNoise, batch_split, replicate
 from starflow_jax.sampling.visualize import to_uint8
 
@@ -105,7 +106,7 @@ def _check(args) -> pathlib.Path:
     return pathlib.Path(args.workdir) / EVAL_RESULT
 
 
-def _run_batches(args, config, model, conditioning, decode, store, keep, split) -> None:
+def _run_batches(args, config, model, opts, conditioning, decode, store, keep, split) -> None:
     """Sample this process's share of the batches (batch ``i`` on process ``i mod count``)
     that ``store`` does not hold yet, and save for each what ``keep(i, samples)`` keeps."""
     import jax
@@ -122,7 +123,7 @@ def _run_batches(args, config, model, conditioning, decode, store, keep, split) 
         num=args.num,
         batch_size=args.batch_size,
         seed=args.seed,
-        opts=sampling_args.options(args),
+        opts=opts,
         conditioning=conditioning,
         temperature=args.temperature,
         noise=TrainingNoise.from_config(config, std=args.noise_std),
@@ -190,7 +191,7 @@ def _write_grid(path: pathlib.Path, samples: np.ndarray, scale: int) -> None:
     print(f"wrote {path}")
 
 
-def _settings(args, labels, prompts=None) -> dict:
+def _settings(args, labels, prompts=None, jacobi_blocks: str = "") -> dict:
     """What the samples and their scores depend on: the result's header, and what a run
     continued from kept batches must share with the one that made them."""
     return {
@@ -210,6 +211,7 @@ def _settings(args, labels, prompts=None) -> dict:
             "jacobi_max_iter": args.jacobi_max_iter,
             "jacobi_policy": args.jacobi_policy,
             "jacobi_init": args.jacobi_init,
+            "jacobi_blocks": jacobi_blocks,
             "noise_std": args.noise_std,
             "denoise": not args.no_denoise,
             "quantize": bool(args.quantize),
@@ -311,7 +313,8 @@ def run(args) -> int:
 
         clip_model = clip.load_clip(args.clip)
         clip_ids = clip.tokenize(args.clip, prompts)  # (len(prompts), length): sample i's are row i mod len
-    settings = _settings(args, labels, prompts)
+    opts = sampling_args.options(args, config)
+    settings = _settings(args, labels, prompts, block_policies.text(opts.jacobi_blocks))
     # process 0 sets the store up (or starts it over); the others wait for it
     store = BatchStore(parts_dir(out_path), settings, restart=args.overwrite) if lead else None
     processes.barrier("eval-store")
@@ -333,7 +336,7 @@ def run(args) -> int:
     replicate(model, split)
     if split.mesh.size > 1:
         print(f"each batch split over {split.mesh.size} devices (when it divides evenly)", file=sys.stderr)
-    _run_batches(args, config, model, conditioning, vae.decode if vae is not None else None, store, keep, split)
+    _run_batches(args, config, model, opts, conditioning, vae.decode if vae is not None else None, store, keep, split)
     processes.barrier("eval-batches")
     if not lead:
         print(f"process {jax.process_index()}: its batches are in {store.directory}; process 0 scores them")

@@ -387,6 +387,7 @@ def run(args) -> int:
     given = _given_frames(args, cfg, vae, frames, (h, w))
     opts = sampling_args.options(
         args,
+        config,
         unroll_layers=args.unroll_layers,
         cache_segments=args.cache_segments,
         window_frames=window,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from starflow_jax.sampling import block_policies as block_policies_mod
+from starflow_jax.sampling.invert import JACOBI_INITS
 from starflow_jax.sampling.sampler import SamplingOptions
 
 
@@ -26,9 +28,17 @@ def add_arguments(p) -> None:
     )
     p.add_argument(
         "--jacobi-init",
-        choices=("noise", "zeros"),
+        choices=JACOBI_INITS,
         default="noise",
-        help="the first iterate of tokens not yet sampled: the prior noise (the reference's) or zeros",
+        help="the first iterate of tokens not yet sampled: the prior noise (the reference's), zeros, or (adaptive, "
+        "video) the token one frame earlier",
+    )
+    p.add_argument(
+        "--jacobi-blocks",
+        default=None,
+        help='one policy per flow block, deep block first, e.g. "adaptive,window=64,th=0.01; blockwise; sequential" '
+        "(sampling.block_policies; overrides --jacobi*; default: the workdir config's sample.jacobi_blocks, "
+        "as `bench jacobi --propose --save` writes it, else none)",
     )
     p.add_argument("--jacobi-block-size", type=int, default=32)
     p.add_argument("--jacobi-th", type=float, default=1e-3)
@@ -41,11 +51,23 @@ def check(args) -> None:
         raise ValueError(f"--cfg must be >= 0, got {args.cfg}")
 
 
-def options(args, **extra) -> SamplingOptions:
+def block_policies(args, config=None) -> tuple:
+    """``--jacobi-blocks``, else the run config's ``sample.jacobi_blocks`` (logged), else ``()``."""
+    if args.jacobi_blocks is not None:
+        return block_policies_mod.parse(args.jacobi_blocks)
+    saved = str(config.get("sample", {}).get("jacobi_blocks", "") or "") if config is not None else ""
+    if saved:
+        print(f"sampling policies per block from the run's config (sample.jacobi_blocks): {saved}")
+    return block_policies_mod.parse(saved)
+
+
+def options(args, config=None, **extra) -> SamplingOptions:
     """``SamplingOptions`` from the arguments of ``add_arguments`` (plus a command's own
-    ``extra`` fields)."""
+    ``extra`` fields); ``config``: the run's, whose ``sample.jacobi_blocks`` applies when
+    ``--jacobi-blocks`` is not given."""
     check(args)
     return SamplingOptions(
+        jacobi_blocks=block_policies(args, config),
         guidance=args.cfg,
         attn_temp=args.attn_temp,
         jacobi=args.jacobi,

@@ -21,6 +21,7 @@ DATA_DEFAULTS = dict(
     num_frames=0,  # clips: frames per clip (latent frames for array_record); 0: images, or from vid_size
     clip_variants=1,  # moving_digits: training clips per image, each with its own velocity and offset
     velocities="",  # moving_digits: the clips' velocities "dy,dx;dy,dx" in pixels per frame ("": the 8 of {-1,0,1}^2)
+    motion_labels=False,  # moving_digits: label = digit + 10 * velocity index (condition on the motion too)
     vid_size="",  # the reference's "frames:fps": latent frames through the autoencoder's temporal factor
     root="",  # image_folder: root/<class>/<image>
     heldout_root="",  # image_folder: a held-out folder of the same classes ("" : a random heldout_fraction)
@@ -43,7 +44,8 @@ SAMPLE_DEFAULTS = dict(
     jacobi_th=1e-5,  # Jacobi convergence threshold
     jacobi_max_iter=64,  # Jacobi iterations per block at most
     jacobi_policy="blockwise",  # blockwise (the reference's chunks) or adaptive (sampling.invert.jacobi)
-    jacobi_init="noise",  # the first iterate of unsampled tokens: noise or zeros
+    jacobi_init="noise",  # the first iterate of unsampled tokens: noise, zeros or (adaptive, video) previous
+    jacobi_blocks="",  # one policy per flow block, deep first (sampling.block_policies; `bench jacobi --propose`)
     denoise=True,  # remove the training noise from the previews (sampling.pipeline), as `sample` does
 )
 
@@ -236,8 +238,22 @@ def check_training_config(config) -> None:
     s = config.sample
     if s.jacobi_policy not in ("blockwise", "adaptive"):
         raise ConfigError(f"sample.jacobi_policy must be 'blockwise' or 'adaptive', got {s.jacobi_policy!r}")
-    if s.jacobi_init not in ("noise", "zeros"):
-        raise ConfigError(f"sample.jacobi_init must be 'noise' or 'zeros', got {s.jacobi_init!r}")
+    from starflow_jax.sampling import block_policies  # noqa: PLC0415 (sampling imports the model, which imports config)
+    from starflow_jax.sampling.invert import JACOBI_INITS  # noqa: PLC0415
+
+    if s.jacobi_init not in JACOBI_INITS:
+        raise ConfigError(f"sample.jacobi_init must be one of {', '.join(JACOBI_INITS)}, got {s.jacobi_init!r}")
+    if s.jacobi_init == "previous" and s.jacobi_policy != "adaptive":
+        raise ConfigError("sample.jacobi_init='previous' needs sample.jacobi_policy='adaptive'")
+    try:
+        policies = block_policies.parse(str(s.jacobi_blocks))
+    except ValueError as e:
+        raise ConfigError(f"sample.jacobi_blocks: {e}") from None
+    num_blocks = int(config.model.num_blocks)
+    if policies and len(policies) != num_blocks:
+        raise ConfigError(
+            f"sample.jacobi_blocks gives {len(policies)} policies for model.num_blocks={num_blocks} (deep block first)"
+        )
 
 
 def _check_eval(e, t) -> None:

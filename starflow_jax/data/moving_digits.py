@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+DIGIT_CLASSES = 10
 VELOCITIES = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)], np.int64)
 
 
@@ -49,6 +50,7 @@ class MovingDigitsSource:
         seed: int = 0,
         velocities: np.ndarray = VELOCITIES,
         variants: int = 1,
+        motion_labels: bool = False,
     ):
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -62,6 +64,8 @@ class MovingDigitsSource:
         if isinstance(variants, bool) or int(variants) < 1:
             raise ValueError(f"variants (clips per image) must be >= 1, got {variants!r}")
         self.variants = int(variants)
+        self.motion_labels = bool(motion_labels)
+        self.num_digit_classes = int(np.max(labels)) + 1 if len(labels) else 0
 
     def __len__(self) -> int:
         return len(self.images) * self.variants
@@ -78,7 +82,10 @@ class MovingDigitsSource:
         h, w = self.images.shape[-2:]
         offset = (int(rng.integers(h)), int(rng.integers(w)))
         clip = shift_clip(self.images[i], self.num_frames, tuple(velocity), offset)
-        return {"image": clip.astype(np.float32), "label": np.int32(self.labels[i])}
+        label = int(self.labels[i])
+        if self.motion_labels:
+            label += DIGIT_CLASSES * int(np.flatnonzero((self.velocities == velocity).all(axis=1))[0])
+        return {"image": clip.astype(np.float32), "label": np.int32(label)}
 
     def clips(self) -> np.ndarray:
         """One clip per image (the first ``n``), ``(n, num_frames, c, h, w)``."""

@@ -1,6 +1,9 @@
 """``config.data`` to training and held-out sources.
 
-* ``digits``: the embedded handwritten digits (class labels), fixed train / held-out split.
+* ``digits``: the embedded handwritten digits (class labels), fixed train / held-out split;
+  at the model's size and channels when they are not 8x8x1 (``digits.digits_at``, a latent
+  stand-in), with a fixed embedding per class as the caption of a text-conditioned model
+  (``model.txt_size > 1``).
 * ``moving_digits``: clips of the digits drifting with wrap-around (``data.num_frames``
   frames, class labels), for tiny video models; same split as ``digits``.
 * ``image_folder``: ``data.root/<class>/<image>`` (class labels), resized and centre-cropped
@@ -30,7 +33,7 @@ import numpy as np
 from starflow_jax import storage
 from starflow_jax.data.array_record import SHARD_SUFFIX, TRAIN_STEP_KEYS, ArrayRecordSource
 from starflow_jax.data.buckets import ratio_of_dir
-from starflow_jax.data.digits import NUM_CLASSES, load_digits_splits
+from starflow_jax.data.digits import NUM_CLASSES, class_embeddings, digits_at, load_digits_splits
 from starflow_jax.data.image_folder import ImageFolderSource
 from starflow_jax.data.moving_digits import MovingDigitsSource, parse_velocities
 from starflow_jax.data.pipeline import ArraySource
@@ -66,12 +69,25 @@ def make_data(config) -> DataSpec:
     name = str(d.name)
     if name == "digits":
         tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
+        size, channels = int(m.img_size), int(m.in_channels)
+        tr_img, te_img = tr.images, te.images
+        if (size, channels) != (8, 1):
+            tr_img, te_img = digits_at(tr_img, size, channels), digits_at(te_img, size, channels)
+        if int(m.txt_size) > 1:  # a text-conditioned model: each class's fixed embedding as its caption
+            table = class_embeddings(NUM_CLASSES, int(m.txt_size), int(m.txt_dim), int(d.split_seed))
+            return DataSpec(
+                ArraySource(image=tr_img, cond=table[tr.labels]),
+                ArraySource(image=te_img, cond=table[te.labels]),
+                0,
+                tr_img,
+                te_img,
+            )
         return DataSpec(
-            ArraySource(image=tr.images, label=tr.labels),
-            ArraySource(image=te.images, label=te.labels),
+            ArraySource(image=tr_img, label=tr.labels),
+            ArraySource(image=te_img, label=te.labels),
             NUM_CLASSES,
-            tr.images,
-            te.images,
+            tr_img,
+            te_img,
         )
     if name == "moving_digits":
         if int(m.get("temporal_causal", 0)) <= 0:
@@ -84,11 +100,15 @@ def make_data(config) -> DataSpec:
         tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
         v = parse_velocities(str(d.get("velocities", "")))
         variants = int(d.get("clip_variants", 1))
+        motion = bool(d.get("motion_labels", False))
         train = MovingDigitsSource(
-            tr.images, tr.labels, frames, seed=int(d.split_seed), velocities=v, variants=variants
+            tr.images, tr.labels, frames, seed=int(d.split_seed), velocities=v, variants=variants, motion_labels=motion
         )
-        held = MovingDigitsSource(te.images, te.labels, frames, seed=int(d.split_seed) + 1, velocities=v)
-        return DataSpec(train, held, NUM_CLASSES, train.clips(), held.clips())
+        held = MovingDigitsSource(
+            te.images, te.labels, frames, seed=int(d.split_seed) + 1, velocities=v, motion_labels=motion
+        )
+        classes = NUM_CLASSES * len(v) if motion else NUM_CLASSES
+        return DataSpec(train, held, classes, train.clips(), held.clips())
     if name == "image_folder":
         if "root" not in d:
             raise ValueError("data.name='image_folder' needs data.root (a folder of class subfolders)")

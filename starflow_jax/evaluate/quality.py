@@ -76,6 +76,18 @@ def label_conditioning(cfg, labels: np.ndarray | None) -> Callable[[int, int], C
     return cond
 
 
+def record_conditioning(records) -> Callable[[int, int], Conditioning]:
+    """The conditioning of samples ``start .. start + n``: the text embeddings (``cond``) of
+    records ``start .. start + n`` of a text-conditioned model's data (cycled; the null
+    embedding zeros, as training drops captions to)."""
+
+    def cond(start: int, n: int) -> Conditioning:
+        y = np.stack([np.asarray(records[(start + j) % len(records)]["cond"], np.float32) for j in range(n)])
+        return Conditioning(jnp.asarray(y), jnp.zeros_like(jnp.asarray(y)))
+
+    return cond
+
+
 def sample_batches(
     model,
     config,

@@ -43,6 +43,8 @@ from starflow_jax.layers.transformer import apply_layers_cached, apply_stack_cac
 from starflow_jax.model.flow_block import FlowBlock, block_rope
 
 _PROGRESS_HOOKS: list = []
+JACOBI_POLICIES = ("blockwise", "adaptive")
+JACOBI_INITS = ("noise", "zeros", "previous")
 
 
 @contextlib.contextmanager
@@ -477,11 +479,18 @@ def jacobi(
     square (per sample; the batch advances by its smallest advance). At ``threshold=0`` it
     gives sequential decoding's result, and it never makes more passes than there are
     tokens. ``init``: the first iterate of the tokens not yet sampled, the prior noise
-    ``z`` (``"noise"``, the reference's) or ``"zeros"``."""
-    if policy not in ("blockwise", "adaptive"):
+    ``z`` (``"noise"``, the reference's), ``"zeros"``, or (adaptive, video) ``"previous"``:
+    each token, when the window first reaches it, starts from the token one frame earlier
+    (the first frame, and single frames, from the noise)."""
+    if policy not in JACOBI_POLICIES:
         raise ValueError(f"jacobi policy must be 'blockwise' or 'adaptive', got {policy!r}")
-    if init not in ("noise", "zeros"):
-        raise ValueError(f"jacobi init must be 'noise' or 'zeros', got {init!r}")
+    if init not in JACOBI_INITS:
+        raise ValueError(f"jacobi init must be one of {', '.join(JACOBI_INITS)}, got {init!r}")
+    if init == "previous" and policy != "adaptive":
+        raise ValueError(
+            "jacobi init 'previous' is the adaptive policy's; the block-wise schedule already starts each "
+            "chunk after the first frame from the tokens one frame earlier (the reference's rule)"
+        )
     if block_size < 1:
         raise ValueError(f"jacobi_block_size must be positive, got {block_size}")
     if block.sos_embed is None:
@@ -505,9 +514,17 @@ def jacobi(
         hi = lo + count
 
         def body(s):
-            pos, x_full, cache, passes = s
+            pos, filled, x_full, cache, passes = s
             start = jnp.minimum(pos, hi - width)  # the last windows end at hi
             block, layers = dec.modules()
+            if init == "previous" and frames > 1:
+                # inputs never iterated yet (x_full rows past `filled`) start from the same
+                # token one frame earlier, as it is now
+                q = start + jnp.arange(width)
+                fresh = ((q > filled) & (q > frame))[None, :, None]
+                prev = jnp.take(x_full, jnp.maximum(q - frame, 0), axis=1)
+                cur = jax.lax.dynamic_slice_in_dim(x_full, start, width, 1)
+                x_full = jax.lax.dynamic_update_slice_in_dim(x_full, jnp.where(fresh, prev, cur), start, 1)
             tok = jax.lax.dynamic_slice_in_dim(x_full, start, width, 1)
             scale, shift, cache = _predict(
                 dec, block, layers, tok, cache, rope, prefix + start - base, 0, start - base, attn_temp, guidance
@@ -521,12 +538,11 @@ def jacobi(
             # final after this pass: window tokens 0 .. lead (each one's inputs did not change)
             reach = start + jnp.minimum(jnp.min(lead) + 1, width)
             x_full = jax.lax.dynamic_update_slice_in_dim(x_full, new, start + 1, 1)
-            return reach, x_full, cache, passes + 1
+            return reach, jnp.maximum(filled, start + width), x_full, cache, passes + 1
 
         x_full, cache, passes = carry
-        _, x_full, cache, passes = jax.lax.while_loop(
-            lambda s: s[0] < hi, body, (jnp.asarray(lo, jnp.int32), x_full, cache, passes)
-        )
+        lo = jnp.asarray(lo, jnp.int32)
+        _, _, x_full, cache, passes = jax.lax.while_loop(lambda s: s[0] < hi, body, (lo, lo, x_full, cache, passes))
         if progress:
             jax.debug.callback(_report, hi, z.shape[1])
         return x_full, cache, passes

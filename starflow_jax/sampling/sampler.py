@@ -13,6 +13,7 @@ from starflow_jax.model.flow_block import IdentityBlock
 from starflow_jax.model.patchify import patchify, unpatchify
 from starflow_jax.model.starflow import StarFlow
 from starflow_jax.sampling import invert
+from starflow_jax.sampling.block_policies import BlockPolicy, check_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,10 @@ class SamplingOptions:
     # window of jacobi_block_size tokens advancing past the tokens that stopped changing
     # (sampling.invert.jacobi)
     jacobi_policy: str = "blockwise"
-    jacobi_init: str = "noise"  # the first iterate of unsampled tokens: the prior noise or "zeros"
+    jacobi_init: str = "noise"  # the first iterate of unsampled tokens: the prior noise, "zeros", "previous"
+    # One policy per flow block, deep block first (sampling.block_policies); () : every block
+    # by the settings above (jacobi or sequential)
+    jacobi_blocks: tuple[BlockPolicy, ...] = ()
     # Layers inside the token loop: None = unrolled on the CPU, scanned elsewhere
     # (sampling.invert.resolve_unroll); True / False forces one.
     unroll_layers: bool | None = None
@@ -47,13 +51,38 @@ class SamplingOptions:
     context_frames: int | None = None
 
 
+def block_policy(opts: SamplingOptions, index: int) -> BlockPolicy:
+    """The policy of flow block ``index`` (0: the deep block), every setting filled in."""
+    if opts.jacobi_blocks:
+        p = opts.jacobi_blocks[index]
+    else:
+        p = BlockPolicy(opts.jacobi_policy if opts.jacobi else "sequential")
+    return dataclasses.replace(
+        p,
+        window=opts.jacobi_block_size if p.window is None else p.window,
+        th=opts.jacobi_th if p.th is None else p.th,
+        max_iter=opts.jacobi_max_iter if p.max_iter is None else p.max_iter,
+        init=opts.jacobi_init if p.init is None else p.init,
+    )
+
+
 def _invert_block(
-    block, h, y, opts: SamplingOptions, guidance: float, given=None, window=None, context=None, progress: bool = False
+    block,
+    h,
+    y,
+    opts: SamplingOptions,
+    guidance: float,
+    given=None,
+    window=None,
+    context=None,
+    progress: bool = False,
+    index: int = 0,
 ):
     if isinstance(block, IdentityBlock):
         return h, 0
     unroll = invert.resolve_unroll(opts.unroll_layers)
-    if opts.jacobi:
+    p = block_policy(opts, index)
+    if p.policy != "sequential":
         return invert.jacobi(
             block,
             h,
@@ -61,15 +90,15 @@ def _invert_block(
             given,
             guidance=float(guidance),
             attn_temp=float(opts.attn_temp),
-            block_size=int(opts.jacobi_block_size),
-            threshold=opts.jacobi_th,
-            max_iter=int(opts.jacobi_max_iter),
+            block_size=int(p.window),
+            threshold=p.th,
+            max_iter=int(p.max_iter),
             unroll=unroll,
             window=window,
             context=context,
             progress=progress,
-            policy=opts.jacobi_policy,
-            init=opts.jacobi_init,
+            policy=p.policy,
+            init=p.init,
         )
     return invert.sequential(
         block,
@@ -138,6 +167,7 @@ def sample(
     if opts.matmul_splits is not None and opts.matmul_splits < 1:
         raise ValueError(f"matmul_splits must be >= 1, got {opts.matmul_splits}")
     cfg = model.cfg
+    check_count(opts.jacobi_blocks, len(model.blocks))
     guidance = float(opts.guidance)
     b = noise.shape[0]
     if cfg.txt_dim > 0:
@@ -189,11 +219,13 @@ def sample(
             bb, t = h.shape[:2]
             rest, p = h[:, g:], 0
             if t > g:
-                out, p = _invert_block(block, rest.reshape(bb * (t - g), 1, *h.shape[2:]), y, opts, guidance)
+                flat = rest.reshape(bb * (t - g), 1, *h.shape[2:])
+                out, p = _invert_block(block, flat, y, opts, guidance, index=k + 1)
                 rest = out.reshape(rest.shape)
             h = rest if inputs is None else jnp.concatenate([inputs[level][:, :g], rest], axis=1)
         else:
-            h, p = _invert_block(block, h, y, opts, guidance, None if inputs is None else inputs[level][:, :g])
+            given_in = None if inputs is None else inputs[level][:, :g]
+            h, p = _invert_block(block, h, y, opts, guidance, given_in, index=k + 1)
         passes.append(p)
         if on_block:
             on_block(k + 2, len(blocks))

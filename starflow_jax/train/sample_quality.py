@@ -18,6 +18,7 @@ from flax import nnx
 from starflow_jax import storage
 from starflow_jax.config import ConfigError, model_config
 from starflow_jax.evaluate import quality
+from starflow_jax.sampling import block_policies
 from starflow_jax.sampling.pipeline import TrainingNoise
 from starflow_jax.sampling.sampler import SamplingOptions
 
@@ -43,6 +44,7 @@ def preview_options(config, guidance: float) -> SamplingOptions:
         jacobi_max_iter=int(s.jacobi_max_iter),
         jacobi_policy=str(s.jacobi_policy),
         jacobi_init=str(s.jacobi_init),
+        jacobi_blocks=block_policies.parse(str(s.jacobi_blocks)),
     )
 
 
@@ -131,15 +133,7 @@ class SampleQuality:
     def _conditioning(self, cfg, labels):
         if self.records is None:
             return quality.label_conditioning(cfg, labels)
-        from starflow_jax.sampling.pipeline import Conditioning
-
-        records = self.records
-
-        def cond(start: int, n: int):
-            y = np.stack([np.asarray(records[(start + j) % len(records)]["cond"], np.float32) for j in range(n)])
-            return Conditioning(jnp.asarray(y), jnp.zeros_like(jnp.asarray(y)))
-
-        return cond
+        return quality.record_conditioning(self.records)
 
     def __call__(self, graphdef, params) -> dict:
         """The scores of ``eval.num_samples`` samples of ``params`` (host arrays, every

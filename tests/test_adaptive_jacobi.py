@@ -80,9 +80,9 @@ def test_deep_block_passes_never_exceed_its_tokens():
 def test_bad_policy_settings_are_named():
     model = _image_model()
     noise, y = normal((1, 2, 4, 4), 1), normal((1, 3, 5), 2)
-    with pytest.raises(ValueError, match="policy must be 'blockwise' or 'adaptive'"):
+    with pytest.raises(ValueError, match="block policy must be one of sequential, blockwise, adaptive, got 'greedy'"):
         sample(model, noise, y, SamplingOptions(jacobi=True, jacobi_policy="greedy"))
     with pytest.raises(ValueError, match="init must be one of noise, zeros, previous"):
         sample(model, noise, y, _adaptive(4, init="last"))
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="block policy window must be >= 1, got 0"):
         sample(model, noise, y, _adaptive(0))

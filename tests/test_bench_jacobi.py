@@ -56,15 +56,12 @@ def test_bench_jacobi_proposes_per_block_and_saves_it(tmp_path, capsys):
     assert "sample.jacobi_blocks" in capsys.readouterr().out and png.exists()
 
 
-def test_bench_jacobi_save_needs_one_guidance_and_a_proposal():
+def test_bench_jacobi_save_needs_one_guidance_and_a_proposal(capsys):
     base = ["bench", "jacobi", "--config", str(TINY), "--random-init"]
     for extra, match in [
         (["--save"], "--save writes the proposal of --propose"),
         (["--propose", "--save"], "--workdir"),
+        (["--propose", "--save", "--cfg", "0,1"], "one guidance weight"),
     ]:
-        try:
-            main(base + extra)
-        except ValueError as e:
-            assert match in str(e)
-        else:
-            raise AssertionError(f"{extra} was accepted")
+        assert main(base + extra) == 2, f"{extra} was accepted"
+        assert match in capsys.readouterr().err

@@ -65,7 +65,7 @@ def test_training_scores_its_samples_as_eval_does(tmp_path, small_classifier, ca
         (["eval.stats=/x.npz"], "needs eval.inception_weights"),
         (["eval.cfg=-1.0"], "eval.cfg must be a number"),
         (["sample.jacobi_policy=greedy"], "sample.jacobi_policy must be"),
-        (["sample.jacobi_init=previous"], "sample.jacobi_init must be"),
+        (["sample.jacobi_init=previous"], "sample.jacobi_init='previous' needs sample.jacobi_policy='adaptive'"),
         (["eval.num_samples=10", "data.name=image_folder", "data.root=/nonexistent"], None),
     ],
 )

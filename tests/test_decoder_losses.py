@@ -558,3 +558,21 @@ def test_parity_discriminator_loss_with_lecam_ema(reference):
             _rel(state.ema_real_logits_mean, module.ema_real_logits_mean.numpy()),
             start,
         )
+
+
+def test_parity_generator_gradient(reference):
+    """The decoder is trained through this loss: its gradient with respect to the
+    reconstructions, against torch's autograd through the reference's module."""
+    module, torch, start = reference.module, reference.torch, time.time()
+    x, y = _batch((2, 3, 32, 32), seed=4)
+    weight = module.wavelet_loss_weight
+    module.wavelet_loss_weight = torch.tensor(weight)  # past the image crash (see above)
+    try:
+        recon = torch.from_numpy(y).requires_grad_(True)
+        module(torch.from_numpy(x), recon, {}, 0, mode="generator")[0].backward()
+    finally:
+        module.wavelet_loss_weight = weight
+    grad = nnx.jit(lambda nets, x, y: jax.grad(lambda y: losses.generator_loss(x, y, **nets, step=0)[0])(y))(
+        reference.ours, jnp.asarray(x), jnp.asarray(y)
+    )
+    _report("generator gradient w.r.t. the reconstructions", _rel(grad, recon.grad.numpy()), start)

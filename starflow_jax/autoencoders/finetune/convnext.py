@@ -18,6 +18,8 @@ dict (``convnext_small-0c510722.pth``): ``load_convnext``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -65,7 +67,9 @@ class ConvNeXtBlock(nnx.Module):
 
 
 class ConvNeXt(nnx.Module):
-    """torchvision's ConvNeXt classifier: images ``(b, h, w, 3)`` (normalised) -> logits."""
+    """torchvision's ConvNeXt classifier: images ``(b, h, w, 3)`` (normalised) -> logits.
+    ``precision``: the convolutions' and matmuls' (None: the platform's default, bfloat16
+    passes on TPU; ``jax.lax.Precision.HIGHEST``: float32, as the reference computes its losses)."""
 
     def __init__(
         self,
@@ -103,6 +107,7 @@ class ConvNeXt(nnx.Module):
         return self.head(self.head_norm(h.mean(axis=(1, 2))))
 
 
+@functools.partial(jax.jit, static_argnames="size")
 def resize_antialiased(images: jax.Array, size: int) -> jax.Array:
     """``images`` ``(b, h, w, c)`` to ``(b, size, size, c)`` like torch's
     ``interpolate(mode="bilinear", align_corners=False, antialias=True)``: a triangle filter,

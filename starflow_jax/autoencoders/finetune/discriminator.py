@@ -117,7 +117,9 @@ def adaptive_max_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 class PatchDiscriminator(nnx.Module):
     """The reference's ``NLayerDiscriminator(with_condition=False)``: images ``(b, c, h, w)``
     (or videos ``(b, t, c, h, w)``, frames scored alone) to logits ``(b, 1, 16, 16)``
-    (``(b * t, 1, 16, 16)``). ``hidden_channels`` must be a multiple of 32 (GroupNorm)."""
+    (``(b * t, 1, 16, 16)``). ``hidden_channels`` must be a multiple of 32 (GroupNorm).
+    ``precision``: the convolutions' (None: the platform's default, bfloat16 passes on TPU;
+    ``jax.lax.Precision.HIGHEST``: float32, as the reference computes its losses)."""
 
     def __init__(
         self,

@@ -61,7 +61,9 @@ def unit_normalize(features: jax.Array) -> jax.Array:
 
 
 class LPIPS(nnx.Module):
-    """Frozen LPIPS-VGG16: ``lpips(x, y)`` of images ``(b, 3, h, w)`` in [0, 1] -> ``(b,)``."""
+    """Frozen LPIPS-VGG16: ``lpips(x, y)`` of images ``(b, 3, h, w)`` in [0, 1] -> ``(b,)``.
+    ``precision``: the convolutions' (None: the platform's default, bfloat16 passes on TPU;
+    ``jax.lax.Precision.HIGHEST``: float32, as the reference computes its losses)."""
 
     def __init__(self, *, precision: jax.lax.PrecisionLike = None, rngs: nnx.Rngs):
         self.convs = nnx.List()

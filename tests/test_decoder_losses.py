@@ -411,8 +411,8 @@ def _perturb_convnext(model, torch):
         for name, p in model.named_parameters():
             if name.endswith("layer_scale"):
                 p.uniform_(0.1, 0.5)
-            elif p.ndim == 1 and ("norm" in name or name.endswith(".weight")):
-                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0.0, 0.1)
+            elif p.ndim == 1 and name.endswith(".weight"):  # the LayerNorms' scales
+                p.uniform_(0.5, 1.5)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.1)
 

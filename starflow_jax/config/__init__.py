@@ -1,5 +1,6 @@
 """Model configuration, reference argument conversion and config-file loading."""
 
+from starflow_jax.config.decoder_loss import DECODER_LOSS_DEFAULTS, decoder_loss_section
 from starflow_jax.config.loader import apply_overrides, load_config, model_config, model_section
 from starflow_jax.config.model_config import ConfigError, ModelConfig
 from starflow_jax.config.training import (
@@ -20,6 +21,7 @@ from starflow_jax.config.training import (
 __all__ = [
     "ConfigError",
     "DATA_DEFAULTS",
+    "DECODER_LOSS_DEFAULTS",
     "EVAL_DEFAULTS",
     "MESH_DEFAULTS",
     "ModelConfig",
@@ -28,6 +30,7 @@ __all__ = [
     "apply_overrides",
     "check_training_config",
     "data_section",
+    "decoder_loss_section",
     "eval_section",
     "load_config",
     "mesh_section",

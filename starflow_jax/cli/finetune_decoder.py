@@ -1,0 +1,150 @@
+"""``starflow-jax finetune-decoder``: fine-tune an SD-VAE's decoder (encoder frozen) to decode
+latents perturbed with the flow's Gaussian noise; the result written as a diffusers
+directory ``WORKDIR/vae`` for ``starflow-jax sample --vae``."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+
+from starflow_jax.config.loader import _load_python, apply_overrides
+from starflow_jax.config.model_config import ConfigError
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "finetune-decoder",
+        help="fine-tune an SD-VAE decoder on noisy latents (the reference's finetune_decoder.py)",
+    )
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL directory (the SD-VAE) to fine-tune")
+    p.add_argument("--config", required=True, help="config .py with finetune and decoder_loss sections")
+    p.add_argument("--workdir", required=True, help="new or empty directory: metrics.jsonl and the fine-tuned vae/")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--lpips-vgg", help="torchvision VGG16 ImageNet weights (vgg16-397923af.pth)")
+    p.add_argument("--lpips-heads", help="the lpips package's linear heads (vgg.pth)")
+    p.add_argument("--convnext", help="torchvision ConvNeXt-S ImageNet weights (convnext_small-0c510722.pth)")
+    p.add_argument(
+        "--no-perceptual", action="store_true", help="train without the LPIPS / ConvNeXt-S term (no weights needed)"
+    )
+    p.set_defaults(func=run)
+
+
+def load_finetune_config(path: str, overrides=()):
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    if p.suffix != ".py":
+        raise ConfigError(f"config file {p}: finetune-decoder takes a .py (ml-collections) config")
+    config = _load_python(p, None)
+    for section in ("finetune", "decoder_loss"):
+        if section not in config:
+            raise ConfigError(f"config {p} has no {section!r} section")
+    config.lock()
+    return apply_overrides(config, overrides)
+
+
+def digits_rgb(images: np.ndarray, size: int) -> np.ndarray:
+    """The digits ``(n, 1, 8, 8)`` in [-1, 1] upscaled (nearest) to ``(n, 3, size, size)``."""
+    from starflow_jax.data.digits import digits_at
+
+    return np.repeat(digits_at(images, size, 1), 3, axis=1)
+
+
+def batch_at(train: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """The batch of ``step``: epoch ``e = step // (n // batch_size)`` walks a permutation
+    drawn from ``(seed, e)`` (a function of the step alone, so a resumed run sees the same data)."""
+    per_epoch = len(train) // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(len(train))
+    return train[perm[i * batch_size : (i + 1) * batch_size]]
+
+
+def _perceptual(args, need: bool):
+    if not need:
+        return None, None
+    missing = [f"--{k}" for k in ("lpips-vgg", "lpips-heads", "convnext") if not getattr(args, k.replace("-", "_"))]
+    if missing:
+        raise ValueError(
+            f"the perceptual term needs {', '.join(missing)} (weight files); pass them, or --no-perceptual "
+            "(or --set decoder_loss.perceptual_weight=0) to train without it"
+        )
+    for k in ("lpips_vgg", "lpips_heads", "convnext"):
+        if not os.path.isfile(getattr(args, k)):
+            raise FileNotFoundError(f"--{k.replace('_', '-')} {getattr(args, k)} does not exist")
+    from starflow_jax.autoencoders.finetune.convnext import load_convnext
+    from starflow_jax.autoencoders.finetune.lpips import load_lpips
+
+    return load_lpips(args.lpips_vgg, args.lpips_heads), load_convnext(args.convnext)
+
+
+def _check_workdir(workdir: pathlib.Path) -> None:
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise FileExistsError(f"--workdir {workdir} exists and is not an empty directory; not overwriting it")
+
+
+def run(args) -> int:
+    config = load_finetune_config(args.config, args.set)
+    f, loss = config.finetune, config.decoder_loss
+    workdir = pathlib.Path(args.workdir)
+    _check_workdir(workdir)
+    if args.no_perceptual:
+        with loss.unlocked():
+            loss.perceptual_weight = 0.0
+    lpips, convnext = _perceptual(args, loss.perceptual_weight > 0)
+
+    import jax
+
+    from starflow_jax.autoencoders.export_vae import export_vae_to_diffusers
+    from starflow_jax.autoencoders.finetune.trainer import Finetuner
+    from starflow_jax.autoencoders.loading import load_autoencoder
+    from starflow_jax.data.digits import load_digits_splits
+
+    ae = load_autoencoder(args.vae)
+    if ae.kind != "image":
+        raise ValueError(f"--vae {args.vae} holds a video VAE; finetune-decoder fine-tunes an AutoencoderKL")
+    if f.image_size % ae.spatial:
+        raise ValueError(f"finetune.image_size={f.image_size} is not a multiple of the VAE's factor {ae.spatial}")
+    train_split, held_split = load_digits_splits(f.num_train, seed=0)
+    train = digits_rgb(train_split.images, f.image_size)
+    held = digits_rgb(held_split.images[: f.heldout_images], f.image_size)
+    if len(train) < f.batch_size:
+        raise ValueError(f"finetune.batch_size={f.batch_size} exceeds the {len(train)} training images")
+    tuner = Finetuner(ae.model, f, loss, steps_per_epoch=len(train) // f.batch_size, lpips=lpips, convnext=convnext)
+    state = tuner.init()
+    held_key = jax.random.key(int(f.seed) + 1)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = open(workdir / "metrics.jsonl", "a")
+
+    def held_out(step: int, state) -> dict:
+        mse, p = tuner.heldout_error(state.decoder, held, held_key)
+        return {"heldout_noisy_mse": float(mse), "heldout_noisy_psnr": float(p)}
+
+    def emit(row: dict) -> None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        print("  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    first = held_out(0, state)
+    emit({"step": 0, "frozen_decoder": True, **first})
+    start = time.time()
+    for step in range(int(f.steps)):
+        state, metrics = tuner.step(state, batch_at(train, step, f.batch_size, f.seed))
+        done = step + 1
+        if done % f.log_every == 0 or done == f.steps:
+            row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+            row.update(held_out(done, state), seconds=round(time.time() - start, 2))
+            emit(row)
+    log.close()
+    last = held_out(int(f.steps), state)
+    out = export_vae_to_diffusers(tuner.vae(state), workdir / "vae")
+    print(
+        f"held-out noisy-latent MSE: frozen decoder {first['heldout_noisy_mse']:.5g}, fine-tuned "
+        f"{last['heldout_noisy_mse']:.5g} after {f.steps} steps ({time.time() - start:.1f} s); wrote {out}",
+        flush=True,
+    )
+    return 0

@@ -42,17 +42,25 @@ def _args(vae_dir, workdir, *extra):
     return ["finetune-decoder", "--vae", str(vae_dir), "--config", CONFIG, "--workdir", str(workdir), *extra]
 
 
-def test_finetune_lowers_heldout_error_and_exports(vae_dir, tmp_path, capsys):
-    work = tmp_path / "w"
-    sets = ["finetune.steps=20", "finetune.image_size=16", "finetune.log_every=10", "finetune.heldout_images=16"]
-    assert main(_args(vae_dir, work, "--no-perceptual", *[a for s in sets for a in ("--set", s)])) == 0
+SETS = ["finetune.steps=20", "finetune.image_size=16", "finetune.log_every=10", "finetune.heldout_images=16"]
+RUN = ["--no-perceptual", *[a for s in SETS for a in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def full_run(vae_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("full") / "w"
+    assert main(_args(vae_dir, work, *RUN)) == 0
+    return work
+
+
+def test_finetune_lowers_heldout_error_and_exports(vae_dir, full_run, capsys):
+    work = full_run
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 10, 20]
     assert rows[0]["frozen_decoder"] is True
     for key in ("reconstruction_loss", "discriminator_loss", "lecam_loss", "gan_loss", "psnr", "heldout_noisy_mse"):
         assert np.isfinite(rows[-1][key]), key
     assert rows[-1]["heldout_noisy_mse"] < 0.8 * rows[0]["heldout_noisy_mse"], rows
-    assert "frozen decoder" in capsys.readouterr().out
 
     ours = load_autoencoder(str(work / "vae")).model
     theirs = diffusers.AutoencoderKL.from_pretrained(work / "vae").eval()
@@ -70,6 +78,30 @@ def test_finetune_lowers_heldout_error_and_exports(vae_dir, tmp_path, capsys):
     assert not np.array_equal(
         np.asarray(before.decoder.conv_out.kernel[...]), np.asarray(ours.decoder.conv_out.kernel[...])
     )
+
+
+def test_stopped_and_resumed_equals_uninterrupted(vae_dir, full_run, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    work = tmp_path / "w"
+    assert main(_args(vae_dir, work, *RUN, "--stop-at", "10")) == 0
+    assert "stopped after step 10" in capsys.readouterr().out
+    assert not (work / "vae").exists()
+    assert main(_args(vae_dir, work, *RUN, "--set", "finetune.lr=0.01")) != 0  # another config: refused
+    assert "finetune.lr" in capsys.readouterr().err
+    assert main(_args(vae_dir, work, *RUN)) == 0
+    assert "resumed from step 10" in capsys.readouterr().out
+    name = "diffusion_pytorch_model.safetensors"
+    want, got = load_file(full_run / "vae" / name), load_file(work / "vae" / name)
+    assert sorted(want) == sorted(got)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    rows = lambda w: [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["step"] for r in rows(work)] == [0, 10, 20]
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert strip(rows(work)[-1]) == strip(rows(full_run)[-1])
+    assert main(_args(vae_dir, work, *RUN)) != 0  # finished: not run again
+    assert "finished run" in capsys.readouterr().err
 
 
 def test_clear_errors(vae_dir, tmp_path, capsys):

@@ -22,7 +22,15 @@ def add_parser(sub):
     )
     p.add_argument("--vae", required=True, help="diffusers AutoencoderKL directory (the SD-VAE) to fine-tune")
     p.add_argument("--config", required=True, help="config .py with finetune and decoder_loss sections")
-    p.add_argument("--workdir", required=True, help="new or empty directory: metrics.jsonl and the fine-tuned vae/")
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="new or empty directory (metrics.jsonl, checkpoints/, the fine-tuned vae/); one holding this "
+        "command's checkpoints is resumed from its newest",
+    )
+    p.add_argument(
+        "--stop-at", type=int, metavar="STEP", help="stop after this step, with a checkpoint (rerun to continue)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--lpips-vgg", help="torchvision VGG16 ImageNet weights (vgg16-397923af.pth)")
     p.add_argument("--lpips-heads", help="the lpips package's linear heads (vgg.pth)")
@@ -81,19 +89,46 @@ def _perceptual(args, need: bool):
     return load_lpips(args.lpips_vgg, args.lpips_heads), load_convnext(args.convnext)
 
 
-def _check_workdir(workdir: pathlib.Path) -> None:
-    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
-        raise FileExistsError(f"--workdir {workdir} exists and is not an empty directory; not overwriting it")
+CONFIG_FILE = "finetune_config.json"
+
+
+def _prepare_workdir(workdir: pathlib.Path, config_json: str) -> bool:
+    """True when ``workdir`` holds a run of this config to resume; False for a new or empty
+    one; an error for anything else (never overwriting a user's files)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise FileExistsError(f"--workdir {workdir} exists and is not a directory")
+    if not workdir.exists() or not any(workdir.iterdir()):
+        return False
+    saved = workdir / CONFIG_FILE
+    if not (saved.is_file() and (workdir / "checkpoints").is_dir()):
+        raise FileExistsError(
+            f"--workdir {workdir} is not empty and holds no finetune-decoder run to resume; not overwriting it"
+        )
+    if (workdir / "vae").exists():
+        raise FileExistsError(f"--workdir {workdir} holds a finished run ({workdir / 'vae'}); choose a new workdir")
+    old, new = json.loads(saved.read_text()), json.loads(config_json)
+    differ = sorted(
+        f"{sec}.{k}"
+        for sec in set(old) | set(new)
+        for k in set(old.get(sec, {})) | set(new.get(sec, {}))
+        if old.get(sec, {}).get(k) != new.get(sec, {}).get(k)
+    )
+    if differ:
+        raise ValueError(
+            f"--workdir {workdir} was started with another config (differing: {differ}); resume it with "
+            f"the same settings (its {CONFIG_FILE}) or choose a new workdir"
+        )
+    return True
 
 
 def run(args) -> int:
     config = load_finetune_config(args.config, args.set)
     f, loss = config.finetune, config.decoder_loss
     workdir = pathlib.Path(args.workdir)
-    _check_workdir(workdir)
     if args.no_perceptual:
         with loss.unlocked():
             loss.perceptual_weight = 0.0
+    resume = _prepare_workdir(workdir, config.to_json(sort_keys=True))
     lpips, convnext = _perceptual(args, loss.perceptual_weight > 0)
 
     import jax
@@ -117,11 +152,23 @@ def run(args) -> int:
     state = tuner.init()
     held_key = jax.random.key(int(f.seed) + 1)
 
+    from starflow_jax.workdir import checkpoints as ckpt
+
     workdir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (workdir / CONFIG_FILE).write_text(config.to_json(sort_keys=True, indent=2) + "\n")
+    mgr = ckpt.manager(workdir / "checkpoints", f.keep_checkpoints, f.checkpoint_every)
+    start_step = 0
+    if resume:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        found, restored, _ = ckpt.restore_newest_good(mgr, abstract, workdir, print)
+        if found is not None:
+            state, start_step = restored, int(found)
+            print(f"resumed from step {start_step} of {workdir / 'checkpoints'}", flush=True)
     log = open(workdir / "metrics.jsonl", "a")
 
     def held_out(step: int, state) -> dict:
-        mse, p = tuner.heldout_error(state.decoder, held, held_key)
+        mse, p = tuner.heldout_error(state, held, held_key)
         return {"heldout_noisy_mse": float(mse), "heldout_noisy_psnr": float(p)}
 
     def emit(row: dict) -> None:
@@ -129,22 +176,31 @@ def run(args) -> int:
         log.flush()
         print("  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
-    first = held_out(0, state)
-    emit({"step": 0, "frozen_decoder": True, **first})
+    first = held_out(start_step, state)
+    if start_step == 0:
+        emit({"step": 0, "frozen_decoder": True, **first})
     start = time.time()
-    for step in range(int(f.steps)):
+    stop = int(f.steps) if args.stop_at is None else min(int(args.stop_at), int(f.steps))
+    for step in range(start_step, stop):
         state, metrics = tuner.step(state, batch_at(train, step, f.batch_size, f.seed))
         done = step + 1
         if done % f.log_every == 0 or done == f.steps:
             row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
             row.update(held_out(done, state), seconds=round(time.time() - start, 2))
             emit(row)
+        ckpt.save(mgr, done, state, {"step": done}, force=done == stop)
+    mgr.wait_until_finished()
+    mgr.close()
     log.close()
+    if stop < int(f.steps):
+        print(f"stopped after step {stop} of {f.steps}; rerun the same command to continue", flush=True)
+        return 0
     last = held_out(int(f.steps), state)
     out = export_vae_to_diffusers(tuner.vae(state), workdir / "vae")
     print(
-        f"held-out noisy-latent MSE: frozen decoder {first['heldout_noisy_mse']:.5g}, fine-tuned "
-        f"{last['heldout_noisy_mse']:.5g} after {f.steps} steps ({time.time() - start:.1f} s); wrote {out}",
+        f"held-out noisy-latent MSE: {'frozen decoder' if start_step == 0 else f'at step {start_step}'} "
+        f"{first['heldout_noisy_mse']:.5g}, fine-tuned "
+        f"{last['heldout_noisy_mse']:.5g} after {f.steps} steps ({time.time() - start:.1f} s this run); wrote {out}",
         flush=True,
     )
     return 0

@@ -58,6 +58,7 @@ def test_finetune_lowers_heldout_error_and_exports(vae_dir, full_run, capsys):
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 10, 20]
     assert rows[0]["frozen_decoder"] is True
+    assert any((work / "tensorboard").iterdir())
     for key in ("reconstruction_loss", "discriminator_loss", "lecam_loss", "gan_loss", "psnr", "heldout_noisy_mse"):
         assert np.isfinite(rows[-1][key]), key
     assert rows[-1]["heldout_noisy_mse"] < 0.8 * rows[0]["heldout_noisy_mse"], rows

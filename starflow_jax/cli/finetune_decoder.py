@@ -1,6 +1,7 @@
 """``starflow-jax finetune-decoder``: fine-tune an SD-VAE's decoder (encoder frozen) to decode
 latents perturbed with the flow's Gaussian noise; the result written as a diffusers
-directory ``WORKDIR/vae`` for ``starflow-jax sample --vae``."""
+directory ``WORKDIR/vae`` for ``starflow-jax sample --vae``. Metrics: ``WORKDIR/metrics.jsonl``
+and ``WORKDIR/tensorboard``; orbax checkpoints in ``WORKDIR/checkpoints`` (rerun to resume)."""
 
 from __future__ import annotations
 
@@ -165,15 +166,16 @@ def run(args) -> int:
         if found is not None:
             state, start_step = restored, int(found)
             print(f"resumed from step {start_step} of {workdir / 'checkpoints'}", flush=True)
-    log = open(workdir / "metrics.jsonl", "a")
+    from starflow_jax.train.metrics_writer import MetricsWriter
+
+    writer = MetricsWriter(workdir, enabled=True)  # metrics.jsonl and tensorboard/
 
     def held_out(step: int, state) -> dict:
         mse, p = tuner.heldout_error(state, held, held_key)
         return {"heldout_noisy_mse": float(mse), "heldout_noisy_psnr": float(p)}
 
     def emit(row: dict) -> None:
-        log.write(json.dumps(row) + "\n")
-        log.flush()
+        writer.write(int(row["step"]), row)
         print("  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
     first = held_out(start_step, state)
@@ -191,7 +193,7 @@ def run(args) -> int:
         ckpt.save(mgr, done, state, {"step": done}, force=done == stop)
     mgr.wait_until_finished()
     mgr.close()
-    log.close()
+    writer.close()
     if stop < int(f.steps):
         print(f"stopped after step {stop} of {f.steps}; rerun the same command to continue", flush=True)
         return 0

@@ -121,3 +121,29 @@ def test_batches_depend_on_the_step_alone():
     a = [batch_at(data, s, 4, 7) for s in range(10)]
     assert all(np.array_equal(x, batch_at(data, s, 4, 7)) for s, x in enumerate(a))
     assert sorted(np.concatenate(a[:5]).ravel()) == list(range(20))  # one epoch: each image once
+
+
+@pytest.mark.slow  # ~50 s on a loaded 2-core machine: VGG16's gradient compiled
+def test_perceptual_term_enters_the_step(vae_dir):
+    """With (random) LPIPS and a tiny ConvNeXt the generator's perceptual term is computed."""
+    import jax
+
+    from starflow_jax.autoencoders.finetune.convnext import ConvNeXt
+    from starflow_jax.autoencoders.finetune.lpips import LPIPS
+    from starflow_jax.autoencoders.finetune.trainer import Finetuner
+    from starflow_jax.cli.finetune_decoder import load_finetune_config
+
+    config = load_finetune_config(CONFIG, ["finetune.batch_size=2", "finetune.image_size=16"])
+    tiny = ConvNeXt(depths=(1, 1), widths=(8, 16), num_classes=10, rngs=nnx.Rngs(0))
+    tuner = Finetuner(
+        load_autoencoder(str(vae_dir)).model,
+        config.finetune,
+        config.decoder_loss,
+        steps_per_epoch=10,
+        lpips=LPIPS(rngs=nnx.Rngs(0)),
+        convnext=tiny,
+    )
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    _, metrics = tuner.step(tuner.init(), images)
+    metrics = jax.device_get(metrics)
+    assert float(metrics["perceptual_loss"]) > 0 and np.isfinite(float(metrics["total_loss"]))

@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers", reason="building the test VAE needs
 from flax import nnx  # noqa: E402
 
 from starflow_jax.autoencoders.loading import load_autoencoder  # noqa: E402
-from starflow_jax.cli.finetune_decoder import batch_at  # noqa: E402
+from starflow_jax.cli.finetune_decoder import batch_indices, training_data  # noqa: E402
 from starflow_jax.cli.main import main  # noqa: E402
 
 CONFIG = "configs/finetune_decoder_digits.py"
@@ -117,10 +117,29 @@ def test_clear_errors(vae_dir, tmp_path, capsys):
 
 
 def test_batches_depend_on_the_step_alone():
-    data = np.arange(20)[:, None]
-    a = [batch_at(data, s, 4, 7) for s in range(10)]
-    assert all(np.array_equal(x, batch_at(data, s, 4, 7)) for s, x in enumerate(a))
-    assert sorted(np.concatenate(a[:5]).ravel()) == list(range(20))  # one epoch: each image once
+    a = [batch_indices(20, s, 4, 7) for s in range(10)]
+    assert all(np.array_equal(x, batch_indices(20, s, 4, 7)) for s, x in enumerate(a))
+    assert sorted(np.concatenate(a[:5])) == list(range(20))  # one epoch: each image once
+
+
+def test_image_folder_data(tmp_path):
+    from PIL import Image
+
+    from starflow_jax.cli.finetune_decoder import load_finetune_config
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    sets = [f"finetune.images={tmp_path}", "finetune.image_size=16", "finetune.heldout_images=2"]
+    f = load_finetune_config(CONFIG, sets).finetune
+    n, get, held = training_data(f)
+    assert n == 4 and held.shape == (2, 3, 16, 16) and get(np.array([0, 3])).shape == (2, 3, 16, 16)
+    assert -1 <= held.min() and held.max() <= 1
+    f = load_finetune_config(CONFIG, [*sets, "finetune.heldout_images=6"]).finetune
+    with pytest.raises(ValueError, match="holds 6 images"):
+        training_data(f)
 
 
 @pytest.mark.slow  # ~50 s on a loaded 2-core machine: VGG16's gradient compiled

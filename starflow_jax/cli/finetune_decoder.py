@@ -63,13 +63,41 @@ def digits_rgb(images: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(digits_at(images, size, 1), 3, axis=1)
 
 
-def batch_at(train: np.ndarray, step: int, batch_size: int, seed: int) -> np.ndarray:
-    """The batch of ``step``: epoch ``e = step // (n // batch_size)`` walks a permutation
-    drawn from ``(seed, e)`` (a function of the step alone, so a resumed run sees the same data)."""
-    per_epoch = len(train) // batch_size
+def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """The training indices of ``step``'s batch: epoch ``e = step // (n // batch_size)`` walks
+    a permutation drawn from ``(seed, e)`` (a function of the step alone, so a resumed run
+    sees the same data)."""
+    per_epoch = n // batch_size
     epoch, i = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(len(train))
-    return train[perm[i * batch_size : (i + 1) * batch_size]]
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[i * batch_size : (i + 1) * batch_size]
+
+
+def training_data(f):
+    """``(n_train, batch of indices -> images, held-out images)``, images ``(b, 3, s, s)`` in
+    [-1, 1]: the embedded digits (upscaled) or ``f.images``, an image folder (held out: the
+    first ``heldout_images`` of a fixed permutation; decoded per batch)."""
+    if not f.images:
+        from starflow_jax.data.digits import load_digits_splits
+
+        train_split, held_split = load_digits_splits(f.num_train, seed=0)
+        train = digits_rgb(train_split.images, f.image_size)
+        return len(train), lambda idx: train[idx], digits_rgb(held_split.images[: f.heldout_images], f.image_size)
+    from starflow_jax.data.image_folder import ImageFolderSource
+
+    src = ImageFolderSource(f.images, f.image_size, 3)
+    if len(src) <= f.heldout_images:
+        raise ValueError(
+            f"finetune.images {f.images} holds {len(src)} images: not more than finetune.heldout_images="
+            f"{f.heldout_images}"
+        )
+    perm = np.random.default_rng(0).permutation(len(src))
+    held_idx, train_idx = perm[: f.heldout_images], perm[f.heldout_images :]
+
+    def load(idx):
+        return np.stack([src[int(i)]["image"] for i in idx])
+
+    return len(train_idx), lambda idx: load(train_idx[idx]), load(held_idx)
 
 
 def _perceptual(args, need: bool):
@@ -137,19 +165,16 @@ def run(args) -> int:
     from starflow_jax.autoencoders.export_vae import export_vae_to_diffusers
     from starflow_jax.autoencoders.finetune.trainer import Finetuner
     from starflow_jax.autoencoders.loading import load_autoencoder
-    from starflow_jax.data.digits import load_digits_splits
 
     ae = load_autoencoder(args.vae)
     if ae.kind != "image":
         raise ValueError(f"--vae {args.vae} holds a video VAE; finetune-decoder fine-tunes an AutoencoderKL")
     if f.image_size % ae.spatial:
         raise ValueError(f"finetune.image_size={f.image_size} is not a multiple of the VAE's factor {ae.spatial}")
-    train_split, held_split = load_digits_splits(f.num_train, seed=0)
-    train = digits_rgb(train_split.images, f.image_size)
-    held = digits_rgb(held_split.images[: f.heldout_images], f.image_size)
-    if len(train) < f.batch_size:
-        raise ValueError(f"finetune.batch_size={f.batch_size} exceeds the {len(train)} training images")
-    tuner = Finetuner(ae.model, f, loss, steps_per_epoch=len(train) // f.batch_size, lpips=lpips, convnext=convnext)
+    n_train, train_batch, held = training_data(f)
+    if n_train < f.batch_size:
+        raise ValueError(f"finetune.batch_size={f.batch_size} exceeds the {n_train} training images")
+    tuner = Finetuner(ae.model, f, loss, steps_per_epoch=n_train // f.batch_size, lpips=lpips, convnext=convnext)
     state = tuner.init()
     held_key = jax.random.key(int(f.seed) + 1)
 
@@ -184,7 +209,7 @@ def run(args) -> int:
     start = time.time()
     stop = int(f.steps) if args.stop_at is None else min(int(args.stop_at), int(f.steps))
     for step in range(start_step, stop):
-        state, metrics = tuner.step(state, batch_at(train, step, f.batch_size, f.seed))
+        state, metrics = tuner.step(state, train_batch(batch_indices(n_train, step, f.batch_size, f.seed)))
         done = step + 1
         if done % f.log_every == 0 or done == f.steps:
             row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}

@@ -34,6 +34,7 @@ FINETUNE_DEFAULTS = dict(
     log_every=10,  # fd.py: prints every 10 iterations
     heldout_images=64,  # ours: held-out images for the noisy-latent reconstruction error
     num_train=1500,  # ours: digits train / held-out split (data/digits.py)
+    images="",  # ours: "" = the embedded digits; else an image folder root/<class>/<image> (fd.py: utils.get_data)
     checkpoint_every=500,  # ours (fd.py saves the VAE once per epoch, no optimizer state): orbax, resumable
     keep_checkpoints=2,  # ours: the newest checkpoints kept
 )

@@ -12,7 +12,9 @@ of ``(x, x_fake)`` mapped to [0, 1]; then one AdamW step of the discriminator on
 Both schedules step after their optimizer (``lr_schedule`` offset 0). The reference's AMP
 path (loss_scaling = 1, its default) steps the discriminator's optimizer; its non-AMP path
 steps the decoder's optimizer a second time instead, which we take for a slip and do not
-follow.
+follow. The discriminator's start step counts global steps (the reference passes its
+per-epoch iteration, the same while ``discriminator_start`` is 0, its default). Everything is
+float32 (the reference autocasts to bfloat16 on GPU).
 """
 
 from __future__ import annotations

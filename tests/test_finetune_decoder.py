@@ -88,6 +88,7 @@ def test_stopped_and_resumed_equals_uninterrupted(vae_dir, full_run, tmp_path, c
     assert main(_args(vae_dir, work, *RUN, "--stop-at", "10")) == 0
     assert "stopped after step 10" in capsys.readouterr().out
     assert not (work / "vae").exists()
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["10"]
     assert main(_args(vae_dir, work, *RUN, "--set", "finetune.lr=0.01")) != 0  # another config: refused
     assert "finetune.lr" in capsys.readouterr().err
     assert main(_args(vae_dir, work, *RUN)) == 0

@@ -215,7 +215,8 @@ def run(args) -> int:
             row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
             row.update(held_out(done, state), seconds=round(time.time() - start, 2))
             emit(row)
-        ckpt.save(mgr, done, state, {"step": done}, force=done == stop)
+        if done == stop or done % f.checkpoint_every == 0:  # (orbax alone would also save the first step)
+            ckpt.save(mgr, done, state, {"step": done}, force=True)
     mgr.wait_until_finished()
     mgr.close()
     writer.close()

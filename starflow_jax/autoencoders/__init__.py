@@ -4,6 +4,7 @@
 
 from starflow_jax.autoencoders.convert_vae import load_diffusers_checkpoint, vae_from_diffusers
 from starflow_jax.autoencoders.convert_wan import wan_from_diffusers
+from starflow_jax.autoencoders.export_vae import export_vae_to_diffusers
 from starflow_jax.autoencoders.vae import AutoencoderKL, decode_latents, encode_latents, sample_posterior
 from starflow_jax.autoencoders.vae_config import VAEConfig, VAEConfigError
 from starflow_jax.autoencoders.wan_config import WanVAEConfig, WanVAEConfigError, split_vae_name
@@ -20,6 +21,7 @@ __all__ = [
     "decode_video",
     "encode_latents",
     "encode_video",
+    "export_vae_to_diffusers",
     "load_diffusers_checkpoint",
     "sample_posterior",
     "split_vae_name",

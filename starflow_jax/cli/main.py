@@ -7,7 +7,7 @@ import os
 import sys
 
 from starflow_jax.bench import plan as plan_cmd
-from starflow_jax.cli import bench, convert, evaluate, info, nll, parity, precompute, sample, train
+from starflow_jax.cli import bench, convert, evaluate, finetune_decoder, info, nll, parity, precompute, sample, train
 from starflow_jax.parallel.host_memory import keep_freed_host_memory
 
 DEBUG_ENV = "STARFLOW_DEBUG"
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     convert.add_parsers(sub)
     precompute.add_parser(sub)
+    finetune_decoder.add_parser(sub)
     plan_cmd.add_parser(sub)
     return parser
 

@@ -1,0 +1,227 @@
+"""Decoder fine-tuning as pure functions: the state (trainable VAE parameters, discriminator
+parameters, two AdamW states, LeCam EMAs, step, key), one jitted step, the held-out
+noisy-latent reconstruction error.
+
+Per step, in the reference's order (``finetune_decoder.py``): the frozen encoder's latents
+``z1 = posterior sample * scaling_factor`` (minus ``shift_factor`` first, 0 for the SD-VAE),
+``z = z1 + noise_std * N(0, 1)``, ``x_fake = decode(z)``; one AdamW step of the decoder
+(with ``post_quant_conv``: every VAE parameter the reference's loss reaches; encoder and
+``quant_conv`` run without gradients, so its AdamW leaves them alone) on the generator loss
+of ``(x, x_fake)`` mapped to [0, 1]; then one AdamW step of the discriminator on the same
+``x_fake`` (computed before the decoder's update) with the LeCam EMAs from before the step.
+Both schedules step after their optimizer (``lr_schedule`` offset 0). The reference's AMP
+path (loss_scaling = 1, its default) steps the discriminator's optimizer; its non-AMP path
+steps the decoder's optimizer a second time instead, which we take for a slip and do not
+follow. The discriminator's start step counts global steps (the reference passes its
+per-epoch iteration, the same while ``discriminator_start`` is 0, its default). Everything is
+float32 (the reference autocasts to bfloat16 on GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from starflow_jax.autoencoders.finetune.convnext import convnext_distance
+from starflow_jax.autoencoders.finetune.discriminator import PatchDiscriminator
+from starflow_jax.autoencoders.finetune.losses import (
+    LeCamState,
+    discriminator_factor,
+    discriminator_loss,
+    generator_terms,
+    init_lecam_state,
+    perceptual_loss,
+    reconstruction_loss,
+)
+from starflow_jax.autoencoders.vae import AutoencoderKL, decode_latents, encode_latents
+from starflow_jax.train.optimizer import lr_schedule
+
+__all__ = [
+    "FinetuneState",
+    "Finetuner",
+    "TRAINABLE",
+    "psnr",
+]
+
+TRAINABLE = ("decoder", "post_quant_conv")  # the VAE modules the generator loss trains
+
+
+def _trainable(path, _value) -> bool:
+    return bool(path) and str(path[0]) in TRAINABLE
+
+
+class FinetuneState(NamedTuple):
+    decoder: Any  # nnx.State of the trainable VAE parameters
+    discriminator: Any  # nnx.State of the discriminator's parameters
+    opt_decoder: Any
+    opt_discriminator: Any
+    lecam: LeCamState
+    step: jax.Array
+    key: jax.Array
+
+
+def psnr(real01: jax.Array, fake01: jax.Array) -> jax.Array:
+    """PSNR in dB of images in [0, 1] (reconstructions clipped to [0, 1]), over the batch."""
+    mse = jnp.mean(jnp.square(real01 - jnp.clip(fake01, 0.0, 1.0)))
+    return -10.0 * jnp.log10(jnp.maximum(mse, 1e-12))
+
+
+def _frozen_dict(section) -> tuple:
+    return tuple(sorted((k, v) for k, v in section.to_dict().items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """What the compiled programs depend on (hashable): graphs and settings, no weights."""
+
+    graphdef: Any
+    disc_graphdef: Any
+    lpips_graphdef: Any
+    convnext_graphdef: Any
+    finetune: tuple
+    loss: tuple
+    steps_per_epoch: int
+
+
+@functools.lru_cache(maxsize=4)
+def _program(spec: _Spec) -> _Program:
+    """One compiled set of programs per spec: runs in one process (a resumed run, tests) share them."""
+    return _Program(spec)
+
+
+class _Program:
+    def __init__(self, spec: _Spec):
+        self.spec = spec
+        f = self.f = ml_collections.ConfigDict(dict(spec.finetune))
+        self.loss = ml_collections.ConfigDict(dict(spec.loss))
+        total = int(f.steps)
+        d_warm = int(f.discriminator_warmup_steps)
+        d_warm = spec.steps_per_epoch if d_warm < 0 else d_warm
+        self.lr_decoder = lr_schedule(f.lr, f.min_lr, f.warmup_steps, total)
+        self.lr_discriminator = lr_schedule(f.discriminator_lr, f.min_lr, d_warm, total)
+        kw = dict(b1=f.b1, b2=f.b2, weight_decay=f.weight_decay)
+        self.tx_decoder = optax.adamw(self.lr_decoder, **kw)
+        self.tx_discriminator = optax.adamw(self.lr_discriminator, **kw)
+        self.step = jax.jit(self._step, donate_argnums=0)
+        self.heldout_error = jax.jit(self._heldout_error)
+
+    def vae(self, trainable, frozen) -> AutoencoderKL:
+        return nnx.merge(self.spec.graphdef, trainable, frozen)
+
+    def noisy_latents(self, trainable, frozen, images: jax.Array, key: jax.Array) -> jax.Array:
+        """The frozen encoder's scaled posterior sample plus ``noise_std`` Gaussian noise."""
+        k_post, k_noise = jax.random.split(key)
+        z1 = jax.lax.stop_gradient(encode_latents(self.vae(trainable, frozen), images, k_post))
+        return z1 + self.f.noise_std * jax.random.normal(k_noise, z1.shape, z1.dtype)
+
+    def _generator(self, trainable, frozen, nets, disc_state, real01, z, step):
+        fake01 = decode_latents(self.vae(trainable, frozen), z) * 0.5 + 0.5
+        s = self.loss
+        recon = reconstruction_loss(real01, fake01, s)
+        if self.spec.lpips_graphdef is not None:
+            lpips = nnx.merge(self.spec.lpips_graphdef, nets[0])
+            convnext = nnx.merge(self.spec.convnext_graphdef, nets[1])
+            perceptual = perceptual_loss(lpips(real01, fake01), convnext_distance(convnext, real01, fake01), s)
+        else:
+            perceptual = jnp.zeros((), jnp.float32)
+        factor = discriminator_factor(step, s)
+        use_gan = s.discriminator_factor > 0 and s.discriminator_weight > 0
+        fake_logits = nnx.merge(self.spec.disc_graphdef, disc_state)(fake01) if use_gan else None
+        total, terms = generator_terms(recon, perceptual, fake_logits, 0.0, factor, s)
+        return total, (terms, fake01)
+
+    def _step(self, state: FinetuneState, frozen, nets, images: jax.Array) -> tuple[FinetuneState, dict]:
+        key, k_step = jax.random.split(state.key)
+        z = self.noisy_latents(state.decoder, frozen, images, k_step)
+        real01 = images.astype(jnp.float32) * 0.5 + 0.5
+        grads, (terms, fake01) = jax.grad(self._generator, has_aux=True)(
+            state.decoder, frozen, nets, state.discriminator, real01, z, state.step
+        )
+        updates, opt_decoder = self.tx_decoder.update(grads, state.opt_decoder, state.decoder)
+        decoder = optax.apply_updates(state.decoder, updates)
+
+        def d_loss(disc_state):
+            disc = nnx.merge(self.spec.disc_graphdef, disc_state)
+            loss, d_terms, lecam = discriminator_loss(
+                real01, fake01, discriminator=disc, lecam_state=state.lecam, step=state.step, settings=self.loss
+            )
+            return loss, (d_terms, lecam)
+
+        d_grads, (d_terms, lecam) = jax.grad(d_loss, has_aux=True)(state.discriminator)
+        d_updates, opt_discriminator = self.tx_discriminator.update(
+            d_grads, state.opt_discriminator, state.discriminator
+        )
+        discriminator = optax.apply_updates(state.discriminator, d_updates)
+        metrics = {k: v for k, v in {**terms, **d_terms}.items() if "weight" not in k}
+        metrics["psnr"] = psnr(real01, fake01)
+        metrics["lr"] = self.lr_decoder(state.step)
+        new = FinetuneState(decoder, discriminator, opt_decoder, opt_discriminator, lecam, state.step + 1, key)
+        return new, metrics
+
+    def _heldout_error(self, trainable, frozen, images: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        z = self.noisy_latents(trainable, frozen, images, key)
+        real01 = images.astype(jnp.float32) * 0.5 + 0.5
+        fake01 = decode_latents(self.vae(trainable, frozen), z) * 0.5 + 0.5
+        return jnp.mean(jnp.square(real01 - fake01)), psnr(real01, fake01)
+
+
+class Finetuner:
+    """The fine-tuning of ``vae``'s decoder with the settings ``finetune`` (config/finetune.py)
+    and ``loss`` (config/decoder_loss.py). ``lpips`` / ``convnext``: the perceptual networks
+    (None: no perceptual term; both or neither). ``steps_per_epoch``: the discriminator's
+    warmup when ``discriminator_warmup_steps`` is -1. The weights are arguments of the
+    compiled programs (not constants in them), so Finetuners of one spec share them."""
+
+    def __init__(self, vae: AutoencoderKL, finetune, loss, *, steps_per_epoch: int, lpips=None, convnext=None):
+        if (lpips is None) != (convnext is None):
+            raise ValueError("the perceptual term needs both LPIPS and ConvNeXt-S (or neither)")
+        self.f, self.loss = finetune, loss
+        graphdef, self.trainable0, self.frozen = nnx.split(vae, _trainable, ...)
+        disc = PatchDiscriminator(
+            vae.cfg.out_channels,
+            loss.discriminator_channels,
+            loss.discriminator_stages,
+            loss.discriminator_blur,
+            rngs=nnx.Rngs(finetune.seed),
+        )
+        disc_graphdef, self.disc0 = nnx.split(disc)
+        nets_graphdefs = (None, None)
+        self.nets = ()
+        if lpips is not None:
+            (lg, ls), (cg, cs) = nnx.split(lpips), nnx.split(convnext)
+            nets_graphdefs, self.nets = (lg, cg), (ls, cs)
+        spec = _Spec(
+            graphdef, disc_graphdef, *nets_graphdefs, _frozen_dict(finetune), _frozen_dict(loss), int(steps_per_epoch)
+        )
+        self.program = _program(spec)
+        self.tx_decoder, self.tx_discriminator = self.program.tx_decoder, self.program.tx_discriminator
+
+    def init(self) -> FinetuneState:
+        return FinetuneState(
+            decoder=self.trainable0,
+            discriminator=self.disc0,
+            opt_decoder=self.tx_decoder.init(self.trainable0),
+            opt_discriminator=self.tx_discriminator.init(self.disc0),
+            lecam=init_lecam_state(),
+            step=jnp.zeros((), jnp.int32),
+            key=jax.random.PRNGKey(int(self.f.seed)),  # raw uint32: checkpoints hold it as an array
+        )
+
+    def step(self, state: FinetuneState, images) -> tuple[FinetuneState, dict]:
+        """One fine-tuning step (``state`` is donated)."""
+        return self.program.step(state, self.frozen, self.nets, images)
+
+    def heldout_error(self, state: FinetuneState, images, key) -> tuple[jax.Array, jax.Array]:
+        """``(mse, psnr)`` in [0, 1] units of the reconstructions of ``images`` from noisy
+        latents drawn with ``key`` (the same key each time: comparable across steps)."""
+        return self.program.heldout_error(state.decoder, self.frozen, images, key)
+
+    def vae(self, state: FinetuneState) -> AutoencoderKL:
+        return self.program.vae(state.decoder, self.frozen)

@@ -1,0 +1,234 @@
+"""``starflow-jax finetune-decoder``: fine-tune an SD-VAE's decoder (encoder frozen) to decode
+latents perturbed with the flow's Gaussian noise; the result written as a diffusers
+directory ``WORKDIR/vae`` for ``starflow-jax sample --vae``. Metrics: ``WORKDIR/metrics.jsonl``
+and ``WORKDIR/tensorboard``; orbax checkpoints in ``WORKDIR/checkpoints`` (rerun to resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+
+from starflow_jax.config.loader import _load_python, apply_overrides
+from starflow_jax.config.model_config import ConfigError
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "finetune-decoder",
+        help="fine-tune an SD-VAE decoder on noisy latents (the reference's finetune_decoder.py)",
+    )
+    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL directory (the SD-VAE) to fine-tune")
+    p.add_argument("--config", required=True, help="config .py with finetune and decoder_loss sections")
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="new or empty directory (metrics.jsonl, checkpoints/, the fine-tuned vae/); one holding this "
+        "command's checkpoints is resumed from its newest",
+    )
+    p.add_argument(
+        "--stop-at", type=int, metavar="STEP", help="stop after this step, with a checkpoint (rerun to continue)"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--lpips-vgg", help="torchvision VGG16 ImageNet weights (vgg16-397923af.pth)")
+    p.add_argument("--lpips-heads", help="the lpips package's linear heads (vgg.pth)")
+    p.add_argument("--convnext", help="torchvision ConvNeXt-S ImageNet weights (convnext_small-0c510722.pth)")
+    p.add_argument(
+        "--no-perceptual", action="store_true", help="train without the LPIPS / ConvNeXt-S term (no weights needed)"
+    )
+    p.set_defaults(func=run)
+
+
+def load_finetune_config(path: str, overrides=()):
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    if p.suffix != ".py":
+        raise ConfigError(f"config file {p}: finetune-decoder takes a .py (ml-collections) config")
+    config = _load_python(p, None)
+    for section in ("finetune", "decoder_loss"):
+        if section not in config:
+            raise ConfigError(f"config {p} has no {section!r} section")
+    config.lock()
+    return apply_overrides(config, overrides)
+
+
+def digits_rgb(images: np.ndarray, size: int) -> np.ndarray:
+    """The digits ``(n, 1, 8, 8)`` in [-1, 1] upscaled (nearest) to ``(n, 3, size, size)``."""
+    from starflow_jax.data.digits import digits_at
+
+    return np.repeat(digits_at(images, size, 1), 3, axis=1)
+
+
+def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """The training indices of ``step``'s batch: epoch ``e = step // (n // batch_size)`` walks
+    a permutation drawn from ``(seed, e)`` (a function of the step alone, so a resumed run
+    sees the same data)."""
+    per_epoch = n // batch_size
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[i * batch_size : (i + 1) * batch_size]
+
+
+def training_data(f):
+    """``(n_train, batch of indices -> images, held-out images)``, images ``(b, 3, s, s)`` in
+    [-1, 1]: the embedded digits (upscaled) or ``f.images``, an image folder (held out: the
+    first ``heldout_images`` of a fixed permutation; decoded per batch)."""
+    if not f.images:
+        from starflow_jax.data.digits import load_digits_splits
+
+        train_split, held_split = load_digits_splits(f.num_train, seed=0)
+        train = digits_rgb(train_split.images, f.image_size)
+        return len(train), lambda idx: train[idx], digits_rgb(held_split.images[: f.heldout_images], f.image_size)
+    from starflow_jax.data.image_folder import ImageFolderSource
+
+    src = ImageFolderSource(f.images, f.image_size, 3)
+    if len(src) <= f.heldout_images:
+        raise ValueError(
+            f"finetune.images {f.images} holds {len(src)} images: not more than finetune.heldout_images="
+            f"{f.heldout_images}"
+        )
+    perm = np.random.default_rng(0).permutation(len(src))
+    held_idx, train_idx = perm[: f.heldout_images], perm[f.heldout_images :]
+
+    def load(idx):
+        return np.stack([src[int(i)]["image"] for i in idx])
+
+    return len(train_idx), lambda idx: load(train_idx[idx]), load(held_idx)
+
+
+def _perceptual(args, need: bool):
+    if not need:
+        return None, None
+    missing = [f"--{k}" for k in ("lpips-vgg", "lpips-heads", "convnext") if not getattr(args, k.replace("-", "_"))]
+    if missing:
+        raise ValueError(
+            f"the perceptual term needs {', '.join(missing)} (weight files); pass them, or --no-perceptual "
+            "(or --set decoder_loss.perceptual_weight=0) to train without it"
+        )
+    for k in ("lpips_vgg", "lpips_heads", "convnext"):
+        if not os.path.isfile(getattr(args, k)):
+            raise FileNotFoundError(f"--{k.replace('_', '-')} {getattr(args, k)} does not exist")
+    from starflow_jax.autoencoders.finetune.convnext import load_convnext
+    from starflow_jax.autoencoders.finetune.lpips import load_lpips
+
+    return load_lpips(args.lpips_vgg, args.lpips_heads), load_convnext(args.convnext)
+
+
+CONFIG_FILE = "finetune_config.json"
+
+
+def _prepare_workdir(workdir: pathlib.Path, config_json: str) -> bool:
+    """True when ``workdir`` holds a run of this config to resume; False for a new or empty
+    one; an error for anything else (never overwriting a user's files)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise FileExistsError(f"--workdir {workdir} exists and is not a directory")
+    if not workdir.exists() or not any(workdir.iterdir()):
+        return False
+    saved = workdir / CONFIG_FILE
+    if not (saved.is_file() and (workdir / "checkpoints").is_dir()):
+        raise FileExistsError(
+            f"--workdir {workdir} is not empty and holds no finetune-decoder run to resume; not overwriting it"
+        )
+    if (workdir / "vae").exists():
+        raise FileExistsError(f"--workdir {workdir} holds a finished run ({workdir / 'vae'}); choose a new workdir")
+    old, new = json.loads(saved.read_text()), json.loads(config_json)
+    differ = sorted(
+        f"{sec}.{k}"
+        for sec in set(old) | set(new)
+        for k in set(old.get(sec, {})) | set(new.get(sec, {}))
+        if old.get(sec, {}).get(k) != new.get(sec, {}).get(k)
+    )
+    if differ:
+        raise ValueError(
+            f"--workdir {workdir} was started with another config (differing: {differ}); resume it with "
+            f"the same settings (its {CONFIG_FILE}) or choose a new workdir"
+        )
+    return True
+
+
+def run(args) -> int:
+    config = load_finetune_config(args.config, args.set)
+    f, loss = config.finetune, config.decoder_loss
+    workdir = pathlib.Path(args.workdir)
+    if args.no_perceptual:
+        with loss.unlocked():
+            loss.perceptual_weight = 0.0
+    resume = _prepare_workdir(workdir, config.to_json(sort_keys=True))
+    lpips, convnext = _perceptual(args, loss.perceptual_weight > 0)
+
+    import jax
+
+    from starflow_jax.autoencoders.export_vae import export_vae_to_diffusers
+    from starflow_jax.autoencoders.finetune.trainer import Finetuner
+    from starflow_jax.autoencoders.loading import load_autoencoder
+
+    ae = load_autoencoder(args.vae)
+    if ae.kind != "image":
+        raise ValueError(f"--vae {args.vae} holds a video VAE; finetune-decoder fine-tunes an AutoencoderKL")
+    if f.image_size % ae.spatial:
+        raise ValueError(f"finetune.image_size={f.image_size} is not a multiple of the VAE's factor {ae.spatial}")
+    n_train, train_batch, held = training_data(f)
+    if n_train < f.batch_size:
+        raise ValueError(f"finetune.batch_size={f.batch_size} exceeds the {n_train} training images")
+    tuner = Finetuner(ae.model, f, loss, steps_per_epoch=n_train // f.batch_size, lpips=lpips, convnext=convnext)
+    state = tuner.init()
+    held_key = jax.random.key(int(f.seed) + 1)
+
+    from starflow_jax.workdir import checkpoints as ckpt
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (workdir / CONFIG_FILE).write_text(config.to_json(sort_keys=True, indent=2) + "\n")
+    mgr = ckpt.manager(workdir / "checkpoints", f.keep_checkpoints, f.checkpoint_every)
+    start_step = 0
+    if resume:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        found, restored, _ = ckpt.restore_newest_good(mgr, abstract, workdir, print)
+        if found is not None:
+            state, start_step = restored, int(found)
+            print(f"resumed from step {start_step} of {workdir / 'checkpoints'}", flush=True)
+    from starflow_jax.train.metrics_writer import MetricsWriter
+
+    writer = MetricsWriter(workdir, enabled=True)  # metrics.jsonl and tensorboard/
+
+    def held_out(step: int, state) -> dict:
+        mse, p = tuner.heldout_error(state, held, held_key)
+        return {"heldout_noisy_mse": float(mse), "heldout_noisy_psnr": float(p)}
+
+    def emit(row: dict) -> None:
+        writer.write(int(row["step"]), row)
+        print("  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    first = held_out(start_step, state)
+    if start_step == 0:
+        emit({"step": 0, "frozen_decoder": True, **first})
+    start = time.time()
+    stop = int(f.steps) if args.stop_at is None else min(int(args.stop_at), int(f.steps))
+    for step in range(start_step, stop):
+        state, metrics = tuner.step(state, train_batch(batch_indices(n_train, step, f.batch_size, f.seed)))
+        done = step + 1
+        if done % f.log_every == 0 or done == f.steps:
+            row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+            row.update(held_out(done, state), seconds=round(time.time() - start, 2))
+            emit(row)
+        if done == stop or done % f.checkpoint_every == 0:  # (orbax alone would also save the first step)
+            ckpt.save(mgr, done, state, {"step": done}, force=True)
+    mgr.wait_until_finished()
+    mgr.close()
+    writer.close()
+    if stop < int(f.steps):
+        print(f"stopped after step {stop} of {f.steps}; rerun the same command to continue", flush=True)
+        return 0
+    last = held_out(int(f.steps), state)
+    out = export_vae_to_diffusers(tuner.vae(state), workdir / "vae")
+    print(
+        f"held-out noisy-latent MSE: {'frozen decoder' if start_step == 0 else f'at step {start_step}'} "
+        f"{first['heldout_noisy_mse']:.5g}, fine-tuned "
+        f"{last['heldout_noisy_mse']:.5g} after {f.steps} steps ({time.time() - start:.1f} s this run); wrote {out}",
+        flush=True,
+    )
+    return 0

@@ -113,6 +113,7 @@ def test_reference_yaml_config_through_the_cli(tmp_path, capsys):
     assert f"total: {STARFLOW_V_7B['total']:,}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_parity_cli_on_one_case(tmp_path, capsys):
 
     from conftest import reference_case_path

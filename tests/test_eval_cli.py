@@ -50,6 +50,7 @@ def test_eval_of_a_trained_digits_workdir(tmp_path, capsys):
     assert json.loads((workdir / "eval.json").read_text())["options"]["quantize"]
 
 
+@pytest.mark.slow
 def test_eval_of_a_random_model_with_a_cached_classifier(tmp_path, capsys):
     """The fast path: the classifier cache is trusted (here a 5-step one filed under the
     default settings, so that nothing trains), samples of a random model scored from it."""

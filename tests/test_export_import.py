@@ -81,6 +81,7 @@ def test_export_refuses_to_overwrite_and_import_refuses_another_architecture(tmp
     assert "mis-shaped keys" in err and "blocks.0.proj_in.weight" in err
 
 
+@pytest.mark.slow
 def test_training_checkpoint_exports_and_imports_exactly(tmp_path):
 
     from starflow_jax.train.loop import train

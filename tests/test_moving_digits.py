@@ -93,6 +93,7 @@ def test_moving_digits_need_a_video_model():
         make_data(config)
 
 
+@pytest.mark.slow
 def test_video_main_job_trains_a_few_steps(tmp_path):
     config = load_config(
         VIDEO_TINY,

@@ -41,6 +41,7 @@ def _plan(tmp_path, *extra):
     return proc, out
 
 
+@pytest.mark.slow
 def test_plan_compiles_for_a_small_tpu_slice(tmp_path):
     proc, out = _plan(tmp_path, "--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--remat", "none,full,offload")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -186,6 +186,7 @@ def _rows(workdir):
     return {r["step"]: r for r in map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_tiny_3b_trains_three_steps_on_precomputed_shards(tmp_path):
     from starflow_jax.data.precompute import precompute, read_captions
     from starflow_jax.train.loop import train

@@ -4,6 +4,7 @@ an uninterrupted run, bit for bit, data order included."""
 import json
 import pathlib
 
+import pytest
 from fast_run import FAST, TINY
 
 from starflow_jax.config import load_config
@@ -14,6 +15,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     config = load_config(TINY, FAST)
     full = tmp_path / "full"

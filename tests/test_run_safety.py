@@ -64,6 +64,7 @@ def _copy(src, dst):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [_flip_bytes, _truncate], ids=["flipped-bytes", "truncated"])
 def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous_one(finished, tmp_path, damage, capsys):
     full, losses = finished
@@ -94,6 +95,7 @@ def test_missing_metadata_is_named(finished, tmp_path):
         load_params(workdir, step=6)
 
 
+@pytest.mark.slow
 def test_resume_an_earlier_step_and_extend_a_finished_run(finished, tmp_path):
     full, losses = finished
     workdir = _copy(full, tmp_path / "run")
@@ -114,6 +116,7 @@ def test_resume_an_earlier_step_and_extend_a_finished_run(finished, tmp_path):
         train(load_config(TINY, FAST + ["train.steps=7"]), str(workdir), log=quiet, step=5)
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_and_never_saves_nan(tmp_path):
     config = load_config(
         TINY,

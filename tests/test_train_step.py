@@ -83,6 +83,7 @@ def test_cond_noise_level_weights_the_loss():
     np.testing.assert_allclose(float(weighted["loss"]), 2.0 * float(plain["loss"]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_denoiser_learns_the_flow_score_and_leaves_the_flow_alone():
     """With a learnable denoiser: its loss is the MSE to noise_std * grad_x NLL (the flow's
     score of the noisy input); only the denoiser's parameters move by its optimizer, and

@@ -42,6 +42,14 @@ class ModelConfig:
     num_kv_heads: int | None = None
     rope: bool = False
     pt_seq_len: int | None = None
+    # Spatial RoPE on a torus (ours, not the reference's): token positions in grid units and
+    # spatial frequencies 2 pi k / grid side, so that a shift with wrap-around (moving digits)
+    # is one relative offset for every token. Only for data that wrap around.
+    rope_wrap: bool = False
+    # Keys rotated by the position of the token their slot holds (slot i holds token i - 1
+    # after the start token) and queries by the token they predict (ours; the reference
+    # rotates both by the slot's position): a copy from another token is one offset.
+    rope_content_keys: bool = False
     sos: bool = False
     txt_size: int = 0
     txt_dim: int = 0
@@ -96,6 +104,8 @@ class ModelConfig:
             "use_post_norm",
             "use_final_norm",
             "hf_style_rope",
+            "rope_wrap",
+            "rope_content_keys",
             "learnable_self_denoiser",
             "conditional_denoiser",
             "shallow_block_local",
@@ -150,6 +160,16 @@ class ModelConfig:
             need(nh > 0, f"{where}={channels} gives no attention heads with head_dim={self.head_dim}")
             nkv = self.num_kv_heads if self.num_kv_heads is not None else nh
             need(nh % nkv == 0, f"num_heads={nh} is not a multiple of num_kv_heads={nkv} ({where})")
+        need(not self.rope_wrap or self.rope, "rope_wrap needs rope=True")
+        need(not self.rope_content_keys or self.rope, "rope_content_keys needs rope=True")
+        need(
+            not self.rope_content_keys or self.sos,
+            "rope_content_keys needs sos=True (the start token that puts token i - 1 in slot i)",
+        )
+        need(
+            not (self.rope_wrap and self.pt_seq_len),
+            f"rope_wrap places tokens in grid units; pt_seq_len={self.pt_seq_len} has no meaning with it (unset one)",
+        )
         if self.rope:
             need(self.head_dim % 4 == 0, f"rope needs head_dim divisible by 4, got {self.head_dim}")
             if self.txt_size > 0:

@@ -314,8 +314,19 @@ def model_config_from_yaml(path: str | pathlib.Path, txt_dim: int | None = None)
     return model_config_from_train_args(read_yaml_arguments(path), txt_dim=txt_dim)
 
 
+def check_reference_expressible(cfg: ModelConfig) -> None:
+    """Raise a ``ConfigError`` when ``cfg`` uses an option the reference's ``Model`` lacks."""
+    for key, what in (("rope_wrap", "spatial RoPE on a torus"), ("rope_content_keys", "keys at their token's position")):
+        if getattr(cfg, key):
+            raise ConfigError(
+                f"model.{key}=True ({what}) has no counterpart in the reference's "
+                "Model; such a model cannot be exported to or compared with it"
+            )
+
+
 def to_model_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The reference ``Model(**kwargs)`` arguments for ``cfg`` (inverse of ``from_model_kwargs``)."""
+    check_reference_expressible(cfg)
     d = cfg.to_dict()
     return {k: d[k] for k in sorted(MODEL_KWARGS)}
 
@@ -326,6 +337,7 @@ def to_yaml_arguments(cfg: ModelConfig) -> str:
     The flow's own (latent) ``img_size`` is written with no ``vae``, so that the reference
     builds the same ``Model``; ``txt_dim`` (which the reference takes from its
     text encoder) is written as a comment."""
+    check_reference_expressible(cfg)
     items = [
         ("img_size", cfg.img_size),
         ("channel_size", cfg.in_channels),

@@ -249,8 +249,14 @@ class Attention(nnx.Module):
             q, k = self.query_norm(q), self.key_norm(k)
         if rope is not None:
             cos, sin = rope
+            # tables twice head_dim wide: the queries' rotations, then the keys' (a model
+            # whose keys sit at the position of the token they hold: ``rope_content_keys``)
+            cos_k, sin_k = cos, sin
+            if cos.shape[-1] == 2 * self.head_dim:
+                cos, cos_k = cos[..., : self.head_dim], cos[..., self.head_dim :]
+                sin, sin_k = sin[..., : self.head_dim], sin[..., self.head_dim :]
             q = apply_rope(q, cos, sin, self.hf_style_rope)
-            k = apply_rope(k, cos, sin, self.hf_style_rope)
+            k = apply_rope(k, cos_k, sin_k, self.hf_style_rope)
         return q, k, v
 
     def output(self, o: jax.Array, split=None) -> jax.Array:

@@ -20,18 +20,24 @@ THETA = 10000.0
 LATENT_FREQS = 8
 
 
-def positions(h: int, w: int, txt_len: int, pt_seq_len: float | None, frames: int, mode: str) -> np.ndarray:
+def positions(
+    h: int, w: int, txt_len: int, pt_seq_len: float | None, frames: int, mode: str, wrap: bool = False
+) -> np.ndarray:
     """``(txt_len + frames*h*w, 2 or 3)`` positions of the text and image slots.
 
     Spatial positions are scaled so that the grid spans ``pt_seq_len`` on
     average (``arange(h) / sqrt(h w) * pt_seq_len``); text slot ``i`` sits at
-    ``(0, 0, i / txt_len * pt_seq_len)``; frame ``t`` at third coordinate ``t``."""
+    ``(0, 0, i / txt_len * pt_seq_len)``; frame ``t`` at third coordinate ``t``.
+    ``wrap``: spatial positions in grid units (``arange(h)``), for ``wrap_frequencies``."""
     if mode not in ("2d", "3d"):
         raise ValueError(f"rope mode must be '2d' or '3d', got {mode!r}")
     mean_len = np.sqrt(h * w)
     pt = pt_seq_len or mean_len
-    px = np.arange(h, dtype=np.float64) / mean_len * pt
-    py = np.arange(w, dtype=np.float64) / mean_len * pt
+    if wrap:
+        px, py = np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64)
+    else:
+        px = np.arange(h, dtype=np.float64) / mean_len * pt
+        py = np.arange(w, dtype=np.float64) / mean_len * pt
     px, py = (a.reshape(-1) for a in np.meshgrid(px, py, indexing="ij"))
     if mode == "2d":
         if txt_len:
@@ -61,14 +67,34 @@ def frequencies(head_dim: int, latent_len: int) -> tuple[np.ndarray, np.ndarray 
     return f1, f2
 
 
+def wrap_frequencies(count: int, side: int) -> np.ndarray:
+    """``count`` spatial frequencies on a torus of ``side`` grid positions: ``2 pi k / side``
+    for ``k = 1 .. count`` (the last one or more fold onto 0 or repeat: a period-``side``
+    grid has only ``side`` distinct phases). A wrap-around shift by ``s`` rotates every
+    position by the same angle, so attention sees one relative offset for all tokens."""
+    return 2.0 * np.pi * np.arange(1, count + 1, dtype=np.float64) / side
+
+
 @functools.lru_cache(maxsize=256)
 def rope_table(
-    head_dim: int, latent_len: int, h: int, w: int, txt_len: int, pt_seq_len: float | None, frames: int, mode: str
+    head_dim: int,
+    latent_len: int,
+    h: int,
+    w: int,
+    txt_len: int,
+    pt_seq_len: float | None,
+    frames: int,
+    mode: str,
+    wrap: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(cos, sin)``, each ``(seq, head_dim)`` float32, for the slots of one block."""
-    pos = positions(h, w, txt_len, pt_seq_len, frames, mode)
+    """``(cos, sin)``, each ``(seq, head_dim)`` float32, for the slots of one block
+    (``wrap``: spatial positions on a torus, ``wrap_frequencies``)."""
+    pos = positions(h, w, txt_len, pt_seq_len, frames, mode, wrap)
     f1, f2 = frequencies(head_dim, latent_len)
-    parts = [pos[:, 0:1] * f1, pos[:, 1:2] * f1]
+    if wrap:
+        parts = [pos[:, 0:1] * wrap_frequencies(len(f1), h), pos[:, 1:2] * wrap_frequencies(len(f1), w)]
+    else:
+        parts = [pos[:, 0:1] * f1, pos[:, 1:2] * f1]
     if pos.shape[1] == 3:
         if f2 is None:
             raise ValueError("3D RoPE (video, or text positions) needs a model with txt_size > 0")

@@ -85,7 +85,7 @@ class Denoiser(nnx.Module):
             mask = block_causal_mask(
                 shape[1], shape[2] * shape[3], txt_len, self.cfg.temporal_causal, self.cfg.denoiser_window
             )  # static: an index rule
-        rope = block_rope(self.cfg, self.spec.head_dim, shape, txt_len, self.conditioned)
+        rope = block_rope(self.cfg, self.spec.head_dim, shape, txt_len, self.conditioned, autoregressive=False)
         h = apply_stack(self.attn_blocks, h, rope, mask, remat=remat)
         h = h[:, txt_len:]
         if self.final_norm is not None:

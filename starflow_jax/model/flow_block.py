@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from starflow_jax.config.model_config import ModelConfig
@@ -16,23 +17,49 @@ from starflow_jax.layers.transformer import LayerSpec, apply_stack, create_stack
 from starflow_jax.parallel.rules import logical_axes
 
 
-def block_rope(cfg: ModelConfig, head_dim: int, x_shape: tuple[int, ...], txt_len: int, conditioned: bool):
+def block_rope(
+    cfg: ModelConfig,
+    head_dim: int,
+    x_shape: tuple[int, ...],
+    txt_len: int,
+    conditioned: bool,
+    autoregressive: bool = True,
+):
     """RoPE tables for a block's slots (text prefix then tokens), or ``None`` without RoPE.
 
     Images of a model without text use 2D positions; anything with text in the
     model (``txt_size > 0``) or a time axis uses 3D positions, with text slots
-    only in blocks that read the text."""
+    only in blocks that read the text. With ``cfg.rope_content_keys`` (and an
+    ``autoregressive`` block, whose token slot ``i`` holds token ``i - 1`` after the
+    start token) the tables are ``2 head_dim`` wide: the queries' rotations, then the
+    keys', each key at the position of the token it holds (the slot before; the start
+    token's slot keeps its own), so that attention sees the offset between the token a
+    slot predicts and the token another holds."""
+    tables = _block_rope_tables(cfg, head_dim, x_shape, txt_len, conditioned)
+    if tables is None:
+        return None
+    if not (cfg.rope_content_keys and autoregressive):
+        return jnp.asarray(tables[0]), jnp.asarray(tables[1])
+    prefix = tables[0].shape[0] - int(np.prod(x_shape[1:-1]))
+    out = []
+    for tab in tables:
+        keys = np.concatenate([tab[: prefix + 1], tab[prefix:-1]], axis=0)
+        out.append(jnp.asarray(np.concatenate([tab, keys], axis=-1)))
+    return tuple(out)
+
+
+def _block_rope_tables(cfg: ModelConfig, head_dim: int, x_shape: tuple[int, ...], txt_len: int, conditioned: bool):
     if not cfg.rope:
         return None
     h, w = x_shape[-3], x_shape[-2]
     frames = x_shape[1] if len(x_shape) == 5 else 0
     if cfg.txt_size > 0 or frames > 0:
         cos, sin = rope_table(
-            head_dim, cfg.txt_size, h, w, txt_len if conditioned else 0, cfg.rope_seq_len, frames, "3d"
+            head_dim, cfg.txt_size, h, w, txt_len if conditioned else 0, cfg.rope_seq_len, frames, "3d", cfg.rope_wrap
         )
     else:
-        cos, sin = rope_table(head_dim, cfg.txt_size, h, w, 0, cfg.rope_seq_len, 0, "2d")
-    return jnp.asarray(cos), jnp.asarray(sin)
+        cos, sin = rope_table(head_dim, cfg.txt_size, h, w, 0, cfg.rope_seq_len, 0, "2d", cfg.rope_wrap)
+    return cos, sin
 
 
 class FlowBlock(nnx.Module):

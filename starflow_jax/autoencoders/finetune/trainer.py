@@ -254,7 +254,13 @@ class Finetuner:
             (lg, ls), (cg, cs) = nnx.split(lpips), nnx.split(convnext)
             nets_graphdefs, self.nets = (lg, cg), (ls, cs)
         spec = _Spec(
-            graphdef, disc_graphdef, *nets_graphdefs, _frozen_dict(finetune), _frozen_dict(loss), int(steps_per_epoch), self.video
+            graphdef,
+            disc_graphdef,
+            *nets_graphdefs,
+            _frozen_dict(finetune),
+            _frozen_dict(loss),
+            int(steps_per_epoch),
+            self.video,
         )
         self.program = _program(spec)
         self.tx_decoder, self.tx_discriminator = self.program.tx_decoder, self.program.tx_discriminator

@@ -144,3 +144,20 @@ def test_clip_data_shapes(tmp_path):
     f = load_finetune_config(CONFIG, ["finetune.image_size=16", "finetune.frames=1"]).finetune
     n, get, held = training_data(f, video=True)  # one-frame clips: the digits as images
     assert get(np.array([0])).shape == (1, 1, 3, 16, 16) and held.shape == (16, 1, 3, 16, 16)
+
+
+def test_video_folder_clips(tmp_path):
+    from starflow_jax.sampling.visualize import save_mp4
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        save_mp4(tmp_path / f"{name}.mp4", [rng.integers(0, 255, (24, 20, 3), dtype=np.uint8) for _ in range(8)])
+        (tmp_path / f"{name}.txt").write_text("noise")
+    sets = [f"finetune.videos={tmp_path}", "finetune.image_size=16", "finetune.heldout_images=1"]
+    f = load_finetune_config(CONFIG, sets).finetune
+    n, get, held = training_data(f, video=True)
+    assert n == 2 and held.shape == (1, 5, 3, 16, 16) and get(np.array([1, 0])).shape == (2, 5, 3, 16, 16)
+    assert -1 <= held.min() and held.max() <= 1
+    f = load_finetune_config(CONFIG, [*sets, "finetune.heldout_images=3"]).finetune
+    with pytest.raises(ValueError, match="holds 3 videos"):
+        training_data(f, video=True)

@@ -132,7 +132,10 @@ def test_clear_errors(wan_dir, tmp_path, capsys):
     diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, sample_size=8).save_pretrained(sd)
     assert main(_args(sd, tmp_path / "e", "--no-perceptual", "--set", "finetune.image_size=8")) != 0
     assert "apply to a Wan video VAE" in capsys.readouterr().err
-    assert not any((tmp_path / w).exists() for w in "abcde")  # nothing written for a refused run
+    three_d = ["--set", "decoder_loss.discriminator_3d=True"]
+    assert main(_args(wan_dir, tmp_path / "f", "--no-perceptual", *three_d, "--set", "finetune.frames=1")) != 0
+    assert "discriminator_3d scores whole clips" in capsys.readouterr().err
+    assert not any((tmp_path / w).exists() for w in "abcdef")  # nothing written for a refused run
 
 
 def test_clip_data_shapes(tmp_path):
@@ -161,3 +164,19 @@ def test_video_folder_clips(tmp_path):
     f = load_finetune_config(CONFIG, [*sets, "finetune.heldout_images=3"]).finetune
     with pytest.raises(ValueError, match="holds 3 videos"):
         training_data(f, video=True)
+
+
+def test_3d_discriminator_step(wan_dir):
+    """``decoder_loss.discriminator_3d`` (the reference's --use_3d_disc 1): clips scored whole."""
+    import jax
+
+    from starflow_jax.autoencoders.finetune.trainer import Finetuner
+
+    config = load_finetune_config(CONFIG, ["decoder_loss.discriminator_3d=True", "finetune.batch_size=1"])
+    tuner = Finetuner(load_autoencoder(str(wan_dir)).model, config.finetune, config.decoder_loss, steps_per_epoch=5)
+    assert "ClipDiscriminator" in str(tuner.program.spec.disc_graphdef)
+    clips = np.random.default_rng(0).uniform(-1, 1, (1, 5, 3, 16, 16)).astype(np.float32)
+    state, metrics = tuner.step(tuner.init(), clips)
+    metrics = jax.device_get(metrics)
+    assert np.isfinite(float(metrics["discriminator_loss"])) and float(metrics["wavelet_loss"]) > 0
+    assert int(state.step) == 1

@@ -206,8 +206,14 @@ def _prepare_workdir(workdir: pathlib.Path, config_json: str) -> bool:
     return True
 
 
-def check_data_settings(f, ae, vae_arg: str) -> None:
-    """The data settings ``f`` fit the autoencoder ``ae`` (``loading.Autoencoder``), or a clear error."""
+def check_data_settings(f, ae, vae_arg: str, loss=None) -> None:
+    """The data settings ``f`` (and ``loss``) fit the autoencoder ``ae`` (``loading.Autoencoder``),
+    or a clear error."""
+    if loss is not None and loss.discriminator_3d and (ae.kind != "video" or f.frames < 2):
+        raise ValueError(
+            "decoder_loss.discriminator_3d scores whole clips: it needs a Wan video VAE and finetune.frames > 1 "
+            f"(--vae {vae_arg} is {'a video' if ae.kind == 'video' else 'an image'} VAE, frames={f.frames})"
+        )
     if f.image_size % ae.spatial:
         raise ValueError(f"finetune.image_size={f.image_size} is not a multiple of the VAE's factor {ae.spatial}")
     if f.images and f.videos:
@@ -250,7 +256,7 @@ def run(args) -> int:
 
     ae = load_autoencoder(args.vae)  # a clear error for a directory of any other class
     video = ae.kind == "video"
-    check_data_settings(f, ae, args.vae)
+    check_data_settings(f, ae, args.vae, loss)
     n_train, train_batch, held = training_data(f, video)
     if n_train < f.batch_size:
         raise ValueError(

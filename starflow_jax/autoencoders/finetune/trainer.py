@@ -25,8 +25,9 @@ frame-by-frame decoding to rounding). The losses take the videos in [0, 1]: reco
 over every value, the wavelet term over (t, h, w), the perceptual terms and the (2D patch)
 discriminator on the frames folded into the batch, as the reference's ``NLayerDiscriminator``
 and ``PerceptualLoss`` do. One-frame clips go to the losses as images (the reference's 4-D
-batches through a Wan VAE: no wavelet term). The reference's ``--use_3d_disc``
-(``NLayer3DDiscriminator``) is not implemented.
+batches through a Wan VAE: no wavelet term). ``decoder_loss.discriminator_3d`` (the
+reference's ``--use_3d_disc 1``): the ``ClipDiscriminator`` scores whole clips instead
+(clips of more than one frame only).
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ import optax
 from flax import nnx
 
 from starflow_jax.autoencoders.finetune.convnext import convnext_distance
-from starflow_jax.autoencoders.finetune.discriminator import PatchDiscriminator
+from starflow_jax.autoencoders.finetune.discriminator import ClipDiscriminator, PatchDiscriminator
 from starflow_jax.autoencoders.finetune.losses import (
     LeCamState,
     _frames,
+    _scored,
     discriminator_factor,
     discriminator_loss,
     generator_terms,
@@ -179,7 +181,8 @@ class _Program:
             perceptual = jnp.zeros((), jnp.float32)
         factor = discriminator_factor(step, s)
         use_gan = s.discriminator_factor > 0 and s.discriminator_weight > 0
-        fake_logits = nnx.merge(self.spec.disc_graphdef, disc_state)(fake_frames) if use_gan else None
+        disc = nnx.merge(self.spec.disc_graphdef, disc_state)
+        fake_logits = disc(_scored(disc, fake01)) if use_gan else None
         total, terms = generator_terms(recon, perceptual, fake_logits, wavelet, factor, s)
         return total, (terms, fake01)
 
@@ -240,7 +243,11 @@ class Finetuner:
         self.f, self.loss = finetune, loss
         self.video = isinstance(vae, AutoencoderKLWan)
         graphdef, self.trainable0, self.frozen = nnx.split(vae, _trainable, ...)
-        disc = PatchDiscriminator(
+        if loss.discriminator_3d and not self.video:
+            raise ValueError(
+                "decoder_loss.discriminator_3d (the 3D discriminator) scores clips: it needs a Wan video VAE"
+            )
+        disc = (ClipDiscriminator if loss.discriminator_3d else PatchDiscriminator)(
             vae.cfg.pixel_out_channels if self.video else vae.cfg.out_channels,
             loss.discriminator_channels,
             loss.discriminator_stages,

@@ -192,11 +192,16 @@ def _prepare_workdir(workdir: pathlib.Path, config_json: str) -> bool:
     if (workdir / "vae").exists():
         raise FileExistsError(f"--workdir {workdir} holds a finished run ({workdir / 'vae'}); choose a new workdir")
     old, new = json.loads(saved.read_text()), json.loads(config_json)
+    from starflow_jax.config.decoder_loss import DECODER_LOSS_DEFAULTS
+    from starflow_jax.config.finetune import FINETUNE_DEFAULTS
+
+    # a key the saved config lacks (added to the settings since) counts at its default
+    defaults = {"finetune": FINETUNE_DEFAULTS, "decoder_loss": DECODER_LOSS_DEFAULTS}
     differ = sorted(
         f"{sec}.{k}"
         for sec in set(old) | set(new)
         for k in set(old.get(sec, {})) | set(new.get(sec, {}))
-        if old.get(sec, {}).get(k) != new.get(sec, {}).get(k)
+        if old.get(sec, {}).get(k, defaults.get(sec, {}).get(k)) != new.get(sec, {}).get(k)
     )
     if differ:
         raise ValueError(

@@ -180,3 +180,19 @@ def test_3d_discriminator_step(wan_dir):
     metrics = jax.device_get(metrics)
     assert np.isfinite(float(metrics["discriminator_loss"])) and float(metrics["wavelet_loss"]) > 0
     assert int(state.step) == 1
+
+
+@pytest.mark.slow  # ~60 s on a 2-core CPU: two more runs, each compiling the step
+def test_wan_stopped_and_resumed_equals_uninterrupted(wan_dir, run_dir, tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    work = tmp_path / "w"
+    assert main(_args(wan_dir, work, *RUN, "--stop-at", "2")) == 0
+    assert "stopped after step 2" in capsys.readouterr().out
+    assert main(_args(wan_dir, work, *RUN)) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+    name = "diffusion_pytorch_model.safetensors"
+    want, got = load_file(run_dir / "vae" / name), load_file(work / "vae" / name)
+    assert sorted(want) == sorted(got)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -327,6 +327,62 @@ def test_discriminator_loads_from_a_pth_file(tmp_path):
     np.testing.assert_array_equal(np.asarray(d.logits_out.bias[...]), state["to_logits.2.bias"])
 
 
+def test_clip_discriminator_shapes_and_losses_score_whole_clips():
+    d = disc_lib.ClipDiscriminator(hidden_channels=32, num_stages=2, rngs=nnx.Rngs(0))
+    shape = lambda x: nnx.eval_shape(lambda d, x: d(x), d, x).shape  # noqa: E731
+    assert shape(jax.ShapeDtypeStruct((2, 5, 3, 32, 32), jnp.float32)) == (2, 1, 2, 16, 16)
+    assert shape(jax.ShapeDtypeStruct((1, 9, 3, 20, 28), jnp.float32)) == (1, 1, 2, 16, 16)
+    with pytest.raises(ValueError, match="scores whole clips"):
+        d(np.zeros((2, 3, 16, 16), np.float32))
+    assert d.temporal == (True, True)  # int(2 / 3) = 0 stages keep every frame
+    assert disc_lib.ClipDiscriminator(hidden_channels=32, rngs=nnx.Rngs(0)).temporal == (False, True, True)
+    x, y = _batch((2, 5, 3, 16, 16))
+    _, terms, _ = losses.discriminator_loss(x, y, discriminator=d, lecam_state=losses.init_lecam_state(), step=0)
+    want_real = float(jnp.mean(d(jnp.asarray(x))))  # one logit map per clip, not per frame
+    np.testing.assert_allclose(float(terms["logits_real"]), want_real, rtol=1e-5)
+
+
+def test_clip_discriminator_loading_names_and_layout():
+    arch = dict(hidden_channels=32, num_stages=2)
+    make = lambda: disc_lib.ClipDiscriminator(**arch, rngs=nnx.Rngs(0))  # noqa: E731
+    state = _random_torch_state(make, disc_lib._torch_name_3d)
+    assert state["blocks.2.weight"].shape == (64, 32, 3, 3, 3)  # torch's OIDHW
+    blur = np.outer([1, 3, 3, 1], [1, 3, 3, 1])[None, None, None] / 64.0  # BlurBlock3D's (1, 1, 1, 4, 4) buffer
+    d = disc_lib.load_clip_discriminator({**state, "blocks.1.0.kernel": blur}, **arch)
+    np.testing.assert_array_equal(
+        np.asarray(d.stage_convs[1].kernel[...]), state["blocks.2.weight"].transpose(2, 3, 4, 1, 0)
+    )
+
+
+def test_parity_clip_discriminator_logits():
+    """The reference's NLayer3DDiscriminator (misc/discriminator.py needs torch and einops only)."""
+    repo = os.environ.get("STARFLOW_REFERENCE_REPO")
+    if not repo:
+        pytest.skip("STARFLOW_REFERENCE_REPO is unset: no apple/ml-starflow checkout to compare with")
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    pytest.importorskip("einops", reason="einops not installed (the reference's misc/ imports it)")
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    ref_lib = importlib.import_module("misc.discriminator")
+    for arch in (dict(hidden_channels=32, num_stages=2), dict(hidden_channels=32, num_stages=3, blur_kernel_size=3)):
+        torch.manual_seed(0)
+        ref = ref_lib.NLayer3DDiscriminator(num_channels=3, **arch).eval()
+        with torch.no_grad():  # norms and biases away from their initial values
+            for _, p in ref.named_parameters():
+                if p.ndim == 1:
+                    p.normal_(0.5, 0.3)
+        ours = disc_lib.load_clip_discriminator(ref.state_dict(), **arch)
+        for shape in [(2, 5, 3, 32, 32), (1, 9, 3, 20, 28), (1, 1, 3, 16, 16)]:
+            x, _ = _batch(shape)
+            with torch.no_grad():
+                want = ref(torch.from_numpy(x)).numpy()
+            with jax.default_matmul_precision("highest"):
+                got = np.asarray(ours(jnp.asarray(x)))
+            assert got.shape == want.shape
+            rel = float(np.abs(got - want).max() / np.abs(want).max())
+            assert rel < 1e-5, (arch, shape, rel)
+
+
 def test_lpips_loading_errors_name_the_file_or_tensor(tmp_path):
     state = _random_torch_state(lambda: lpips_lib.LPIPS(rngs=nnx.Rngs(0)), lpips_lib.torch_name)
     vgg = {k: v for k, v in state.items() if k.startswith("features.")}

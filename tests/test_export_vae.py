@@ -76,3 +76,60 @@ def test_export_never_overwrites(ours, tmp_path):
         export_vae_to_diffusers(ours, tmp_path / "file")
     (tmp_path / "empty").mkdir()
     export_vae_to_diffusers(ours, tmp_path / "empty")  # an existing empty directory is fine
+
+
+WAN_FORMS = {
+    "wan2.1": dict(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        latents_mean=[0.1, -0.2, 0.0, 0.3],
+        latents_std=[1.5, 0.8, 1.0, 2.0],
+    ),
+    "wan2.2": dict(  # residual blocks, patchified pixels, a wider decoder
+        base_dim=8,
+        decoder_base_dim=12,
+        z_dim=8,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        is_residual=True,
+        patch_size=2,
+        in_channels=12,
+        out_channels=12,
+        scale_factor_spatial=16,
+        latents_mean=[0.1] * 8,
+        latents_std=[1.2] * 8,
+    ),
+}
+
+
+@pytest.mark.parametrize("form", sorted(WAN_FORMS))
+def test_wan_export_reloads_in_diffusers_exactly(form, tmp_path):
+    """Our AutoencoderKLWan written back: diffusers reads the same config and, to the bit,
+    the same weights it was converted from (RMS-norm gammas in both of diffusers' shapes)."""
+    from starflow_jax.autoencoders import wan_from_diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKLWan(**WAN_FORMS[form]).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # gammas away from 1 so that a wrong layout or name would show
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+    out = export_vae_to_diffusers(wan_from_diffusers(model), tmp_path / "vae")
+    cfg = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert cfg["_class_name"] == "AutoencoderKLWan"
+    theirs = diffusers.AutoencoderKLWan.from_pretrained(out).eval()
+    strip = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+    assert strip(theirs.config) == strip(model.config)
+    want, got = model.state_dict(), theirs.state_dict()
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    if form == "wan2.1":  # and decodes as ours does
+        ours = load_autoencoder(str(out)).model
+        z = np.random.default_rng(0).normal(size=(1, 2, 4, 2, 2)).astype(np.float32)
+        with torch.no_grad():
+            ref = theirs.decode(torch.from_numpy(z.transpose(0, 2, 1, 3, 4))).sample.numpy().transpose(0, 2, 1, 3, 4)
+        np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, z: m.decode(z))(ours, z)), ref, atol=1e-5, rtol=0)

@@ -1,6 +1,8 @@
-"""``starflow-jax finetune-decoder``: fine-tune an SD-VAE's decoder (encoder frozen) to decode
-latents perturbed with the flow's Gaussian noise; the result written as a diffusers
-directory ``WORKDIR/vae`` for ``starflow-jax sample --vae``. Metrics: ``WORKDIR/metrics.jsonl``
+"""``starflow-jax finetune-decoder``: fine-tune the decoder of an SD-VAE (``AutoencoderKL``,
+on images) or of the Wan video VAE (``AutoencoderKLWan``, on clips of ``finetune.frames``
+frames: moving digits or a video folder), encoder frozen, to decode latents perturbed with
+the flow's Gaussian noise; the result written as a diffusers directory ``WORKDIR/vae`` (of
+the input's class) for ``starflow-jax sample --vae``. Metrics: ``WORKDIR/metrics.jsonl``
 and ``WORKDIR/tensorboard``; orbax checkpoints in ``WORKDIR/checkpoints`` (rerun to resume)."""
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from starflow_jax.config.model_config import ConfigError
 def add_parser(sub):
     p = sub.add_parser(
         "finetune-decoder",
-        help="fine-tune an SD-VAE decoder on noisy latents (the reference's finetune_decoder.py)",
+        help="fine-tune an SD-VAE's or Wan VAE's decoder on noisy latents (the reference's finetune_decoder.py)",
     )
-    p.add_argument("--vae", required=True, help="diffusers AutoencoderKL directory (the SD-VAE) to fine-tune")
+    p.add_argument(
+        "--vae",
+        required=True,
+        help="diffusers AutoencoderKL (SD-VAE) or AutoencoderKLWan (Wan video VAE; DIR:SCALE for a temporal "
+        "latent scale) directory to fine-tune",
+    )
     p.add_argument("--config", required=True, help="config .py with finetune and decoder_loss sections")
     p.add_argument(
         "--workdir",
@@ -73,10 +80,59 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
     return perm[i * batch_size : (i + 1) * batch_size]
 
 
-def training_data(f):
+def moving_digits_rgb(source, idx, size: int) -> np.ndarray:
+    """Clips ``idx`` of a ``MovingDigitsSource`` upscaled (nearest) to ``(b, t, 3, size, size)``."""
+    clips = np.stack([source[int(i)]["image"] for i in idx])  # (b, t, 1, 8, 8)
+    b, t = clips.shape[:2]
+    return digits_rgb(clips.reshape((b * t,) + clips.shape[2:]), size).reshape(b, t, 3, size, size)
+
+
+def training_clips(f):
+    """``(n_train, batch of indices -> clips, held-out clips)``, clips ``(b, frames, 3, s, s)``
+    in [-1, 1]: ``f.videos``, a video folder (``VideoFolderSource``; held out: the first
+    ``heldout_images`` videos of a fixed permutation), or moving digits (the digits' train
+    split, held out: clips of the held-out split)."""
+    if not f.videos:
+        from starflow_jax.data.digits import load_digits_splits
+        from starflow_jax.data.moving_digits import MovingDigitsSource
+
+        train_split, held_split = load_digits_splits(f.num_train, seed=0)
+        train = MovingDigitsSource(train_split.images, train_split.labels, f.frames, seed=0)
+        held = MovingDigitsSource(held_split.images, held_split.labels, f.frames, seed=1)
+        n_held = min(int(f.heldout_images), len(held))
+        return (
+            len(train),
+            lambda idx: moving_digits_rgb(train, idx, f.image_size),
+            moving_digits_rgb(held, range(n_held), f.image_size),
+        )
+    from starflow_jax.data.video import VideoFolderSource
+
+    src = VideoFolderSource(f.videos, f.frames, f.image_size, seed=0)
+    if len(src) <= f.heldout_images:
+        raise ValueError(
+            f"finetune.videos {f.videos} holds {len(src)} videos: not more than finetune.heldout_images="
+            f"{f.heldout_images}"
+        )
+    perm = np.random.default_rng(0).permutation(len(src))
+    held_idx, train_idx = perm[: f.heldout_images], perm[f.heldout_images :]
+
+    def load(idx):
+        return np.stack([src[int(i)]["video"] for i in idx])
+
+    return len(train_idx), lambda idx: load(train_idx[idx]), load(held_idx)
+
+
+def training_data(f, video: bool = False):
     """``(n_train, batch of indices -> images, held-out images)``, images ``(b, 3, s, s)`` in
     [-1, 1]: the embedded digits (upscaled) or ``f.images``, an image folder (held out: the
-    first ``heldout_images`` of a fixed permutation; decoded per batch)."""
+    first ``heldout_images`` of a fixed permutation; decoded per batch). ``video`` (a Wan
+    VAE): clips ``(b, frames, 3, s, s)`` instead, ``training_clips``'s when ``f.frames > 1``
+    or ``f.videos`` is set, else these images as one-frame clips."""
+    if video and (f.frames > 1 or f.videos):
+        return training_clips(f)
+    if video:
+        n, get, held = training_data(f)
+        return n, lambda idx: get(idx)[:, None], held[:, None]
     if not f.images:
         from starflow_jax.data.digits import load_digits_splits
 
@@ -136,11 +192,16 @@ def _prepare_workdir(workdir: pathlib.Path, config_json: str) -> bool:
     if (workdir / "vae").exists():
         raise FileExistsError(f"--workdir {workdir} holds a finished run ({workdir / 'vae'}); choose a new workdir")
     old, new = json.loads(saved.read_text()), json.loads(config_json)
+    from starflow_jax.config.decoder_loss import DECODER_LOSS_DEFAULTS
+    from starflow_jax.config.finetune import FINETUNE_DEFAULTS
+
+    # a key the saved config lacks (added to the settings since) counts at its default
+    defaults = {"finetune": FINETUNE_DEFAULTS, "decoder_loss": DECODER_LOSS_DEFAULTS}
     differ = sorted(
         f"{sec}.{k}"
         for sec in set(old) | set(new)
         for k in set(old.get(sec, {})) | set(new.get(sec, {}))
-        if old.get(sec, {}).get(k) != new.get(sec, {}).get(k)
+        if old.get(sec, {}).get(k, defaults.get(sec, {}).get(k)) != new.get(sec, {}).get(k)
     )
     if differ:
         raise ValueError(
@@ -148,6 +209,38 @@ def _prepare_workdir(workdir: pathlib.Path, config_json: str) -> bool:
             f"the same settings (its {CONFIG_FILE}) or choose a new workdir"
         )
     return True
+
+
+def check_data_settings(f, ae, vae_arg: str, loss=None) -> None:
+    """The data settings ``f`` (and ``loss``) fit the autoencoder ``ae`` (``loading.Autoencoder``),
+    or a clear error."""
+    if loss is not None and loss.discriminator_3d and (ae.kind != "video" or f.frames < 2):
+        raise ValueError(
+            "decoder_loss.discriminator_3d scores whole clips: it needs a Wan video VAE and finetune.frames > 1 "
+            f"(--vae {vae_arg} is {'a video' if ae.kind == 'video' else 'an image'} VAE, frames={f.frames})"
+        )
+    if f.image_size % ae.spatial:
+        raise ValueError(f"finetune.image_size={f.image_size} is not a multiple of the VAE's factor {ae.spatial}")
+    if f.images and f.videos:
+        raise ValueError("finetune.images and finetune.videos are both set: give one data source")
+    if ae.kind != "video":
+        if f.frames != 1 or f.videos:
+            raise ValueError(
+                f"finetune.frames={f.frames} / finetune.videos={f.videos!r} apply to a Wan video VAE; --vae "
+                f"{vae_arg} holds an AutoencoderKL (images): leave frames at 1 and videos empty"
+            )
+        return
+    from starflow_jax.autoencoders.wan_config import ENCODE_CHUNK
+
+    if f.frames < 1 or (f.frames - 1) % ENCODE_CHUNK:
+        raise ValueError(
+            f"finetune.frames={f.frames}: the Wan VAE encodes 1 + {ENCODE_CHUNK}k frames (1, 5, 9, 13, ...)"
+        )
+    if f.images and f.frames > 1:
+        raise ValueError(
+            "finetune.images (an image folder) gives one-frame clips: set finetune.frames=1, or use "
+            "finetune.videos (a video folder) or moving digits (no images / videos) for longer clips"
+        )
 
 
 def run(args) -> int:
@@ -166,14 +259,14 @@ def run(args) -> int:
     from starflow_jax.autoencoders.finetune.trainer import Finetuner
     from starflow_jax.autoencoders.loading import load_autoencoder
 
-    ae = load_autoencoder(args.vae)
-    if ae.kind != "image":
-        raise ValueError(f"--vae {args.vae} holds a video VAE; finetune-decoder fine-tunes an AutoencoderKL")
-    if f.image_size % ae.spatial:
-        raise ValueError(f"finetune.image_size={f.image_size} is not a multiple of the VAE's factor {ae.spatial}")
-    n_train, train_batch, held = training_data(f)
+    ae = load_autoencoder(args.vae)  # a clear error for a directory of any other class
+    video = ae.kind == "video"
+    check_data_settings(f, ae, args.vae, loss)
+    n_train, train_batch, held = training_data(f, video)
     if n_train < f.batch_size:
-        raise ValueError(f"finetune.batch_size={f.batch_size} exceeds the {n_train} training images")
+        raise ValueError(
+            f"finetune.batch_size={f.batch_size} exceeds the {n_train} training {'clips' if video else 'images'}"
+        )
     tuner = Finetuner(ae.model, f, loss, steps_per_epoch=n_train // f.batch_size, lpips=lpips, convnext=convnext)
     state = tuner.init()
     held_key = jax.random.key(int(f.seed) + 1)
@@ -231,4 +324,7 @@ def run(args) -> int:
         f"{last['heldout_noisy_mse']:.5g} after {f.steps} steps ({time.time() - start:.1f} s this run); wrote {out}",
         flush=True,
     )
+    scale = getattr(ae.model.cfg, "temporal_latent_scale", 1.0)
+    if scale != 1.0:
+        print(f"(the temporal latent scale {scale} is not recorded there: pass --vae {out}:{scale:g})", flush=True)
     return 0

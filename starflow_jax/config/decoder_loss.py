@@ -36,6 +36,7 @@ DECODER_LOSS_DEFAULTS = dict(
     discriminator_channels=128,  # NLD: hidden_channels = 128
     discriminator_stages=3,  # NLD: num_stages = 3
     discriminator_blur=4,  # NLD: blur_kernel_size = 4 (blur_resample = True)
+    discriminator_3d=False,  # fd.py: --use_3d_disc 0; True: NLayer3DDiscriminator on whole clips (videos only)
 )
 
 

@@ -4,7 +4,8 @@ every key once, with its default and where in the reference it comes from.
 is an error. The losses' weights are ``config/decoder_loss.py``'s section.
 
 Per step, as the reference: latents ``z1 = posterior sample * scaling_factor`` of the
-frozen encoder, ``z = z1 + noise_std * N(0, 1)``; one AdamW step of the decoder (and
+frozen encoder (the Wan video VAE: ``(sample - latents_mean) / latents_std`` of clips of
+``frames`` frames), ``z = z1 + noise_std * N(0, 1)``; one AdamW step of the decoder (and
 ``post_quant_conv``: every VAE parameter with a gradient) on the generator loss of
 ``decode(z)``; then one AdamW step of the discriminator on the same reconstructions.
 """
@@ -35,6 +36,8 @@ FINETUNE_DEFAULTS = dict(
     heldout_images=64,  # ours: held-out images for the noisy-latent reconstruction error
     num_train=1500,  # ours: digits train / held-out split (data/digits.py)
     images="",  # ours: "" = the embedded digits; else an image folder root/<class>/<image> (fd.py: utils.get_data)
+    frames=1,  # ours: frames per training clip, a Wan VAE only (1 + 4k; 1 = images as one-frame clips)
+    videos="",  # ours: frames > 1: a video folder (videos with <name>.txt captions); "" = moving digits
     checkpoint_every=500,  # ours (fd.py saves the VAE once per epoch, no optimizer state): orbax, resumable
     keep_checkpoints=2,  # ours: the newest checkpoints kept
 )

@@ -15,6 +15,12 @@ even kernel on the bottom / right); the blur pads as a stride-2, size-4 window w
 whatever its kernel's length (the reference's ``BlurBlock``). Initialised as torch
 initialises ``nn.Conv2d`` (the reference trains it from scratch). Weights from a torch
 state dict of the reference's module: ``load_discriminator``.
+
+``ClipDiscriminator``: the reference's ``NLayer3DDiscriminator`` (its ``--use_3d_disc 1``),
+clips ``(b, t, c, h, w)`` scored whole: the same layout in 3D (5x5x5 / 3x3x3 / 1x1x1
+convolutions), the blur spatial only (a ``1 x k x k`` kernel padded as a size-``k`` stride-2
+window), its temporal stride 2 (frames 0, 2, 4, ...) in all but the first ``num_stages // 3``
+stages, max pooled to ``(2, 16, 16)``: logits ``(b, 1, 2, 16, 16)``.
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ from starflow_jax.layers.linear import TORCH_KERNEL_INIT
 
 __all__ = [
     "BLUR_KERNELS",
+    "ClipDiscriminator",
     "LEAKY_SLOPE",
     "LOGITS_SIZE",
     "PatchDiscriminator",
     "adaptive_max_pool",
     "blur_downsample",
+    "load_clip_discriminator",
     "load_discriminator",
     "torch_name",
 ]
@@ -53,8 +61,8 @@ def _same_pad(kernel: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def _conv(in_channels: int, out_channels: int, kernel: int, precision, rngs: nnx.Rngs) -> nnx.Conv:
-    bound = 1.0 / math.sqrt(in_channels * kernel * kernel)
+def _conv(in_channels: int, out_channels: int, kernel: int, precision, rngs: nnx.Rngs, dims: int = 2) -> nnx.Conv:
+    bound = 1.0 / math.sqrt(in_channels * kernel**dims)
 
     def bias_init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -63,8 +71,8 @@ def _conv(in_channels: int, out_channels: int, kernel: int, precision, rngs: nnx
     return nnx.Conv(
         in_channels,
         out_channels,
-        (kernel, kernel),
-        padding=(pad, pad),
+        (kernel,) * dims,
+        padding=(pad,) * dims,
         kernel_init=TORCH_KERNEL_INIT,
         bias_init=bias_init,
         precision=precision,
@@ -90,6 +98,30 @@ def blur_downsample(x: jax.Array, taps: tuple[int, ...] = BLUR_KERNELS[4]) -> ja
         window_strides=(2, 2),
         padding=(pad(x.shape[1]), pad(x.shape[2])),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=channels,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+def blur_downsample_3d(x: jax.Array, taps: tuple[int, ...] = BLUR_KERNELS[4], temporal: bool = False) -> jax.Array:
+    """``x`` ``(b, t, h, w, c)`` blurred over (h, w) by the normalised outer product of
+    ``taps`` and subsampled by 2 there (padded as a size-``len(taps)`` stride-2 "same"
+    window), each channel alone; ``temporal``: also every other frame (0, 2, ...)."""
+    kernel = np.outer(taps, taps).astype(np.float32)
+    kernel /= kernel.sum()
+    channels, k = x.shape[-1], len(taps)
+
+    def pad(size: int) -> tuple[int, int]:
+        total = max((math.ceil(size / 2) - 1) * 2 + k - size, 0)
+        return total // 2, total - total // 2
+
+    weight = jnp.broadcast_to(jnp.asarray(kernel, x.dtype)[None, :, :, None, None], (1, k, k, 1, channels))
+    return jax.lax.conv_general_dilated(
+        x,
+        weight,
+        window_strides=(2 if temporal else 1, 2, 2),
+        padding=((0, 0), pad(x.shape[2]), pad(x.shape[3])),
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
         feature_group_count=channels,
         precision=jax.lax.Precision.HIGHEST,
     )
@@ -165,6 +197,61 @@ class PatchDiscriminator(nnx.Module):
         return jnp.transpose(h, (0, 3, 1, 2))
 
 
+CLIP_LOGITS_SIZE = (2, 16, 16)
+
+
+class ClipDiscriminator(nnx.Module):
+    """The reference's ``NLayer3DDiscriminator(with_condition=False)``: clips ``(b, t, c, h, w)``
+    scored whole, logits ``(b, 1, 2, 16, 16)`` (torch's ``(b, c, t, h, w)``). Arguments as
+    ``PatchDiscriminator``'s."""
+
+    scores_clips = True  # the losses give it clips, not frames
+
+    def __init__(
+        self,
+        num_channels: int = 3,
+        hidden_channels: int = 128,
+        num_stages: int = 3,
+        blur_kernel_size: int = 4,
+        *,
+        precision: jax.lax.PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
+        if num_stages < 1:
+            raise ValueError(f"the discriminator needs at least one stage, got num_stages={num_stages}")
+        if blur_kernel_size not in BLUR_KERNELS:
+            raise ValueError(f"blur_kernel_size must be one of {sorted(BLUR_KERNELS)}, got {blur_kernel_size}")
+        if hidden_channels % _GROUPS:
+            raise ValueError(f"hidden_channels must be a multiple of {_GROUPS} (GroupNorm), got {hidden_channels}")
+        self.num_channels = num_channels
+        self.blur_taps = BLUR_KERNELS[blur_kernel_size]
+        keep = num_stages // 3  # the reference's int(num_stages * 1/3) stages keep every frame
+        self.temporal = tuple([False] * keep + [True] * (num_stages - keep))
+        widths = [hidden_channels] + [hidden_channels * 2**i for i in range(num_stages)]
+        self.block_in = _conv(num_channels, hidden_channels, 5, precision, rngs, 3)
+        self.stage_convs = nnx.List([_conv(widths[i], widths[i + 1], 3, precision, rngs, 3) for i in range(num_stages)])
+        self.stage_norms = nnx.List(
+            [nnx.GroupNorm(w, num_groups=_GROUPS, epsilon=1e-5, use_fast_variance=False, rngs=rngs) for w in widths[1:]]
+        )
+        self.logits_hidden = _conv(widths[-1], widths[-1], 1, precision, rngs, 3)
+        self.logits_out = _conv(widths[-1], 1, 5, precision, rngs, 3)
+
+    def __call__(self, clips: jax.Array) -> jax.Array:
+        if clips.ndim != 5 or clips.shape[2] != self.num_channels:
+            raise ValueError(
+                f"clips must be (b, t, {self.num_channels}, h, w) (the 3D discriminator scores whole clips), "
+                f"got shape {tuple(clips.shape)}"
+            )
+        h = jax.nn.leaky_relu(self.block_in(jnp.transpose(clips, (0, 1, 3, 4, 2))), LEAKY_SLOPE)
+        for conv, norm, temporal in zip(self.stage_convs, self.stage_norms, self.temporal):
+            h = blur_downsample_3d(conv(h), self.blur_taps, temporal)
+            h = jax.nn.leaky_relu(norm(h), LEAKY_SLOPE)
+        for axis, size in enumerate(CLIP_LOGITS_SIZE, start=1):
+            h = _adaptive_max_axis(h, axis, size)
+        h = self.logits_out(jax.nn.leaky_relu(self.logits_hidden(h), LEAKY_SLOPE))
+        return jnp.transpose(h, (0, 4, 1, 2, 3))
+
+
 def torch_name(path: tuple[str, ...]) -> tuple[str, object]:
     """The reference module's state-dict name of one of our parameters, and its layout."""
     *module, leaf = path
@@ -180,13 +267,27 @@ def torch_name(path: tuple[str, ...]) -> tuple[str, object]:
     return f"{prefix}.{'weight' if leaf == 'kernel' else 'bias'}", CONV if leaf == "kernel" else SAME
 
 
+def _torch_name_3d(path: tuple[str, ...]) -> tuple[str, object]:
+    name, layout = torch_name(path)
+    return name, (2, 3, 4, 1, 0) if layout == CONV else layout  # OIDHW -> DHWIO
+
+
 def load_discriminator(path_or_state_dict, **architecture) -> PatchDiscriminator:
     """A ``PatchDiscriminator`` (``architecture``: its constructor's keywords) holding the
     weights of a state dict of the reference's ``NLayerDiscriminator``: a ``.pth`` file or
     a mapping. Its fixed blur kernels (``blocks.<odd>.0.kernel`` buffers) are checked
     against ours; a missing, unexpected or mis-shaped tensor is one ``StateDictMismatch``."""
-    state_dict = read_state_dict(path_or_state_dict, "discriminator weights (the reference's NLayerDiscriminator)")
-    make = lambda: PatchDiscriminator(**architecture, rngs=nnx.Rngs(0))  # noqa: E731
+    return _load(PatchDiscriminator, torch_name, "NLayerDiscriminator", path_or_state_dict, architecture)
+
+
+def load_clip_discriminator(path_or_state_dict, **architecture) -> ClipDiscriminator:
+    """``load_discriminator`` for the reference's ``NLayer3DDiscriminator``: a ``ClipDiscriminator``."""
+    return _load(ClipDiscriminator, _torch_name_3d, "NLayer3DDiscriminator", path_or_state_dict, architecture)
+
+
+def _load(cls, names, what: str, path_or_state_dict, architecture):
+    state_dict = read_state_dict(path_or_state_dict, f"discriminator weights (the reference's {what})")
+    make = lambda: cls(**architecture, rngs=nnx.Rngs(0))  # noqa: E731
     taps = BLUR_KERNELS[architecture.get("blur_kernel_size", 4)]
     blur = np.outer(taps, taps).astype(np.float32)
     blur /= blur.sum()
@@ -201,4 +302,4 @@ def load_discriminator(path_or_state_dict, **architecture) -> PatchDiscriminator
             raise StateDictMismatch(mismatched=[(name, tuple(value.shape), (1, 1, *blur.shape))])
         if not np.allclose(value.reshape(blur.shape), blur):
             raise ValueError(f"{name} is not the {blur_name} blur kernel this discriminator uses: {value.reshape(-1)}")
-    return module_from_state_dict(make, weights, torch_name)
+    return module_from_state_dict(make, weights, names)

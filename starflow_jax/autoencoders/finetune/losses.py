@@ -148,6 +148,12 @@ def _frames(x: jax.Array) -> jax.Array:
     return x.reshape((-1, *x.shape[2:])) if x.ndim == 5 else x
 
 
+def _scored(discriminator, x: jax.Array) -> jax.Array:
+    """What ``discriminator`` scores of ``x``: frames folded into the batch (the 2D patch
+    discriminator), or whole clips (``ClipDiscriminator``, the reference's 3D one)."""
+    return x if getattr(discriminator, "scores_clips", False) else _frames(x)
+
+
 def generator_loss(
     inputs: jax.Array,
     reconstructions: jax.Array,
@@ -177,7 +183,7 @@ def generator_loss(
     perceptual = perceptual_loss(lpips_distances, convnext_term, s)
     factor = discriminator_factor(step, s)
     use_gan = s["discriminator_factor"] > 0 and s["discriminator_weight"] > 0
-    fake_logits = discriminator(recon_frames) if use_gan else None
+    fake_logits = discriminator(_scored(discriminator, reconstructions)) if use_gan else None
     total, terms = generator_terms(reconstruction, perceptual, fake_logits, wavelet, factor, s)
     terms["lpips"] = jax.lax.stop_gradient(jnp.mean(lpips_distances))
     terms["convnext"] = jax.lax.stop_gradient(convnext_term)
@@ -220,7 +226,7 @@ def discriminator_loss(
             f"inputs and reconstructions must have one shape, got {tuple(inputs.shape)} and "
             f"{tuple(reconstructions.shape)}"
         )
-    real = jax.lax.stop_gradient(_frames(inputs).astype(jnp.float32))
-    fake = jax.lax.stop_gradient(_frames(reconstructions).astype(jnp.float32))
+    real = jax.lax.stop_gradient(_scored(discriminator, inputs).astype(jnp.float32))
+    fake = jax.lax.stop_gradient(_scored(discriminator, reconstructions).astype(jnp.float32))
     logits_real, logits_fake = jnp.split(discriminator(jnp.concatenate([real, fake])), 2)
     return discriminator_terms(logits_real, logits_fake, lecam_state, discriminator_factor(step, s), s)

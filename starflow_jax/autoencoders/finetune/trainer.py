@@ -15,6 +15,19 @@ steps the decoder's optimizer a second time instead, which we take for a slip an
 follow. The discriminator's start step counts global steps (the reference passes its
 per-epoch iteration, the same while ``discriminator_start`` is 0, its default). Everything is
 float32 (the reference autocasts to bfloat16 on GPU).
+
+The Wan video VAE (``AutoencoderKLWan``) as the reference's ``utils.VAE`` wraps it: videos
+``(b, t, c, h, w)`` (``t = 1 + 4k``) through the encoder in one causal pass, ``z1`` the
+posterior sample normalised ``(z - latents_mean) / latents_std`` (and frames after the
+first times the temporal latent scale, as ``encode_video``), the same noise, then the
+inverse (``decode_video``'s) and the causal decoder in one pass (equal to diffusers'
+frame-by-frame decoding to rounding). The losses take the videos in [0, 1]: reconstruction
+over every value, the wavelet term over (t, h, w), the perceptual terms and the (2D patch)
+discriminator on the frames folded into the batch, as the reference's ``NLayerDiscriminator``
+and ``PerceptualLoss`` do. One-frame clips go to the losses as images (the reference's 4-D
+batches through a Wan VAE: no wavelet term). ``decoder_loss.discriminator_3d`` (the
+reference's ``--use_3d_disc 1``): the ``ClipDiscriminator`` scores whole clips instead
+(clips of more than one frame only).
 """
 
 from __future__ import annotations
@@ -30,9 +43,11 @@ import optax
 from flax import nnx
 
 from starflow_jax.autoencoders.finetune.convnext import convnext_distance
-from starflow_jax.autoencoders.finetune.discriminator import PatchDiscriminator
+from starflow_jax.autoencoders.finetune.discriminator import ClipDiscriminator, PatchDiscriminator
 from starflow_jax.autoencoders.finetune.losses import (
     LeCamState,
+    _frames,
+    _scored,
     discriminator_factor,
     discriminator_loss,
     generator_terms,
@@ -40,7 +55,15 @@ from starflow_jax.autoencoders.finetune.losses import (
     perceptual_loss,
     reconstruction_loss,
 )
+from starflow_jax.autoencoders.finetune.wavelet import wavelet_loss
 from starflow_jax.autoencoders.vae import AutoencoderKL, decode_latents, encode_latents
+from starflow_jax.autoencoders.wan_vae import (
+    AutoencoderKLWan,
+    apply_temporal_scale,
+    denormalize_latents,
+    normalize_latents,
+    sample_posterior,
+)
 from starflow_jax.train.optimizer import lr_schedule
 
 __all__ = [
@@ -50,7 +73,7 @@ __all__ = [
     "psnr",
 ]
 
-TRAINABLE = ("decoder", "post_quant_conv")  # the VAE modules the generator loss trains
+TRAINABLE = ("decoder", "post_quant_conv")  # the VAE modules the generator loss trains (both kinds)
 
 
 def _trainable(path, _value) -> bool:
@@ -88,6 +111,7 @@ class _Spec:
     finetune: tuple
     loss: tuple
     steps_per_epoch: int
+    video: bool  # a Wan video VAE (inputs (b, t, c, h, w)), else the SD-VAE (images)
 
 
 @functools.lru_cache(maxsize=4)
@@ -115,32 +139,57 @@ class _Program:
     def vae(self, trainable, frozen) -> AutoencoderKL:
         return nnx.merge(self.spec.graphdef, trainable, frozen)
 
+    def encode(self, vae, images: jax.Array, key: jax.Array) -> jax.Array:
+        """The flow's latents of ``images``: a posterior sample, scaled (SD-VAE) or
+        normalised (Wan, with its temporal latent scale)."""
+        if not self.spec.video:
+            return encode_latents(vae, images, key)
+        z = normalize_latents(vae.cfg, sample_posterior(*vae.encode(images), key))
+        return apply_temporal_scale(z, vae.cfg.temporal_latent_scale)
+
+    def decode(self, vae, z: jax.Array) -> jax.Array:
+        """The flow's latents back to pixels in [-1, 1] (``encode``'s inverse, then the decoder)."""
+        if not self.spec.video:
+            return decode_latents(vae, z)
+        z = denormalize_latents(vae.cfg, apply_temporal_scale(z, vae.cfg.temporal_latent_scale, inverse=True))
+        return vae.decode(z)
+
     def noisy_latents(self, trainable, frozen, images: jax.Array, key: jax.Array) -> jax.Array:
-        """The frozen encoder's scaled posterior sample plus ``noise_std`` Gaussian noise."""
+        """The frozen encoder's latents plus ``noise_std`` Gaussian noise."""
         k_post, k_noise = jax.random.split(key)
-        z1 = jax.lax.stop_gradient(encode_latents(self.vae(trainable, frozen), images, k_post))
+        z1 = jax.lax.stop_gradient(self.encode(self.vae(trainable, frozen), images, k_post))
         return z1 + self.f.noise_std * jax.random.normal(k_noise, z1.shape, z1.dtype)
 
+    @staticmethod
+    def _loss_view(x: jax.Array) -> jax.Array:
+        """One-frame clips as images (the reference's 4-D batches through a video VAE)."""
+        return x[:, 0] if x.ndim == 5 and x.shape[1] == 1 else x
+
     def _generator(self, trainable, frozen, nets, disc_state, real01, z, step):
-        fake01 = decode_latents(self.vae(trainable, frozen), z) * 0.5 + 0.5
+        fake01 = self._loss_view(self.decode(self.vae(trainable, frozen), z) * 0.5 + 0.5)
         s = self.loss
         recon = reconstruction_loss(real01, fake01, s)
+        wavelet = wavelet_loss(real01, fake01) if fake01.ndim == 5 else 0.0
+        real_frames, fake_frames = _frames(real01), _frames(fake01)  # videos: frames folded into the batch
         if self.spec.lpips_graphdef is not None:
             lpips = nnx.merge(self.spec.lpips_graphdef, nets[0])
             convnext = nnx.merge(self.spec.convnext_graphdef, nets[1])
-            perceptual = perceptual_loss(lpips(real01, fake01), convnext_distance(convnext, real01, fake01), s)
+            perceptual = perceptual_loss(
+                lpips(real_frames, fake_frames), convnext_distance(convnext, real_frames, fake_frames), s
+            )
         else:
             perceptual = jnp.zeros((), jnp.float32)
         factor = discriminator_factor(step, s)
         use_gan = s.discriminator_factor > 0 and s.discriminator_weight > 0
-        fake_logits = nnx.merge(self.spec.disc_graphdef, disc_state)(fake01) if use_gan else None
-        total, terms = generator_terms(recon, perceptual, fake_logits, 0.0, factor, s)
+        disc = nnx.merge(self.spec.disc_graphdef, disc_state)
+        fake_logits = disc(_scored(disc, fake01)) if use_gan else None
+        total, terms = generator_terms(recon, perceptual, fake_logits, wavelet, factor, s)
         return total, (terms, fake01)
 
     def _step(self, state: FinetuneState, frozen, nets, images: jax.Array) -> tuple[FinetuneState, dict]:
         key, k_step = jax.random.split(state.key)
         z = self.noisy_latents(state.decoder, frozen, images, k_step)
-        real01 = images.astype(jnp.float32) * 0.5 + 0.5
+        real01 = self._loss_view(images.astype(jnp.float32) * 0.5 + 0.5)
         grads, (terms, fake01) = jax.grad(self._generator, has_aux=True)(
             state.decoder, frozen, nets, state.discriminator, real01, z, state.step
         )
@@ -168,7 +217,7 @@ class _Program:
     def _heldout_error(self, trainable, frozen, images: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         z = self.noisy_latents(trainable, frozen, images, key)
         real01 = images.astype(jnp.float32) * 0.5 + 0.5
-        fake01 = decode_latents(self.vae(trainable, frozen), z) * 0.5 + 0.5
+        fake01 = self.decode(self.vae(trainable, frozen), z) * 0.5 + 0.5
         return jnp.mean(jnp.square(real01 - fake01)), psnr(real01, fake01)
 
 
@@ -179,13 +228,27 @@ class Finetuner:
     warmup when ``discriminator_warmup_steps`` is -1. The weights are arguments of the
     compiled programs (not constants in them), so Finetuners of one spec share them."""
 
-    def __init__(self, vae: AutoencoderKL, finetune, loss, *, steps_per_epoch: int, lpips=None, convnext=None):
+    def __init__(
+        self,
+        vae: AutoencoderKL | AutoencoderKLWan,
+        finetune,
+        loss,
+        *,
+        steps_per_epoch: int,
+        lpips=None,
+        convnext=None,
+    ):
         if (lpips is None) != (convnext is None):
             raise ValueError("the perceptual term needs both LPIPS and ConvNeXt-S (or neither)")
         self.f, self.loss = finetune, loss
+        self.video = isinstance(vae, AutoencoderKLWan)
         graphdef, self.trainable0, self.frozen = nnx.split(vae, _trainable, ...)
-        disc = PatchDiscriminator(
-            vae.cfg.out_channels,
+        if loss.discriminator_3d and not self.video:
+            raise ValueError(
+                "decoder_loss.discriminator_3d (the 3D discriminator) scores clips: it needs a Wan video VAE"
+            )
+        disc = (ClipDiscriminator if loss.discriminator_3d else PatchDiscriminator)(
+            vae.cfg.pixel_out_channels if self.video else vae.cfg.out_channels,
             loss.discriminator_channels,
             loss.discriminator_stages,
             loss.discriminator_blur,
@@ -198,7 +261,13 @@ class Finetuner:
             (lg, ls), (cg, cs) = nnx.split(lpips), nnx.split(convnext)
             nets_graphdefs, self.nets = (lg, cg), (ls, cs)
         spec = _Spec(
-            graphdef, disc_graphdef, *nets_graphdefs, _frozen_dict(finetune), _frozen_dict(loss), int(steps_per_epoch)
+            graphdef,
+            disc_graphdef,
+            *nets_graphdefs,
+            _frozen_dict(finetune),
+            _frozen_dict(loss),
+            int(steps_per_epoch),
+            self.video,
         )
         self.program = _program(spec)
         self.tx_decoder, self.tx_discriminator = self.program.tx_decoder, self.program.tx_discriminator
@@ -215,7 +284,8 @@ class Finetuner:
         )
 
     def step(self, state: FinetuneState, images) -> tuple[FinetuneState, dict]:
-        """One fine-tuning step (``state`` is donated)."""
+        """One fine-tuning step (``state`` is donated) on ``images`` in [-1, 1]: ``(b, c, h, w)``
+        for the SD-VAE, clips ``(b, 1 + 4k, c, h, w)`` for the Wan VAE."""
         return self.program.step(state, self.frozen, self.nets, images)
 
     def heldout_error(self, state: FinetuneState, images, key) -> tuple[jax.Array, jax.Array]:

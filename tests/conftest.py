@@ -1,12 +1,33 @@
 """Shared test helpers, and one fixture for the whole suite: compiled programs are dropped
 after every test module."""
 
+import atexit
 import gc
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
+
+
+def _share_compiled_programs():
+    """A persistent XLA compilation cache for this pytest run, in a temporary directory removed
+    at exit: the many tests (and the CLI subprocesses they start, which inherit the
+    environment) that build the same small models compile each program once. Off with
+    ``STARFLOW_TEST_COMPILE_CACHE=0``; a ``JAX_COMPILATION_CACHE_DIR`` already set is kept."""
+    if os.environ.get("STARFLOW_TEST_COMPILE_CACHE", "1") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    path = tempfile.mkdtemp(prefix="starflow-test-xla-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+_share_compiled_programs()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,7 +3,14 @@ on images) or of the Wan video VAE (``AutoencoderKLWan``, on clips of ``finetune
 frames: moving digits or a video folder), encoder frozen, to decode latents perturbed with
 the flow's Gaussian noise; the result written as a diffusers directory ``WORKDIR/vae`` (of
 the input's class) for ``starflow-jax sample --vae``. Metrics: ``WORKDIR/metrics.jsonl``
-and ``WORKDIR/tensorboard``; orbax checkpoints in ``WORKDIR/checkpoints`` (rerun to resume)."""
+and ``WORKDIR/tensorboard``; orbax checkpoints in ``WORKDIR/checkpoints`` (rerun to resume).
+
+Sharded like the flow's training: the config's ``mesh`` section (``config/training.py``'s
+``mesh_section``; default: every device on ``data``) over all processes' devices, the global
+batch split over ``data x fsdp``, the weights and optimizer states replicated (the VAE and
+discriminator declare no logical axes). With several processes (``jax.distributed``: the
+same options as ``train``) each loads only its rows of every global batch; process 0 writes
+the metrics and the result."""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import time
 
 import numpy as np
 
+from starflow_jax.cli import processes
 from starflow_jax.config.loader import _load_python, apply_overrides
 from starflow_jax.config.model_config import ConfigError
 
@@ -46,6 +54,7 @@ def add_parser(sub):
     p.add_argument(
         "--no-perceptual", action="store_true", help="train without the LPIPS / ConvNeXt-S term (no weights needed)"
     )
+    processes.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -59,6 +68,10 @@ def load_finetune_config(path: str, overrides=()):
     for section in ("finetune", "decoder_loss"):
         if section not in config:
             raise ConfigError(f"config {p} has no {section!r} section")
+    if "mesh" not in config:  # optional: the training mesh's defaults (every device on data)
+        from starflow_jax.config.training import mesh_section
+
+        config.mesh = mesh_section()
     config.lock()
     return apply_overrides(config, overrides)
 
@@ -192,6 +205,7 @@ def _prepare_workdir(workdir: pathlib.Path, config_json: str) -> bool:
     if (workdir / "vae").exists():
         raise FileExistsError(f"--workdir {workdir} holds a finished run ({workdir / 'vae'}); choose a new workdir")
     old, new = json.loads(saved.read_text()), json.loads(config_json)
+    old.pop("mesh", None), new.pop("mesh", None)  # a run may resume on another mesh (orbax reshards)
     from starflow_jax.config.decoder_loss import DECODER_LOSS_DEFAULTS
     from starflow_jax.config.finetune import FINETUNE_DEFAULTS
 
@@ -243,7 +257,14 @@ def check_data_settings(f, ae, vae_arg: str, loss=None) -> None:
         )
 
 
+def local_rows(idx: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """This process's contiguous share of a global batch's indices (as the flow's pipeline)."""
+    n = len(idx) // process_count
+    return idx[process_index * n : (process_index + 1) * n]
+
+
 def run(args) -> int:
+    processes.initialize(args, log=lambda m: print(m, flush=True))  # before anything touches the devices
     config = load_finetune_config(args.config, args.set)
     f, loss = config.finetune, config.decoder_loss
     workdir = pathlib.Path(args.workdir)
@@ -256,8 +277,14 @@ def run(args) -> int:
     import jax
 
     from starflow_jax.autoencoders.export_vae import export_vae_to_diffusers
-    from starflow_jax.autoencoders.finetune.trainer import Finetuner
+    from starflow_jax.autoencoders.finetune.trainer import Finetuner, check_finetune_mesh
     from starflow_jax.autoencoders.loading import load_autoencoder
+    from starflow_jax.parallel.mesh import make_mesh
+
+    lead, pid, nproc = jax.process_index() == 0, jax.process_index(), jax.process_count()
+    log = (lambda *a, **k: print(*a, **k)) if lead else (lambda *a, **k: None)
+    mesh = make_mesh(dict(config.mesh))
+    check_finetune_mesh(mesh, int(f.batch_size), nproc)
 
     ae = load_autoencoder(args.vae)  # a clear error for a directory of any other class
     video = ae.kind == "video"
@@ -267,26 +294,31 @@ def run(args) -> int:
         raise ValueError(
             f"finetune.batch_size={f.batch_size} exceeds the {n_train} training {'clips' if video else 'images'}"
         )
-    tuner = Finetuner(ae.model, f, loss, steps_per_epoch=n_train // f.batch_size, lpips=lpips, convnext=convnext)
+    tuner = Finetuner(
+        ae.model, f, loss, steps_per_epoch=n_train // f.batch_size, lpips=lpips, convnext=convnext, mesh=mesh
+    )
     state = tuner.init()
     held_key = jax.random.key(int(f.seed) + 1)
 
     from starflow_jax.workdir import checkpoints as ckpt
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (workdir / CONFIG_FILE).write_text(config.to_json(sort_keys=True, indent=2) + "\n")
+    processes.barrier("finetune_workdir_checked")  # every process has read the workdir before it changes
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (workdir / CONFIG_FILE).write_text(config.to_json(sort_keys=True, indent=2) + "\n")
+    processes.barrier("finetune_workdir_ready")
     mgr = ckpt.manager(workdir / "checkpoints", f.keep_checkpoints, f.checkpoint_every)
     start_step = 0
     if resume:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        found, restored, _ = ckpt.restore_newest_good(mgr, abstract, workdir, print)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        found, restored, _ = ckpt.restore_newest_good(mgr, abstract, workdir, log, barrier=processes.barrier)
         if found is not None:
             state, start_step = restored, int(found)
-            print(f"resumed from step {start_step} of {workdir / 'checkpoints'}", flush=True)
+            log(f"resumed from step {start_step} of {workdir / 'checkpoints'}", flush=True)
     from starflow_jax.train.metrics_writer import MetricsWriter
 
-    writer = MetricsWriter(workdir, enabled=True)  # metrics.jsonl and tensorboard/
+    writer = MetricsWriter(workdir, enabled=lead)  # metrics.jsonl and tensorboard/ (process 0)
 
     def held_out(step: int, state) -> dict:
         mse, p = tuner.heldout_error(state, held, held_key)
@@ -294,7 +326,7 @@ def run(args) -> int:
 
     def emit(row: dict) -> None:
         writer.write(int(row["step"]), row)
-        print("  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        log("  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
     first = held_out(start_step, state)
     if start_step == 0:
@@ -302,7 +334,8 @@ def run(args) -> int:
     start = time.time()
     stop = int(f.steps) if args.stop_at is None else min(int(args.stop_at), int(f.steps))
     for step in range(start_step, stop):
-        state, metrics = tuner.step(state, train_batch(batch_indices(n_train, step, f.batch_size, f.seed)))
+        idx = local_rows(batch_indices(n_train, step, f.batch_size, f.seed), pid, nproc)
+        state, metrics = tuner.step(state, train_batch(idx))  # this process's rows of the global batch
         done = step + 1
         if done % f.log_every == 0 or done == f.steps:
             row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
@@ -314,10 +347,13 @@ def run(args) -> int:
     mgr.close()
     writer.close()
     if stop < int(f.steps):
-        print(f"stopped after step {stop} of {f.steps}; rerun the same command to continue", flush=True)
+        log(f"stopped after step {stop} of {f.steps}; rerun the same command to continue", flush=True)
         return 0
     last = held_out(int(f.steps), state)
-    out = export_vae_to_diffusers(tuner.vae(state), workdir / "vae")
+    vae = tuner.vae(state)  # on the host, every process (the weights are replicated)
+    if not lead:
+        return 0
+    out = export_vae_to_diffusers(vae, workdir / "vae")
     print(
         f"held-out noisy-latent MSE: {'frozen decoder' if start_step == 0 else f'at step {start_step}'} "
         f"{first['heldout_noisy_mse']:.5g}, fine-tuned "

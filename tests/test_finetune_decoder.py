@@ -170,3 +170,57 @@ def test_perceptual_term_enters_the_step(vae_dir):
     _, metrics = tuner.step(tuner.init(), images)
     metrics = jax.device_get(metrics)
     assert float(metrics["perceptual_loss"]) > 0 and np.isfinite(float(metrics["total_loss"]))
+
+
+def _pixel_shards(tmp_path, keep_pixels: bool, n: int = 12, size: int = 16):
+    """A tiny ``precompute`` shard set of random pictures (stand-in encoders: no VAE or T5)."""
+    from PIL import Image
+
+    from starflow_jax.data.precompute import precompute
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "pics").mkdir(exist_ok=True)
+    pairs = []
+    for i in range(n):
+        path = tmp_path / "pics" / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        pairs.append((path, f"picture {i}"))
+    out = tmp_path / ("pixels" if keep_pixels else "latents")
+    precompute(
+        pairs,
+        out,
+        encode_images=lambda x: np.zeros((len(x), 4, size // 2, size // 2), np.float32),
+        encode_texts=lambda c: np.zeros((len(c), 2, 8), np.float32),
+        image_size=size,
+        records_per_shard=5,
+        keep_pixels=keep_pixels,
+        log=lambda *a: None,
+    )
+    return out, pairs
+
+
+def test_finetune_from_precomputed_shards(vae_dir, tmp_path, capsys):
+    from starflow_jax.cli.finetune_decoder import load_finetune_config
+    from starflow_jax.data.image_folder import load_image
+
+    shards, pairs = _pixel_shards(tmp_path, keep_pixels=True)
+    sets = [f"finetune.shards={shards}", "finetune.image_size=16", "finetune.heldout_images=4"]
+    n, get, held = training_data(load_finetune_config(CONFIG, sets).finetune)
+    assert n == 8 and held.shape == (4, 3, 16, 16)
+    perm = np.random.default_rng(0).permutation(12)  # the records' held-out / training split
+    np.testing.assert_allclose(get(np.array([1]))[0], load_image(pairs[perm[5]][0], 16), atol=1e-6)
+    np.testing.assert_allclose(held[0], load_image(pairs[perm[0]][0], 16), atol=1e-6)  # pixels kept exactly
+
+    run = ["--no-perceptual", *[a for s in [*sets, "finetune.steps=2", "finetune.batch_size=4"] for a in ("--set", s)]]
+    assert main(_args(vae_dir, tmp_path / "w", *run)) == 0
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2] and np.isfinite(rows[-1]["heldout_noisy_mse"])
+    assert (tmp_path / "w" / "vae").is_dir()
+
+    latents_only, _ = _pixel_shards(tmp_path, keep_pixels=False)
+    run = ["--no-perceptual", "--set", f"finetune.shards={latents_only}", "--set", "finetune.image_size=16"]
+    assert main(_args(vae_dir, tmp_path / "w2", *run)) != 0
+    assert "--keep-pixels" in capsys.readouterr().err
+    f = load_finetune_config(CONFIG, [f"finetune.shards={shards}", "finetune.image_size=32"]).finetune
+    with pytest.raises(ValueError, match="16x16 pixels"):
+        training_data(f)

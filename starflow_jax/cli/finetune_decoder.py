@@ -135,12 +135,56 @@ def training_clips(f):
     return len(train_idx), lambda idx: load(train_idx[idx]), load(held_idx)
 
 
+def shard_data(f, video: bool = False):
+    """``training_data`` from ``f.shards``, ``precompute --keep-pixels`` shards: their
+    ``pixels`` (images ``(c, h, w)`` or clips ``(t, c, h, w)``, uint8) in [-1, 1]; held out:
+    the first ``heldout_images`` records of a fixed permutation. A Wan VAE gets clips (image
+    records as one-frame clips), the SD-VAE images."""
+    from starflow_jax.data.array_record import ArrayRecordSource
+    from starflow_jax.data.precompute import PIXELS, pixels_from_uint8
+
+    first = ArrayRecordSource(f.shards)[0]
+    if PIXELS not in first:
+        raise ValueError(
+            f"finetune.shards {f.shards}: its records hold no pixels (fields {sorted(first)}); precompute "
+            "them again with `starflow-jax precompute ... --keep-pixels`"
+        )
+    src = ArrayRecordSource(f.shards, fields=[PIXELS])
+    shape = tuple(first[PIXELS].shape)
+    clips = len(shape) == 4
+    if shape[-2:] != (f.image_size, f.image_size):
+        raise ValueError(
+            f"finetune.shards {f.shards} holds {shape[-2]}x{shape[-1]} pixels; finetune.image_size="
+            f"{f.image_size}: set it to the shards' size (square pictures only)"
+        )
+    if clips and not video:
+        raise ValueError(f"finetune.shards {f.shards} holds clips {shape}: fine-tune a Wan video VAE on them")
+    frames = shape[0] if clips else 1
+    if video and frames != f.frames:
+        raise ValueError(f"finetune.shards {f.shards} holds clips of {frames} frames: set finetune.frames={frames}")
+    if len(src) <= f.heldout_images:
+        raise ValueError(
+            f"finetune.shards {f.shards} holds {len(src)} records: not more than finetune.heldout_images="
+            f"{f.heldout_images}"
+        )
+    perm = np.random.default_rng(0).permutation(len(src))
+    held_idx, train_idx = perm[: f.heldout_images], perm[f.heldout_images :]
+
+    def load(idx):
+        x = pixels_from_uint8(np.stack([src[int(i)][PIXELS] for i in idx]))
+        return x[:, None] if video and not clips else x
+
+    return len(train_idx), lambda idx: load(train_idx[idx]), load(held_idx)
+
+
 def training_data(f, video: bool = False):
     """``(n_train, batch of indices -> images, held-out images)``, images ``(b, 3, s, s)`` in
     [-1, 1]: the embedded digits (upscaled) or ``f.images``, an image folder (held out: the
     first ``heldout_images`` of a fixed permutation; decoded per batch). ``video`` (a Wan
     VAE): clips ``(b, frames, 3, s, s)`` instead, ``training_clips``'s when ``f.frames > 1``
-    or ``f.videos`` is set, else these images as one-frame clips."""
+    or ``f.videos`` is set, else these images as one-frame clips. ``f.shards``: ``shard_data``'s."""
+    if f.shards:
+        return shard_data(f, video)
     if video and (f.frames > 1 or f.videos):
         return training_clips(f)
     if video:
@@ -235,8 +279,8 @@ def check_data_settings(f, ae, vae_arg: str, loss=None) -> None:
         )
     if f.image_size % ae.spatial:
         raise ValueError(f"finetune.image_size={f.image_size} is not a multiple of the VAE's factor {ae.spatial}")
-    if f.images and f.videos:
-        raise ValueError("finetune.images and finetune.videos are both set: give one data source")
+    if sum(bool(x) for x in (f.images, f.videos, f.shards)) > 1:
+        raise ValueError("finetune.images, finetune.videos and finetune.shards: set at most one (one data source)")
     if ae.kind != "video":
         if f.frames != 1 or f.videos:
             raise ValueError(

@@ -224,3 +224,32 @@ def test_finetune_from_precomputed_shards(vae_dir, tmp_path, capsys):
     f = load_finetune_config(CONFIG, [f"finetune.shards={shards}", "finetune.image_size=32"]).finetune
     with pytest.raises(ValueError, match="16x16 pixels"):
         training_data(f)
+
+
+def test_video_shards_keep_their_clips(tmp_path):
+    from starflow_jax.cli.finetune_decoder import load_finetune_config
+    from starflow_jax.data.precompute import pixels_from_uint8, pixels_to_uint8, precompute_videos
+
+    rng = np.random.default_rng(0)
+    clips = [pixels_from_uint8(rng.integers(0, 256, (5, 3, 16, 16), dtype=np.uint8)) for _ in range(6)]
+    source = [dict(video=c, caption=f"clip {i}", fps=8.0) for i, c in enumerate(clips)]
+    out = tmp_path / "clips"
+    precompute_videos(
+        source,
+        out,
+        encode_video=lambda v: np.zeros((2, 4, 2, 2), np.float32),
+        encode_texts=lambda c: np.zeros((len(c), 2, 8), np.float32),
+        records_per_shard=4,
+        keep_pixels=True,
+        log=lambda *a: None,
+    )
+    sets = [f"finetune.shards={out}", "finetune.image_size=16", "finetune.heldout_images=2"]
+    f = load_finetune_config(CONFIG, [*sets, "finetune.frames=5"]).finetune
+    n, get, held = training_data(f, video=True)
+    perm = np.random.default_rng(0).permutation(6)
+    assert n == 4 and held.shape == (2, 5, 3, 16, 16)
+    np.testing.assert_array_equal(pixels_to_uint8(get(np.array([0]))[0]), pixels_to_uint8(clips[perm[2]]))
+    with pytest.raises(ValueError, match="set finetune.frames=5"):
+        training_data(load_finetune_config(CONFIG, sets).finetune, video=True)
+    with pytest.raises(ValueError, match="Wan video VAE"):
+        training_data(f)

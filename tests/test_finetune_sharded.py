@@ -87,3 +87,71 @@ def test_local_rows_cover_the_global_batch():
     idx = np.arange(10, 18)
     parts = [local_rows(idx, i, 4) for i in range(4)]
     assert all(len(p) == 2 for p in parts) and np.array_equal(np.concatenate(parts), idx)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TWO_PROC_SETS = [
+    "finetune.steps=4",
+    "finetune.batch_size=4",
+    "finetune.image_size=16",
+    "finetune.log_every=2",
+    "finetune.heldout_images=8",
+    "finetune.checkpoint_every=2",
+]
+
+
+def _finetune(vae_dir, workdir, nproc: int, *extra) -> list[str]:
+    """``finetune-decoder`` in ``nproc`` processes (one CPU device each) on localhost; their stdouts."""
+    sets = [a for s in TWO_PROC_SETS for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "starflow_jax.cli.main", "finetune-decoder", "--vae", str(vae_dir)]
+    cmd += ["--config", str(HERE.parent / "configs" / "finetune_decoder_digits.py"), "--workdir", str(workdir)]
+    cmd += ["--no-perceptual", *sets, *extra]
+    port = _free_port()
+    env = dict(_env(), JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen(
+            cmd + (["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(nproc), "--process-id", str(i)]
+                   if nproc > 1 else []),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(nproc)
+    ]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.slow  # ~5 min on a loaded 2-core machine: a one-process run, then two two-process runs
+def test_two_processes_write_the_one_process_result(vae_dir, tmp_path):
+    from safetensors.numpy import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _finetune(vae_dir, one, 1)
+    outs = _finetune(vae_dir, two, 2, "--stop-at", "2")  # stopped, then resumed by two processes
+    assert "stopped after step 2" in outs[0] and "stopped after" not in outs[1]  # process 0 reports
+    outs = _finetune(vae_dir, two, 2)
+    assert "resumed from step 2" in outs[0]
+    name = "diffusion_pytorch_model.safetensors"
+    want, got = load_file(one / "vae" / name), load_file(two / "vae" / name)
+    assert sorted(want) == sorted(got)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=2e-5, rtol=1e-4, err_msg=k)
+    rows = lambda w: [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["step"] for r in rows(two)] == [r["step"] for r in rows(one)] == [0, 2, 4]
+    for a, b in zip(rows(two), rows(one)):
+        for k, v in b.items():
+            if k != "seconds" and isinstance(v, float):
+                assert abs(a[k] - v) <= 1e-4 * max(1.0, abs(v)), (k, a[k], v)

@@ -94,7 +94,8 @@ def test_stopped_and_resumed_equals_uninterrupted(vae_dir, full_run, tmp_path, c
     saved = json.loads((work / "finetune_config.json").read_text())  # as written before frames / videos existed
     del saved["finetune"]["frames"], saved["finetune"]["videos"], saved["decoder_loss"]["discriminator_3d"]
     (work / "finetune_config.json").write_text(json.dumps(saved))
-    assert main(_args(vae_dir, work, *RUN)) == 0  # keys added since count at their defaults
+    # keys added since count at their defaults; the mesh may differ (orbax reshards the state)
+    assert main(_args(vae_dir, work, *RUN, "--set", "mesh.data=1")) == 0
     assert "resumed from step 10" in capsys.readouterr().out
     name = "diffusion_pytorch_model.safetensors"
     want, got = load_file(full_run / "vae" / name), load_file(work / "vae" / name)

@@ -29,7 +29,9 @@ def run(vae_dir, mesh):
         ["finetune.batch_size=4", "finetune.image_size=16", "decoder_loss.discriminator_start=0"],
     )
     check_finetune_mesh(mesh, 4)
-    tuner = Finetuner(load_autoencoder(vae_dir).model, config.finetune, config.decoder_loss, steps_per_epoch=1, mesh=mesh)
+    tuner = Finetuner(
+        load_autoencoder(vae_dir).model, config.finetune, config.decoder_loss, steps_per_epoch=1, mesh=mesh
+    )
     state = tuner.init()
     start = jax.device_get(state.decoder)
     rng = np.random.default_rng(0)
@@ -40,14 +42,19 @@ def run(vae_dir, mesh):
     return jax.device_get(state), metrics, shardings, start
 
 
+def err(a, b) -> float:
+    """The largest absolute difference between two trees of arrays."""
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
 def main():
     vae_dir = sys.argv[1]
     want, want_m, _, start = run(vae_dir, make_mesh((1, 1, 1), jax.devices()[:1]))
     report = dict(devices=jax.device_count(), meshes=[])
     for sizes in ({"data": 4}, {"data": 2, "fsdp": 2}):
         got, got_m, shardings, _ = run(vae_dir, make_mesh(sizes))
-        err = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(  # noqa: E731
-            jax.tree.leaves(a), jax.tree.leaves(b)))
         scale = max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(want.decoder))
         report["meshes"].append(
             dict(

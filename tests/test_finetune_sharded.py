@@ -117,8 +117,12 @@ def _finetune(vae_dir, workdir, nproc: int, *extra) -> list[str]:
     env = dict(_env(), JAX_PLATFORMS="cpu")
     procs = [
         subprocess.Popen(
-            cmd + (["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(nproc), "--process-id", str(i)]
-                   if nproc > 1 else []),
+            cmd
+            + (
+                ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(nproc), "--process-id", str(i)]
+                if nproc > 1
+                else []
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

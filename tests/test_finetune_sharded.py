@@ -138,7 +138,7 @@ def _finetune(vae_dir, workdir, nproc: int, *extra) -> list[str]:
     return outs
 
 
-@pytest.mark.slow  # ~5 min on a loaded 2-core machine: a one-process run, then two two-process runs
+@pytest.mark.slow  # ~3 min on a 2-core machine (5 when loaded): a one-process run, then two two-process runs
 def test_two_processes_write_the_one_process_result(vae_dir, tmp_path):
     from safetensors.numpy import load_file
 

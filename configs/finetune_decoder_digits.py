@@ -12,6 +12,7 @@ import ml_collections
 
 from starflow_jax.config.decoder_loss import decoder_loss_section
 from starflow_jax.config.finetune import finetune_section
+from starflow_jax.config.training import mesh_section
 
 
 def get_config():
@@ -19,5 +20,6 @@ def get_config():
         dict(
             finetune=finetune_section(steps=200, batch_size=8, image_size=32, lr=1e-3, warmup_steps=0, log_every=20),
             decoder_loss=decoder_loss_section(discriminator_channels=32, discriminator_stages=2),
+            mesh=mesh_section(),  # every device on data: the batch split over them (--set mesh.fsdp=2 ...)
         )
     )

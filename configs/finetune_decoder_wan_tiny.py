@@ -21,6 +21,7 @@ import ml_collections
 
 from starflow_jax.config.decoder_loss import decoder_loss_section
 from starflow_jax.config.finetune import finetune_section
+from starflow_jax.config.training import mesh_section
 
 
 def get_config():
@@ -38,5 +39,6 @@ def get_config():
                 checkpoint_every=50,
             ),
             decoder_loss=decoder_loss_section(discriminator_channels=32, discriminator_stages=2),
+            mesh=mesh_section(),  # every device on data: the batch split over them (--set mesh.fsdp=2 ...)
         )
     )

@@ -3,7 +3,14 @@ on images) or of the Wan video VAE (``AutoencoderKLWan``, on clips of ``finetune
 frames: moving digits or a video folder), encoder frozen, to decode latents perturbed with
 the flow's Gaussian noise; the result written as a diffusers directory ``WORKDIR/vae`` (of
 the input's class) for ``starflow-jax sample --vae``. Metrics: ``WORKDIR/metrics.jsonl``
-and ``WORKDIR/tensorboard``; orbax checkpoints in ``WORKDIR/checkpoints`` (rerun to resume)."""
+and ``WORKDIR/tensorboard``; orbax checkpoints in ``WORKDIR/checkpoints`` (rerun to resume).
+
+Sharded like the flow's training: the config's ``mesh`` section (``config/training.py``'s
+``mesh_section``; default: every device on ``data``) over all processes' devices, the global
+batch split over ``data x fsdp``, the weights and optimizer states replicated (the VAE and
+discriminator declare no logical axes). With several processes (``jax.distributed``: the
+same options as ``train``) each loads only its rows of every global batch; process 0 writes
+the metrics and the result."""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import time
 
 import numpy as np
 
+from starflow_jax.cli import processes
 from starflow_jax.config.loader import _load_python, apply_overrides
 from starflow_jax.config.model_config import ConfigError
 
@@ -46,6 +54,7 @@ def add_parser(sub):
     p.add_argument(
         "--no-perceptual", action="store_true", help="train without the LPIPS / ConvNeXt-S term (no weights needed)"
     )
+    processes.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -59,6 +68,10 @@ def load_finetune_config(path: str, overrides=()):
     for section in ("finetune", "decoder_loss"):
         if section not in config:
             raise ConfigError(f"config {p} has no {section!r} section")
+    if "mesh" not in config:  # optional: the training mesh's defaults (every device on data)
+        from starflow_jax.config.training import mesh_section
+
+        config.mesh = mesh_section()
     config.lock()
     return apply_overrides(config, overrides)
 
@@ -122,12 +135,56 @@ def training_clips(f):
     return len(train_idx), lambda idx: load(train_idx[idx]), load(held_idx)
 
 
+def shard_data(f, video: bool = False):
+    """``training_data`` from ``f.shards``, ``precompute --keep-pixels`` shards: their
+    ``pixels`` (images ``(c, h, w)`` or clips ``(t, c, h, w)``, uint8) in [-1, 1]; held out:
+    the first ``heldout_images`` records of a fixed permutation. A Wan VAE gets clips (image
+    records as one-frame clips), the SD-VAE images."""
+    from starflow_jax.data.array_record import ArrayRecordSource
+    from starflow_jax.data.precompute import PIXELS, pixels_from_uint8
+
+    first = ArrayRecordSource(f.shards)[0]
+    if PIXELS not in first:
+        raise ValueError(
+            f"finetune.shards {f.shards}: its records hold no pixels (fields {sorted(first)}); precompute "
+            "them again with `starflow-jax precompute ... --keep-pixels`"
+        )
+    src = ArrayRecordSource(f.shards, fields=[PIXELS])
+    shape = tuple(first[PIXELS].shape)
+    clips = len(shape) == 4
+    if shape[-2:] != (f.image_size, f.image_size):
+        raise ValueError(
+            f"finetune.shards {f.shards} holds {shape[-2]}x{shape[-1]} pixels; finetune.image_size="
+            f"{f.image_size}: set it to the shards' size (square pictures only)"
+        )
+    if clips and not video:
+        raise ValueError(f"finetune.shards {f.shards} holds clips {shape}: fine-tune a Wan video VAE on them")
+    frames = shape[0] if clips else 1
+    if video and frames != f.frames:
+        raise ValueError(f"finetune.shards {f.shards} holds clips of {frames} frames: set finetune.frames={frames}")
+    if len(src) <= f.heldout_images:
+        raise ValueError(
+            f"finetune.shards {f.shards} holds {len(src)} records: not more than finetune.heldout_images="
+            f"{f.heldout_images}"
+        )
+    perm = np.random.default_rng(0).permutation(len(src))
+    held_idx, train_idx = perm[: f.heldout_images], perm[f.heldout_images :]
+
+    def load(idx):
+        x = pixels_from_uint8(np.stack([src[int(i)][PIXELS] for i in idx]))
+        return x[:, None] if video and not clips else x
+
+    return len(train_idx), lambda idx: load(train_idx[idx]), load(held_idx)
+
+
 def training_data(f, video: bool = False):
     """``(n_train, batch of indices -> images, held-out images)``, images ``(b, 3, s, s)`` in
     [-1, 1]: the embedded digits (upscaled) or ``f.images``, an image folder (held out: the
     first ``heldout_images`` of a fixed permutation; decoded per batch). ``video`` (a Wan
     VAE): clips ``(b, frames, 3, s, s)`` instead, ``training_clips``'s when ``f.frames > 1``
-    or ``f.videos`` is set, else these images as one-frame clips."""
+    or ``f.videos`` is set, else these images as one-frame clips. ``f.shards``: ``shard_data``'s."""
+    if f.shards:
+        return shard_data(f, video)
     if video and (f.frames > 1 or f.videos):
         return training_clips(f)
     if video:
@@ -192,6 +249,7 @@ def _prepare_workdir(workdir: pathlib.Path, config_json: str) -> bool:
     if (workdir / "vae").exists():
         raise FileExistsError(f"--workdir {workdir} holds a finished run ({workdir / 'vae'}); choose a new workdir")
     old, new = json.loads(saved.read_text()), json.loads(config_json)
+    old.pop("mesh", None), new.pop("mesh", None)  # a run may resume on another mesh (orbax reshards)
     from starflow_jax.config.decoder_loss import DECODER_LOSS_DEFAULTS
     from starflow_jax.config.finetune import FINETUNE_DEFAULTS
 
@@ -221,8 +279,8 @@ def check_data_settings(f, ae, vae_arg: str, loss=None) -> None:
         )
     if f.image_size % ae.spatial:
         raise ValueError(f"finetune.image_size={f.image_size} is not a multiple of the VAE's factor {ae.spatial}")
-    if f.images and f.videos:
-        raise ValueError("finetune.images and finetune.videos are both set: give one data source")
+    if sum(bool(x) for x in (f.images, f.videos, f.shards)) > 1:
+        raise ValueError("finetune.images, finetune.videos and finetune.shards: set at most one (one data source)")
     if ae.kind != "video":
         if f.frames != 1 or f.videos:
             raise ValueError(
@@ -243,7 +301,14 @@ def check_data_settings(f, ae, vae_arg: str, loss=None) -> None:
         )
 
 
+def local_rows(idx: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """This process's contiguous share of a global batch's indices (as the flow's pipeline)."""
+    n = len(idx) // process_count
+    return idx[process_index * n : (process_index + 1) * n]
+
+
 def run(args) -> int:
+    processes.initialize(args, log=lambda m: print(m, flush=True))  # before anything touches the devices
     config = load_finetune_config(args.config, args.set)
     f, loss = config.finetune, config.decoder_loss
     workdir = pathlib.Path(args.workdir)
@@ -256,8 +321,14 @@ def run(args) -> int:
     import jax
 
     from starflow_jax.autoencoders.export_vae import export_vae_to_diffusers
-    from starflow_jax.autoencoders.finetune.trainer import Finetuner
+    from starflow_jax.autoencoders.finetune.trainer import Finetuner, check_finetune_mesh
     from starflow_jax.autoencoders.loading import load_autoencoder
+    from starflow_jax.parallel.mesh import make_mesh
+
+    lead, pid, nproc = jax.process_index() == 0, jax.process_index(), jax.process_count()
+    log = (lambda *a, **k: print(*a, **k)) if lead else (lambda *a, **k: None)
+    mesh = make_mesh(dict(config.mesh))
+    check_finetune_mesh(mesh, int(f.batch_size), nproc)
 
     ae = load_autoencoder(args.vae)  # a clear error for a directory of any other class
     video = ae.kind == "video"
@@ -267,26 +338,31 @@ def run(args) -> int:
         raise ValueError(
             f"finetune.batch_size={f.batch_size} exceeds the {n_train} training {'clips' if video else 'images'}"
         )
-    tuner = Finetuner(ae.model, f, loss, steps_per_epoch=n_train // f.batch_size, lpips=lpips, convnext=convnext)
+    tuner = Finetuner(
+        ae.model, f, loss, steps_per_epoch=n_train // f.batch_size, lpips=lpips, convnext=convnext, mesh=mesh
+    )
     state = tuner.init()
     held_key = jax.random.key(int(f.seed) + 1)
 
     from starflow_jax.workdir import checkpoints as ckpt
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (workdir / CONFIG_FILE).write_text(config.to_json(sort_keys=True, indent=2) + "\n")
+    processes.barrier("finetune_workdir_checked")  # every process has read the workdir before it changes
+    if lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (workdir / CONFIG_FILE).write_text(config.to_json(sort_keys=True, indent=2) + "\n")
+    processes.barrier("finetune_workdir_ready")
     mgr = ckpt.manager(workdir / "checkpoints", f.keep_checkpoints, f.checkpoint_every)
     start_step = 0
     if resume:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        found, restored, _ = ckpt.restore_newest_good(mgr, abstract, workdir, print)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        found, restored, _ = ckpt.restore_newest_good(mgr, abstract, workdir, log, barrier=processes.barrier)
         if found is not None:
             state, start_step = restored, int(found)
-            print(f"resumed from step {start_step} of {workdir / 'checkpoints'}", flush=True)
+            log(f"resumed from step {start_step} of {workdir / 'checkpoints'}", flush=True)
     from starflow_jax.train.metrics_writer import MetricsWriter
 
-    writer = MetricsWriter(workdir, enabled=True)  # metrics.jsonl and tensorboard/
+    writer = MetricsWriter(workdir, enabled=lead)  # metrics.jsonl and tensorboard/ (process 0)
 
     def held_out(step: int, state) -> dict:
         mse, p = tuner.heldout_error(state, held, held_key)
@@ -294,7 +370,7 @@ def run(args) -> int:
 
     def emit(row: dict) -> None:
         writer.write(int(row["step"]), row)
-        print("  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        log("  ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
     first = held_out(start_step, state)
     if start_step == 0:
@@ -302,7 +378,8 @@ def run(args) -> int:
     start = time.time()
     stop = int(f.steps) if args.stop_at is None else min(int(args.stop_at), int(f.steps))
     for step in range(start_step, stop):
-        state, metrics = tuner.step(state, train_batch(batch_indices(n_train, step, f.batch_size, f.seed)))
+        idx = local_rows(batch_indices(n_train, step, f.batch_size, f.seed), pid, nproc)
+        state, metrics = tuner.step(state, train_batch(idx))  # this process's rows of the global batch
         done = step + 1
         if done % f.log_every == 0 or done == f.steps:
             row = {"step": done, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
@@ -314,10 +391,13 @@ def run(args) -> int:
     mgr.close()
     writer.close()
     if stop < int(f.steps):
-        print(f"stopped after step {stop} of {f.steps}; rerun the same command to continue", flush=True)
+        log(f"stopped after step {stop} of {f.steps}; rerun the same command to continue", flush=True)
         return 0
     last = held_out(int(f.steps), state)
-    out = export_vae_to_diffusers(tuner.vae(state), workdir / "vae")
+    vae = tuner.vae(state)  # on the host, every process (the weights are replicated)
+    if not lead:
+        return 0
+    out = export_vae_to_diffusers(vae, workdir / "vae")
     print(
         f"held-out noisy-latent MSE: {'frozen decoder' if start_step == 0 else f'at step {start_step}'} "
         f"{first['heldout_noisy_mse']:.5g}, fine-tuned "

@@ -57,6 +57,12 @@ def add_parser(sub):
     )
     p.add_argument("--seed", type=int, default=0, help="posterior samples and (videos) the clip chosen in each video")
     p.add_argument("--overwrite", action="store_true", help="discard shards precomputed with other settings")
+    p.add_argument(
+        "--keep-pixels",
+        action="store_true",
+        help="also store each image's (clip's) pixels, uint8, in its record: the data of `finetune-decoder` "
+        "(finetune.shards=OUT)",
+    )
     v = p.add_argument_group("videos")
     v.add_argument("--num-frames", type=int, help="frames per clip (required with --videos)")
     v.add_argument(
@@ -185,6 +191,7 @@ def run(args) -> int:
             settings=settings,
             overwrite=args.overwrite,
             templates=dict(templates, fps=0) if args.fps_cond else templates,
+            keep_pixels=args.keep_pixels,
         )
         n, latent = len(pairs), f"({ae.latent_channels}, {hw[0] // factor}, {hw[1] // factor})"
     else:
@@ -213,12 +220,14 @@ def run(args) -> int:
             templates=templates,
             settings=settings,
             overwrite=args.overwrite,
+            keep_pixels=args.keep_pixels,
         )
         t = 1 + (args.num_frames - 1) // ae.temporal if ae.kind == "video" else args.num_frames
         n, latent = len(videos), f"({t}, {ae.latent_channels}, {hw[0] // factor}, {hw[1] // factor})"
     print(
         f"wrote {n} records in {len(shards)} shards to {args.out}: latents {latent}, text embeddings "
-        f"({args.txt_size}, {encoder.config.d_model}){' and text_emb_extend' if args.drop_image else ''}; "
+        f"({args.txt_size}, {encoder.config.d_model}){' and text_emb_extend' if args.drop_image else ''}"
+        f"{' and the pixels (finetune-decoder: finetune.shards=' + args.out + ')' if args.keep_pixels else ''}; "
         f"train on them with data.name='array_record', data.path={args.out}"
     )
     return 0

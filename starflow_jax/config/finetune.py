@@ -38,6 +38,7 @@ FINETUNE_DEFAULTS = dict(
     images="",  # ours: "" = the embedded digits; else an image folder root/<class>/<image> (fd.py: utils.get_data)
     frames=1,  # ours: frames per training clip, a Wan VAE only (1 + 4k; 1 = images as one-frame clips)
     videos="",  # ours: frames > 1: a video folder (videos with <name>.txt captions); "" = moving digits
+    shards="",  # ours: `precompute --keep-pixels` shards (their images or clips; held out: as an image folder)
     checkpoint_every=500,  # ours (fd.py saves the VAE once per epoch, no optimizer state): orbax, resumable
     keep_checkpoints=2,  # ours: the newest checkpoints kept
 )

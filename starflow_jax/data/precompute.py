@@ -20,6 +20,17 @@ from starflow_jax.data.array_record import SHARD_SUFFIX, count_records, shard_na
 from starflow_jax.data.image_folder import IMAGE_EXTENSIONS, load_image
 
 SETTINGS_FILE = "precompute.json"
+PIXELS = "pixels"  # the record field of the kept pixels (--keep-pixels): uint8, (c, h, w) or (t, c, h, w)
+
+
+def pixels_to_uint8(x: np.ndarray) -> np.ndarray:
+    """Pixels in [-1, 1] (``load_image``'s, a clip's) as uint8 0..255: exact for 8-bit sources."""
+    return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def pixels_from_uint8(a: np.ndarray) -> np.ndarray:
+    """``pixels_to_uint8``'s inverse: float32 in [-1, 1] (``load_image``'s scaling)."""
+    return np.asarray(a, np.float32) / 127.5 - 1.0
 
 
 def read_captions(
@@ -135,6 +146,7 @@ def precompute(
     templates: dict | None = None,
     settings: dict | None = None,
     overwrite: bool = False,
+    keep_pixels: bool = False,
     log=print,
 ) -> list[pathlib.Path]:
     """Encode ``pairs`` batch by batch (``encode_images``: ``(b, c, h, w)`` in [-1, 1] to
@@ -143,7 +155,8 @@ def precompute(
     ``image_size``: a side or ``(h, w)`` (an aspect-ratio bucket, ``data.buckets``);
     ``templates``: ``prepare_prompts`` keywords the captions go through first (``fps=0``:
     the reference's ``"An image:"`` template of fps-conditioned models, ``aspect_ratio``,
-    ``noise_std``)."""
+    ``noise_std``). ``keep_pixels``: each record also holds the encoded image, ``pixels``
+    (uint8 ``(c, h, w)``; what ``finetune-decoder``'s ``finetune.shards`` trains on)."""
     from starflow_jax.text.prompts import prepare_prompts
 
     if batch_size < 1 or records_per_shard < 1:
@@ -160,6 +173,7 @@ def precompute(
             num_images=len(pairs),
             records_per_shard=records_per_shard,
             **({"templates": templates} if templates else {}),
+            **({"keep_pixels": True} if keep_pixels else {}),  # absent when off: older shard sets resume
         ),
         overwrite,
     )
@@ -176,13 +190,16 @@ def precompute(
             )
             if not (np.all(np.isfinite(latents)) and np.all(np.isfinite(texts))):
                 raise ValueError(f"encoding {chunk[0][0]} .. {chunk[-1][0]} gave NaN or Inf")
-            for (_, caption), lat, emb in zip(chunk, latents, texts):
-                yield dict(
+            for (_, caption), image, lat, emb in zip(chunk, images, latents, texts):
+                rec = dict(
                     latent=lat,
                     text_emb=emb,
                     caption=caption,
                     size=np.int32(image_size) if np.ndim(image_size) == 0 else np.asarray(size, np.int32),
                 )
+                if keep_pixels:
+                    rec[PIXELS] = pixels_to_uint8(image)
+                yield rec
 
     return _write_resumable(out, len(pairs), records_per_shard, records, log, "images")
 
@@ -232,6 +249,7 @@ def precompute_videos(
     templates: dict | None = None,
     settings: dict | None = None,
     overwrite: bool = False,
+    keep_pixels: bool = False,
     log=print,
 ) -> list[pathlib.Path]:
     """One clip per video of ``source`` (records ``{"video": (t, c, h, w) in [-1, 1],
@@ -243,7 +261,9 @@ def precompute_videos(
     * ``text_emb_extend`` (with ``extend``): the same for ``"(extend) " + caption``, the
       conditioning of clips trained without their first latent frame (``train.drop_image``);
     * ``caption``, ``fps`` (float32), ``num_frames`` (the clip's frames, int32) and ``size``
-      (its ``(h, w)``, int32).
+      (its ``(h, w)``, int32);
+    * ``pixels`` (with ``keep_pixels``): the clip itself, uint8 ``(t, c, h, w)`` (what
+      ``finetune-decoder``'s ``finetune.shards`` trains on).
 
     ``encode_texts`` maps prompts to ``(b, txt_size, d)`` embeddings without templates of
     its own; captions are encoded ``batch_size`` videos at a time. ``templates``: further
@@ -266,6 +286,7 @@ def precompute_videos(
             num_videos=len(source),
             records_per_shard=records_per_shard,
             **({"templates": templates} if templates else {}),
+            **({"keep_pixels": True} if keep_pixels else {}),  # absent when off: older shard sets resume
         ),
         overwrite,
     )
@@ -312,6 +333,8 @@ def precompute_videos(
                 )
                 if extend:
                     rec["text_emb_extend"] = emb_x
+                if keep_pixels:
+                    rec[PIXELS] = pixels_to_uint8(video)
                 yield rec
 
     return _write_resumable(out, len(source), records_per_shard, records, log, "videos")

@@ -39,8 +39,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from starflow_jax.autoencoders.finetune.convnext import convnext_distance
 from starflow_jax.autoencoders.finetune.discriminator import ClipDiscriminator, PatchDiscriminator
@@ -64,12 +67,15 @@ from starflow_jax.autoencoders.wan_vae import (
     normalize_latents,
     sample_posterior,
 )
+from starflow_jax.parallel.mesh import make_mesh
+from starflow_jax.parallel.rules import batch_sharding
 from starflow_jax.train.optimizer import lr_schedule
 
 __all__ = [
     "FinetuneState",
     "Finetuner",
     "TRAINABLE",
+    "check_finetune_mesh",
     "psnr",
 ]
 
@@ -96,6 +102,34 @@ def psnr(real01: jax.Array, fake01: jax.Array) -> jax.Array:
     return -10.0 * jnp.log10(jnp.maximum(mse, 1e-12))
 
 
+def check_finetune_mesh(mesh, batch_size: int, process_count: int = 1) -> None:
+    """The global batch splits over the mesh's ``data x fsdp`` and over the processes; the
+    VAE and discriminator declare no logical axes, so nothing is split over ``tensor``."""
+    if mesh.shape["tensor"] != 1:
+        raise ValueError(
+            f"mesh.tensor={mesh.shape['tensor']}: finetune-decoder splits only its batch (over data x fsdp); "
+            "set mesh.tensor=1"
+        )
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % split:
+        raise ValueError(
+            f"finetune.batch_size={batch_size} is not divisible by the mesh's data x fsdp = {split}: "
+            "change the batch size or the mesh section"
+        )
+    if batch_size % process_count:
+        raise ValueError(f"finetune.batch_size={batch_size} is not divisible by the {process_count} processes")
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def place_replicated(tree, mesh):
+    """Every array of ``tree`` (the same on every process) as a global array replicated over ``mesh``."""
+    sh = replicated(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), tree)
+
+
 def _frozen_dict(section) -> tuple:
     return tuple(sorted((k, v) for k, v in section.to_dict().items()))
 
@@ -112,6 +146,7 @@ class _Spec:
     loss: tuple
     steps_per_epoch: int
     video: bool  # a Wan video VAE (inputs (b, t, c, h, w)), else the SD-VAE (images)
+    mesh: Any  # the batch is split over its (data, fsdp) axes; weights and optimizer states replicated
 
 
 @functools.lru_cache(maxsize=4)
@@ -133,8 +168,17 @@ class _Program:
         kw = dict(b1=f.b1, b2=f.b2, weight_decay=f.weight_decay)
         self.tx_decoder = optax.adamw(self.lr_decoder, **kw)
         self.tx_discriminator = optax.adamw(self.lr_discriminator, **kw)
-        self.step = jax.jit(self._step, donate_argnums=0)
-        self.heldout_error = jax.jit(self._heldout_error)
+        # Explicit shardings: the batch split over (data, fsdp), everything else replicated
+        # (the VAE and discriminator declare no logical axes for parallel.rules to split by).
+        repl = replicated(spec.mesh)
+        self.batch_sharding = batch_sharding(spec.mesh, 5 if spec.video else 4)
+        self.step = jax.jit(
+            self._step,
+            in_shardings=(repl, repl, repl, self.batch_sharding),
+            out_shardings=(repl, repl),
+            donate_argnums=0,
+        )
+        self.heldout_error = jax.jit(self._heldout_error, in_shardings=repl, out_shardings=repl)
 
     def vae(self, trainable, frozen) -> AutoencoderKL:
         return nnx.merge(self.spec.graphdef, trainable, frozen)
@@ -226,7 +270,11 @@ class Finetuner:
     and ``loss`` (config/decoder_loss.py). ``lpips`` / ``convnext``: the perceptual networks
     (None: no perceptual term; both or neither). ``steps_per_epoch``: the discriminator's
     warmup when ``discriminator_warmup_steps`` is -1. The weights are arguments of the
-    compiled programs (not constants in them), so Finetuners of one spec share them."""
+    compiled programs (not constants in them), so Finetuners of one spec share them.
+    ``mesh`` (``parallel.mesh.make_mesh``; default: this process's first device): each
+    step's global batch is split over its ``(data, fsdp)`` axes; the weights, optimizer
+    states and the frozen / perceptual networks are replicated on every device (none of
+    these modules declares logical axes, so ``fsdp`` splits only the batch here)."""
 
     def __init__(
         self,
@@ -237,7 +285,10 @@ class Finetuner:
         steps_per_epoch: int,
         lpips=None,
         convnext=None,
+        mesh=None,
     ):
+        mesh = make_mesh((1, 1, 1), jax.local_devices()[:1]) if mesh is None else mesh
+        self.mesh = mesh
         if (lpips is None) != (convnext is None):
             raise ValueError("the perceptual term needs both LPIPS and ConvNeXt-S (or neither)")
         self.f, self.loss = finetune, loss
@@ -268,11 +319,17 @@ class Finetuner:
             _frozen_dict(loss),
             int(steps_per_epoch),
             self.video,
+            mesh,
         )
         self.program = _program(spec)
+        self.frozen, self.nets = place_replicated((self.frozen, self.nets), mesh)
         self.tx_decoder, self.tx_discriminator = self.program.tx_decoder, self.program.tx_discriminator
 
     def init(self) -> FinetuneState:
+        """The starting state, replicated over the mesh."""
+        return place_replicated(self._init(), self.mesh)
+
+    def _init(self) -> FinetuneState:
         return FinetuneState(
             decoder=self.trainable0,
             discriminator=self.disc0,
@@ -283,15 +340,28 @@ class Finetuner:
             key=jax.random.PRNGKey(int(self.f.seed)),  # raw uint32: checkpoints hold it as an array
         )
 
+    def global_batch(self, local_images) -> jax.Array:
+        """This process's rows of the global batch (all of it with one process) as the global
+        array, split over the mesh's ``(data, fsdp)``."""
+        if isinstance(local_images, jax.Array) and local_images.sharding == self.program.batch_sharding:
+            return local_images
+        return jax.make_array_from_process_local_data(self.program.batch_sharding, np.asarray(local_images))
+
     def step(self, state: FinetuneState, images) -> tuple[FinetuneState, dict]:
-        """One fine-tuning step (``state`` is donated) on ``images`` in [-1, 1]: ``(b, c, h, w)``
-        for the SD-VAE, clips ``(b, 1 + 4k, c, h, w)`` for the Wan VAE."""
-        return self.program.step(state, self.frozen, self.nets, images)
+        """One fine-tuning step (``state`` is donated) on ``images`` in [-1, 1], this process's
+        rows of the global batch: ``(b, c, h, w)`` for the SD-VAE, clips ``(b, 1 + 4k, c, h, w)``
+        for the Wan VAE."""
+        return self.program.step(state, self.frozen, self.nets, self.global_batch(images))
 
     def heldout_error(self, state: FinetuneState, images, key) -> tuple[jax.Array, jax.Array]:
         """``(mse, psnr)`` in [0, 1] units of the reconstructions of ``images`` from noisy
         latents drawn with ``key`` (the same key each time: comparable across steps)."""
+        if jnp.issubdtype(getattr(key, "dtype", np.uint32), jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        images, key = place_replicated((np.asarray(images), np.asarray(key)), self.mesh)
         return self.program.heldout_error(state.decoder, self.frozen, images, key)
 
     def vae(self, state: FinetuneState) -> AutoencoderKL:
-        return self.program.vae(state.decoder, self.frozen)
+        """The VAE with the state's decoder, on the host (every process holds all of it)."""
+        host = jax.tree.map(jnp.asarray, jax.device_get((state.decoder, self.frozen)))
+        return self.program.vae(*host)

@@ -316,7 +316,8 @@ def model_config_from_yaml(path: str | pathlib.Path, txt_dim: int | None = None)
 
 def check_reference_expressible(cfg: ModelConfig) -> None:
     """Raise a ``ConfigError`` when ``cfg`` uses an option the reference's ``Model`` lacks."""
-    for key, what in (("rope_wrap", "spatial RoPE on a torus"), ("rope_content_keys", "keys at their token's position")):
+    ours = (("rope_wrap", "spatial RoPE on a torus"), ("rope_content_keys", "keys at their token's position"))
+    for key, what in ours:
         if getattr(cfg, key):
             raise ConfigError(
                 f"model.{key}=True ({what}) has no counterpart in the reference's "

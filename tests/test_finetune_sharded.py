@@ -1,6 +1,7 @@
 """finetune-decoder sharded like the flow's training: on 4 CPU devices a ``data=4`` and a
-``data=2 x fsdp=2`` mesh give the one-device step's parameters (float32 tolerance); the
-mesh checks; two processes on localhost (jax.distributed) write the one-process result."""
+``data=2 x fsdp=2`` mesh (the large weights and optimizer states split over fsdp) give the
+one-device step's parameters (float32 tolerance); the fsdp sharding rule; the mesh checks;
+two processes on localhost (jax.distributed) write the one-process result."""
 
 from __future__ import annotations
 
@@ -59,7 +60,52 @@ def test_sharded_steps_equal_one_device(vae_dir):
         assert m["moved"] > 1e-4, m  # the steps changed the decoder
         assert m["decoder_err"] < 1e-5 * max(1.0, m["scale"]), m
         assert m["discriminator_err"] < 1e-5 and m["opt_err"] < 1e-6 and m["metrics_err"] < 1e-4, m
-        assert m["state_specs"] == ["P()"], m  # weights and optimizer states replicated
+        assert m["opt_discriminator_err"] < 1e-5, m  # (data=4 alone: 1.3e-6)
+        s = m["sharded"]
+        if m["mesh"].get("fsdp", 1) == 1:
+            assert m["state_specs"] == ["P()"], m  # data parallelism alone: everything replicated
+            assert s["largest_spec"] == "P()" and s["largest_shard_size"] == s["largest_size"], m
+        else:  # ZeRO-3: the large weights, their Adam moments and the frozen encoder split over fsdp
+            assert "P()" in m["state_specs"], m  # small arrays (biases, norms, step, key) replicated
+            assert "fsdp" in s["largest_spec"] and 2 * s["largest_shard_size"] == s["largest_size"], m
+            assert s["decoder"] and s["discriminator"] and s["frozen"], m
+            assert s["opt_decoder"] == 2 * s["decoder"] and s["opt_discriminator"] == 2 * s["discriminator"], m
+
+
+def test_fsdp_shardings_rule():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AbstractMesh
+
+    from starflow_jax.autoencoders.finetune.trainer import fsdp_shardings
+
+    def specs(fsdp, **kw):  # an abstract mesh: this process may have one device
+        mesh = AbstractMesh((1, fsdp, 1), ("data", "fsdp", "tensor"))
+        return jax.tree.map(lambda s: tuple(s.spec), fsdp_shardings(tree, mesh, **kw))
+
+    tree = {
+        "kernel": jnp.zeros((3, 3, 64, 128)),  # 73,728 elements: split along its largest axis (128)
+        "tie": jax.ShapeDtypeStruct((256, 256), jnp.float32),  # equal axes: the first
+        "small_axis": np.zeros((129, 129, 2)),  # only the last axis divides by 2
+        "odd": np.zeros((129, 129, 3)),  # no axis divides by 2: replicated
+        "bias": jnp.zeros((128,)),  # below the minimum size: replicated
+        "big_bias": np.zeros((2**14,)),  # exactly the minimum size: split
+        "count": jnp.zeros((), jnp.int32),
+    }
+    assert specs(2) == {
+        "kernel": (None, None, None, "fsdp"),
+        "tie": ("fsdp", None),
+        "small_axis": (None, None, "fsdp"),
+        "odd": (),
+        "bias": (),
+        "big_bias": ("fsdp",),
+        "count": (),
+    }
+    assert specs(1) == {k: () for k in tree}  # fsdp=1: everything replicated
+    assert specs(4, min_size=2**20) == {k: () for k in tree}  # nothing reaches the minimum
+    three = specs(3, min_size=1)
+    assert three["kernel"] == ("fsdp", None, None, None) and three["odd"] == ("fsdp", None, None)
+    assert three["tie"] == () and three["bias"] == () and three["count"] == ()  # 256, 128 % 3; no axis
 
 
 def test_mesh_checks():

@@ -153,14 +153,16 @@ TWO_PROC_SETS = [
 ]
 
 
-def _finetune(vae_dir, workdir, nproc: int, *extra) -> list[str]:
-    """``finetune-decoder`` in ``nproc`` processes (one CPU device each) on localhost; their stdouts."""
+def _finetune(vae_dir, workdir, nproc: int, *extra, devices: int = 1) -> list[str]:
+    """``finetune-decoder`` in ``nproc`` processes (``devices`` CPU devices each) on localhost; their stdouts."""
     sets = [a for s in TWO_PROC_SETS for a in ("--set", s)]
     cmd = [sys.executable, "-m", "starflow_jax.cli.main", "finetune-decoder", "--vae", str(vae_dir)]
     cmd += ["--config", str(HERE.parent / "configs" / "finetune_decoder_digits.py"), "--workdir", str(workdir)]
     cmd += ["--no-perceptual", *sets, *extra]
     port = _free_port()
     env = dict(_env(), JAX_PLATFORMS="cpu")
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     procs = [
         subprocess.Popen(
             cmd
@@ -205,3 +207,21 @@ def test_two_processes_write_the_one_process_result(vae_dir, tmp_path):
         for k, v in b.items():
             if k != "seconds" and isinstance(v, float):
                 assert abs(a[k] - v) <= 1e-4 * max(1.0, abs(v)), (k, a[k], v)
+
+
+@pytest.mark.slow  # ~2 min on a 2-core machine: three runs on 4 CPU devices
+def test_fsdp_run_resumes_on_another_mesh(vae_dir, tmp_path):
+    """Stopped on data=2 x fsdp=2 (checkpoint of fsdp-sharded arrays), resumed on fsdp=4:
+    the result of one uninterrupted data=4 run."""
+    from safetensors.numpy import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _finetune(vae_dir, one, 1, "--set", "mesh.data=4", devices=4)
+    _finetune(vae_dir, two, 1, "--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--stop-at", "2", devices=4)
+    (out,) = _finetune(vae_dir, two, 1, "--set", "mesh.data=1", "--set", "mesh.fsdp=4", devices=4)
+    assert "resumed from step 2" in out
+    name = "diffusion_pytorch_model.safetensors"
+    want, got = load_file(one / "vae" / name), load_file(two / "vae" / name)
+    assert sorted(want) == sorted(got)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=2e-5, rtol=1e-4, err_msg=k)

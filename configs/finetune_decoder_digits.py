@@ -20,6 +20,6 @@ def get_config():
         dict(
             finetune=finetune_section(steps=200, batch_size=8, image_size=32, lr=1e-3, warmup_steps=0, log_every=20),
             decoder_loss=decoder_loss_section(discriminator_channels=32, discriminator_stages=2),
-            mesh=mesh_section(),  # every device on data: the batch split over them (--set mesh.fsdp=2 ...)
+            mesh=mesh_section(),  # every device on data: the batch split over them (--set mesh.fsdp=2: weights too)
         )
     )

@@ -39,6 +39,6 @@ def get_config():
                 checkpoint_every=50,
             ),
             decoder_loss=decoder_loss_section(discriminator_channels=32, discriminator_stages=2),
-            mesh=mesh_section(),  # every device on data: the batch split over them (--set mesh.fsdp=2 ...)
+            mesh=mesh_section(),  # every device on data: the batch split over them (--set mesh.fsdp=2: weights too)
         )
     )

@@ -1,6 +1,7 @@
 """finetune-decoder sharded like the flow's training: on 4 CPU devices a ``data=4`` and a
-``data=2 x fsdp=2`` mesh give the one-device step's parameters (float32 tolerance); the
-mesh checks; two processes on localhost (jax.distributed) write the one-process result."""
+``data=2 x fsdp=2`` mesh (the large weights and optimizer states split over fsdp) give the
+one-device step's parameters (float32 tolerance); the fsdp sharding rule; the mesh checks;
+two processes on localhost (jax.distributed) write the one-process result."""
 
 from __future__ import annotations
 
@@ -59,7 +60,52 @@ def test_sharded_steps_equal_one_device(vae_dir):
         assert m["moved"] > 1e-4, m  # the steps changed the decoder
         assert m["decoder_err"] < 1e-5 * max(1.0, m["scale"]), m
         assert m["discriminator_err"] < 1e-5 and m["opt_err"] < 1e-6 and m["metrics_err"] < 1e-4, m
-        assert m["state_specs"] == ["P()"], m  # weights and optimizer states replicated
+        assert m["opt_discriminator_err"] < 1e-5, m  # (data=4 alone: 1.3e-6)
+        s = m["sharded"]
+        if m["mesh"].get("fsdp", 1) == 1:
+            assert m["state_specs"] == ["P()"], m  # data parallelism alone: everything replicated
+            assert s["largest_spec"] == "P()" and s["largest_shard_size"] == s["largest_size"], m
+        else:  # ZeRO-3: the large weights, their Adam moments and the frozen encoder split over fsdp
+            assert "P()" in m["state_specs"], m  # small arrays (biases, norms, step, key) replicated
+            assert "fsdp" in s["largest_spec"] and 2 * s["largest_shard_size"] == s["largest_size"], m
+            assert s["decoder"] and s["discriminator"] and s["frozen"], m
+            assert s["opt_decoder"] == 2 * s["decoder"] and s["opt_discriminator"] == 2 * s["discriminator"], m
+
+
+def test_fsdp_shardings_rule():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import AbstractMesh
+
+    from starflow_jax.autoencoders.finetune.trainer import fsdp_shardings
+
+    def specs(fsdp, **kw):  # an abstract mesh: this process may have one device
+        mesh = AbstractMesh((1, fsdp, 1), ("data", "fsdp", "tensor"))
+        return jax.tree.map(lambda s: tuple(s.spec), fsdp_shardings(tree, mesh, **kw))
+
+    tree = {
+        "kernel": jnp.zeros((3, 3, 64, 128)),  # 73,728 elements: split along its largest axis (128)
+        "tie": jax.ShapeDtypeStruct((256, 256), jnp.float32),  # equal axes: the first
+        "small_axis": np.zeros((129, 129, 2)),  # only the last axis divides by 2
+        "odd": np.zeros((129, 129, 3)),  # no axis divides by 2: replicated
+        "bias": jnp.zeros((128,)),  # below the minimum size: replicated
+        "big_bias": np.zeros((2**14,)),  # exactly the minimum size: split
+        "count": jnp.zeros((), jnp.int32),
+    }
+    assert specs(2) == {
+        "kernel": (None, None, None, "fsdp"),
+        "tie": ("fsdp", None),
+        "small_axis": (None, None, "fsdp"),
+        "odd": (),
+        "bias": (),
+        "big_bias": ("fsdp",),
+        "count": (),
+    }
+    assert specs(1) == {k: () for k in tree}  # fsdp=1: everything replicated
+    assert specs(4, min_size=2**20) == {k: () for k in tree}  # nothing reaches the minimum
+    three = specs(3, min_size=1)
+    assert three["kernel"] == ("fsdp", None, None, None) and three["odd"] == ("fsdp", None, None)
+    assert three["tie"] == () and three["bias"] == () and three["count"] == ()  # 256, 128 % 3; no axis
 
 
 def test_mesh_checks():
@@ -107,14 +153,16 @@ TWO_PROC_SETS = [
 ]
 
 
-def _finetune(vae_dir, workdir, nproc: int, *extra) -> list[str]:
-    """``finetune-decoder`` in ``nproc`` processes (one CPU device each) on localhost; their stdouts."""
+def _finetune(vae_dir, workdir, nproc: int, *extra, devices: int = 1) -> list[str]:
+    """``finetune-decoder`` in ``nproc`` processes (``devices`` CPU devices each) on localhost; their stdouts."""
     sets = [a for s in TWO_PROC_SETS for a in ("--set", s)]
     cmd = [sys.executable, "-m", "starflow_jax.cli.main", "finetune-decoder", "--vae", str(vae_dir)]
     cmd += ["--config", str(HERE.parent / "configs" / "finetune_decoder_digits.py"), "--workdir", str(workdir)]
     cmd += ["--no-perceptual", *sets, *extra]
     port = _free_port()
     env = dict(_env(), JAX_PLATFORMS="cpu")
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     procs = [
         subprocess.Popen(
             cmd
@@ -159,3 +207,21 @@ def test_two_processes_write_the_one_process_result(vae_dir, tmp_path):
         for k, v in b.items():
             if k != "seconds" and isinstance(v, float):
                 assert abs(a[k] - v) <= 1e-4 * max(1.0, abs(v)), (k, a[k], v)
+
+
+@pytest.mark.slow  # ~2 min on a 2-core machine: three runs on 4 CPU devices
+def test_fsdp_run_resumes_on_another_mesh(vae_dir, tmp_path):
+    """Stopped on data=2 x fsdp=2 (checkpoint of fsdp-sharded arrays), resumed on fsdp=4:
+    the result of one uninterrupted data=4 run."""
+    from safetensors.numpy import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _finetune(vae_dir, one, 1, "--set", "mesh.data=4", devices=4)
+    _finetune(vae_dir, two, 1, "--set", "mesh.data=2", "--set", "mesh.fsdp=2", "--stop-at", "2", devices=4)
+    (out,) = _finetune(vae_dir, two, 1, "--set", "mesh.data=1", "--set", "mesh.fsdp=4", devices=4)
+    assert "resumed from step 2" in out
+    name = "diffusion_pytorch_model.safetensors"
+    want, got = load_file(one / "vae" / name), load_file(two / "vae" / name)
+    assert sorted(want) == sorted(got)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], atol=2e-5, rtol=1e-4, err_msg=k)

@@ -7,10 +7,12 @@ and ``WORKDIR/tensorboard``; orbax checkpoints in ``WORKDIR/checkpoints`` (rerun
 
 Sharded like the flow's training: the config's ``mesh`` section (``config/training.py``'s
 ``mesh_section``; default: every device on ``data``) over all processes' devices, the global
-batch split over ``data x fsdp``, the weights and optimizer states replicated (the VAE and
-discriminator declare no logical axes). With several processes (``jax.distributed``: the
-same options as ``train``) each loads only its rows of every global batch; process 0 writes
-the metrics and the result."""
+batch split over ``data x fsdp``; with ``mesh.fsdp > 1`` the weights and both optimizer states
+sharded over ``fsdp`` ZeRO-3 style (``trainer.fsdp_shardings``: the VAE and discriminator declare
+no logical axes, so large arrays split along their largest divisible axis), checkpoints
+restored with the same shardings (a run may resume on another mesh). With several processes
+(``jax.distributed``: the same options as ``train``) each loads only its rows of every global
+batch; process 0 writes the metrics and the result."""
 
 from __future__ import annotations
 
@@ -394,7 +396,7 @@ def run(args) -> int:
         log(f"stopped after step {stop} of {f.steps}; rerun the same command to continue", flush=True)
         return 0
     last = held_out(int(f.steps), state)
-    vae = tuner.vae(state)  # on the host, every process (the weights are replicated)
+    vae = tuner.vae(state)  # on the host, every process (fsdp-sharded weights gathered first)
     if not lead:
         return 0
     out = export_vae_to_diffusers(vae, workdir / "vae")

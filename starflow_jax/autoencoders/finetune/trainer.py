@@ -75,7 +75,9 @@ __all__ = [
     "FinetuneState",
     "Finetuner",
     "TRAINABLE",
+    "FSDP_MIN_SIZE",
     "check_finetune_mesh",
+    "fsdp_shardings",
     "psnr",
 ]
 
@@ -104,7 +106,8 @@ def psnr(real01: jax.Array, fake01: jax.Array) -> jax.Array:
 
 def check_finetune_mesh(mesh, batch_size: int, process_count: int = 1) -> None:
     """The global batch splits over the mesh's ``data x fsdp`` and over the processes; the
-    VAE and discriminator declare no logical axes, so nothing is split over ``tensor``."""
+    VAE and discriminator declare no logical axes, so nothing is split over ``tensor`` (the
+    weights split over ``fsdp`` by size alone: ``fsdp_shardings``)."""
     if mesh.shape["tensor"] != 1:
         raise ValueError(
             f"mesh.tensor={mesh.shape['tensor']}: finetune-decoder splits only its batch (over data x fsdp); "
@@ -124,10 +127,45 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+FSDP_MIN_SIZE = 2**14  # arrays of fewer elements (biases, norms, small kernels) stay replicated
+
+
+def fsdp_shardings(tree, mesh, min_size: int = FSDP_MIN_SIZE):
+    """ZeRO-3 style shardings of ``tree`` (arrays or ``jax.ShapeDtypeStruct``s) on ``mesh``:
+    an array of at least ``min_size`` elements is split over ``fsdp`` along its largest axis
+    divisible by the mesh's ``fsdp`` size (the first such axis on a tie); smaller arrays,
+    arrays with no such axis and every array when ``fsdp`` is 1 are replicated. The VAE,
+    discriminator and perceptual networks declare no logical axes, so this size rule stands in
+    for ``parallel.rules``."""
+    n = mesh.shape["fsdp"]
+
+    def one(x) -> NamedSharding:
+        shape = tuple(getattr(x, "shape", np.shape(x)))
+        if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+            return replicated(mesh)
+        axes = [a for a, d in enumerate(shape) if d % n == 0]
+        if not axes:
+            return replicated(mesh)
+        axis = max(axes, key=lambda a: (shape[a], -a))
+        return NamedSharding(mesh, P(*(("fsdp" if a == axis else None) for a in range(len(shape)))))
+
+    return jax.tree.map(one, tree)
+
+
+def place(tree, shardings):
+    """Every array of ``tree`` (the same on every process) as a global array with the matching
+    sharding of ``shardings`` (each process puts its own devices' slices)."""
+
+    def one(x, sh):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def place_replicated(tree, mesh):
     """Every array of ``tree`` (the same on every process) as a global array replicated over ``mesh``."""
-    sh = replicated(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), tree)
+    return place(tree, jax.tree.map(lambda _: replicated(mesh), tree))
 
 
 def _frozen_dict(section) -> tuple:
@@ -146,7 +184,7 @@ class _Spec:
     loss: tuple
     steps_per_epoch: int
     video: bool  # a Wan video VAE (inputs (b, t, c, h, w)), else the SD-VAE (images)
-    mesh: Any  # the batch is split over its (data, fsdp) axes; weights and optimizer states replicated
+    mesh: Any  # the batch split over its (data, fsdp) axes; weights and optimizer states over fsdp (fsdp_shardings)
 
 
 @functools.lru_cache(maxsize=4)
@@ -168,17 +206,31 @@ class _Program:
         kw = dict(b1=f.b1, b2=f.b2, weight_decay=f.weight_decay)
         self.tx_decoder = optax.adamw(self.lr_decoder, **kw)
         self.tx_discriminator = optax.adamw(self.lr_discriminator, **kw)
-        # Explicit shardings: the batch split over (data, fsdp), everything else replicated
-        # (the VAE and discriminator declare no logical axes for parallel.rules to split by).
-        repl = replicated(spec.mesh)
+        # Explicit shardings: the batch split over (data, fsdp); the state, frozen weights and
+        # perceptual networks by fsdp_shardings (``compiled``), metrics replicated.
         self.batch_sharding = batch_sharding(spec.mesh, 5 if spec.video else 4)
-        self.step = jax.jit(
-            self._step,
-            in_shardings=(repl, repl, repl, self.batch_sharding),
-            out_shardings=(repl, repl),
-            donate_argnums=0,
-        )
-        self.heldout_error = jax.jit(self._heldout_error, in_shardings=repl, out_shardings=repl)
+        self._compiled = {}
+
+    def compiled(self, state_sh, frozen_sh, nets_sh):
+        """``(step, heldout_error, to_host)`` jitted for these shardings (pytrees of
+        NamedShardings of the state, the frozen VAE weights and the perceptual networks)."""
+        leaves, treedef = jax.tree.flatten((state_sh, frozen_sh, nets_sh))
+        key = (treedef, tuple(leaves))
+        if key not in self._compiled:
+            repl = replicated(self.spec.mesh)
+            step = jax.jit(
+                self._step,
+                in_shardings=(state_sh, frozen_sh, nets_sh, self.batch_sharding),
+                out_shardings=(state_sh, repl),
+                donate_argnums=0,
+            )
+            heldout = jax.jit(
+                self._heldout_error, in_shardings=(state_sh.decoder, frozen_sh, repl, repl), out_shardings=repl
+            )
+            # the whole VAE replicated (every process can read it), for ``Finetuner.vae``
+            to_host = jax.jit(lambda t: t, in_shardings=((state_sh.decoder, frozen_sh),), out_shardings=repl)
+            self._compiled[key] = (step, heldout, to_host)
+        return self._compiled[key]
 
     def vae(self, trainable, frozen) -> AutoencoderKL:
         return nnx.merge(self.spec.graphdef, trainable, frozen)
@@ -272,9 +324,11 @@ class Finetuner:
     warmup when ``discriminator_warmup_steps`` is -1. The weights are arguments of the
     compiled programs (not constants in them), so Finetuners of one spec share them.
     ``mesh`` (``parallel.mesh.make_mesh``; default: this process's first device): each
-    step's global batch is split over its ``(data, fsdp)`` axes; the weights, optimizer
-    states and the frozen / perceptual networks are replicated on every device (none of
-    these modules declares logical axes, so ``fsdp`` splits only the batch here)."""
+    step's global batch is split over its ``(data, fsdp)`` axes; the trainable and frozen
+    VAE weights, the discriminator, the perceptual networks and both AdamW states are
+    sharded over ``fsdp`` ZeRO-3 style by ``fsdp_shardings`` (arrays of at least
+    ``FSDP_MIN_SIZE`` elements along their largest axis divisible by the ``fsdp`` size; the
+    rest replicated), and replicated over ``data``."""
 
     def __init__(
         self,
@@ -322,12 +376,15 @@ class Finetuner:
             mesh,
         )
         self.program = _program(spec)
-        self.frozen, self.nets = place_replicated((self.frozen, self.nets), mesh)
         self.tx_decoder, self.tx_discriminator = self.program.tx_decoder, self.program.tx_discriminator
+        self.state_shardings = fsdp_shardings(jax.eval_shape(self._init), mesh)
+        frozen_sh, nets_sh = fsdp_shardings((self.frozen, self.nets), mesh)
+        self.frozen, self.nets = place((self.frozen, self.nets), (frozen_sh, nets_sh))
+        self._step, self._heldout, self._to_host = self.program.compiled(self.state_shardings, frozen_sh, nets_sh)
 
     def init(self) -> FinetuneState:
-        """The starting state, replicated over the mesh."""
-        return place_replicated(self._init(), self.mesh)
+        """The starting state, sharded over the mesh by ``state_shardings`` (``fsdp_shardings``)."""
+        return place(self._init(), self.state_shardings)
 
     def _init(self) -> FinetuneState:
         return FinetuneState(
@@ -351,7 +408,7 @@ class Finetuner:
         """One fine-tuning step (``state`` is donated) on ``images`` in [-1, 1], this process's
         rows of the global batch: ``(b, c, h, w)`` for the SD-VAE, clips ``(b, 1 + 4k, c, h, w)``
         for the Wan VAE."""
-        return self.program.step(state, self.frozen, self.nets, self.global_batch(images))
+        return self._step(state, self.frozen, self.nets, self.global_batch(images))
 
     def heldout_error(self, state: FinetuneState, images, key) -> tuple[jax.Array, jax.Array]:
         """``(mse, psnr)`` in [0, 1] units of the reconstructions of ``images`` from noisy
@@ -359,9 +416,10 @@ class Finetuner:
         if jnp.issubdtype(getattr(key, "dtype", np.uint32), jax.dtypes.prng_key):
             key = jax.random.key_data(key)
         images, key = place_replicated((np.asarray(images), np.asarray(key)), self.mesh)
-        return self.program.heldout_error(state.decoder, self.frozen, images, key)
+        return self._heldout(state.decoder, self.frozen, images, key)
 
     def vae(self, state: FinetuneState) -> AutoencoderKL:
-        """The VAE with the state's decoder, on the host (every process holds all of it)."""
-        host = jax.tree.map(jnp.asarray, jax.device_get((state.decoder, self.frozen)))
+        """The VAE with the state's decoder, on the host (every process holds all of it: the
+        fsdp-sharded weights are gathered first)."""
+        host = jax.tree.map(jnp.asarray, jax.device_get(self._to_host((state.decoder, self.frozen))))
         return self.program.vae(*host)

@@ -110,8 +110,8 @@ def check_finetune_mesh(mesh, batch_size: int, process_count: int = 1) -> None:
     weights split over ``fsdp`` by size alone: ``fsdp_shardings``)."""
     if mesh.shape["tensor"] != 1:
         raise ValueError(
-            f"mesh.tensor={mesh.shape['tensor']}: finetune-decoder splits only its batch (over data x fsdp); "
-            "set mesh.tensor=1"
+            f"mesh.tensor={mesh.shape['tensor']}: finetune-decoder has no tensor parallelism (its batch splits "
+            "over data x fsdp, its weights over fsdp); set mesh.tensor=1"
         )
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % split:

@@ -123,18 +123,23 @@ def training_clips(f):
     from starflow_jax.data.video import VideoFolderSource
 
     src = VideoFolderSource(f.videos, f.frames, f.image_size, seed=0)
-    if len(src) <= f.heldout_images:
-        raise ValueError(
-            f"finetune.videos {f.videos} holds {len(src)} videos: not more than finetune.heldout_images="
-            f"{f.heldout_images}"
-        )
-    perm = np.random.default_rng(0).permutation(len(src))
-    held_idx, train_idx = perm[: f.heldout_images], perm[f.heldout_images :]
+    held_idx, train_idx = heldout_split(len(src), f, "videos", "videos")
 
     def load(idx):
         return np.stack([src[int(i)]["video"] for i in idx])
 
     return len(train_idx), lambda idx: load(train_idx[idx]), load(held_idx)
+
+
+def heldout_split(n: int, f, key: str, noun: str):
+    """``(held-out indices, training indices)`` of ``n`` records: the first ``f.heldout_images``
+    of a fixed permutation held out; a source of no more than that many is refused."""
+    if n <= f.heldout_images:
+        raise ValueError(
+            f"finetune.{key} {f[key]} holds {n} {noun}: not more than finetune.heldout_images={f.heldout_images}"
+        )
+    perm = np.random.default_rng(0).permutation(n)
+    return perm[: f.heldout_images], perm[f.heldout_images :]
 
 
 def shard_data(f, video: bool = False):
@@ -164,13 +169,7 @@ def shard_data(f, video: bool = False):
     frames = shape[0] if clips else 1
     if video and frames != f.frames:
         raise ValueError(f"finetune.shards {f.shards} holds clips of {frames} frames: set finetune.frames={frames}")
-    if len(src) <= f.heldout_images:
-        raise ValueError(
-            f"finetune.shards {f.shards} holds {len(src)} records: not more than finetune.heldout_images="
-            f"{f.heldout_images}"
-        )
-    perm = np.random.default_rng(0).permutation(len(src))
-    held_idx, train_idx = perm[: f.heldout_images], perm[f.heldout_images :]
+    held_idx, train_idx = heldout_split(len(src), f, "shards", "records")
 
     def load(idx):
         x = pixels_from_uint8(np.stack([src[int(i)][PIXELS] for i in idx]))
@@ -201,13 +200,7 @@ def training_data(f, video: bool = False):
     from starflow_jax.data.image_folder import ImageFolderSource
 
     src = ImageFolderSource(f.images, f.image_size, 3)
-    if len(src) <= f.heldout_images:
-        raise ValueError(
-            f"finetune.images {f.images} holds {len(src)} images: not more than finetune.heldout_images="
-            f"{f.heldout_images}"
-        )
-    perm = np.random.default_rng(0).permutation(len(src))
-    held_idx, train_idx = perm[: f.heldout_images], perm[f.heldout_images :]
+    held_idx, train_idx = heldout_split(len(src), f, "images", "images")
 
     def load(idx):
         return np.stack([src[int(i)]["image"] for i in idx])

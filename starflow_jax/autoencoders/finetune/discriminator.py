@@ -146,6 +146,16 @@ def adaptive_max_pool(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     return _adaptive_max_axis(_adaptive_max_axis(x, 1, size[0]), 2, size[1])
 
 
+def _check_settings(num_stages: int, blur_kernel_size: int, hidden_channels: int) -> None:
+    """The settings both discriminators share, each bad one named."""
+    if num_stages < 1:
+        raise ValueError(f"the discriminator needs at least one stage, got num_stages={num_stages}")
+    if blur_kernel_size not in BLUR_KERNELS:
+        raise ValueError(f"blur_kernel_size must be one of {sorted(BLUR_KERNELS)}, got {blur_kernel_size}")
+    if hidden_channels % _GROUPS:
+        raise ValueError(f"hidden_channels must be a multiple of {_GROUPS} (GroupNorm), got {hidden_channels}")
+
+
 class PatchDiscriminator(nnx.Module):
     """The reference's ``NLayerDiscriminator(with_condition=False)``: images ``(b, c, h, w)``
     (or videos ``(b, t, c, h, w)``, frames scored alone) to logits ``(b, 1, 16, 16)``
@@ -163,12 +173,7 @@ class PatchDiscriminator(nnx.Module):
         precision: jax.lax.PrecisionLike = None,
         rngs: nnx.Rngs,
     ):
-        if num_stages < 1:
-            raise ValueError(f"the discriminator needs at least one stage, got num_stages={num_stages}")
-        if blur_kernel_size not in BLUR_KERNELS:
-            raise ValueError(f"blur_kernel_size must be one of {sorted(BLUR_KERNELS)}, got {blur_kernel_size}")
-        if hidden_channels % _GROUPS:
-            raise ValueError(f"hidden_channels must be a multiple of {_GROUPS} (GroupNorm), got {hidden_channels}")
+        _check_settings(num_stages, blur_kernel_size, hidden_channels)
         self.num_channels = num_channels
         self.blur_taps = BLUR_KERNELS[blur_kernel_size]
         widths = [hidden_channels] + [hidden_channels * 2**i for i in range(num_stages)]
@@ -217,12 +222,7 @@ class ClipDiscriminator(nnx.Module):
         precision: jax.lax.PrecisionLike = None,
         rngs: nnx.Rngs,
     ):
-        if num_stages < 1:
-            raise ValueError(f"the discriminator needs at least one stage, got num_stages={num_stages}")
-        if blur_kernel_size not in BLUR_KERNELS:
-            raise ValueError(f"blur_kernel_size must be one of {sorted(BLUR_KERNELS)}, got {blur_kernel_size}")
-        if hidden_channels % _GROUPS:
-            raise ValueError(f"hidden_channels must be a multiple of {_GROUPS} (GroupNorm), got {hidden_channels}")
+        _check_settings(num_stages, blur_kernel_size, hidden_channels)
         self.num_channels = num_channels
         self.blur_taps = BLUR_KERNELS[blur_kernel_size]
         keep = num_stages // 3  # the reference's int(num_stages * 1/3) stages keep every frame

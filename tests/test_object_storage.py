@@ -162,7 +162,9 @@ def _spawn(args, env, **kw):
         PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
-        STARFLOW_SIGTERM_GRACE_S="8",
+        # Generous: on a loaded CI machine a step plus the gs:// checkpoint can take longer than
+        # a short grace timer, which would cut the agreed save short (test_run_safety does the same).
+        STARFLOW_SIGTERM_GRACE_S="120",
     )
     env.pop("XLA_FLAGS", None)
     return subprocess.Popen(

@@ -307,7 +307,8 @@ def _wait_for(proc, text, timeout=300):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_the_run_resumes(tmp_path):
-    proc = _spawn(tmp_path, ["train.steps=100000", "train.checkpoint_every=100000", "sample.every=0"])
+    # a long grace: the timer must not cut the save short on a loaded CI machine
+    proc = _spawn(tmp_path, ["train.steps=100000", "train.checkpoint_every=100000", "sample.every=0"], grace="120")
     _wait_for(proc, "step 3/")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)

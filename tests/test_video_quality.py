@@ -134,6 +134,24 @@ def test_motion_score_is_zero_on_rolled_clips_and_large_on_shuffled_frames():
         motion_score(np.full_like(clips, np.nan))
 
 
+def test_motion_score_measures_against_the_clips_own_velocities():
+    """Diagnostic clip sets (``data.velocities``) are scored against their own velocities:
+    clips moving 2 pixels a frame score 0 against that set, not against the default 8."""
+    from starflow_jax.data.moving_digits import config_velocities, parse_velocities
+
+    fast = parse_velocities("2,2;2,0;0,-2")
+    rng = np.random.default_rng(3)
+    clips = np.stack(
+        [shift_clip(im, 4, tuple(fast[i % 3]), (i, 1)) for i, im in enumerate(rng.uniform(-1, 1, (6, 1, 8, 8)))]
+    )
+    assert motion_score(clips, fast) == 0.0 and motion_score(clips) > 0.2
+    assert motion_report(clips, clips, velocities=fast)["motion_score_real"] == 0.0
+    config = load_config(VIDEO_TINY)
+    np.testing.assert_array_equal(config_velocities(config), VELOCITIES)
+    config.data.velocities = "2,2;2,0;0,-2"
+    np.testing.assert_array_equal(config_velocities(config), fast)
+
+
 def test_real_moving_digits_score_zero():
     config = load_config(VIDEO_TINY)
     data = make_data(config)

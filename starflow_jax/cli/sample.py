@@ -346,7 +346,8 @@ def _motion(config, x: np.ndarray) -> str:
         data = make_data(config)
         real = data.heldout if data.heldout is not None else data.train
         clips = np.stack([real[i]["image"] for i in range(len(real))])
-        return md.describe_motion(md.motion_report(x, clips))  # real clips of the training length
+        # real clips of the training length, scored against the run's own velocities
+        return md.describe_motion(md.motion_report(x, clips, velocities=md.config_velocities(config)))
     return f"motion score {md.motion_score(x):.4f}"
 
 

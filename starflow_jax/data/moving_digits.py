@@ -27,7 +27,7 @@ def shift_clip(image: np.ndarray, num_frames: int, velocity: tuple[int, int], of
 def parse_velocities(text: str) -> np.ndarray:
     """``"dy,dx;dy,dx"`` (``data.velocities``) as an ``(n, 2)`` array; ``""``: ``VELOCITIES``.
     Other sets of velocities make diagnostic data (one known velocity, or whole patches per
-    frame); the motion score still measures against the 8 of ``VELOCITIES``."""
+    frame); the motion score measures against the clips' own set (``config_velocities``)."""
     if not text.strip():
         return VELOCITIES
     try:
@@ -101,26 +101,33 @@ def _check_clips(clips: np.ndarray) -> np.ndarray:
     return clips
 
 
-def motion_errors(clips: np.ndarray) -> np.ndarray:
-    """How far each clip is from moving digits, ``(n,)``: for the best of the 8 constant
-    velocities ``v`` of the clip, the mean absolute difference between frame ``k + 1`` and
-    frame ``k`` rolled by ``v`` (over frame pairs and pixels), in units of the grey range
-    (clips in ``[-1, 1]``: differences halved). 0 for an exactly rolled clip."""
+def config_velocities(config) -> np.ndarray:
+    """The velocities of a run's moving-digits clips (``data.velocities``, default the 8 of
+    ``VELOCITIES``): the set its motion score measures against."""
+    return parse_velocities(str(config.data.get("velocities", "") or ""))
+
+
+def motion_errors(clips: np.ndarray, velocities: np.ndarray = VELOCITIES) -> np.ndarray:
+    """How far each clip is from moving digits, ``(n,)``: for the best of the constant
+    ``velocities`` ``v`` (the 8 of the main job by default), the mean absolute difference
+    between frame ``k + 1`` and frame ``k`` rolled by ``v`` (over frame pairs and pixels), in
+    units of the grey range (clips in ``[-1, 1]``: differences halved). 0 for an exactly
+    rolled clip."""
     clips = _check_clips(clips)
     prev, nxt = clips[:, :-1], clips[:, 1:]
     per_v = np.stack(
         [
             np.abs(nxt - np.roll(prev, tuple(int(d) for d in v), axis=(-2, -1))).mean(axis=(1, 2, 3, 4))
-            for v in VELOCITIES
+            for v in velocities
         ]
-    )  # (8, n)
+    )  # (velocities, n)
     return per_v.min(axis=0) / 2.0
 
 
-def motion_score(clips: np.ndarray) -> float:
+def motion_score(clips: np.ndarray, velocities: np.ndarray = VELOCITIES) -> float:
     """The mean of ``motion_errors`` over clips: 0 for moving digits, larger the more the
     frames change otherwise than by one constant roll."""
-    return float(np.mean(motion_errors(clips)))
+    return float(np.mean(motion_errors(clips, velocities)))
 
 
 def shuffle_frames(clips: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -132,13 +139,13 @@ def shuffle_frames(clips: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.stack([clips[rng.integers(n, size=n), k] for k in range(t)], axis=1)
 
 
-def motion_report(samples: np.ndarray, real: np.ndarray, seed: int = 0) -> dict:
+def motion_report(samples: np.ndarray, real: np.ndarray, seed: int = 0, velocities: np.ndarray = VELOCITIES) -> dict:
     """``motion_score`` of generated clips next to that of real clips (the floor: 0 for
     exactly rolled ones) and of the real clips with frames shuffled across clips (chance)."""
     return dict(
-        motion_score=motion_score(samples),
-        motion_score_real=motion_score(real),
-        motion_score_shuffled=motion_score(shuffle_frames(real, seed)),
+        motion_score=motion_score(samples, velocities),
+        motion_score_real=motion_score(real, velocities),
+        motion_score_shuffled=motion_score(shuffle_frames(real, seed), velocities),
     )
 
 

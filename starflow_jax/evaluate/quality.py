@@ -156,7 +156,7 @@ def digits_quality(config, samples: np.ndarray, labels: np.ndarray | None, class
         return {"classifier": str(path), **digits_scores(classifier, np.clip(samples, -1.0, 1.0), labels)}
     # clips: digits rolled off the centre, which the classifier (trained on centred digits)
     # reads less well: the real frames' accuracy is given as the ceiling
-    from starflow_jax.data.moving_digits import motion_report
+    from starflow_jax.data.moving_digits import config_velocities, motion_report
     from starflow_jax.data.sources import make_data
 
     data = make_data(config)
@@ -168,7 +168,7 @@ def digits_quality(config, samples: np.ndarray, labels: np.ndarray | None, class
     out = {"classifier": str(path), **digits_scores(classifier, frames, frame_labels, real=real)}
     if labels is not None:
         out["accuracy_real"] = dc.accuracy(classifier, real[1], np.repeat(data.heldout.labels, held.shape[1]))
-    out.update(motion_report(samples, held))
+    out.update(motion_report(samples, held, velocities=config_velocities(config)))
     return out
 
 

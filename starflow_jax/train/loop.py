@@ -562,10 +562,11 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
         summary += f"; {config.eval.num_samples} samples: {SampleQuality.describe(last_scores)}"
     if config.data.name == "moving_digits" and samples.ndim == 5 and samples.shape[1] > 1:
         # how much the preview clips move like the data: 0 for a digit rolled by one velocity
-        from starflow_jax.data.moving_digits import describe_motion, motion_report
+        from starflow_jax.data.moving_digits import config_velocities, describe_motion, motion_report
 
         real = heldout if heldout is not None else data.train
-        motion = motion_report(samples, np.stack([real[i]["image"] for i in range(len(real))]))
+        clips = np.stack([real[i]["image"] for i in range(len(real))])
+        motion = motion_report(samples, clips, velocities=config_velocities(config))
         result.update(motion)
         summary += f"; {describe_motion(motion)}"
     if lead:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from starflow_jax.config.model_config import ConfigError, ModelConfig
-from starflow_jax.config.reference_args import to_model_kwargs, to_yaml_arguments
+from starflow_jax.config.reference_args import to_model_kwargs, to_yaml_arguments, without_ours_only
 from starflow_jax.layers.rope import rope_table
 from starflow_jax.model.starflow import StarFlow
 
@@ -90,6 +90,18 @@ def test_bad_rope_wrap_settings_are_named():
     for export in (to_model_kwargs, to_yaml_arguments):
         with pytest.raises(ConfigError, match="no counterpart in the reference"):
             export(cfg)
+
+
+def test_the_references_nearest_model_has_the_same_parameters():
+    """``bench train --quality`` trains the reference's nearest model of a recipe with our
+    position options: the options off, every parameter the same."""
+    cfg = _cfg(rope_wrap=True, rope_content_keys=True)
+    near, on = without_ours_only(cfg)
+    assert on == ["rope_wrap", "rope_content_keys"] and not near.rope_wrap and not near.rope_content_keys
+    assert to_model_kwargs(near)["channels"] == cfg.channels  # expressible now
+    shapes = [jax.tree.map(lambda a: a.shape, nnx.state(StarFlow(c, rngs=nnx.Rngs(0)), nnx.Param)) for c in (cfg, near)]
+    assert shapes[0] == shapes[1]
+    assert without_ours_only(near) == (near, [])
 
 
 @pytest.mark.parametrize("jacobi", [False, True], ids=["sequential", "jacobi"])

@@ -33,11 +33,11 @@ class ReferenceTrainer:
     dropped); returns its metrics. ``params()`` / ``ema()``: numpy dicts in the reference's
     names."""
 
-    def __init__(self, path: str, config, state_dict: dict[str, np.ndarray], num_classes: int):
+    def __init__(self, path: str, config, state_dict: dict[str, np.ndarray], num_classes: int, nearest: bool = False):
         import torch
 
         from starflow_jax.bench.reference import import_reference
-        from starflow_jax.config.reference_args import to_model_kwargs
+        from starflow_jax.config.reference_args import to_model_kwargs, without_ours_only
         from starflow_jax.interop.state_dict import reference_buffers
 
         self.torch = torch
@@ -48,6 +48,8 @@ class ReferenceTrainer:
         training = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(training)
         cfg = model_config(config)
+        if nearest:  # options of ours the reference lacks: its nearest model (same parameters)
+            cfg, _ = without_ours_only(cfg)
         t = self.t = config.train
         self.num_classes = num_classes
         model = self.model = tf.Model(**to_model_kwargs(cfg))

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 
 from starflow_jax.bench.common import print_table, reference_child_output, reference_rows_in_child, write_json
+from starflow_jax.config import model_config
+from starflow_jax.config.reference_args import without_ours_only
 
 COLUMNS = [
     ("step", "step", "d"),
@@ -196,7 +198,7 @@ def run_reference(path: str, config, points: list[int], budget: float | None, di
     train, heldout, order, u = _plan(config, steps)
     with np.load(directory / "inputs.npz") as f:
         sd = {k: f[k] for k in f.files}
-    trainer = ReferenceTrainer(path, config, sd, NUM_CLASSES)
+    trainer = ReferenceTrainer(path, config, sd, NUM_CLASSES, nearest=True)
 
     def heldout_nll():
         if heldout.images.ndim == 5:  # per frame, from the clips' first k frames
@@ -300,6 +302,12 @@ def run(args) -> int:
         f"{t.steps} schedule steps, {length}; "
         f"held-out bits/dim and training seconds (the JAX step's compilation, not counted: {compile_s:.1f} s)"
     )
+    _, ours_only = without_ours_only(model_config(config))
+    if ours_only:
+        print(
+            f"the reference lacks {', '.join('model.' + k for k in ours_only)}: it trains its nearest model, "
+            "the same parameters with its own positions (the options off)"
+        )
     print_table(table, VIDEO_COLUMNS if video else COLUMNS)
     if args.plot:
         plot(args.plot, jax_rows, ref_rows, f"{pathlib.Path(args.config).name}: held-out bits/dim vs training time")
@@ -310,6 +318,7 @@ def run(args) -> int:
             config=str(args.config),
             overrides=list(args.overrides),
             compile_seconds=compile_s,
+            reference_without=[f"model.{k}" for k in ours_only],
             rows=table,
             jax=jax_rows,
             reference=ref_rows,

@@ -314,10 +314,21 @@ def model_config_from_yaml(path: str | pathlib.Path, txt_dim: int | None = None)
     return model_config_from_train_args(read_yaml_arguments(path), txt_dim=txt_dim)
 
 
+# model options of ours that the reference's Model lacks; none of them changes the parameters
+OURS_ONLY = (("rope_wrap", "spatial RoPE on a torus"), ("rope_content_keys", "keys at their token's position"))
+
+
+def without_ours_only(cfg: ModelConfig) -> tuple[ModelConfig, list[str]]:
+    """``cfg`` with the options of ``OURS_ONLY`` switched off (the same parameters, the
+    reference's positions) and the names of those that were on: the reference's nearest
+    model, for same-budget comparisons of a recipe that uses them (``bench train --quality``)."""
+    on = [key for key, _ in OURS_ONLY if getattr(cfg, key)]
+    return ModelConfig.from_dict({**cfg.to_dict(), **{key: False for key in on}}), on
+
+
 def check_reference_expressible(cfg: ModelConfig) -> None:
     """Raise a ``ConfigError`` when ``cfg`` uses an option the reference's ``Model`` lacks."""
-    ours = (("rope_wrap", "spatial RoPE on a torus"), ("rope_content_keys", "keys at their token's position"))
-    for key, what in ours:
+    for key, what in OURS_ONLY:
         if getattr(cfg, key):
             raise ConfigError(
                 f"model.{key}=True ({what}) has no counterpart in the reference's "

@@ -240,10 +240,19 @@ def test_quality_on_moving_digits_gives_the_same_frames_at_the_start(tmp_path):
     out = tmp_path / "quality.json"
     argv = ["bench", "train", "--config", str(ROOT / "configs" / "video_tiny_cpu.py"), "--set", "model.channels=32"]
     argv += ["--batch", "8", "--quality", "--quality-steps", "2", "--json", str(out), "--reference", REFERENCE_REPO]
-    assert main(argv) == 0
-    start = json.loads(out.read_text())["rows"][0]
+    # the main job's position options are ours: off, both train the same model
+    ours_off = ["--set", "model.rope_wrap=False", "--set", "model.rope_content_keys=False"]
+    assert main(argv + ours_off) == 0
+    result = json.loads(out.read_text())
+    start = result["rows"][0]
+    assert result["reference_without"] == []
     for key in ("bpd", "bpd_frame1", "bpd_later"):  # the reference's per frame read from clip prefixes
         assert start[f"{key}_jax"] == pytest.approx(start[f"{key}_ref"], rel=1e-5), key
+    # on: the reference trains its nearest model (the same weights, its own positions), and says so
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["reference_without"] == ["model.rope_wrap", "model.rope_content_keys"]
+    assert [r["step"] for r in result["rows"]] == [0, 2] and all(0 < r["bpd_ref"] < 10 for r in result["rows"])
 
 
 def test_per_frame_nll_from_clip_prefixes_equals_the_models_own():

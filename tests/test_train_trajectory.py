@@ -255,6 +255,22 @@ def test_quality_on_moving_digits_gives_the_same_frames_at_the_start(tmp_path):
     assert [r["step"] for r in result["rows"]] == [0, 2] and all(0 < r["bpd_ref"] < 10 for r in result["rows"])
 
 
+def test_quality_trains_on_every_clip_variant():
+    """``bench train --quality`` on moving digits draws from the same clips as ``train``:
+    ``data.clip_variants`` clips per training digit, each with its own motion."""
+    from starflow_jax.bench.train_quality import _splits
+    from starflow_jax.config import load_config
+    from starflow_jax.data.sources import make_data
+
+    config = load_config(ROOT / "configs" / "video_tiny_cpu.py", ["data.clip_variants=3", "data.num_train=40"])
+    train, held = _splits(config)
+    data = make_data(config)
+    assert train.images.shape == (120, 4, 1, 8, 8) and train.labels.shape == (120,)
+    np.testing.assert_array_equal(train.images[77], data.train[77]["image"])
+    assert train.labels[77] == data.train[77]["label"]
+    np.testing.assert_array_equal(held.images, data.heldout_images)
+
+
 def test_per_frame_nll_from_clip_prefixes_equals_the_models_own():
     """``prefix_frame_nll`` (how the reference's per-frame NLL is read) agrees with
     ``StarFlow.nll_per_frame`` on a time-causal model with frame-local shallow blocks."""

@@ -82,9 +82,11 @@ def _splits(config) -> tuple[Split, Split]:
     if str(config.data.name) == "moving_digits":
         from starflow_jax.data.sources import make_data
 
-        data = make_data(config)  # it holds every clip of both splits already
+        data = make_data(config)
+        # every training clip the run draws from (data.clip_variants per digit), not only the first
+        train = [data.train[i] for i in range(len(data.train))]
         return (
-            Split(data.train_images, np.asarray(data.train.labels, np.int32)),
+            Split(np.stack([r["image"] for r in train]), np.array([r["label"] for r in train], np.int32)),
             Split(data.heldout_images, np.asarray(data.heldout.labels, np.int32)),
         )
     from starflow_jax.data.digits import load_digits_splits

@@ -35,7 +35,7 @@ from starflow_jax.data.array_record import SHARD_SUFFIX, TRAIN_STEP_KEYS, ArrayR
 from starflow_jax.data.buckets import ratio_of_dir
 from starflow_jax.data.digits import NUM_CLASSES, class_embeddings, digits_at, load_digits_splits
 from starflow_jax.data.image_folder import ImageFolderSource
-from starflow_jax.data.moving_digits import MovingDigitsSource, parse_velocities
+from starflow_jax.data.moving_digits import MovingDigitsSource, config_velocities
 from starflow_jax.data.pipeline import ArraySource
 
 
@@ -98,7 +98,7 @@ def make_data(config) -> DataSpec:
         if frames < 2:
             raise ValueError(f"data.name='moving_digits' needs data.num_frames >= 2 (frames per clip), got {frames}")
         tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
-        v = parse_velocities(str(d.get("velocities", "")))
+        v = config_velocities(config)
         variants = int(d.get("clip_variants", 1))
         motion = bool(d.get("motion_labels", False))
         train = MovingDigitsSource(

@@ -248,7 +248,12 @@ def test_eval_of_a_moving_digits_model_scores_every_frame_and_the_motion(tmp_pat
     assert metrics["accuracy"] == pytest.approx(want["accuracy"])
     assert metrics["motion_score"] == pytest.approx(motion_score(clips), rel=1e-9)
     assert metrics["motion_score_real"] == 0.0 and metrics["motion_score_shuffled"] > 0.05
+    # unrounded samples of a uniformly dequantising run: the floor an exact model reaches
+    assert metrics["motion_score_real_dequantised"] == pytest.approx(1 / (3 * 17), rel=0.1)
     assert 0 < metrics["accuracy_real"] <= 1
+    # rounded to the levels (--quantize): the real clips' 0 is that floor
+    assert main([*args, "--quantize", "--overwrite"]) == 0
+    assert "motion_score_real_dequantised" not in json.loads(out.read_text())["metrics"]
 
 
 def test_eval_refuses_other_video_models(tmp_path, capsys):

@@ -13,6 +13,7 @@ from flax import nnx
 from starflow_jax.config import load_config, model_config
 from starflow_jax.data.moving_digits import (
     VELOCITIES,
+    describe_motion,
     motion_errors,
     motion_report,
     motion_score,
@@ -216,3 +217,27 @@ def test_train_report_and_nll_cli_give_per_frame_bpd_and_motion(tmp_path, capsys
         == 0
     )
     assert "motion score" in capsys.readouterr().out
+
+
+def test_the_motion_floor_of_unrounded_samples_is_the_dequantised_real_clips():
+    """Unrounded samples of a uniformly dequantising run are measured against the real clips
+    dequantised as trained (what an exact model's samples score: one grey step's uniform
+    noise per frame, mean |u - u'| = 1/3 of a bin); rounded samples against the real clips (0)."""
+    from starflow_jax.data.moving_digits import dequantised, unrounded_floor_levels
+    from starflow_jax.flow.noise import quantize
+
+    config = load_config(VIDEO_TINY)
+    clips = np.asarray(quantize(jnp.asarray(_clips()), 17))  # on the data's 17 grey levels
+    levels = unrounded_floor_levels(config, rounded=False)
+    assert levels == int(config.train.levels) == 17
+    assert unrounded_floor_levels(config, rounded=True) is None
+    config.train.noise_type = "gaussian"
+    assert unrounded_floor_levels(config, rounded=False) is None
+    noisy = dequantised(clips, levels, seed=2)
+    np.testing.assert_array_equal(np.asarray(quantize(noisy, levels)), clips)  # within each value's bin
+    report = motion_report(noisy, clips, levels=levels)
+    floor = report["motion_score_real_dequantised"]
+    assert floor == pytest.approx(1.0 / (3 * levels), rel=0.1)  # 0.0196 for 17 levels
+    assert report["motion_score"] == pytest.approx(floor, rel=0.1) and report["motion_score_real"] == 0.0
+    assert "dequantised as trained" in describe_motion(report)
+    assert "motion_score_real_dequantised" not in motion_report(noisy, clips)

@@ -140,7 +140,9 @@ def _digits(args, config, samples, labels, out_path: pathlib.Path) -> dict:
     from starflow_jax.evaluate import digits_classifier as dc
 
     path = pathlib.Path(args.classifier) if args.classifier else out_path.parent / dc.CACHE_NAME
-    return quality.digits_quality(config, samples, labels, path, log=lambda m: print(m, file=sys.stderr))
+    return quality.digits_quality(
+        config, samples, labels, path, log=lambda m: print(m, file=sys.stderr), rounded=bool(args.quantize)
+    )
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -372,6 +374,7 @@ _NAMES = {
     "accuracy_real": "class accuracy of real held-out frames",
     "motion_score": "motion score (0: one constant roll)",
     "motion_score_real": "motion score of real clips",
+    "motion_score_real_dequantised": "motion score of real clips, dequantised",
     "motion_score_shuffled": "motion score, frames shuffled",
     "fid": "FID",
     "inception_score": "Inception Score",

@@ -335,7 +335,7 @@ def _video_frames(args, config, cfg) -> tuple[int, int | None]:
     return num, None
 
 
-def _motion(config, x: np.ndarray) -> str:
+def _motion(config, x: np.ndarray, rounded: bool) -> str:
     """The motion score line of ``--motion-score`` (the real clips' and chance's too when the
     workdir trained on moving digits)."""
     from starflow_jax.data import moving_digits as md
@@ -347,7 +347,8 @@ def _motion(config, x: np.ndarray) -> str:
         real = data.heldout if data.heldout is not None else data.train
         clips = np.stack([real[i]["image"] for i in range(len(real))])
         # real clips of the training length, scored against the run's own velocities
-        return md.describe_motion(md.motion_report(x, clips, velocities=md.config_velocities(config)))
+        levels = md.unrounded_floor_levels(config, rounded)
+        return md.describe_motion(md.motion_report(x, clips, velocities=md.config_velocities(config), levels=levels))
     return f"motion score {md.motion_score(x):.4f}"
 
 
@@ -424,7 +425,7 @@ def run(args) -> int:
     if args.save_npy:
         np.save(args.save_npy, x)
     if args.motion_score:
-        print(_motion(config, np.asarray(x)))
+        print(_motion(config, np.asarray(x), rounded=bool(args.quantize)))
     print(
         f"wrote {out} ({args.num} samples, {'jacobi' if args.jacobi else 'sequential'}, "
         f"network passes per block {passes}, {time.time() - t0:.1f}s)"

@@ -139,18 +139,57 @@ def shuffle_frames(clips: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.stack([clips[rng.integers(n, size=n), k] for k in range(t)], axis=1)
 
 
-def motion_report(samples: np.ndarray, real: np.ndarray, seed: int = 0, velocities: np.ndarray = VELOCITIES) -> dict:
+def dequantised(clips: np.ndarray, levels: int, seed: int = 0) -> np.ndarray:
+    """Real clips as a uniformly dequantising run trains on them (``flow.noise.apply_noise``,
+    independent uniform draws of seed ``seed``): what the unrounded samples of a model that
+    learnt the data exactly look like."""
+    from starflow_jax.flow.noise import apply_noise
+
+    clips = _check_clips(clips)
+    draw = np.random.default_rng(seed).uniform(size=clips.shape)
+    return np.asarray(apply_noise(clips, draw, 0.0, "uniform", int(levels)))
+
+
+def unrounded_floor_levels(config, rounded: bool) -> int | None:
+    """The grey levels whose dequantisation sets the motion-score floor of a run's samples:
+    ``train.levels`` when the run dequantises uniformly and its samples are not rounded back
+    to the levels (a perfect model's rounded samples score exactly 0, its unrounded ones the
+    score of ``dequantised`` real clips); else ``None``."""
+    t = config.train
+    if rounded or str(t.get("noise_type", "gaussian")) != "uniform":
+        return None
+    return int(t.levels)
+
+
+def motion_report(
+    samples: np.ndarray,
+    real: np.ndarray,
+    seed: int = 0,
+    velocities: np.ndarray = VELOCITIES,
+    levels: int | None = None,
+) -> dict:
     """``motion_score`` of generated clips next to that of real clips (the floor: 0 for
-    exactly rolled ones) and of the real clips with frames shuffled across clips (chance)."""
-    return dict(
+    exactly rolled ones) and of the real clips with frames shuffled across clips (chance).
+    With ``levels`` (unrounded samples of a uniformly dequantising run:
+    ``unrounded_floor_levels``) also the score of the real clips dequantised to those levels,
+    the floor such samples can reach."""
+    out = dict(
         motion_score=motion_score(samples, velocities),
         motion_score_real=motion_score(real, velocities),
         motion_score_shuffled=motion_score(shuffle_frames(real, seed), velocities),
     )
+    if levels:
+        out["motion_score_real_dequantised"] = motion_score(dequantised(real, levels, seed), velocities)
+    return out
 
 
 def describe_motion(report: dict) -> str:
     return (
-        f"motion score {report['motion_score']:.4f} (real clips {report['motion_score_real']:.4f}, "
-        f"frames shuffled across clips {report['motion_score_shuffled']:.4f})"
+        f"motion score {report['motion_score']:.4f} (real clips {report['motion_score_real']:.4f}"
+        + (
+            f", dequantised as trained {report['motion_score_real_dequantised']:.4f}"
+            if "motion_score_real_dequantised" in report
+            else ""
+        )
+        + f", frames shuffled across clips {report['motion_score_shuffled']:.4f})"
     )

@@ -142,11 +142,15 @@ def sample_batches(
         log(f"sampled batch {i + 1}/{total} ({k + 1} of this run's {len(batches)}; {spent:.1f}s, ~{left:.0f}s left)")
 
 
-def digits_quality(config, samples: np.ndarray, labels: np.ndarray | None, classifier_path, log=print) -> dict:
+def digits_quality(
+    config, samples: np.ndarray, labels: np.ndarray | None, classifier_path, log=print, rounded: bool = False
+) -> dict:
     """Digits FD and accuracy of ``samples`` (the digits classifier at ``classifier_path``,
     trained there in seconds when absent); for clips over all their frames (each frame drawn
     for the clip's label) against real clips' frames, with the real held-out frames'
-    accuracy as the ceiling and the motion score of the clips beside the real held-out clips'."""
+    accuracy as the ceiling and the motion score of the clips beside the real held-out clips'
+    (``rounded``: the samples were rounded to ``train.levels``, which sets the motion score's
+    floor: ``moving_digits.unrounded_floor_levels``)."""
     from starflow_jax.evaluate import digits_classifier as dc
     from starflow_jax.evaluate.scores import digits_scores
 
@@ -156,7 +160,7 @@ def digits_quality(config, samples: np.ndarray, labels: np.ndarray | None, class
         return {"classifier": str(path), **digits_scores(classifier, np.clip(samples, -1.0, 1.0), labels)}
     # clips: digits rolled off the centre, which the classifier (trained on centred digits)
     # reads less well: the real frames' accuracy is given as the ceiling
-    from starflow_jax.data.moving_digits import config_velocities, motion_report
+    from starflow_jax.data.moving_digits import config_velocities, motion_report, unrounded_floor_levels
     from starflow_jax.data.sources import make_data
 
     data = make_data(config)
@@ -168,7 +172,8 @@ def digits_quality(config, samples: np.ndarray, labels: np.ndarray | None, class
     out = {"classifier": str(path), **digits_scores(classifier, frames, frame_labels, real=real)}
     if labels is not None:
         out["accuracy_real"] = dc.accuracy(classifier, real[1], np.repeat(data.heldout.labels, held.shape[1]))
-    out.update(motion_report(samples, held, velocities=config_velocities(config)))
+    levels = unrounded_floor_levels(config, rounded)
+    out.update(motion_report(samples, held, velocities=config_velocities(config), levels=levels))
     return out
 
 

@@ -562,13 +562,15 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
         summary += f"; {config.eval.num_samples} samples: {SampleQuality.describe(last_scores)}"
     if config.data.name == "moving_digits" and samples.ndim == 5 and samples.shape[1] > 1:
         # how much the preview clips move like the data: 0 for a digit rolled by one velocity
-        from starflow_jax.data.moving_digits import config_velocities, describe_motion, motion_report
+        from starflow_jax.data import moving_digits as md
 
         real = heldout if heldout is not None else data.train
         clips = np.stack([real[i]["image"] for i in range(len(real))])
-        motion = motion_report(samples, clips, velocities=config_velocities(config))
+        # previews are rounded to the levels when denoised (sample.denoise): their floor is 0
+        levels = md.unrounded_floor_levels(config, rounded=bool(config.sample.denoise))
+        motion = md.motion_report(samples, clips, velocities=md.config_velocities(config), levels=levels)
         result.update(motion)
-        summary += f"; {describe_motion(motion)}"
+        summary += f"; {md.describe_motion(motion)}"
     if lead:
         (workdir / layout.RESULT).write_text(json.dumps(result, indent=2))
     log(f"{summary}; samples {workdir / 'samples.png'}; {result['seconds']:.0f}s".lstrip("; "))

@@ -162,7 +162,9 @@ class SampleQuality:
         )
         samples = np.concatenate([parts[i] for i in sorted(parts)])
         if self.digits:
-            scores = quality.digits_quality(config, samples, labels, self.classifier, log=self.log)
+            scores = quality.digits_quality(
+                config, samples, labels, self.classifier, log=self.log, rounded=bool(config.sample.denoise)
+            )
             return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
         from starflow_jax.sampling.visualize import to_uint8
 

@@ -115,7 +115,8 @@ def test_video_main_job_trains_a_few_steps(tmp_path):
     assert np.isfinite(result["heldout_bpd"]) and "gaussian_full_cov_bpd" in result
     for key in ("digits_fd", "accuracy", "accuracy_real", "motion_score", "motion_score_real"):
         assert np.isfinite(result[key]), key
-    # one row of 4 frames per class: 10 rows x 4 columns of 8x8 with 1-pixel padding
+    # one row of 4 frames per digit (motion labels: digit d moving by velocity d mod 8): 10 rows x 4
+    # columns of 8x8 with 1-pixel padding
     png = np.asarray(Image.open(tmp_path / "samples.png"))
     assert png.shape == (10 * 9 + 1, 4 * 9 + 1)
     # the preview is denoised: every pixel is one of the data's 17 grey levels (or padding)
@@ -131,7 +132,7 @@ def test_video_main_job_trains_a_few_steps(tmp_path):
 
 
 def test_motion_labels_name_the_digit_and_the_velocity():
-    from starflow_jax.data.moving_digits import VELOCITIES, MovingDigitsSource
+    from starflow_jax.data.moving_digits import VELOCITIES, MovingDigitsSource, motion_label
 
     images = np.random.default_rng(0).uniform(-1, 1, (5, 1, 8, 8)).astype(np.float32)
     labels = np.arange(5, dtype=np.int32)
@@ -141,5 +142,6 @@ def test_motion_labels_name_the_digit_and_the_velocity():
         a, b = plain[j], src[j]
         np.testing.assert_array_equal(a["image"], b["image"])
         digit, v = int(b["label"]) % 10, VELOCITIES[int(b["label"]) // 10]
+        assert motion_label(digit, int(b["label"]) // 10) == int(b["label"])
         assert digit == a["label"]
         np.testing.assert_array_equal(b["image"][1], np.roll(b["image"][0], tuple(v), axis=(-2, -1)))

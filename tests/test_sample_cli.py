@@ -304,7 +304,7 @@ def test_sample_long_video_from_a_random_video_model(tmp_path, capsys):
 
     _, model = model_source.load_model(A, seed=5)
     noise = jax.random.normal(jax.random.key(5), (2, 7, 1, 8, 8), jnp.float32)
-    y = one_hot_labels(jnp.asarray([3, 7]), 10)
+    y = one_hot_labels(jnp.asarray([3, 7]), model.cfg.txt_dim - 1)
     first = sample(model, noise[:, :3], y, SamplingOptions())
     assert rc.relative_error(long[:, :3], np.asarray(first)) < 1e-4
     assert short.shape == (2, 3, 1, 8, 8)

@@ -285,7 +285,7 @@ def test_per_frame_nll_from_clip_prefixes_equals_the_models_own():
     cfg = model_config(load_config(ROOT / "configs" / "video_tiny_cpu.py", ["model.channels=32"]))
     model = StarFlow(cfg, rngs=nnx.Rngs(3))
     x = np.random.default_rng(0).uniform(-1, 1, (3, 4, 1, 8, 8)).astype(np.float32)
-    y = one_hot_labels(np.array([1, 4, 7]), 10)
+    y = one_hot_labels(np.array([1, 4, 7]), cfg.txt_dim - 1)
 
     def prefix(k):
         out = model(x[:, :k], y)

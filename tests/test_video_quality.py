@@ -54,7 +54,7 @@ LAYOUTS = [
 def test_per_frame_nll_sums_to_the_clip_nll_and_is_causal(overrides):
     config, model = _random_model(overrides)
     x = jax.random.uniform(jax.random.key(2), (3, 4, 1, 8, 8), minval=-1, maxval=1)
-    y = jax.nn.one_hot(jnp.array([[1], [4], [7]]), 11)
+    y = jax.nn.one_hot(jnp.array([[1], [4], [7]]), model.cfg.txt_dim)
 
     @nnx.jit
     def nlls(model, x):
@@ -102,7 +102,7 @@ def test_heldout_bpd_per_frame_averages_to_the_clip_bpd():
             "uniform",
             int(config.train.levels),
         )
-        y = jax.nn.one_hot(jnp.array([[int(b["label"])] for b in batch]), 11)
+        y = jax.nn.one_hot(jnp.array([[int(b["label"])] for b in batch]), model.cfg.txt_dim)
         nll.append(np.asarray(clip_nll(model, x, y)))
     whole = float(bits_per_dim(float(np.mean(np.concatenate(nll))), data_scale(config)))
     np.testing.assert_allclose(held.bpd, whole, rtol=1e-5)

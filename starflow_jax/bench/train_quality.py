@@ -77,6 +77,14 @@ class Split(NamedTuple):
     labels: np.ndarray
 
 
+def num_classes(config) -> int:
+    """The classes the model is conditioned on: the digits' 10, or the moving digits' labels
+    (10 x the velocities with ``data.motion_labels``)."""
+    from starflow_jax.data.sources import make_data
+
+    return int(make_data(config).num_classes)
+
+
 def _splits(config) -> tuple[Split, Split]:
     """The training and held-out splits: the digits, or the moving digits' clips."""
     if str(config.data.name) == "moving_digits":
@@ -87,7 +95,8 @@ def _splits(config) -> tuple[Split, Split]:
         train = [data.train[i] for i in range(len(data.train))]
         return (
             Split(np.stack([r["image"] for r in train]), np.array([r["label"] for r in train], np.int32)),
-            Split(data.heldout_images, np.asarray(data.heldout.labels, np.int32)),
+            # the clips' own labels (digit + 10 x velocity index with data.motion_labels)
+            Split(data.heldout_images, np.array([data.heldout[i]["label"] for i in range(len(data.heldout_images))])),
         )
     from starflow_jax.data.digits import load_digits_splits
 
@@ -140,7 +149,6 @@ def prefix_frame_nll(nll_of_prefix, frames: int) -> np.ndarray:
 def run_jax(config, points: list[int], budget: float | None, directory: pathlib.Path):
     from flax import nnx
 
-    from starflow_jax.data.digits import NUM_CLASSES
     from starflow_jax.flow.labels import one_hot_labels
     from starflow_jax.flow.loss import nll_per_example
     from starflow_jax.flow.noise import apply_noise
@@ -151,7 +159,7 @@ def run_jax(config, points: list[int], budget: float | None, directory: pathlib.
     steps = points[-1]
     train, heldout, order, u = _plan(config, steps)
     video = heldout.images.ndim == 5
-    program = build_program(config, make_mesh(dict(config.mesh)), NUM_CLASSES)
+    program = build_program(config, make_mesh(dict(config.mesh)), num_classes(config))
     state = program.init_state()
     np.savez(directory / "inputs.npz", **{k: np.asarray(v, np.float32) for k, v in to_reference(state.params).items()})
     hp = program.hp
@@ -194,13 +202,12 @@ def run_reference(path: str, config, points: list[int], budget: float | None, di
     import torch
 
     from starflow_jax.bench.reference_train import ReferenceTrainer
-    from starflow_jax.data.digits import NUM_CLASSES
 
     steps = points[-1]
     train, heldout, order, u = _plan(config, steps)
     with np.load(directory / "inputs.npz") as f:
         sd = {k: f[k] for k in f.files}
-    trainer = ReferenceTrainer(path, config, sd, NUM_CLASSES, nearest=True)
+    trainer = ReferenceTrainer(path, config, sd, num_classes(config), nearest=True)
 
     def heldout_nll():
         if heldout.images.ndim == 5:  # per frame, from the clips' first k frames

@@ -24,6 +24,12 @@ def shift_clip(image: np.ndarray, num_frames: int, velocity: tuple[int, int], of
     return np.stack([np.roll(image, (oy + k * dy, ox + k * dx), axis=(-2, -1)) for k in range(num_frames)])
 
 
+def motion_label(digit: int, velocity_index: int) -> int:
+    """The label of ``digit`` moving by velocity ``velocity_index`` (``data.motion_labels``):
+    ``digit + 10 * velocity_index``."""
+    return int(digit) + DIGIT_CLASSES * int(velocity_index)
+
+
 def parse_velocities(text: str) -> np.ndarray:
     """``"dy,dx;dy,dx"`` (``data.velocities``) as an ``(n, 2)`` array; ``""``: ``VELOCITIES``.
     Other sets of velocities make diagnostic data (one known velocity, or whole patches per
@@ -84,7 +90,7 @@ class MovingDigitsSource:
         clip = shift_clip(self.images[i], self.num_frames, tuple(velocity), offset)
         label = int(self.labels[i])
         if self.motion_labels:
-            label += DIGIT_CLASSES * int(np.flatnonzero((self.velocities == velocity).all(axis=1))[0])
+            label = motion_label(label, int(np.flatnonzero((self.velocities == velocity).all(axis=1))[0]))
         return {"image": clip.astype(np.float32), "label": np.int32(label)}
 
     def clips(self) -> np.ndarray:

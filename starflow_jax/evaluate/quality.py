@@ -160,13 +160,20 @@ def digits_quality(
         return {"classifier": str(path), **digits_scores(classifier, np.clip(samples, -1.0, 1.0), labels)}
     # clips: digits rolled off the centre, which the classifier (trained on centred digits)
     # reads less well: the real frames' accuracy is given as the ceiling
-    from starflow_jax.data.moving_digits import config_velocities, motion_report, unrounded_floor_levels
+    from starflow_jax.data.moving_digits import (
+        DIGIT_CLASSES,
+        config_velocities,
+        motion_report,
+        unrounded_floor_levels,
+    )
     from starflow_jax.data.sources import make_data
 
     data = make_data(config)
     train, held = data.train_images, data.heldout_images  # (n, t, 1, 8, 8)
     t = samples.shape[1]
     frames = np.clip(samples.reshape(-1, *samples.shape[2:]), -1.0, 1.0)
+    if labels is not None and config.data.get("motion_labels", False):
+        labels = np.asarray(labels) % DIGIT_CLASSES  # digit + 10 * velocity index: the digit
     frame_labels = None if labels is None else np.repeat(labels, t)
     real = (train.reshape(-1, *train.shape[2:]), held.reshape(-1, *held.shape[2:]))
     out = {"classifier": str(path), **digits_scores(classifier, frames, frame_labels, real=real)}

@@ -127,11 +127,16 @@ def sample_grid(config, graphdef, params, path: pathlib.Path, data: DataSpec, se
     cfg, s = model_config(config), config.sample
     model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, host_params(params)))
     if data.num_classes > 0:
-        labels = jnp.tile(jnp.arange(data.num_classes), int(s.per_class))
+        classes = np.arange(data.num_classes)
+        if config.data.get("motion_labels", False):  # moving digits: each digit once, moving its own way
+            from starflow_jax.data.moving_digits import DIGIT_CLASSES, config_velocities, motion_label
+
+            classes = np.array([motion_label(d, d % len(config_velocities(config))) for d in range(DIGIT_CLASSES)])
+        labels = jnp.tile(jnp.asarray(classes), int(s.per_class))
         cond = Conditioning(
             one_hot_labels(labels, data.num_classes), one_hot_labels(-jnp.ones_like(labels), data.num_classes)
         )
-        nrow = data.num_classes
+        nrow = len(classes)
     else:
         src = data.heldout if data.heldout is not None else data.train
         n = min(int(s.num), len(src))

@@ -12,7 +12,7 @@ columns per frame), so label 23 is a 3 moving up and right; txt_dim 81 with the 
 
 Expect held-out ~1.12 bits/dim after the 4,500 steps (about 9 min on a 2-core CPU): frame 1
 ~2.90, the later frames ~0.53 (the image main job: 2.15); motion score of the rounded preview
-clips ~0.016 (real clips 0, frames shuffled across clips 0.34); `eval`'s unrounded samples ~0.03
+clips ~0.017 (real clips 0, frames shuffled across clips 0.34); `eval`'s unrounded samples ~0.03
 against 0.0196 for real clips dequantised as trained (what an exact model reaches).
 
 Frames of 8x8 single-channel pixels (patch 2: 16 tokens per frame), 17 grey levels with

@@ -132,7 +132,13 @@ def test_video_main_job_trains_a_few_steps(tmp_path):
 
 
 def test_motion_labels_name_the_digit_and_the_velocity():
-    from starflow_jax.data.moving_digits import VELOCITIES, MovingDigitsSource, motion_label
+    from starflow_jax.data.moving_digits import (
+        VELOCITIES,
+        MovingDigitsSource,
+        config_classes,
+        label_digit,
+        motion_label,
+    )
 
     images = np.random.default_rng(0).uniform(-1, 1, (5, 1, 8, 8)).astype(np.float32)
     labels = np.arange(5, dtype=np.int32)
@@ -143,5 +149,11 @@ def test_motion_labels_name_the_digit_and_the_velocity():
         np.testing.assert_array_equal(a["image"], b["image"])
         digit, v = int(b["label"]) % 10, VELOCITIES[int(b["label"]) // 10]
         assert motion_label(digit, int(b["label"]) // 10) == int(b["label"])
+        assert label_digit(b["label"]) == digit
         assert digit == a["label"]
         np.testing.assert_array_equal(b["image"][1], np.roll(b["image"][0], tuple(v), axis=(-2, -1)))
+    # the video main job labels digit and velocity: 80 classes; without motion labels the 10 digits
+    config = load_config(VIDEO_TINY)
+    assert config_classes(config) == make_data(config).num_classes == 80
+    config.data.motion_labels = False
+    assert config_classes(config) == make_data(config).num_classes == 10

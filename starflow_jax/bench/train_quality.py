@@ -80,9 +80,13 @@ class Split(NamedTuple):
 def num_classes(config) -> int:
     """The classes the model is conditioned on: the digits' 10, or the moving digits' labels
     (10 x the velocities with ``data.motion_labels``)."""
-    from starflow_jax.data.sources import make_data
+    if str(config.data.name) == "moving_digits":
+        from starflow_jax.data.moving_digits import config_classes
 
-    return int(make_data(config).num_classes)
+        return config_classes(config)
+    from starflow_jax.data.digits import NUM_CLASSES
+
+    return NUM_CLASSES
 
 
 def _splits(config) -> tuple[Split, Split]:

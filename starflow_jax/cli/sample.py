@@ -347,8 +347,7 @@ def _motion(config, x: np.ndarray, rounded: bool) -> str:
         real = data.heldout if data.heldout is not None else data.train
         clips = np.stack([real[i]["image"] for i in range(len(real))])
         # real clips of the training length, scored against the run's own velocities
-        levels = md.unrounded_floor_levels(config, rounded)
-        return md.describe_motion(md.motion_report(x, clips, velocities=md.config_velocities(config), levels=levels))
+        return md.describe_motion(md.config_motion_report(config, x, clips, rounded))
     return f"motion score {md.motion_score(x):.4f}"
 
 

@@ -30,6 +30,11 @@ def motion_label(digit: int, velocity_index: int) -> int:
     return int(digit) + DIGIT_CLASSES * int(velocity_index)
 
 
+def label_digit(labels: np.ndarray) -> np.ndarray:
+    """The digit of labels made by ``motion_label`` (plain digit labels pass unchanged)."""
+    return np.asarray(labels) % DIGIT_CLASSES
+
+
 def parse_velocities(text: str) -> np.ndarray:
     """``"dy,dx;dy,dx"`` (``data.velocities``) as an ``(n, 2)`` array; ``""``: ``VELOCITIES``.
     Other sets of velocities make diagnostic data (one known velocity, or whole patches per
@@ -113,6 +118,13 @@ def config_velocities(config) -> np.ndarray:
     return parse_velocities(str(config.data.get("velocities", "") or ""))
 
 
+def config_classes(config) -> int:
+    """The labels of a run's moving-digits clips: the 10 digits, or with ``data.motion_labels``
+    each digit with each of the run's velocities (``motion_label``)."""
+    motion = bool(config.data.get("motion_labels", False))
+    return DIGIT_CLASSES * (len(config_velocities(config)) if motion else 1)
+
+
 def motion_errors(clips: np.ndarray, velocities: np.ndarray = VELOCITIES) -> np.ndarray:
     """How far each clip is from moving digits, ``(n,)``: for the best of the constant
     ``velocities`` ``v`` (the 8 of the main job by default), the mean absolute difference
@@ -187,6 +199,14 @@ def motion_report(
     if levels:
         out["motion_score_real_dequantised"] = motion_score(dequantised(real, levels, seed), velocities)
     return out
+
+
+def config_motion_report(config, samples: np.ndarray, real: np.ndarray, rounded: bool) -> dict:
+    """``motion_report`` of a run's samples against its real clips, with the run's velocities
+    and, for unrounded samples of a uniformly dequantising run, the dequantised floor
+    (``rounded``: the samples were rounded to ``train.levels``)."""
+    levels = unrounded_floor_levels(config, rounded)
+    return motion_report(samples, real, velocities=config_velocities(config), levels=levels)
 
 
 def describe_motion(report: dict) -> str:

@@ -35,7 +35,7 @@ from starflow_jax.data.array_record import SHARD_SUFFIX, TRAIN_STEP_KEYS, ArrayR
 from starflow_jax.data.buckets import ratio_of_dir
 from starflow_jax.data.digits import NUM_CLASSES, class_embeddings, digits_at, load_digits_splits
 from starflow_jax.data.image_folder import ImageFolderSource
-from starflow_jax.data.moving_digits import MovingDigitsSource, config_velocities
+from starflow_jax.data.moving_digits import MovingDigitsSource, config_classes, config_velocities
 from starflow_jax.data.pipeline import ArraySource
 
 
@@ -107,8 +107,7 @@ def make_data(config) -> DataSpec:
         held = MovingDigitsSource(
             te.images, te.labels, frames, seed=int(d.split_seed) + 1, velocities=v, motion_labels=motion
         )
-        classes = NUM_CLASSES * len(v) if motion else NUM_CLASSES
-        return DataSpec(train, held, classes, train.clips(), held.clips())
+        return DataSpec(train, held, config_classes(config), train.clips(), held.clips())
     if name == "image_folder":
         if "root" not in d:
             raise ValueError("data.name='image_folder' needs data.root (a folder of class subfolders)")

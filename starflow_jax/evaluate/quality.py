@@ -160,12 +160,7 @@ def digits_quality(
         return {"classifier": str(path), **digits_scores(classifier, np.clip(samples, -1.0, 1.0), labels)}
     # clips: digits rolled off the centre, which the classifier (trained on centred digits)
     # reads less well: the real frames' accuracy is given as the ceiling
-    from starflow_jax.data.moving_digits import (
-        DIGIT_CLASSES,
-        config_velocities,
-        motion_report,
-        unrounded_floor_levels,
-    )
+    from starflow_jax.data.moving_digits import config_motion_report, label_digit
     from starflow_jax.data.sources import make_data
 
     data = make_data(config)
@@ -173,14 +168,13 @@ def digits_quality(
     t = samples.shape[1]
     frames = np.clip(samples.reshape(-1, *samples.shape[2:]), -1.0, 1.0)
     if labels is not None and config.data.get("motion_labels", False):
-        labels = np.asarray(labels) % DIGIT_CLASSES  # digit + 10 * velocity index: the digit
+        labels = label_digit(labels)  # digit + 10 * velocity index: the digit
     frame_labels = None if labels is None else np.repeat(labels, t)
     real = (train.reshape(-1, *train.shape[2:]), held.reshape(-1, *held.shape[2:]))
     out = {"classifier": str(path), **digits_scores(classifier, frames, frame_labels, real=real)}
     if labels is not None:
         out["accuracy_real"] = dc.accuracy(classifier, real[1], np.repeat(data.heldout.labels, held.shape[1]))
-    levels = unrounded_floor_levels(config, rounded)
-    out.update(motion_report(samples, held, velocities=config_velocities(config), levels=levels))
+    out.update(config_motion_report(config, samples, held, rounded))
     return out
 
 

@@ -572,8 +572,7 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
         real = heldout if heldout is not None else data.train
         clips = np.stack([real[i]["image"] for i in range(len(real))])
         # previews are rounded to the levels when denoised (sample.denoise): their floor is 0
-        levels = md.unrounded_floor_levels(config, rounded=bool(config.sample.denoise))
-        motion = md.motion_report(samples, clips, velocities=md.config_velocities(config), levels=levels)
+        motion = md.config_motion_report(config, samples, clips, rounded=bool(config.sample.denoise))
         result.update(motion)
         summary += f"; {md.describe_motion(motion)}"
     if lead:

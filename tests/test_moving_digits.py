@@ -69,7 +69,7 @@ def test_clip_variants_show_each_digit_moving_in_several_ways():
 
 
 def test_chosen_velocities_make_clips_of_those_velocities_only():
-    config = load_config(VIDEO_TINY, ["data.velocities=0,2;-1,0"])
+    config = load_config(VIDEO_TINY, ["data.velocities=0,2;-1,0", "model.txt_dim=21"])
     data = make_data(config)
     for i in range(20):
         clip = data.train[i]["image"]
@@ -156,4 +156,10 @@ def test_motion_labels_name_the_digit_and_the_velocity():
     config = load_config(VIDEO_TINY)
     assert config_classes(config) == make_data(config).num_classes == 80
     config.data.motion_labels = False
+    with pytest.raises(ValueError, match="needs txt_dim=11"):  # the main job's model, labels without the motion
+        make_data(config)
+    config.model.txt_dim = 11
     assert config_classes(config) == make_data(config).num_classes == 10
+    config.data.motion_labels = True
+    with pytest.raises(ValueError, match=r"80 labels \(digit \+ 10 x velocity index.*needs txt_dim=81"):
+        make_data(config)

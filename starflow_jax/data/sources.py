@@ -97,6 +97,14 @@ def make_data(config) -> DataSpec:
         frames = int(d.num_frames)
         if frames < 2:
             raise ValueError(f"data.name='moving_digits' needs data.num_frames >= 2 (frames per clip), got {frames}")
+        classes = config_classes(config)
+        if int(m.txt_dim) > 0 and int(m.txt_size) == 1 and int(m.txt_dim) != classes + 1:
+            raise ValueError(
+                f"moving digits have {classes} labels"
+                + (" (digit + 10 x velocity index: data.motion_labels)" if d.get("motion_labels", False) else "")
+                + f": the model needs txt_dim={classes + 1} (one-hot labels plus the null class), it has "
+                f"txt_dim={m.txt_dim}"
+            )
         tr, te = load_digits_splits(int(d.num_train), int(d.split_seed))
         v = config_velocities(config)
         variants = int(d.get("clip_variants", 1))
@@ -107,7 +115,7 @@ def make_data(config) -> DataSpec:
         held = MovingDigitsSource(
             te.images, te.labels, frames, seed=int(d.split_seed) + 1, velocities=v, motion_labels=motion
         )
-        return DataSpec(train, held, config_classes(config), train.clips(), held.clips())
+        return DataSpec(train, held, classes, train.clips(), held.clips())
     if name == "image_folder":
         if "root" not in d:
             raise ValueError("data.name='image_folder' needs data.root (a folder of class subfolders)")

@@ -442,6 +442,7 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
     stopped = None
     last_scores: dict = {}
     trace = _Trace(workdir / "profile", *tuple(t.profile), log)
+    run.term.begin(start)
     try:
         for s in range(start, total):
             trace.before(s + 1)
@@ -457,6 +458,8 @@ def _steps(run: _Run, it, state, start: int, step_fn, stop_after: int | None) ->
             state, m = step_fn(state, batch)
             done = s + 1
             trace.after(done, state)
+            # reads the previous step's count: no process's host runs more than a step ahead of the
+            # slowest device, which the SIGTERM agreement (termination.MARGIN) relies on
             bad = skips.push(done, m["skipped"])
             if bad is None and done == total:
                 bad = skips.flush()

@@ -1,19 +1,28 @@
 """SIGTERM during training (a preempted or maintained VM, a launcher stopping its
-processes): every process finishes its step, all of them agree on one step at which to
-save a checkpoint and stop, and a process that is still alive ``grace`` seconds after its
-signal (blocked in a collective whose peer is gone) exits hard, instead of waiting for
-the distributed runtime's heartbeat timeout.
+processes): every process finishes its step, all of them stop after one agreed step with a
+checkpoint, and a process that is still alive ``grace`` seconds after its signal (blocked in
+a collective whose peer is gone) exits hard, instead of waiting for the distributed
+runtime's heartbeat timeout.
 
-Agreement (several processes): a process that gets the signal publishes a stop request
-in the coordination service's key-value store; each process checks for it after every
-step (one local RPC, ~0.2 ms) and, once it sees it, publishes the step it has reached and
-waits for every other process's; all stop at the largest. No process has run past its
-published step while waiting, so each reaches the agreed step, and they save together.
+Agreement (several processes): the first process to get the signal writes a stop step into
+the coordination service's key-value store (first writer wins, so processes signalled
+together agree too): the number of step checks it has made plus ``MARGIN``. Every process
+looks for that key after each step (one local RPC, ~0.2 ms) without ever waiting for
+another process, and stops once it has done that step. Waiting would deadlock: a process
+that parks in the key-value store at step n while a peer, one step ahead, waits in a
+collective of step n + 1 for it, never wakes (CI caught two processes doing this).
+
+Why ``MARGIN`` = 3 steps suffices: the step loop reads step n - 1's results after queueing
+step n and before its check of step n (``_SkipWatch``), so a process checking step c has
+seen step c - 1 finish on every device, and so every process had queued step c - 1, i.e.
+checked step c - 2. When the key is written (under the lock that orders it after the
+writer's own checks) with the writer at check w, every process has issued checks up to at
+most w + 2; its next check, issued after the write, is at most w + 3 and sees the key.
 
 Python runs signal handlers only when the main thread runs Python code, which a thread
 blocked in a collective does not; the handler is therefore also watched through the
-signal wake-up descriptor by a thread of its own, which publishes the request and starts
-the grace timer."""
+signal wake-up descriptor by a thread of its own, which writes the key and starts the
+grace timer."""
 
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ import threading
 GRACE_ENV = "STARFLOW_SIGTERM_GRACE_S"
 EXIT_CODE = 128 + signal.SIGTERM
 STOP_KEY = "starflow/sigterm/request"
-AT_KEY = "starflow/sigterm/at"
+MARGIN = 3
 
 
 def grace_seconds() -> float:
@@ -51,37 +60,63 @@ class Termination:
         self.requested = False
         self.client, self.process, self.processes = client, process, processes
         self.agreed: int | None = None
+        self.checked = 0  # the last step this process looked for the stop key after
+        self._lock = threading.RLock()  # re-entrant: the signal handler may run inside stop_step
         self._installed = False
         self._timer: threading.Timer | None = None
 
+    def begin(self, step: int) -> None:
+        """The step the loop starts after (a resumed run's restored step)."""
+        with self._lock:
+            self.checked = step
+
     def stop_step(self, done: int) -> int | None:
         """Called by every process after each step (``done`` steps finished): the step at
-        which all processes stop, once a stop was requested (None before)."""
+        which all processes stop, once a stop was requested (None before). Never waits for
+        another process."""
         if self.agreed is not None:
-            return self.agreed
+            return self._checked_against(done)
         if self.client is None:
             if self.requested:
                 self.agreed = done
             return self.agreed
-        if not self.requested:
-            try:
-                self.client.key_value_try_get(STOP_KEY)
-            except Exception:  # noqa: BLE001 - NOT_FOUND: nobody asked to stop
-                return None
-            self._start()  # another process's signal: this one stops too, within the same grace
-        self.client.key_value_set(f"{AT_KEY}/{self.process}", str(done), allow_overwrite=True)
+        with self._lock:
+            self.checked = done
         try:
-            at = [
-                int(self.client.blocking_key_value_get(f"{AT_KEY}/{q}", int(self.grace * 1000)))
-                for q in range(self.processes)
-            ]
-        except Exception as e:  # noqa: BLE001 - a process never answered (gone, or finished)
+            value = self.client.key_value_try_get(STOP_KEY)
+        except Exception:  # noqa: BLE001 - NOT_FOUND: nobody asked to stop
+            return None
+        self.agreed = int(value)
+        self.request()  # another process's signal: this one stops too, within the same grace
+        return self._checked_against(done)
+
+    def _checked_against(self, done: int) -> int:
+        if done > self.agreed:
             raise RuntimeError(
-                f"SIGTERM: the processes could not agree on a step to stop at within {self.grace:.0f} s "
-                f"({str(e).splitlines()[0][:120]}); stopping without a checkpoint"
-            ) from None
-        self.agreed = max(at)
+                f"SIGTERM: the processes agreed to stop after step {self.agreed}, but this process had already "
+                f"done step {done}; stopping without a checkpoint"
+            )
         return self.agreed
+
+    def request(self) -> None:
+        """What SIGTERM does: ask every process to stop (once), and start the grace timer."""
+        with self._lock:
+            if self.requested:
+                return
+            self.requested = True
+            if self.client is not None:
+                try:  # first writer wins: a process signalled at the same time reads this one's step
+                    self.client.key_value_set(STOP_KEY, str(self.checked + MARGIN), allow_overwrite=False)
+                except Exception:  # noqa: BLE001 - already written by another process, or the coordinator is gone
+                    pass
+        print(
+            f"starflow-jax: SIGTERM: stopping at the next step (exiting in {self.grace:.0f} s at the latest)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._timer = threading.Timer(self.grace, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
 
     def __enter__(self) -> Termination:
         if threading.current_thread() is not threading.main_thread():
@@ -95,7 +130,7 @@ class Termination:
         return self
 
     def _on_signal(self, signum, frame) -> None:
-        self._start()
+        self.request()
 
     def _watch(self) -> None:
         while True:
@@ -106,25 +141,7 @@ class Termination:
             if not data:
                 return
             if signal.SIGTERM in data:
-                self._start()
-
-    def _start(self) -> None:
-        if self.requested:
-            return
-        self.requested = True
-        if self.client is not None:
-            try:
-                self.client.key_value_set(STOP_KEY, str(self.process), allow_overwrite=True)
-            except Exception:  # noqa: BLE001 - the coordinator is gone: the grace timer still ends this process
-                pass
-        print(
-            f"starflow-jax: SIGTERM: stopping at the next step (exiting in {self.grace:.0f} s at the latest)",
-            file=sys.stderr,
-            flush=True,
-        )
-        self._timer = threading.Timer(self.grace, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+                self.request()
 
     def _expire(self) -> None:
         print(
@@ -136,10 +153,10 @@ class Termination:
         os._exit(EXIT_CODE)
 
     def __exit__(self, *exc) -> None:
-        if not self._installed:
-            return
         if self._timer is not None:
             self._timer.cancel()
+        if not self._installed:
+            return
         signal.set_wakeup_fd(self._old_fd)
         # a handler installed outside Python (JAX's preemption notifier) cannot be put back
         signal.signal(signal.SIGTERM, signal.SIG_DFL if self._old_handler is None else self._old_handler)

@@ -165,6 +165,28 @@ def test_save_proposal_writes_the_config_and_keeps_the_old_one(tmp_path):
         save_proposal(tmp_path, policies[:2], {})
 
 
+def test_a_resumed_run_keeps_the_saved_policies_unless_its_command_sets_others(tmp_path):
+    """`train` again on a workdir (a resume) with a command that leaves sample.jacobi_blocks
+    at its default keeps what `bench jacobi --save` wrote, and says so; one that sets other
+    policies replaces them (the replaced config goes to config_history.jsonl)."""
+    from starflow_jax.config import load_config
+    from starflow_jax.workdir import run as wd
+    from starflow_jax.workdir.layout import config_json, read_workdir_config
+
+    (tmp_path / "config.json").write_text(config_json(load_config("configs/tiny_cpu.py")))
+    saved = save_proposal(tmp_path, block_policies.parse("adaptive,window=16,th=0.1; sequential; blockwise"), {})
+    logs = []
+    config = load_config("configs/tiny_cpu.py", ["train.steps=50"])
+    wd.prepare(tmp_path, config, overwrite=False, log=logs.append)
+    assert config.sample.jacobi_blocks == saved == read_workdir_config(tmp_path).sample.jacobi_blocks
+    assert any("sample.jacobi_blocks" in line and "kept from the workdir" in line for line in logs), logs
+    other = "sequential; sequential; sequential"
+    wd.prepare(tmp_path, load_config("configs/tiny_cpu.py", [f"sample.jacobi_blocks={other}"]), False, logs.append)
+    assert read_workdir_config(tmp_path).sample.jacobi_blocks == other
+    history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["config"]["sample"]["jacobi_blocks"] == saved
+
+
 def test_config_checks_the_block_policies():
     from starflow_jax.config import load_config
     from starflow_jax.config.training import check_training_config

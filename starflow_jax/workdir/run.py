@@ -17,6 +17,7 @@ import jax
 
 from starflow_jax import storage
 from starflow_jax.config import with_defaults
+from starflow_jax.config.training import SECTIONS
 from starflow_jax.workdir.layout import (
     CHECKPOINTS,
     CONFIG,
@@ -30,6 +31,9 @@ from starflow_jax.workdir.layout import (
 
 # model settings that change how the model computes, not its parameters: a resumed run may change them
 COMPUTE_ONLY = ("dtype", "attention_impl", "attention_block")
+# settings that tools write into a workdir's config.json after its run began (`bench jacobi
+# --save`): a rerun whose command leaves one at its default keeps the workdir's value
+SAVED_BY_TOOLS = ("sample.jacobi_blocks",)
 # what `train --overwrite` discards (an imported workdir's params/ stay: they are the run's start)
 DISCARDED = tuple(e for e in WORKDIR_ENTRIES if e not in (IMPORTED_PARAMS, IMPORTED_INTEGRITY))
 
@@ -139,17 +143,35 @@ def has_checkpoints(workdir) -> bool:
     return any((p / "commit_success.txt").exists() for p in steps)
 
 
+def keep_tool_settings(old: dict, config, log) -> None:
+    """Into ``config`` (the command's), the ``SAVED_BY_TOOLS`` values of the workdir's config
+    ``old`` where the command leaves them at their defaults (logged): resuming a run does not
+    undo what `bench jacobi --save` wrote. A value the command sets is the one used."""
+    for key in SAVED_BY_TOOLS:
+        section, name = key.split(".")
+        default, saved = SECTIONS[section][name], old.get(section, {}).get(name, SECTIONS[section][name])
+        if config[section][name] == default and saved != default:
+            config[section][name] = saved
+            log(
+                f"{key} = {saved!r} kept from the workdir's config (written there after the run began); "
+                "other policies given with --set replace it"
+            )
+
+
 def prepare(workdir, config, overwrite: bool, log) -> None:
     """Write the run's ``config.json`` (process 0; the others wait). A workdir whose run
     has another model or data is refused unless ``overwrite``, which discards that run's
     checkpoints, metrics and pictures (files the run did not write are kept). Other
     changes (more steps, another learning rate) are allowed; the replaced config is
-    appended to ``config_history.jsonl``."""
+    appended to ``config_history.jsonl``. Settings tools saved there are kept
+    (``keep_tool_settings``); ``config`` is updated with them."""
     cfg_file = workdir / CONFIG
-    text = config_json(config)
-    new = json.loads(text)
     # (keys added to the schema since that run was written take their defaults)
     old = with_defaults(json.loads(cfg_file.read_text())) if cfg_file.exists() else None
+    if old is not None and not overwrite:
+        keep_tool_settings(old, config, log)
+    text = config_json(config)
+    new = json.loads(text)
     saved = has_checkpoints(workdir)
     if old is not None and not overwrite:
         conflicts = config_conflicts(old, new, saved)

@@ -94,9 +94,11 @@ def test_stopped_and_resumed_equals_uninterrupted(vae_dir, full_run, tmp_path, c
     saved = json.loads((work / "finetune_config.json").read_text())  # as written before frames / videos existed
     del saved["finetune"]["frames"], saved["finetune"]["videos"], saved["decoder_loss"]["discriminator_3d"]
     (work / "finetune_config.json").write_text(json.dumps(saved))
+    with open(work / "metrics.jsonl", "a") as fh:  # a row a killed run logged after its checkpoint
+        fh.write(json.dumps({"step": 15, "heldout_noisy_mse": 1.0}) + "\n")
     # keys added since count at their defaults; the mesh may differ (orbax reshards the state)
     assert main(_args(vae_dir, work, *RUN, "--set", "mesh.data=1")) == 0
-    assert "resumed from step 10" in capsys.readouterr().out
+    assert "resumed from step 10 of" in (out := capsys.readouterr().out) and "dropped 1 metrics rows" in out, out
     name = "diffusion_pytorch_model.safetensors"
     want, got = load_file(full_run / "vae" / name), load_file(work / "vae" / name)
     assert sorted(want) == sorted(got)

@@ -353,8 +353,15 @@ def run(args) -> int:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         found, restored, _ = ckpt.restore_newest_good(mgr, abstract, workdir, log, barrier=processes.barrier)
         if found is not None:
+            from starflow_jax.workdir.run import truncate_metrics
+
             state, start_step = restored, int(found)
-            log(f"resumed from step {start_step} of {workdir / 'checkpoints'}", flush=True)
+            dropped = truncate_metrics(workdir, start_step)  # rows a killed run logged after it: logged again
+            log(
+                f"resumed from step {start_step} of {workdir / 'checkpoints'}"
+                + (f" (dropped {dropped} metrics rows logged after it)" if dropped else ""),
+                flush=True,
+            )
     from starflow_jax.train.metrics_writer import MetricsWriter
 
     writer = MetricsWriter(workdir, enabled=lead)  # metrics.jsonl and tensorboard/ (process 0)

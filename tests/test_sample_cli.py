@@ -97,6 +97,36 @@ def test_sample_from_reference_weights_matches_the_library(tmp_path):
     assert rc.relative_error(np.load(tmp_path / "x.npy"), np.asarray(expected)) < 1e-4
 
 
+def test_sample_at_a_temperature_over_two_devices_matches_the_library(tmp_path):
+    """``--temperature`` scales the prior noise; on a machine with several devices the
+    samples are split over them (the model on each), with the one-device result."""
+    import os
+    import subprocess
+    import sys
+
+    import jax
+    from conftest import reference_case_path, write_case_config
+
+    path = reference_case_path("t2i_small")
+    case = rc.load_case(path)
+    cfg_file = write_case_config(tmp_path, case)
+    np.save(tmp_path / "y.npy", case.arrays["input/y"])
+    args = ["sample", "--config", str(cfg_file), "--weights", str(path), "--cond", str(tmp_path / "y.npy")]
+    args += ["--num", "2", "--seed", "3", "--temperature", "0.5", "--out", str(tmp_path / "t.png")]
+    args += ["--save-npy", str(tmp_path / "x.npy")]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run(
+        [sys.executable, "-m", "starflow_jax.cli.main", *args], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "samples split over 2 devices" in run.stderr, run.stderr[-3000:]
+    model, _ = rc.build_model(case)
+    noise = 0.5 * jax.random.normal(jax.random.key(3), (2, 4, 8, 8), jnp.float32)
+    expected = sample(model, noise, jnp.asarray(case.arrays["input/y"]), SamplingOptions())
+    assert rc.relative_error(np.load(tmp_path / "x.npy"), np.asarray(expected)) < 1e-4
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -107,6 +137,7 @@ def test_sample_from_reference_weights_matches_the_library(tmp_path):
         (["--out", "x.png", "--labels", "0,11"], "labels must lie in"),
         (["--out", "x.png", "--labels", "a,b"], "comma-separated integers"),
         (["--out", "x.png", "--labels", "1", "--cfg", "-1"], "--cfg must be >= 0"),
+        (["--out", "x.png", "--labels", "1", "--temperature", "-1"], "--temperature must be >= 0"),
     ],
 )
 def test_sample_bad_arguments(extra, message, capsys, tmp_path):

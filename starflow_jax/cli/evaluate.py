@@ -33,7 +33,6 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=250, help="samples generated per batch")
     p.add_argument("--seed", type=int, default=0, help="batch i samples with a seed derived from (seed, i)")
     sampling_args.add_arguments(p)
-    p.add_argument("--temperature", type=float, default=1.0, help="prior noise scale")
     p.add_argument("--noise-std", type=float, default=None, help="training noise level (default: config.train)")
     p.add_argument("--no-denoise", action="store_true", help="no denoising step (as `sample --no-denoise`)")
     p.add_argument("--quantize", action="store_true", help="round to train.levels (as `sample --quantize`)")

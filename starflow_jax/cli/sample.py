@@ -13,7 +13,7 @@ import numpy as np
 from starflow_jax.cli import model_source, sampling_args
 from starflow_jax.cli.output_paths import check_outputs
 from starflow_jax.config import model_config
-from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, encode_given, generate
+from starflow_jax.sampling.pipeline import Conditioning, TrainingNoise, batch_split, encode_given, generate, replicate
 from starflow_jax.sampling.shapes import ASPECT_RATIOS, size_for_aspect_ratio
 from starflow_jax.sampling.visualize import grid, save_gif, save_mp4, save_png, to_uint8
 
@@ -394,6 +394,11 @@ def run(args) -> int:
         window_frames=window,
         context_frames=args.context_frames,
     )
+    split = batch_split()  # the samples over this machine's devices, the model on each (as `eval`)
+    if split.mesh.size > 1:
+        replicate(model, split)
+        how = "split" if args.num % split.mesh.size == 0 else f"not split (--num is no multiple of {split.mesh.size})"
+        print(f"samples {how} over {split.mesh.size} devices", file=sys.stderr)
     t0 = time.time()
     out_samples = generate(
         model,
@@ -401,11 +406,13 @@ def run(args) -> int:
         args.seed,
         None if cond is None else Conditioning(*cond),
         opts,
+        temperature=args.temperature,
         given=given,
         noise=TrainingNoise.from_config(config, std=args.noise_std),
         denoise_samples=not args.no_denoise,
         quantize_samples=args.quantize,
         decode=vae.decode if vae is not None else None,
+        batch_sharding=split,
         on_block=lambda i, n: _progress(i, n, t0),
         on_frame=lambda d, n: _frames_progress(d, n, t0),
     )

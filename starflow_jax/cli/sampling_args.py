@@ -12,6 +12,12 @@ from starflow_jax.sampling.sampler import SamplingOptions
 
 def add_arguments(p) -> None:
     p.add_argument("--cfg", type=float, default=0.0, help="classifier-free guidance weight (0: off)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="prior noise scale (0: every token at its mode given the ones before)",
+    )
     p.add_argument("--attn-temp", type=float, default=1.0)
     p.add_argument(
         "--jacobi",
@@ -49,6 +55,8 @@ def check(args) -> None:
     """The checks that need no model (run before one is loaded)."""
     if args.cfg < 0:
         raise ValueError(f"--cfg must be >= 0, got {args.cfg}")
+    if not args.temperature >= 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
 
 
 def block_policies(args, config=None) -> tuple:

@@ -139,3 +139,25 @@ def test_one_process_stops_at_the_step_it_is_at():
         assert term.stop_step(12) == 12
     finally:
         term.__exit__(None, None, None)
+
+
+def test_the_step_loop_reads_the_previous_steps_result_before_its_check():
+    """MARGIN holds because the step loop reads step n - 1's skip count once step n is
+    queued (``_SkipWatch.push``), before its stop check of step n: if that read became lazy,
+    the processes' hosts could drift apart by more than MARGIN steps."""
+    from starflow_jax.train.loop import _SkipWatch
+
+    read = []
+
+    class Count:
+        def __init__(self, step):
+            self.step = step
+
+        def __int__(self):
+            read.append(self.step)
+            return 0
+
+    watch = _SkipWatch(limit=5, skipped=0)
+    for step in range(1, 5):
+        watch.push(step, Count(step))
+        assert read == list(range(1, step)), (step, read)

@@ -109,8 +109,9 @@ class Termination:
                     self.client.key_value_set(STOP_KEY, str(self.checked + MARGIN), allow_overwrite=False)
                 except Exception:  # noqa: BLE001 - already written by another process, or the coordinator is gone
                     pass
+        when = "at the next step" if self.client is None else f"within {MARGIN} steps, as every process"
         print(
-            f"starflow-jax: SIGTERM: stopping at the next step (exiting in {self.grace:.0f} s at the latest)",
+            f"starflow-jax: SIGTERM: stopping {when} (exiting in {self.grace:.0f} s at the latest)",
             file=sys.stderr,
             flush=True,
         )

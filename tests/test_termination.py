@@ -67,7 +67,7 @@ def _run(processes, signal_at, delays, log_every=5, steps=60, start=0):
     out = [None] * processes
 
     def proc(p):
-        with Termination(grace=600, client=kv, process=p, processes=processes) as term:
+        with Termination(grace=600, client=kv) as term:
             term.begin(start)
             try:
                 for n in range(start + 1, steps + 1):
@@ -122,7 +122,7 @@ def test_processes_signalled_together_agree_on_the_first_request():
 def test_a_stop_step_already_passed_is_an_error_not_a_wrong_checkpoint():
     kv = FakeKV()
     kv.key_value_set(STOP_KEY, "5")
-    term = Termination(grace=600, client=kv, process=0, processes=2)
+    term = Termination(grace=600, client=kv)
     try:
         with pytest.raises(RuntimeError, match="agreed to stop after step 5, but this process had already done step 7"):
             term.stop_step(7)

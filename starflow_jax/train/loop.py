@@ -246,9 +246,7 @@ def train(
     scorer = SampleQuality(config, workdir, log, data)  # its settings checked, its networks read, before the workdir
     lock = WorkdirLock(workdir)
     try:
-        with Termination(
-            client=distributed_client(), process=jax.process_index(), processes=jax.process_count()
-        ) as term:
+        with Termination(client=distributed_client()) as term:
             return _train_locked(
                 config,
                 workdir,

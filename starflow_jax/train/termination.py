@@ -53,12 +53,12 @@ class Termination:
     """``with Termination() as term:`` ... ``if term.requested: ...``. Outside the main
     thread (where signals cannot be handled) it does nothing."""
 
-    def __init__(self, grace: float | None = None, client=None, process: int = 0, processes: int = 1):
+    def __init__(self, grace: float | None = None, client=None):
         """``client``: the coordination service's key-value client of a multi-process run
         (``distributed_client()``), through which the processes agree on the stop step."""
         self.grace = grace_seconds() if grace is None else grace
         self.requested = False
-        self.client, self.process, self.processes = client, process, processes
+        self.client = client
         self.agreed: int | None = None
         self.checked = 0  # the last step this process looked for the stop key after
         self._lock = threading.RLock()  # re-entrant: the signal handler may run inside stop_step

@@ -149,7 +149,8 @@ def keep_tool_settings(old: dict, config, log) -> None:
     undo what `bench jacobi --save` wrote. A value the command sets is the one used."""
     for key in SAVED_BY_TOOLS:
         section, name = key.split(".")
-        default, saved = SECTIONS[section][name], old.get(section, {}).get(name, SECTIONS[section][name])
+        default = SECTIONS[section][name]
+        saved = old.get(section, {}).get(name, default)
         if config[section][name] == default and saved != default:
             config[section][name] = saved
             log(
